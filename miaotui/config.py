@@ -1,0 +1,103 @@
+"""Configuration dataclasses: one canonical model description for every file format, one engine config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from miaotui.errors import MiaotuiError
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    """Architecture hyper-parameters, whatever format the model came in (GGUF metadata or config.json)."""
+
+    architecture: str  # registry key: "llama", "qwen2", "gemma3", "gpt2"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position: int = 4096
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_local_theta: float | None = None  # Gemma 3: theta of the sliding-window layers
+    rope_scaling: dict | None = None  # {"type": "linear", "factor": 8.0} and the like
+    sliding_window: int | None = None
+    sliding_window_pattern: int | None = None  # Gemma 3: every Nth layer is global
+    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    tie_embeddings: bool = False
+    query_pre_attn_scalar: float | None = None  # Gemma: attention scale is its inverse square root
+    name: str = ""
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether `layer` uses the sliding window (Gemma 3 alternates five local, one global)."""
+        if self.sliding_window is None:
+            return False
+        if self.sliding_window_pattern is None:
+            return True
+        return (layer + 1) % self.sliding_window_pattern != 0
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MiaotuiError(f"device {device!r} was asked for but CUDA is not available; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise MiaotuiError(f"unknown device {device!r}; use auto, cpu or cuda[:N]")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` is bf16 where the hardware has fast bf16 (CUDA, AVX512-BF16/AMX CPUs), else fp32."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16
+        return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else torch.float32
+    if dtype not in DTYPES:
+        raise MiaotuiError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Everything the engine needs, from CLI flags, `LLM(...)` keywords or the server's options alike."""
+
+    model: str = "smollm2-135m"
+    device: str = "auto"
+    dtype: str = "auto"
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # default: the model's context length, capped at 8192
+    block_size: int = 16
+    kv_cache_memory: float | int | None = None  # bytes (int) or a fraction of free memory (float <= 1)
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    threads: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise MiaotuiError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise MiaotuiError(f"max_model_len must be at least 1, got {self.max_model_len}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise MiaotuiError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")

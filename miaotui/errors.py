@@ -1,0 +1,13 @@
+"""Errors meant for users: one sentence that names the thing and what to do; the CLI prints them without a traceback."""
+
+
+class MiaotuiError(Exception):
+    """Base class of every error a user can cause (bad model name, bad file, bad parameter)."""
+
+
+class ModelFileError(MiaotuiError):
+    """A model file is missing, truncated, corrupt or of a kind we cannot run."""
+
+
+class ModelSourceError(MiaotuiError):
+    """A model name cannot be resolved to files (unknown alias, failed download)."""

@@ -1,0 +1,92 @@
+"""Attention over the paged KV cache, in plain torch (CPU and CUDA alike).
+
+Each layer writes this step's keys and values into its cache slots, then attends: sequences decoding one token are
+batched into one padded matmul over their gathered blocks; prefill chunks are computed one sequence at a time with
+`scaled_dot_product_attention`. The model code only calls `Attention.forward(q, k, v)`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from miaotui.context import ForwardContext, get_context
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+        # [num_blocks, block_size, num_kv_heads, head_dim] each; handed over by the model runner.
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] for the step's flattened tokens → [T, Hq, D]."""
+        ctx = get_context()
+        if self.k_cache is None:
+            raise RuntimeError("attention has no KV cache; the model runner allocates it")
+        kc = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
+        vc = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
+        kc.index_copy_(0, ctx.slot_mapping, k.to(kc.dtype))
+        vc.index_copy_(0, ctx.slot_mapping, v.to(vc.dtype))
+        out = torch.empty_like(q)
+        if ctx.decode_seqs:
+            self._decode(ctx, q, out)
+        for s in ctx.prefill_seqs:
+            self._prefill(ctx, s, q, k, v, out)
+        return out
+
+    def _decode(self, ctx: ForwardContext, q: torch.Tensor, out: torch.Tensor) -> None:
+        seqs = ctx.decode_seqs
+        if len(seqs) == ctx.num_seqs:  # a pure decode step: token i is sequence i
+            rows, tables, lens = slice(None), ctx.block_tables, ctx.context_lens_t
+        else:
+            idx = torch.tensor([ctx.query_start[s] for s in seqs], device=q.device)
+            sel = torch.tensor(seqs, device=q.device)
+            rows, tables, lens = idx, ctx.block_tables[sel], ctx.context_lens_t[sel]
+        n_blocks = (max(ctx.context_lens[s] for s in seqs) + self.k_cache.shape[1] - 1) // self.k_cache.shape[1]
+        tables = tables[:, :n_blocks]
+        b, g = tables.shape[0], self.num_heads // self.num_kv_heads
+        keys = self.k_cache[tables].view(b, -1, self.num_kv_heads, self.head_dim)  # [B, L, Hkv, D]
+        values = self.v_cache[tables].view(b, -1, self.num_kv_heads, self.head_dim)
+        qh = q[rows].view(b, self.num_kv_heads, g, self.head_dim)
+        scores = torch.matmul(qh, keys.permute(0, 2, 3, 1).to(q.dtype)).float() * self.scale  # [B, Hkv, G, L]
+        pos = torch.arange(keys.shape[1], device=q.device)
+        mask = pos[None, :] >= lens[:, None]
+        if self.sliding_window is not None:
+            mask |= pos[None, :] <= lens[:, None] - 1 - self.sliding_window
+        scores.masked_fill_(mask[:, None, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1).to(q.dtype)
+        res = torch.matmul(probs, values.permute(0, 2, 1, 3).to(q.dtype))  # [B, Hkv, G, D]
+        out[rows] = res.reshape(b, self.num_heads, self.head_dim)
+
+    def _prefill(self, ctx: ForwardContext, s: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 out: torch.Tensor) -> None:
+        start, end = ctx.query_start[s], ctx.query_start[s + 1]
+        n_q, n_kv = end - start, ctx.context_lens[s]
+        if n_kv == n_q:  # nothing cached before this chunk: attend to the step's own keys
+            keys, values = k[start:end], v[start:end]
+        else:
+            bs = self.k_cache.shape[1]
+            table = ctx.block_tables[s, : (n_kv + bs - 1) // bs]
+            keys = self.k_cache[table].view(-1, self.num_kv_heads, self.head_dim)[:n_kv].to(q.dtype)
+            values = self.v_cache[table].view(-1, self.num_kv_heads, self.head_dim)[:n_kv].to(q.dtype)
+        g = self.num_heads // self.num_kv_heads
+        qt = q[start:end].transpose(0, 1)  # [Hq, n_q, D]
+        kt = keys.transpose(0, 1).repeat_interleave(g, dim=0)
+        vt = values.transpose(0, 1).repeat_interleave(g, dim=0)
+        q_pos = torch.arange(n_kv - n_q, n_kv, device=q.device)
+        k_pos = torch.arange(n_kv, device=q.device)
+        if n_kv == n_q and (self.sliding_window is None or n_kv <= self.sliding_window):
+            res = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.scale)
+        else:
+            allowed = k_pos[None, :] <= q_pos[:, None]
+            if self.sliding_window is not None:
+                allowed &= k_pos[None, :] > q_pos[:, None] - self.sliding_window
+            res = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=allowed, scale=self.scale)
+        out[start:end] = res.transpose(0, 1)

@@ -1,0 +1,58 @@
+"""Loading: a model source → files → canonical config and weights → a model on its device, plus its tokenizer."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from miaotui.config import ModelConfig
+from miaotui.errors import ModelFileError
+from miaotui.loader import gguf, safetensors
+from miaotui.loader.gguf_file import GGUFFile
+from miaotui.loader.sources import ModelFiles, resolve
+from miaotui.models.base import CausalLM
+from miaotui.models.registry import model_class
+from miaotui.tokenizer import Tokenizer
+
+
+@dataclass
+class LoadedModel:
+    model: CausalLM
+    tokenizer: Tokenizer
+    config: ModelConfig
+    files: ModelFiles
+    load_seconds: float
+
+
+def read_model(files: ModelFiles) -> tuple[ModelConfig, Tokenizer, object]:
+    """Config, tokenizer and a weight iterator for the files, checking what can be checked before allocating."""
+    if files.kind == "gguf":
+        f = GGUFFile(files.path)
+        cfg = gguf.read_config(f)
+        gguf.check_tensor_types(f)
+        return cfg, Tokenizer.from_gguf(f.metadata, f.path), gguf.iter_weights(f, cfg)
+    cfg = safetensors.read_config(files.path)
+    return cfg, Tokenizer.from_folder(files.path), safetensors.iter_weights(files.path, cfg)
+
+
+def load(source: str | ModelFiles | None, device: torch.device | str = "cpu",
+         dtype: torch.dtype = torch.float32) -> LoadedModel:
+    start = time.perf_counter()
+    files = source if isinstance(source, ModelFiles) else resolve(source)
+    cfg, tokenizer, weights = read_model(files)
+    device = torch.device(device)
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            model = model_class(cfg.architecture)(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    try:
+        model.load_weights(weights)
+    except ModelFileError as e:
+        raise ModelFileError(f"{files.path}: {e}") from None
+    model.eval()
+    return LoadedModel(model, tokenizer, cfg, files, time.perf_counter() - start)
