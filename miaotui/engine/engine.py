@@ -1,0 +1,193 @@
+"""The engine: requests in, one step at a time (schedule → run → sample → detokenize), outputs back."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import psutil
+import torch
+
+from miaotui.config import EngineConfig, resolve_device, resolve_dtype
+from miaotui.engine.kv_cache import KVCacheManager
+from miaotui.engine.runner import ModelRunner, kv_bytes_per_token
+from miaotui.engine.scheduler import Scheduler
+from miaotui.engine.sequence import RequestOutput, Sequence, Status
+from miaotui.errors import MiaotuiError
+from miaotui.layers.sampler import sample
+from miaotui.loader import LoadedModel, load
+from miaotui.sampling import SamplingParams
+from miaotui.tokenizer import IncrementalDetokenizer
+
+log = logging.getLogger("miaotui")
+MAX_DEFAULT_CONTEXT = 8192
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.loaded = loaded or load(config.model, self.device, self.dtype)
+        self.model_config = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        self.max_model_len = config.max_model_len or min(self.model_config.max_position, MAX_DEFAULT_CONTEXT)
+        if self.max_model_len > self.model_config.max_position:
+            raise MiaotuiError(f"max_model_len {self.max_model_len} exceeds the model's context length "
+                               f"{self.model_config.max_position}")
+        per_token = kv_bytes_per_token(self.model_config, self.dtype)
+        budget = self._kv_budget(per_token)
+        num_blocks = int(budget // (per_token * config.block_size))
+        min_blocks = -(-self.max_model_len // config.block_size)
+        if num_blocks < min_blocks:
+            if config.kv_cache_memory is not None and num_blocks >= 1:
+                log.warning("KV cache of %d blocks holds less than one %d-token sequence", num_blocks,
+                            self.max_model_len)
+            elif num_blocks < 1:
+                raise MiaotuiError(f"kv_cache_memory {budget:.0f} bytes is too small for one KV block "
+                                   f"({per_token * config.block_size} bytes)")
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.runner = ModelRunner(self.loaded.model, num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.sequences: dict[str, list[Sequence]] = {}
+        self._ids = itertools.count()
+        log.info("KV cache: %d blocks of %d tokens (%.0f MiB, %d tokens)", num_blocks, config.block_size,
+                 num_blocks * config.block_size * per_token / 2**20, num_blocks * config.block_size)
+
+    def _kv_budget(self, per_token: int) -> float:
+        mem = self.config.kv_cache_memory
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+        else:
+            free = psutil.virtual_memory().available
+        if mem is None:  # enough for the batch at full length, within a quarter of free memory (1 GiB on CPU)
+            want = per_token * self.max_model_len * max(4, self.config.max_num_seqs)
+            cap = 0.9 * free if self.device.type == "cuda" else min(0.25 * free, 2**30)
+            return min(want, cap) if self.device.type != "cuda" else cap
+        return mem * free if isinstance(mem, float) and mem <= 1 else float(mem)
+
+    # -- requests ---------------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, priority: int = 0) -> str:
+        params = params or SamplingParams()
+        if not prompt_ids:
+            raise ValueError("prompt must contain at least one token")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens, the context length is {self.max_model_len}")
+        bad = [t for t in prompt_ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (size {self.model_config.vocab_size})")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.sequences:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seqs = []
+        for i in range(params.n):
+            gen = self.generator
+            if params.seed is not None:
+                gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
+            seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), params,
+                           IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
+                           priority=priority, generator=gen, index=i)
+            self.scheduler.add(seq)
+            seqs.append(seq)
+        self.sequences[request_id] = seqs
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its KV blocks (a disconnected client, a stop button)."""
+        for seq in self.sequences.pop(request_id, []):
+            if not seq.finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the step ---------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch.empty:
+            return []
+        logits = self.runner.run(batch.seqs, batch.num_tokens)
+        done_prefill = []
+        rows = []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
+            seq.num_computed += n
+            self.kv.commit(seq)
+            if seq.num_computed == seq.num_tokens:
+                done_prefill.append(seq)
+                rows.append(i)
+        outputs = []
+        if done_prefill:
+            ids, logprobs = sample(logits[rows], done_prefill)
+            now = time.monotonic()
+            for seq, token, lp in zip(done_prefill, ids, logprobs):
+                seq.first_token_time = seq.first_token_time or now
+                self._append(seq, token, lp)
+                outputs.append(self._output(seq))
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, logprob) -> None:
+        p = seq.params
+        seq.token_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        if not p.ignore_eos and token in self.tokenizer.stop_ids:
+            return self._finish(seq, "stop", token)
+        if token in p.stop_token_ids:
+            return self._finish(seq, "stop", token)
+        before = len(seq.text)
+        seq.detokenizer.add(token)
+        seq.text = seq.detokenizer.text
+        for s in p.stop:  # only where the new text could complete a match
+            cut = seq.text.find(s, max(0, before - len(s) + 1))
+            if cut != -1:
+                seq.text = seq.text[:cut]
+                return self._finish(seq, "stop", s)
+        if p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens:
+            return self._finish(seq, "length")
+        if seq.num_tokens >= self.max_model_len:
+            return self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        self.scheduler.finish(seq)
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        # Hold back text that could be the start of a stop string until we know it is not.
+        hold = 0 if seq.finished else max((len(s) - 1 for s in seq.params.stop), default=0)
+        visible = len(seq.text) - hold
+        delta = seq.text[seq.emitted : visible] if visible > seq.emitted else ""
+        seq.emitted += len(delta)
+        if seq.finished:
+            group = self.sequences.get(seq.request_id, [])
+            if all(s.finished for s in group):
+                self.sequences.pop(seq.request_id, None)
+        return RequestOutput(seq.request_id, seq.index, seq.token_ids[: seq.num_prompt], seq.output_ids,
+                             seq.text, delta, seq.finished, seq.finish_reason, seq.logprobs,
+                             seq.num_cached_prompt, seq.stop_reason)
+
+    # -- utilities --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits of every position of one sequence [T, V], computed in chunks through the paged cache."""
+        params = SamplingParams(max_tokens=1)
+        seq = Sequence("logits", list(token_ids), len(token_ids), params,
+                       IncrementalDetokenizer(self.tokenizer), status=Status.RUNNING)
+        chunks = []
+        try:
+            while seq.num_computed < seq.num_tokens:
+                n = min(self.config.max_num_batched_tokens, seq.num_tokens - seq.num_computed)
+                if not self.kv.can_allocate(seq, seq.num_computed + n):
+                    raise MiaotuiError("the KV cache is too small for this text; raise kv_cache_memory")
+                self.kv.allocate(seq, seq.num_computed + n)
+                chunks.append(self.runner.run([seq], [n], all_logits=True))
+                seq.num_computed += n
+        finally:
+            self.kv.release(seq)
+        return torch.cat(chunks)

@@ -1,0 +1,113 @@
+"""The paged KV cache's bookkeeping: fixed-size blocks, per-sequence block tables, and prefix reuse.
+
+A full block is named by the hash of (its parent block's hash, its token ids), so equal prefixes map to equal
+blocks. Blocks carry reference counts; a block nobody uses goes to the back of the free queue but keeps its
+contents and hash until it is handed out again, so a later request with the same prefix can take it back.
+Handing out blocks takes from the front: the least recently freed one is evicted first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from miaotui.engine.sequence import Sequence
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_count = [0] * num_blocks
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks
+        self.hash_to_block: dict[int, int] = {}
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of which were found
+
+    # -- queries ----------------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - len(self.free) / self.num_blocks
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+
+    def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        return self.blocks_needed(seq, num_tokens) <= len(self.free)
+
+    # -- prefix reuse -----------------------------------------------------------------------------
+    def _hashes(self, token_ids: list[int], num_blocks: int) -> list[tuple[int, tuple[int, ...]]]:
+        out, parent, bs = [], 0, self.block_size
+        for i in range(num_blocks):
+            tokens = tuple(token_ids[i * bs : (i + 1) * bs])
+            parent = hash((parent, tokens))
+            out.append((parent, tokens))
+        return out
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """Give a new sequence the cached blocks of its longest cached prefix; return the tokens they hold.
+
+        At least one token is always left to compute, so the step that follows produces the next token's logits.
+        """
+        if not self.enable_prefix_caching or seq.block_table or seq.num_computed:
+            return 0
+        full = (seq.num_tokens - 1) // self.block_size
+        self.prefix_queries += seq.num_tokens
+        for h, tokens in self._hashes(seq.token_ids, full):
+            block = self.hash_to_block.get(h)
+            if block is None or self.block_tokens[block] != tokens:
+                break
+            if self.ref_count[block] == 0:
+                del self.free[block]
+            self.ref_count[block] += 1
+            seq.block_table.append(block)
+        seq.num_computed = len(seq.block_table) * self.block_size
+        self.prefix_hits += seq.num_computed
+        return seq.num_computed
+
+    def commit(self, seq: Sequence) -> None:
+        """Register the hashes of blocks that became full of computed tokens, so others can reuse them."""
+        if not self.enable_prefix_caching:
+            return
+        full = min(seq.num_computed // self.block_size, len(seq.block_table))
+        for i, (h, tokens) in enumerate(self._hashes(seq.token_ids, full)):
+            block = seq.block_table[i]
+            if self.block_hash[block] is None and h not in self.hash_to_block:
+                self.block_hash[block] = h
+                self.block_tokens[block] = tokens
+                self.hash_to_block[h] = block
+
+    # -- allocation -------------------------------------------------------------------------------
+    def allocate(self, seq: Sequence, num_tokens: int) -> None:
+        """Grow seq's block table to hold `num_tokens` tokens; the caller checked `can_allocate`."""
+        for _ in range(self.blocks_needed(seq, num_tokens)):
+            block, _ = self.free.popitem(last=False)
+            h = self.block_hash[block]
+            if h is not None:  # evict: its old contents are about to be overwritten
+                if self.hash_to_block.get(h) == block:
+                    del self.hash_to_block[h]
+                self.block_hash[block] = None
+                self.block_tokens[block] = None
+            self.ref_count[block] = 1
+            seq.block_table.append(block)
+
+    def release(self, seq: Sequence) -> None:
+        """Drop seq's claim on its blocks; the last block freed is the first to be reused."""
+        for block in reversed(seq.block_table):
+            self.ref_count[block] -= 1
+            if self.ref_count[block] == 0:
+                self.free[block] = None
+        seq.block_table = []
+        seq.num_computed = 0
+
+    def reset_prefix_cache(self) -> None:
+        for block in list(self.free):
+            self.block_hash[block] = None
+            self.block_tokens[block] = None
+        self.hash_to_block = {h: b for h, b in self.hash_to_block.items() if self.ref_count[b] > 0}

@@ -1,0 +1,72 @@
+"""The model runner: owns the model and its KV cache tensors, flattens a scheduled batch into one forward pass."""
+
+from __future__ import annotations
+
+import torch
+
+from miaotui.config import ModelConfig
+from miaotui.context import ForwardContext, forward_context
+from miaotui.engine.sequence import Sequence
+from miaotui.models.base import CausalLM
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None):
+        self.model = model
+        self.config = model.config
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.block_size = block_size
+        cfg = self.config
+        kv_dtype = kv_dtype or self.dtype
+        # One tensor for all layers: [2, layers, blocks, block_size, kv_heads, head_dim]
+        self.kv_cache = torch.empty(2, cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
+                                    dtype=kv_dtype, device=self.device)
+        layers = model.attention_layers()
+        assert len(layers) == cfg.num_layers, "every layer must have exactly one Attention module"
+        for i, attn in enumerate(layers):
+            attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+
+    def _context(self, seqs: list[Sequence], num_tokens: list[int]) -> tuple[ForwardContext, torch.Tensor,
+                                                                              torch.Tensor]:
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start = [0]
+        context_lens = []
+        bs = self.block_size
+        for seq, n in zip(seqs, num_tokens):
+            start = seq.num_computed
+            ids.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            query_start.append(query_start[-1] + n)
+            context_lens.append(start + n)
+        width = max(len(s.block_table) for s in seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        dev = self.device
+        ctx = ForwardContext(
+            query_start=query_start,
+            context_lens=context_lens,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
+            context_lens_t=torch.tensor(context_lens, dtype=torch.long, device=dev),
+            decode_seqs=[i for i, n in enumerate(num_tokens) if n == 1],
+            prefill_seqs=[i for i, n in enumerate(num_tokens) if n > 1],
+        )
+        return ctx, torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(positions, device=dev)
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], num_tokens: list[int], all_logits: bool = False) -> torch.Tensor:
+        """One forward pass. Returns float32 logits of each sequence's last token [B, V], or of every token."""
+        ctx, ids, positions = self._context(seqs, num_tokens)
+        with forward_context(ctx):
+            hidden = self.model(ids, positions)
+        if not all_logits:
+            hidden = hidden[torch.tensor(ctx.query_start[1:], device=self.device) - 1]
+        return self.model.compute_logits(hidden)

@@ -1,0 +1,88 @@
+"""One request as the engine tracks it, and what it hands back to callers."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from miaotui.sampling import SamplingParams
+from miaotui.tokenizer import IncrementalDetokenizer
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: dict[int, float]  # the most likely alternatives (token id → logprob), the chosen one included
+
+
+@dataclass(slots=True)
+class Sequence:
+    """A request's tokens and progress. The scheduler's one rule: compute tokens until num_computed catches up
+    with len(token_ids); when it does, sample one more token."""
+
+    request_id: str
+    token_ids: list[int]
+    num_prompt: int
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer
+    priority: int = 0
+    arrival: float = field(default_factory=time.monotonic)
+    status: Status = Status.WAITING
+    num_computed: int = 0
+    block_table: list[int] = field(default_factory=list)
+    num_cached_prompt: int = 0  # prompt tokens served from the prefix cache
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    text: str = ""
+    emitted: int = 0  # characters of `text` already handed to the caller
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    first_token_time: float | None = None
+    index: int = 0  # which of the request's n samples
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt :]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What a caller sees after a step: the text so far, what is new since last time, and why it ended."""
+
+    request_id: str
+    index: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    delta: str
+    finished: bool
+    finish_reason: str | None
+    logprobs: list[TokenLogprob]
+    num_cached_tokens: int = 0
+    stop_reason: str | int | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)

@@ -1,0 +1,68 @@
+"""The offline API in the shape users know from vLLM: `LLM(model).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence as Seq
+from typing import Any
+
+from tqdm import tqdm
+
+from miaotui.config import EngineConfig
+from miaotui.engine.engine import Engine
+from miaotui.engine.sequence import RequestOutput
+from miaotui.sampling import SamplingParams
+
+Prompt = str | list[int]
+Message = dict[str, Any]
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **kwargs: Any):
+        self.engine = Engine(EngineConfig(model=model or EngineConfig.model, **kwargs))
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run every prompt to completion with continuous batching; outputs come back in prompt order (n per
+        prompt when `n` > 1)."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        return self._run(ids, params, use_tqdm)
+
+    def chat(self, conversations: list[Message] | list[list[Message]],
+             params: SamplingParams | Seq[SamplingParams] | None = None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]  # type: ignore[list-item]
+        ids = [self.tokenizer.encode_chat(c, add_generation_prompt) for c in conversations]  # type: ignore[arg-type]
+        return self._run(ids, params, use_tqdm)
+
+    def _run(self, prompts: list[list[int]], params, use_tqdm: bool) -> list[RequestOutput]:
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        order = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        results: dict[tuple[str, int], RequestOutput] = {}
+        total = sum(sp.n for sp in params)
+        bar = tqdm(total=total, desc="generating", unit="req", disable=not use_tqdm, dynamic_ncols=True)
+        start, prompt_tokens, out_tokens = time.perf_counter(), sum(map(len, prompts)), 0
+        try:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.finished:
+                        results[(out.request_id, out.index)] = out
+                        out_tokens += out.completion_tokens
+                        bar.update(1)
+                        elapsed = time.perf_counter() - start
+                        bar.set_postfix_str(f"in {prompt_tokens / elapsed:.0f} tok/s, out {out_tokens / elapsed:.0f}"
+                                            " tok/s", refresh=False)
+        except BaseException:
+            for rid in order:
+                self.engine.abort(rid)
+            raise
+        finally:
+            bar.close()
+        return [results[(rid, i)] for rid, sp in zip(order, params) for i in range(sp.n)]
