@@ -176,6 +176,8 @@ class Engine:
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
         """Logits of every position of one sequence [T, V], computed in chunks through the paged cache."""
+        if len(token_ids) > self.max_model_len:
+            raise ValueError(f"text has {len(token_ids)} tokens, the context length is {self.max_model_len}")
         params = SamplingParams(max_tokens=1)
         seq = Sequence("logits", list(token_ids), len(token_ids), params,
                        IncrementalDetokenizer(self.tokenizer), status=Status.RUNNING)

@@ -1,0 +1,222 @@
+"""The `miaotui` command: run, chat, pull, list, info."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable
+
+from miaotui.errors import MiaotuiError
+from miaotui.loader.sources import ALIASES, DEFAULT_MODEL
+
+log = logging.getLogger("miaotui")
+
+
+def _engine_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"alias, .gguf file or model folder "
+                   f"(default {DEFAULT_MODEL}; aliases: {', '.join(ALIASES)})")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    g.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 (default auto: bf16 where "
+                   "the hardware has it)")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, "
+                   "at most 8192)")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    g.add_argument("--kv-cache-memory", type=float, default=None,
+                   help="KV cache size: bytes, or a fraction of free memory when <= 1")
+    g.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling")
+
+
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", "-n", type=int, default=256)
+    g.add_argument("--temperature", "-t", type=float, default=0.2, help="0 for greedy (default 0.2)")
+    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--sample-seed", type=int, default=None, help="seed of this request's sampling")
+    g.add_argument("--verbose", "-v", action="store_true", help="print load time, KV cache size and tokens/s")
+
+
+def _engine(args: argparse.Namespace):
+    from miaotui.config import EngineConfig
+    from miaotui.engine.engine import Engine
+
+    kv = args.kv_cache_memory
+    if kv is not None and kv > 1:
+        kv = int(kv)
+    cfg = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                       kv_cache_memory=kv, enable_prefix_caching=not args.no_prefix_caching, threads=args.threads,
+                       seed=args.seed)
+    engine = Engine(cfg)
+    log.info("loaded %s (%s, %s on %s) in %.2f s", engine.loaded.files.name, engine.model_config.architecture,
+             str(engine.dtype).removeprefix("torch."), engine.device, engine.loaded.load_seconds)
+    return engine
+
+
+def _params(args: argparse.Namespace):
+    from miaotui.sampling import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.sample_seed)
+
+
+def _stream(engine, ids: list[int], params, write: Callable[[str], None]) -> tuple[str, int, float]:
+    """Generate one answer, writing text as it comes; Ctrl-C stops this answer (the request is aborted)."""
+    rid = engine.add_request(ids, params)
+    start = time.perf_counter()
+    first = None
+    text, tokens = "", 0
+    try:
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.request_id != rid:
+                    continue
+                if first is None:
+                    first = time.perf_counter()
+                write(out.delta)
+                text, tokens = out.text, out.completion_tokens
+    except KeyboardInterrupt:
+        engine.abort(rid)
+        write("\n[stopped]")
+    decode_time = time.perf_counter() - (first or start)
+    rate = (tokens - 1) / decode_time if tokens > 1 and decode_time > 0 else 0.0
+    if first is not None:
+        log.info("time to first token %.0f ms, %d tokens, %.1f tok/s decode", (first - start) * 1000, tokens, rate)
+    return text, tokens, rate
+
+
+def _write(s: str) -> None:
+    sys.stdout.write(s)
+    sys.stdout.flush()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    tok = engine.tokenizer
+    if tok.chat_template and not args.raw:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        ids = tok.encode_chat(messages + [{"role": "user", "content": args.prompt}])
+    else:
+        ids = tok.encode(args.prompt)
+        if not args.raw:
+            _write(args.prompt)
+    _stream(engine, ids, _params(args), _write)
+    _write("\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    tok = engine.tokenizer
+    if not tok.chat_template:
+        raise MiaotuiError(f"{args.model} has no chat template; use `miaotui run --raw` for plain completion")
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    print("Chatting with", engine.loaded.files.name, "— /reset clears the history, /exit quits, "
+          "Ctrl-C stops an answer.")
+    while True:
+        try:
+            line = input("\n> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        cmd = line.strip()
+        if cmd in ("/exit", "/quit"):
+            return 0
+        if cmd == "/reset":
+            history.clear()
+            print("(history cleared)")
+            continue
+        if not cmd:
+            continue
+        history.append({"role": "user", "content": line})
+        ids = tok.encode_chat(system + history)
+        if len(ids) >= engine.max_model_len - 1:
+            history.pop()
+            print(f"(the conversation is too long for the {engine.max_model_len}-token context; /reset it)")
+            continue
+        answer, _, _ = _stream(engine, ids, _params(args), _write)
+        _write("\n")
+        history.append({"role": "assistant", "content": answer})
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from miaotui.loader.sources import pull
+
+    for name in args.names:
+        path = pull(name)
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from miaotui.loader.sources import cached_models, home
+
+    models = cached_models()
+    if not models:
+        print(f"no models in {home() / 'models'}; `miaotui pull {DEFAULT_MODEL}` fetches the default")
+    for name, path, size in models:
+        print(f"{name:<24} {size / 1e6:>9.1f} MB  {path}")
+    print("\navailable aliases: " + ", ".join(f"{a.name} ({a.description})" for a in ALIASES.values()))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from miaotui.loader.info import describe
+
+    for key, value in describe(args.model).items():
+        print(f"{key:<18} {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="miaotui", description="miaotui (秒推): fast LLM inference")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="answer one prompt, streaming to the terminal")
+    r.add_argument("prompt")
+    r.add_argument("--raw", action="store_true", help="plain completion, no chat template")
+    r.add_argument("--system", default=None, help="system prompt for chat models")
+    _engine_flags(r)
+    _sampling_flags(r)
+    r.set_defaults(fn=cmd_run)
+    c = sub.add_parser("chat", help="interactive multi-turn chat")
+    c.add_argument("--system", default=None, help="system prompt")
+    _engine_flags(c)
+    _sampling_flags(c)
+    c.set_defaults(fn=cmd_chat)
+    pl = sub.add_parser("pull", help="download a model into the cache")
+    pl.add_argument("names", nargs="+", metavar="NAME")
+    pl.set_defaults(fn=cmd_pull)
+    ls = sub.add_parser("list", help="models in the cache")
+    ls.set_defaults(fn=cmd_list)
+    i = sub.add_parser("info", help="architecture, size, tensor types and context length of a model")
+    i.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    i.set_defaults(fn=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(message)s", stream=sys.stderr,
+                        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
+    try:
+        return args.fn(args)
+    except (MiaotuiError, ValueError) as e:
+        print(f"miaotui: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The scheduler's one rule, without a model: budgets, chunked prefill, preemption by recompute."""
+
+from __future__ import annotations
+
+from miaotui.engine.kv_cache import KVCacheManager
+from miaotui.engine.scheduler import Scheduler
+from miaotui.engine.sequence import Sequence, Status
+from miaotui.sampling import SamplingParams
+
+
+def seq(n: int, rid: str, priority: int = 0) -> Sequence:
+    base = 100 * (sum(map(ord, rid)) % 50)  # distinct prompts, so the prefix cache stays out of the way
+    return Sequence(rid, list(range(base + 1, base + n + 1)), n, SamplingParams(), detokenizer=None,  # type: ignore[arg-type]
+                    priority=priority)
+
+
+def advance(sched: Scheduler, batch) -> None:
+    """What the engine does after a forward pass: count computed tokens, sample one token when caught up."""
+    for s, n in zip(batch.seqs, batch.num_tokens):
+        s.num_computed += n
+        sched.kv.commit(s)
+        if s.num_computed == s.num_tokens:
+            s.token_ids.append(7)
+
+
+def test_chunked_prefill_shares_the_budget_with_decodes():
+    sched = Scheduler(KVCacheManager(64, 4), max_num_seqs=8, max_num_batched_tokens=10)
+    a = seq(3, "a")
+    sched.add(a)
+    b1 = sched.schedule()
+    assert b1.num_tokens == [3]
+    advance(sched, b1)
+    long = seq(25, "long")
+    sched.add(long)
+    b2 = sched.schedule()
+    assert [s.request_id for s in b2.seqs] == ["a", "long"] and b2.num_tokens == [1, 9]
+    advance(sched, b2)
+    b3 = sched.schedule()
+    assert b3.num_tokens == [1, 9]  # the decode keeps going while the long prompt is chunked
+    advance(sched, b3)
+    b4 = sched.schedule()
+    assert b4.num_tokens == [1, 7]
+
+
+def test_max_num_seqs():
+    sched = Scheduler(KVCacheManager(64, 4), max_num_seqs=2, max_num_batched_tokens=100)
+    for i in range(3):
+        sched.add(seq(4, f"s{i}"))
+    batch = sched.schedule()
+    assert len(batch.seqs) == 2 and len(sched.waiting) == 1
+
+
+def test_preempts_newest_when_blocks_run_out():
+    kv = KVCacheManager(num_blocks=4, block_size=2)
+    sched = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=100)
+    old, new = seq(4, "old"), seq(3, "new")
+    sched.add(old)
+    sched.add(new)
+    batch = sched.schedule()  # old: 2 blocks, new: 2 blocks — the cache is full
+    assert kv.num_free_blocks == 0
+    advance(sched, batch)
+    batch = sched.schedule()  # old needs a 3rd block for its 5th token: new is preempted
+    assert [s.request_id for s in batch.seqs] == ["old"]
+    assert new.status is Status.WAITING and new.num_computed == 0 and new.block_table == []
+    assert new.token_ids[3:] == [7]  # its sampled token is kept and will be recomputed
+    assert sched.num_preemptions == 1
+
+
+def test_priority_goes_first():
+    sched = Scheduler(KVCacheManager(64, 4), max_num_seqs=1, max_num_batched_tokens=100)
+    sched.add(seq(4, "low"))
+    sched.add(seq(4, "high", priority=5))
+    assert sched.schedule().seqs[0].request_id == "high"
+
+
+def test_finish_frees_blocks():
+    kv = KVCacheManager(16, 4)
+    sched = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=100)
+    s = seq(9, "s")
+    sched.add(s)
+    sched.schedule()
+    sched.finish(s)
+    assert kv.num_free_blocks == 16 and not sched.has_work()

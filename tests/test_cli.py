@@ -1,0 +1,89 @@
+"""The `miaotui` command as a user runs it: streamed answers, model info, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def miaotui(*args: str, env: dict | None = None, input: str | None = None, timeout: int = 300):
+    return subprocess.run([sys.executable, "-m", "miaotui.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, input=input)
+
+
+def assert_clean_error(r, *needles: str) -> None:
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("miaotui: error:"), r.stderr
+    for n in needles:
+        assert n in lines[0]
+
+
+def test_run_streams_an_answer(smollm2_path):
+    r = miaotui("run", "What is the capital of France?", "--temperature", "0", "--max-tokens", "24", "-v")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "tok/s" in r.stderr and "KV cache" in r.stderr
+
+
+def test_run_raw_completion(smollm2_path):
+    r = miaotui("run", "--raw", "1, 2, 3, 4,", "-t", "0", "-n", "8", "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(" 5, 6")
+
+
+def test_chat_keeps_history_and_resets(smollm2_path):
+    script = "My name is Ada.\nWhat is my name?\n/reset\nWhat is my name?\n/exit\n"
+    r = miaotui("chat", "-t", "0", "-n", "20", input=script)
+    assert r.returncode == 0, r.stderr
+    turns = r.stdout.split("\n> ")
+    assert len(turns) == 6 and turns[3] == "(history cleared)\n", r.stdout
+    first, second, _, after_reset = (t.strip() for t in turns[1:5])
+    assert first and second and after_reset
+    assert second != after_reset  # the same question gets another answer once the history is gone
+
+
+def test_info(smollm2_path):
+    r = miaotui("info", str(smollm2_path))
+    assert r.returncode == 0, r.stderr
+    for needle in ("llama", "134.5 M", "Q4_1", "8192", "chat template      yes"):
+        assert needle in r.stdout
+
+
+def test_list_shows_cached(smollm2_path):
+    r = miaotui("list")
+    assert r.returncode == 0 and "smollm2-135m" in r.stdout
+
+
+def test_unknown_alias_lists_known():
+    assert_clean_error(miaotui("run", "--model", "nosuchmodel", "hi"), "nosuchmodel", "smollm2-135m", "gemma3-270m")
+
+
+def test_missing_file(tmp_path):
+    assert_clean_error(miaotui("info", str(tmp_path / "gone.gguf")), "gone.gguf", "no such file")
+
+
+def test_truncated_file(smollm2_path, tmp_path):
+    cut = tmp_path / "cut.gguf"
+    with open(smollm2_path, "rb") as f:
+        cut.write_bytes(f.read(smollm2_path.stat().st_size // 2))
+    assert_clean_error(miaotui("run", "--model", str(cut), "hi"), "cut.gguf", "truncated")
+
+
+def test_garbage_file(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(os.urandom(4096))
+    assert_clean_error(miaotui("info", str(bad)), "bad.gguf", "not a GGUF file")
+
+
+def test_bad_sampling_parameter(smollm2_path):
+    assert_clean_error(miaotui("run", "hi", "--top-p", "1.5"), "top_p")
+
+
+@pytest.mark.parametrize("args", [["--device", "tpu"], ["--dtype", "float8"]])
+def test_bad_engine_flags(args):
+    assert_clean_error(miaotui("run", "hi", *args))
