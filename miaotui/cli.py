@@ -178,6 +178,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from miaotui.bench import main as bench_main
+    from miaotui.bench.engine_bench import BenchConfig
+
+    engine_args = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+                   "enable_prefix_caching": not args.no_prefix_caching, "threads": args.threads,
+                   "max_model_len": args.max_model_len}
+    if args.kv_cache_memory is not None:
+        engine_args["kv_cache_memory"] = int(args.kv_cache_memory) if args.kv_cache_memory > 1 else args.kv_cache_memory
+    cfg = BenchConfig(model=args.model, dtype=args.dtype, device=args.device, decode_tokens=args.decode_tokens,
+                      prefill_tokens=args.prefill_tokens, num_prompts=args.num_prompts, input_len=args.input_len,
+                      output_len=args.output_len, concurrency=args.concurrency, serve_requests=args.serve_requests,
+                      repeats=args.repeats, seed=args.seed, scenarios=tuple(args.scenarios.split(",")),
+                      engine_args=engine_args)
+    bench_main(cfg, args.compare, args.json, args.plot)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="miaotui", description="miaotui (秒推): fast LLM inference")
     sub = p.add_subparsers(dest="command", required=True)
@@ -198,6 +216,22 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(fn=cmd_pull)
     ls = sub.add_parser("list", help="models in the cache")
     ls.set_defaults(fn=cmd_list)
+    b = sub.add_parser("bench", help="measure decode, prefill, throughput and latency; --compare runs the peers")
+    _engine_flags(b)
+    b.add_argument("--compare", action="store_true", help="also run llama.cpp and transformers when installed")
+    b.add_argument("--scenarios", default="decode,prefill,throughput,latency,prefix",
+                   help="comma-separated subset of decode,prefill,throughput,latency,prefix")
+    b.add_argument("--decode-tokens", type=int, default=128)
+    b.add_argument("--prefill-tokens", type=int, default=512)
+    b.add_argument("--num-prompts", type=int, default=32)
+    b.add_argument("--input-len", type=int, default=64)
+    b.add_argument("--output-len", type=int, default=128)
+    b.add_argument("--concurrency", type=int, default=8)
+    b.add_argument("--serve-requests", type=int, default=32)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--json", default=None, help="write the results as JSON here")
+    b.add_argument("--plot", default=None, help="write a PNG bar chart here")
+    b.set_defaults(fn=cmd_bench, verbose=True)
     i = sub.add_parser("info", help="architecture, size, tensor types and context length of a model")
     i.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     i.set_defaults(fn=cmd_info)

@@ -112,6 +112,7 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch.empty:
             return []
+        self._zero_fresh_blocks()
         logits = self.runner.run(batch.seqs, batch.num_tokens)
         done_prefill = []
         rows = []
@@ -130,6 +131,10 @@ class Engine:
                 self._append(seq, token, lp)
                 outputs.append(self._output(seq))
         return outputs
+
+    def _zero_fresh_blocks(self) -> None:
+        self.runner.zero_blocks(self.kv.fresh)
+        self.kv.fresh.clear()
 
     def _append(self, seq: Sequence, token: int, logprob) -> None:
         p = seq.params
@@ -188,6 +193,7 @@ class Engine:
                 if not self.kv.can_allocate(seq, seq.num_computed + n):
                     raise MiaotuiError("the KV cache is too small for this text; raise kv_cache_memory")
                 self.kv.allocate(seq, seq.num_computed + n)
+                self._zero_fresh_blocks()
                 chunks.append(self.runner.run([seq], [n], all_logits=True))
                 seq.num_computed += n
         finally:

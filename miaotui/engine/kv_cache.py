@@ -23,6 +23,10 @@ class KVCacheManager:
         self.block_hash: list[int | None] = [None] * num_blocks
         self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks
         self.hash_to_block: dict[int, int] = {}
+        # Blocks handed out for the first time: their memory was never written and may hold NaNs, which a masked
+        # attention weight of 0 would still turn into NaN. The runner zeroes them before the next forward pass.
+        self.fresh: list[int] = []
+        self._used = [False] * num_blocks
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of which were found
 
@@ -96,6 +100,9 @@ class KVCacheManager:
                 self.block_tokens[block] = None
             self.ref_count[block] = 1
             seq.block_table.append(block)
+            if not self._used[block]:
+                self._used[block] = True
+                self.fresh.append(block)
 
     def release(self, seq: Sequence) -> None:
         """Drop seq's claim on its blocks; the last block freed is the first to be reused."""

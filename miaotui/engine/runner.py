@@ -26,10 +26,15 @@ class ModelRunner:
         # One tensor for all layers: [2, layers, blocks, block_size, kv_heads, head_dim]
         self.kv_cache = torch.empty(2, cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
                                     dtype=kv_dtype, device=self.device)
+        self.kv_cache[:, :, 0].zero_()  # block 0 also pads block tables: keep it finite from the start
         layers = model.attention_layers()
         assert len(layers) == cfg.num_layers, "every layer must have exactly one Attention module"
         for i, attn in enumerate(layers):
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+
+    def zero_blocks(self, blocks: list[int]) -> None:
+        if blocks:
+            self.kv_cache[:, :, torch.tensor(blocks, device=self.device)] = 0
 
     def _context(self, seqs: list[Sequence], num_tokens: list[int]) -> tuple[ForwardContext, torch.Tensor,
                                                                               torch.Tensor]:

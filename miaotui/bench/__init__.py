@@ -1,0 +1,135 @@
+"""`miaotui bench`: miaotui's figures, and with --compare the peers' on the same file and prompts, in one run,
+one engine after the other (never at the same time: two engines on two cores slow each other several-fold)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import resource
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from miaotui.bench.engine_bench import BenchConfig, MiaotuiBench, random_prompts
+
+
+def _median(fn, repeats: int) -> float:
+    return statistics.median(fn() for _ in range(repeats))
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_engine(bench, cfg: BenchConfig, vocab: int, avoid: set[int]) -> dict[str, Any]:
+    """The scenarios every engine supports; `latency` and `prefix` are miaotui's alone (peers lack batching)."""
+    res: dict[str, Any] = {"load_s": bench.load_seconds}
+    decode_prompt = random_prompts(vocab, 1, 32, cfg.seed, avoid)[0]
+    if "decode" in cfg.scenarios:
+        bench.decode(decode_prompt, 8)  # warm-up
+        res["decode_tok_s"] = _median(lambda: bench.decode(decode_prompt, cfg.decode_tokens), cfg.repeats)
+    if "prefill" in cfg.scenarios:
+        prompts = random_prompts(vocab, cfg.repeats + 1, cfg.prefill_tokens, cfg.seed + 1, avoid)
+        bench.prefill(prompts[-1])  # warm-up
+        res["prefill_tok_s"] = statistics.median(bench.prefill(p) for p in prompts[: cfg.repeats])
+    if "throughput" in cfg.scenarios:
+        prompts = random_prompts(vocab, cfg.num_prompts, cfg.input_len, cfg.seed + 2, avoid)
+        res["throughput_tok_s"] = bench.throughput(prompts, cfg.output_len)
+    if isinstance(bench, MiaotuiBench):
+        if "latency" in cfg.scenarios:
+            prompts = random_prompts(vocab, cfg.serve_requests, cfg.input_len, cfg.seed + 3, avoid)
+            res["latency"] = bench.latency(prompts, cfg.output_len, cfg.concurrency)
+        if "prefix" in cfg.scenarios:
+            prefix = random_prompts(vocab, 1, 1000, cfg.seed + 4, avoid)[0]
+            res["prefix"] = bench.prefix_reuse(prefix, random_prompts(vocab, 2, 16, cfg.seed + 5, avoid))
+        res["peak_rss_mb"] = _peak_rss_mb()
+    return res
+
+
+METRICS = [("load_s", "load time (s)", False), ("decode_tok_s", "decode, 1 stream (tok/s)", True),
+           ("prefill_tok_s", "prefill (tok/s)", True), ("throughput_tok_s", "batched output (tok/s)", True)]
+
+
+def format_table(results: dict[str, dict[str, Any]], cfg: BenchConfig) -> str:
+    names = list(results)
+    head = ["metric", *names] + [f"miaotui / {n}" for n in names[1:]]
+    rows = [head]
+    for key, label, higher_better in METRICS:
+        if key not in results["miaotui"]:
+            continue
+        if key == "prefill_tok_s":
+            label = f"prefill {cfg.prefill_tokens} tokens (tok/s)"
+        if key == "throughput_tok_s":
+            label = f"{cfg.num_prompts} × ({cfg.input_len} in, {cfg.output_len} out) (tok/s)"
+        vals = [results[n].get(key) for n in names]
+        row = [label] + [f"{v:,.1f}" if v is not None else "-" for v in vals]
+        for v in vals[1:]:
+            if v and vals[0]:
+                ratio = vals[0] / v if higher_better else v / vals[0]
+                row.append(f"{ratio:.2f}×")
+            else:
+                row.append("-")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    m = results["miaotui"]
+    if "latency" in m:
+        lat = m["latency"]
+        lines.append(f"\nmiaotui serving latency, {cfg.serve_requests} requests at concurrency {cfg.concurrency} "
+                     f"({cfg.input_len} in, {cfg.output_len} out), ms:")
+        for k in ("ttft_ms", "tpot_ms", "e2e_ms"):
+            lines.append(f"  {k[:-3]:<5} p50 {lat[k]['p50']:8.1f}  p90 {lat[k]['p90']:8.1f}  p99 {lat[k]['p99']:8.1f}")
+    if "prefix" in m:
+        p = m["prefix"]
+        lines.append(f"prefix reuse (1,000-token shared prefix): TTFT cold {p['cold_ttft_ms']:.0f} ms, "
+                     f"warm {p['warm_ttft_ms']:.0f} ms")
+    if "peak_rss_mb" in m:
+        lines.append(f"miaotui peak resident memory: {m['peak_rss_mb']:.0f} MB")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [(k, label) for k, label, higher in METRICS if higher and k in results["miaotui"]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5))
+    for ax, (k, label) in zip(axes if len(keys) > 1 else [axes], keys):
+        names = [n for n in results if results[n].get(k)]
+        ax.bar(names, [results[n][k] for n in names], color=["#c0392b"] + ["#7f8c8d"] * (len(names) - 1))
+        ax.set_title(label, fontsize=10)
+        ax.tick_params(axis="x", labelsize=8, rotation=15)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(cfg: BenchConfig, compare: bool, json_path: str | None, plot_path: str | None) -> dict[str, Any]:
+    from miaotui.bench.peers import LlamaCppBench, TransformersBench
+
+    mt = MiaotuiBench(cfg)
+    vocab = mt.engine.model_config.vocab_size
+    avoid = set(mt.engine.tokenizer.stop_ids)
+    print(f"benchmarking {cfg.model} ({mt.engine.dtype}, {mt.engine.device})", file=sys.stderr)
+    results = {"miaotui": run_engine(mt, cfg, vocab, avoid)}
+    del mt
+    gc.collect()
+    if compare:
+        for peer in (LlamaCppBench, TransformersBench):
+            if not peer.available():
+                print(f"{peer.name}: not installed, skipped", file=sys.stderr)
+                continue
+            print(f"benchmarking {peer.name}", file=sys.stderr)
+            bench = peer(cfg)
+            results[bench.name] = run_engine(bench, cfg, vocab, avoid)
+            del bench
+            gc.collect()
+    print(format_table(results, cfg))
+    if json_path:
+        Path(json_path).write_text(json.dumps({"config": cfg.__dict__, "results": results}, indent=2, default=str))
+    if plot_path:
+        plot(results, plot_path)
+    return results

@@ -1,0 +1,157 @@
+"""The engine on real models (fp32): batching, chunked prefill, prefix caching and preemption never change greedy
+output; seeded sampling does not depend on the batch; stop strings and logprobs are right; no block leaks."""
+
+from __future__ import annotations
+
+import pytest
+
+from miaotui import SamplingParams
+from miaotui.config import EngineConfig
+from miaotui.engine.engine import Engine
+from miaotui.loader import load
+from tests.conftest import REAL_MODELS, model_path
+
+PROMPTS = ["The quick brown fox", "In 1969, the first humans", "def quicksort(arr):", "日本の首都は",
+           "Photosynthesis is the process by which plants use sunlight, water and carbon dioxide to make " * 3]
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", params=REAL_MODELS)
+def loaded(request):
+    return load(str(model_path(request.param)), "cpu", __import__("torch").float32)
+
+
+def make(loaded, **kw) -> Engine:
+    kw.setdefault("kv_cache_memory", 64 * 2**20)
+    return Engine(EngineConfig(model=str(loaded.files.path), dtype="float32", **kw), loaded=loaded)
+
+
+def run_all(engine: Engine, prompts: list[list[int]], params) -> list[list[int]]:
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks, "KV blocks leaked"
+    return [done[i].token_ids for i in ids]
+
+
+def one_at_a_time(engine: Engine, prompts, params) -> list[list[int]]:
+    return [run_all(engine, [p], params)[0] for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def reference(loaded):
+    engine = make(loaded, enable_prefix_caching=False)
+    prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
+    return prompts, one_at_a_time(engine, prompts, GREEDY)
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"max_num_batched_tokens": 7},  # chunked prefill beside running decodes
+    {"enable_prefix_caching": False},
+    {"max_num_seqs": 2},
+], ids=["default", "chunked", "no-prefix-cache", "two-at-a-time"])
+def test_batched_greedy_equals_one_at_a_time(loaded, reference, options):
+    prompts, expected = reference
+    engine = make(loaded, **options)
+    assert run_all(engine, prompts, GREEDY) == expected
+
+
+def test_preemption_keeps_greedy_output(loaded, reference):
+    prompts, expected = reference
+    cfg = loaded.config
+    per_block = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * 16
+    engine = make(loaded, kv_cache_memory=per_block * 12, max_model_len=192)  # 12 blocks for 5 sequences
+    assert run_all(engine, prompts, GREEDY) == expected
+    assert engine.scheduler.num_preemptions > 0
+
+
+def test_prefix_cache_skips_shared_prefill(loaded):
+    engine = make(loaded)
+    tok = engine.tokenizer
+    shared = tok.encode("Once upon a time in a land far away " * 120)[:1000]
+    assert len(shared) == 1000
+    run_all(engine, [shared + tok.encode(" the end")], SamplingParams(max_tokens=2, temperature=0))
+    rid = engine.add_request(shared + tok.encode(" and then"), SamplingParams(max_tokens=2, temperature=0))
+    seq = engine.sequences[rid][0]
+    engine.step()
+    assert seq.num_cached_prompt == 1000 // 16 * 16
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
+def test_seeded_sampling_independent_of_batch(loaded):
+    engine = make(loaded)
+    prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
+    seeded = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=1234)
+    alone = run_all(engine, [prompts[0]], seeded)[0]
+    others = SamplingParams(max_tokens=20, temperature=1.0)
+    mixed = run_all(engine, prompts, [seeded] + [others] * 4)[0]
+    assert alone == mixed
+    assert run_all(engine, [prompts[0]], SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=99))[0] \
+        != alone
+
+
+def test_stop_strings_and_stop_tokens(loaded):
+    engine = make(loaded)
+    prompt = engine.tokenizer.encode("1, 2, 3, 4, 5,")
+    full = engine.tokenizer.decode(run_all(engine, [prompt], SamplingParams(max_tokens=16, temperature=0))[0])
+    stop = full.strip()[2:5]  # a piece of the continuation, spanning tokens
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=16, temperature=0, stop=[stop]))
+    text, reason, streamed = "", None, ""
+    while engine.has_unfinished():
+        for out in engine.step():
+            streamed += out.delta
+            text, reason = out.text, (out.finish_reason, out.stop_reason)
+    assert reason == ("stop", stop)
+    assert stop not in text and full.startswith(text) and streamed == text
+    first = run_all(engine, [prompt], SamplingParams(max_tokens=16, temperature=0))[0][2]
+    out = run_all(engine, [prompt], SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[first]))[0]
+    assert out[-1] == first and len(out) == 3
+    del rid
+
+
+def test_logprobs(loaded):
+    import torch
+
+    engine = make(loaded)
+    prompt = engine.tokenizer.encode("The capital of France is")
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=3, temperature=0, logprobs=5))
+    outs = []
+    while engine.has_unfinished():
+        outs.extend(engine.step())
+    final = outs[-1]
+    assert final.request_id == rid and len(final.logprobs) == 3
+    logits = engine.prompt_logits(prompt + final.token_ids[:2])
+    for i, lp in enumerate(final.logprobs):
+        expected = torch.log_softmax(logits[len(prompt) - 1 + i], -1)
+        assert lp.token_id == final.token_ids[i] == int(expected.argmax())
+        assert abs(lp.logprob - float(expected[lp.token_id])) < 1e-4
+        top = expected.topk(5)
+        assert list(lp.top)[:5] == top.indices.tolist()
+
+
+def test_n_samples_and_abort(loaded):
+    engine = make(loaded)
+    prompt = engine.tokenizer.encode("Write a word:")
+    outs = run_all(engine, [prompt], SamplingParams(max_tokens=8, temperature=1.0, n=1, seed=3))
+    assert len(outs) == 1
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=50, n=3, temperature=1.0, seed=5))
+    engine.step()
+    engine.step()
+    assert engine.kv.num_free_blocks < engine.kv.num_blocks
+    engine.abort(rid)
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks and not engine.has_unfinished()
+
+
+def test_invalid_parameters_name_the_field():
+    for kwargs, field in [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"n": 0}, "n"),
+                          ({"max_tokens": 0}, "max_tokens"), ({"min_p": 2}, "min_p"), ({"top_k": -5}, "top_k"),
+                          ({"logprobs": 50}, "logprobs"), ({"presence_penalty": 3}, "presence_penalty")]:
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**kwargs)
