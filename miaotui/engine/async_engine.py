@@ -1,0 +1,135 @@
+"""The engine for serving: one background thread runs the step loop; each request gets an async stream.
+
+Calls from the event loop never touch the engine directly: they post commands (add, abort) that the engine thread
+applies between steps, so the engine's state has one owner. Cancelling a stream (a client that disconnects)
+aborts its request, which frees its KV blocks before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from miaotui.engine.engine import Engine
+from miaotui.engine.sequence import RequestOutput
+from miaotui.sampling import SamplingParams
+
+log = logging.getLogger("miaotui")
+
+
+@dataclass(slots=True)
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    remaining: int  # samples (n) not finished yet
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._loop, name="miaotui-engine", daemon=True)
+        self._thread.start()
+
+    # -- the caller's side (event loop) -----------------------------------------------------------
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Yield incremental outputs until every sample of the request has finished."""
+        request_id = request_id or f"req-{next(self._ids)}"
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
+        self._streams[request_id] = stream
+        done = asyncio.get_running_loop().create_future()
+        self._post(("add", request_id, prompt_ids, params, priority, done))
+        finished = False
+        try:
+            await done  # raises the engine's ValueError (prompt too long …) in the caller
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    stream.remaining -= 1
+                    if stream.remaining == 0:
+                        finished = True
+                        return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._post(("abort", request_id))
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._streams)
+
+    def _post(self, command: tuple) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    # -- the engine's side (background thread) ----------------------------------------------------
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                _, rid, ids, params, priority, done = cmd
+                try:
+                    self.engine.add_request(ids, params, rid, priority)
+                    result: BaseException | None = None
+                except Exception as e:  # bad prompt: the caller gets the error, the loop goes on
+                    result = e
+                loop = done.get_loop()
+                loop.call_soon_threadsafe(_resolve, done, result)
+            else:
+                self.engine.abort(cmd[1])
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._apply_commands()
+            if not self.engine.has_unfinished():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # never let one bad step kill serving: fail what was running, keep going
+                log.exception("engine step failed; aborting the running requests")
+                for rid in list(self.engine.sequences):
+                    self.engine.abort(rid)
+                    self._deliver(rid, RuntimeError(f"engine error: {e}"))
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)
+
+    def _deliver(self, request_id: str, item) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+
+def _resolve(fut: asyncio.Future, error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
