@@ -39,7 +39,7 @@ def test_concurrent_streams_match_offline(async_engine, smollm2_engine):
     for p, (streamed, text, n) in zip(prompts, results):
         assert streamed == text and n == 16
         ref = tok.decode(_offline(smollm2_engine, async_engine, p, params))
-        assert text == ref
+        assert text == ref.rstrip("\ufffd")  # a cut-off multi-byte character is never emitted
 
 
 def _offline(engine, async_engine, ids, params):
