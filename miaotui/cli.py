@@ -240,8 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(format="%(message)s", stream=sys.stderr,
-                        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
+    log.setLevel(logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
     try:
         return args.fn(args)
     except (MiaotuiError, ValueError) as e:

@@ -91,7 +91,7 @@ class Engine:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
             seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), params,
                            IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
-                           priority=priority, generator=gen, index=i)
+                           priority=priority, generator=gen, index=i, parent=seqs[0] if seqs else None)
             self.scheduler.add(seq)
             seqs.append(seq)
         self.sequences[request_id] = seqs

@@ -59,8 +59,12 @@ class Scheduler:
                 batch.num_tokens.append(n)
                 budget -= n
                 i += 1
+        deferred = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if self._waits_for_parent(seq):
+                deferred.append(self.waiting.popleft())
+                continue
             if not seq.block_table:
                 seq.num_cached_prompt = self.kv.match_prefix(seq)
             n = seq.num_tokens - seq.num_computed
@@ -80,7 +84,14 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_tokens.append(n)
             budget -= n
+        self.waiting.extendleft(reversed(deferred))
         return batch
+
+    def _waits_for_parent(self, seq: Sequence) -> bool:
+        """Samples 1..n-1 of a request start once sample 0 has its prompt in the cache, then share its blocks."""
+        p = seq.parent
+        return (p is not None and not seq.block_table and self.kv.enable_prefix_caching
+                and p.status is not Status.FINISHED and p.num_computed < p.num_prompt)
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute later: free its blocks, keep its tokens (prompt and output so far)."""

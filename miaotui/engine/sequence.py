@@ -49,6 +49,7 @@ class Sequence:
     generator: torch.Generator | None = None
     first_token_time: float | None = None
     index: int = 0  # which of the request's n samples
+    parent: Sequence | None = None  # sample 0 of the request, whose prompt blocks the other samples share
 
     @property
     def output_ids(self) -> list[int]:

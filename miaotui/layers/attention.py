@@ -1,7 +1,7 @@
 """Attention over the paged KV cache, in plain torch (CPU and CUDA alike).
 
 Each layer writes this step's keys and values into its cache slots, then attends: sequences decoding one token are
-batched into one padded matmul over their gathered blocks; prefill chunks are computed one sequence at a time with
+batched into one padded SDPA call over their gathered blocks; prefill chunks are computed one sequence at a time with
 `scaled_dot_product_attention`. The model code only calls `Attention.forward(q, k, v)`.
 """
 
@@ -49,21 +49,21 @@ class Attention(nn.Module):
             idx = torch.tensor([ctx.query_start[s] for s in seqs], device=q.device)
             sel = torch.tensor(seqs, device=q.device)
             rows, tables, lens = idx, ctx.block_tables[sel], ctx.context_lens_t[sel]
-        n_blocks = (max(ctx.context_lens[s] for s in seqs) + self.k_cache.shape[1] - 1) // self.k_cache.shape[1]
-        tables = tables[:, :n_blocks]
-        b, g = tables.shape[0], self.num_heads // self.num_kv_heads
-        keys = self.k_cache[tables].view(b, -1, self.num_kv_heads, self.head_dim)  # [B, L, Hkv, D]
-        values = self.v_cache[tables].view(b, -1, self.num_kv_heads, self.head_dim)
-        qh = q[rows].view(b, self.num_kv_heads, g, self.head_dim)
-        scores = torch.matmul(qh, keys.permute(0, 2, 3, 1).to(q.dtype)).float() * self.scale  # [B, Hkv, G, L]
-        pos = torch.arange(keys.shape[1], device=q.device)
-        mask = pos[None, :] >= lens[:, None]
+        bs = self.k_cache.shape[1]
+        tables = tables[:, : (max(ctx.context_lens[s] for s in seqs) + bs - 1) // bs]
+        b = tables.shape[0]
+        # Gather each sequence's blocks into [B, Hkv, L, D] views; SDPA reads them strided, no copy.
+        flat = tables.reshape(-1)
+        keys = self.k_cache.index_select(0, flat).view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        values = self.v_cache.index_select(0, flat).view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        pos = torch.arange(keys.shape[2], device=q.device)
+        allowed = pos[None, :] < lens[:, None]
         if self.sliding_window is not None:
-            mask |= pos[None, :] <= lens[:, None] - 1 - self.sliding_window
-        scores.masked_fill_(mask[:, None, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1).to(q.dtype)
-        res = torch.matmul(probs, values.permute(0, 2, 1, 3).to(q.dtype))  # [B, Hkv, G, D]
-        out[rows] = res.reshape(b, self.num_heads, self.head_dim)
+            allowed &= pos[None, :] > lens[:, None] - 1 - self.sliding_window
+        res = F.scaled_dot_product_attention(q[rows].view(b, self.num_heads, 1, self.head_dim), keys.to(q.dtype),
+                                             values.to(q.dtype), attn_mask=allowed[:, None, None, :],
+                                             scale=self.scale, enable_gqa=True)
+        out[rows] = res.view(b, self.num_heads, self.head_dim)
 
     def _prefill(self, ctx: ForwardContext, s: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  out: torch.Tensor) -> None:
@@ -74,19 +74,19 @@ class Attention(nn.Module):
         else:
             bs = self.k_cache.shape[1]
             table = ctx.block_tables[s, : (n_kv + bs - 1) // bs]
-            keys = self.k_cache[table].view(-1, self.num_kv_heads, self.head_dim)[:n_kv].to(q.dtype)
-            values = self.v_cache[table].view(-1, self.num_kv_heads, self.head_dim)[:n_kv].to(q.dtype)
-        g = self.num_heads // self.num_kv_heads
-        qt = q[start:end].transpose(0, 1)  # [Hq, n_q, D]
-        kt = keys.transpose(0, 1).repeat_interleave(g, dim=0)
-        vt = values.transpose(0, 1).repeat_interleave(g, dim=0)
-        q_pos = torch.arange(n_kv - n_q, n_kv, device=q.device)
-        k_pos = torch.arange(n_kv, device=q.device)
+            keys = self.k_cache.index_select(0, table).view(-1, self.num_kv_heads, self.head_dim)[:n_kv]
+            values = self.v_cache.index_select(0, table).view(-1, self.num_kv_heads, self.head_dim)[:n_kv]
+        # 4-D inputs take torch's fused CPU kernel (3-D ones fall back to a ~10x slower path).
+        qt = q[start:end].transpose(0, 1)[None]  # [1, Hq, n_q, D]
+        kt = keys.transpose(0, 1)[None].to(q.dtype)
+        vt = values.transpose(0, 1)[None].to(q.dtype)
         if n_kv == n_q and (self.sliding_window is None or n_kv <= self.sliding_window):
-            res = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.scale)
+            res = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.scale, enable_gqa=True)
         else:
+            q_pos = torch.arange(n_kv - n_q, n_kv, device=q.device)
+            k_pos = torch.arange(n_kv, device=q.device)
             allowed = k_pos[None, :] <= q_pos[:, None]
             if self.sliding_window is not None:
                 allowed &= k_pos[None, :] > q_pos[:, None] - self.sliding_window
-            res = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=allowed, scale=self.scale)
-        out[start:end] = res.transpose(0, 1)
+            res = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=allowed, scale=self.scale, enable_gqa=True)
+        out[start:end] = res[0].transpose(0, 1)

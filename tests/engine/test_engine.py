@@ -139,8 +139,14 @@ def test_logprobs(loaded):
 def test_n_samples_and_abort(loaded):
     engine = make(loaded)
     prompt = engine.tokenizer.encode("Write a word:")
-    outs = run_all(engine, [prompt], SamplingParams(max_tokens=8, temperature=1.0, n=1, seed=3))
-    assert len(outs) == 1
+    long_prompt = engine.tokenizer.encode("Here is a list of short English words, one per line: " * 4)
+    rid = engine.add_request(long_prompt, SamplingParams(max_tokens=8, temperature=1.0, n=3, seed=3))
+    samples = list(engine.sequences[rid])
+    while engine.has_unfinished():
+        engine.step()
+    assert [s.num_cached_prompt for s in samples] == [0] + [(len(long_prompt) - 1) // 16 * 16] * 2
+    assert len({tuple(s.output_ids) for s in samples}) > 1  # each sample draws its own tokens
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
     rid = engine.add_request(prompt, SamplingParams(max_tokens=50, n=3, temperature=1.0, seed=5))
     engine.step()
     engine.step()
