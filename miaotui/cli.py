@@ -28,6 +28,9 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", type=float, default=None,
                    help="KV cache size: bytes, or a fraction of free memory when <= 1")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
+    g.add_argument("--quantization", "-q", default="none", choices=["none", "int8", "int4", "auto"],
+                   help="weight-only quantization applied at load time (default none)")
+    g.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64 or 128")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling")
 
@@ -54,7 +57,7 @@ def _engine(args: argparse.Namespace):
     cfg = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        kv_cache_memory=kv, enable_prefix_caching=not args.no_prefix_caching, threads=args.threads,
-                       seed=args.seed)
+                       seed=args.seed, quantization=args.quantization, group_size=args.group_size)
     engine = Engine(cfg)
     log.info("loaded %s (%s, %s on %s) in %.2f s", engine.loaded.files.name, engine.model_config.architecture,
              str(engine.dtype).removeprefix("torch."), engine.device, engine.loaded.load_seconds)
@@ -184,7 +187,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     engine_args = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                    "enable_prefix_caching": not args.no_prefix_caching, "threads": args.threads,
-                   "max_model_len": args.max_model_len}
+                   "max_model_len": args.max_model_len, "quantization": args.quantization,
+                   "group_size": args.group_size}
     if args.kv_cache_memory is not None:
         engine_args["kv_cache_memory"] = int(args.kv_cache_memory) if args.kv_cache_memory > 1 else args.kv_cache_memory
     cfg = BenchConfig(model=args.model, dtype=args.dtype, device=args.device, decode_tokens=args.decode_tokens,

@@ -89,6 +89,8 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory: float | int | None = None  # bytes (int) or a fraction of free memory (float <= 1)
     enable_prefix_caching: bool = True
+    quantization: str = "none"  # none, int8, int4 (weight-only), auto
+    group_size: int = 32  # int4 group size along the input dimension
     seed: int = 0
     threads: int | None = None
     extra: dict = field(default_factory=dict)

@@ -29,6 +29,7 @@ class ForwardContext:
     context_lens_t: torch.Tensor  # context_lens as an int64 tensor on the model's device
     decode_seqs: list[int]  # sequences with exactly one query token (batched together)
     prefill_seqs: list[int]  # the rest, computed one by one
+    step: int = 0  # distinct for every forward pass: per-step caches (rotary angles) key on it
 
     @property
     def num_seqs(self) -> int:

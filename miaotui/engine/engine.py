@@ -10,6 +10,7 @@ import psutil
 import torch
 
 from miaotui.config import EngineConfig, resolve_device, resolve_dtype
+from miaotui.compress.quantize import quantize_model
 from miaotui.engine.kv_cache import KVCacheManager
 from miaotui.engine.runner import ModelRunner, kv_bytes_per_token
 from miaotui.engine.scheduler import Scheduler
@@ -32,6 +33,8 @@ class Engine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.loaded = loaded or load(config.model, self.device, self.dtype)
+        if config.quantization != "none":
+            quantize_model(self.loaded.model, config.quantization, config.group_size)
         self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = config.max_model_len or min(self.model_config.max_position, MAX_DEFAULT_CONTEXT)

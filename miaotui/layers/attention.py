@@ -34,21 +34,26 @@ class Attention(nn.Module):
         vc = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
         kc.index_copy_(0, ctx.slot_mapping, k.to(kc.dtype))
         vc.index_copy_(0, ctx.slot_mapping, v.to(vc.dtype))
+        if len(ctx.decode_seqs) == ctx.num_seqs:  # a pure decode step (the common case): no scatter needed
+            return self._decode(ctx, q)
+        if len(ctx.prefill_seqs) == 1 and ctx.num_seqs == 1:
+            return self._prefill(ctx, 0, q, k, v)
         out = torch.empty_like(q)
         if ctx.decode_seqs:
-            self._decode(ctx, q, out)
+            rows = torch.tensor([ctx.query_start[s] for s in ctx.decode_seqs], device=q.device)
+            out[rows] = self._decode(ctx, q[rows])
         for s in ctx.prefill_seqs:
-            self._prefill(ctx, s, q, k, v, out)
+            out[ctx.query_start[s] : ctx.query_start[s + 1]] = self._prefill(ctx, s, q, k, v)
         return out
 
-    def _decode(self, ctx: ForwardContext, q: torch.Tensor, out: torch.Tensor) -> None:
+    def _decode(self, ctx: ForwardContext, q: torch.Tensor) -> torch.Tensor:
+        """q [B, Hq, D]: one query token for each of ctx.decode_seqs."""
         seqs = ctx.decode_seqs
-        if len(seqs) == ctx.num_seqs:  # a pure decode step: token i is sequence i
-            rows, tables, lens = slice(None), ctx.block_tables, ctx.context_lens_t
+        if len(seqs) == ctx.num_seqs:
+            tables, lens = ctx.block_tables, ctx.context_lens_t
         else:
-            idx = torch.tensor([ctx.query_start[s] for s in seqs], device=q.device)
             sel = torch.tensor(seqs, device=q.device)
-            rows, tables, lens = idx, ctx.block_tables[sel], ctx.context_lens_t[sel]
+            tables, lens = ctx.block_tables[sel], ctx.context_lens_t[sel]
         bs = self.k_cache.shape[1]
         tables = tables[:, : (max(ctx.context_lens[s] for s in seqs) + bs - 1) // bs]
         b = tables.shape[0]
@@ -60,13 +65,14 @@ class Attention(nn.Module):
         allowed = pos[None, :] < lens[:, None]
         if self.sliding_window is not None:
             allowed &= pos[None, :] > lens[:, None] - 1 - self.sliding_window
-        res = F.scaled_dot_product_attention(q[rows].view(b, self.num_heads, 1, self.head_dim), keys.to(q.dtype),
-                                             values.to(q.dtype), attn_mask=allowed[:, None, None, :],
-                                             scale=self.scale, enable_gqa=True)
-        out[rows] = res.view(b, self.num_heads, self.head_dim)
+        if keys.dtype != q.dtype:
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
+        res = F.scaled_dot_product_attention(q.view(b, self.num_heads, 1, self.head_dim), keys, values,
+                                             attn_mask=allowed[:, None, None, :], scale=self.scale, enable_gqa=True)
+        return res.view(b, self.num_heads, self.head_dim)
 
-    def _prefill(self, ctx: ForwardContext, s: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 out: torch.Tensor) -> None:
+    def _prefill(self, ctx: ForwardContext, s: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The queries of sequence s (a prompt chunk) against its cached prefix and themselves."""
         start, end = ctx.query_start[s], ctx.query_start[s + 1]
         n_q, n_kv = end - start, ctx.context_lens[s]
         if n_kv == n_q:  # nothing cached before this chunk: attend to the step's own keys
@@ -89,4 +95,4 @@ class Attention(nn.Module):
             if self.sliding_window is not None:
                 allowed &= k_pos[None, :] > q_pos[:, None] - self.sliding_window
             res = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=allowed, scale=self.scale, enable_gqa=True)
-        out[start:end] = res[0].transpose(0, 1)
+        return res[0].transpose(0, 1)

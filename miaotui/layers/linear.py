@@ -16,9 +16,13 @@ class Linear(nn.Module):
         out = sum(self.output_sizes)
         self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out), requires_grad=False) if bias else None
+        self.quant = None  # a packed low-bit weight (compress/quantize.py) that replaces `weight`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        if self.quant is None:
+            return F.linear(x, self.weight, self.bias)
+        y = self.quant.matmul(x)
+        return y if self.bias is None else y + self.bias
 
     def load(self, name: str, w: torch.Tensor, shard: int = 0) -> None:
         """Copy a checkpoint tensor (weight or bias) into part `shard` of this projection."""

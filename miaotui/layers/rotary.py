@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from miaotui.context import get_context
+
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict | None = None):
@@ -20,13 +22,22 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, Hq, D], k [T, Hkv, D], positions [T] → rotated q, k (in their dtype)."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        self._key: tuple | None = None
+        self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, D] (q and k heads side by side), positions [T] → x rotated, in its dtype.
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        rotate_half(x) * sin is written as swap_halves(x) * signed_sin, with signed_sin = [-sin | sin].
+        """
+        # Every layer of a step rotates by the same positions: look the angles up once per step.
+        key = (get_context().step, x.dtype)
+        if key != self._key:
+            half = self.sin.shape[-1] // 2
+            sin = self.sin[positions]
+            sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+            self._cos_sin = (self.cos[positions].unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype))
+            self._key = key
+        cos, signed_sin = self._cos_sin
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * signed_sin

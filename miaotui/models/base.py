@@ -20,8 +20,11 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.lm_head: nn.Module
+        self.head_quant = None  # quantized copy of the output head (it may be tied to the embedding table)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.head_quant is not None:
+            return self.head_quant.matmul(hidden).float()
         return torch.nn.functional.linear(hidden, self.lm_head.weight).float()
 
     def attention_layers(self) -> list[Attention]:

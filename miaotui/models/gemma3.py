@@ -36,8 +36,8 @@ class Gemma3Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h, kv, d = self.shape
         q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
-        q, k = self.q_norm(q.view(-1, h, d)), self.k_norm(k.view(-1, kv, d))
-        q, k = self.rotary(positions, q, k)
+        qk = self.rotary(positions, torch.cat([self.q_norm(q.view(-1, h, d)), self.k_norm(k.view(-1, kv, d))], 1))
+        q, k = qk[:, :h], qk[:, h:]
         return self.o_proj(self.attn(q, k, v.view(-1, kv, d)).view(-1, h * d))
 
 

@@ -33,9 +33,11 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h, kv, d = self.shape
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
-        q, k = self.rotary(positions, q.view(-1, h, d), k.view(-1, kv, d))
-        return self.o_proj(self.attn(q, k, v.view(-1, kv, d)).view(-1, h * d))
+        qkv = self.qkv_proj(x)
+        # q and k sit side by side in the fused output: rotate both in one go.
+        qk = self.rotary(positions, qkv[:, : (h + kv) * d].view(-1, h + kv, d))
+        v = qkv[:, (h + kv) * d :].view(-1, kv, d)
+        return self.o_proj(self.attn(qk[:, :h], qk[:, h:], v).view(-1, h * d))
 
 
 class LlamaBlock(nn.Module):

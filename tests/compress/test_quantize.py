@@ -1,0 +1,83 @@
+"""Weight-only quantization: each kernel against a float reference on the same quantized weights, the
+quantization error itself within its stated bound, and a quantized model that still answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from miaotui.compress.quantize import Int4Weight, Int8Weight, check_method, quantize_weight
+from miaotui.errors import MiaotuiError
+
+
+@pytest.fixture
+def w():
+    torch.manual_seed(0)
+    return torch.randn(256, 512) * 0.05
+
+
+@pytest.mark.parametrize("m", [1, 7, 32])
+def test_int8_kernel_matches_dequantized_reference(w, m):
+    q = Int8Weight.from_float(w, torch.bfloat16)
+    x = torch.randn(m, 512, dtype=torch.bfloat16)
+    ref = x.float() @ q.dequantize().t()
+    out = q.matmul(x).float()
+    assert ((out - ref).abs().max() / ref.abs().max()) < 1e-2  # bf16 output rounding
+    # Quantization error of per-channel int8: at most half a step per weight.
+    step = w.abs().amax(dim=1, keepdim=True) / 127
+    assert ((q.dequantize() - w).abs() <= step / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_kernel_matches_dequantized_reference(w, group):
+    q = Int4Weight.from_float(w, group)
+    x = torch.randn(5, 512, dtype=torch.bfloat16)
+    deq = q.dequantize()
+    ref = x.float() @ deq.t()
+    assert ((q.matmul(x).float() - ref).abs().max() / ref.abs().max()) < 1e-2
+    g = w.reshape(256, -1, group)
+    step = ((g.amax(-1) - g.amin(-1)) / 15).repeat_interleave(group, dim=1)
+    assert ((deq - w).abs() <= step * 0.5 + step * 0.02 + 1e-4).all()  # half a step, plus bf16 scale rounding
+
+
+def test_int4_recovers_a_q4_1_grid_exactly():
+    """Weights already on a 4-bit grid per group (as GGUF Q4_1 stores them) survive int4 unchanged."""
+    torch.manual_seed(1)
+    n, k = 64, 128
+    d = (torch.rand(n, k // 32, 1) * 0.01 + 0.001).to(torch.bfloat16).float()
+    m = (torch.randn(n, k // 32, 1) * 0.01).to(torch.bfloat16).float()
+    codes = torch.randint(0, 16, (n, k // 32, 32))
+    codes[..., 0], codes[..., 1] = 0, 15  # every group spans the whole grid
+    w = (codes * d + m).reshape(n, k)
+    deq = Int4Weight.from_float(w, 32).dequantize()
+    assert ((deq - w).abs().max() / w.abs().max()) < 1e-2
+
+
+def test_rows_that_do_not_split_fall_back_to_int8():
+    assert isinstance(quantize_weight(torch.randn(8, 48), "int4", 32), Int8Weight)
+
+
+def test_bad_method_and_group():
+    with pytest.raises(MiaotuiError, match="int5"):
+        check_method("int5", 32)
+    with pytest.raises(MiaotuiError, match="group size"):
+        check_method("int4", 48)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_model_still_answers(smollm2_path, method):
+    from miaotui import LLM, SamplingParams
+
+    llm = LLM(str(smollm2_path), dtype="bfloat16", quantization=method, kv_cache_memory=32 * 2**20)
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)[0]
+    assert "Paris" in out.text
+    ref = LLM(str(smollm2_path), dtype="bfloat16", kv_cache_memory=32 * 2**20)
+    ids = ref.tokenizer.encode("The history of the Roman Empire spans many centuries. " * 4)
+    import math
+
+    def ppl(engine):
+        logits = engine.prompt_logits(ids)
+        return math.exp(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item())
+
+    assert ppl(llm.engine) / ppl(ref.engine) < (1.02 if method == "int8" else 1.10)
