@@ -28,8 +28,9 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", type=float, default=None,
                    help="KV cache size: bytes, or a fraction of free memory when <= 1")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
-    g.add_argument("--quantization", "-q", default="none", choices=["none", "int8", "int4", "auto"],
-                   help="weight-only quantization applied at load time (default none)")
+    g.add_argument("--quantization", "-q", default="auto", choices=["none", "int8", "int4", "auto"],
+                   help="weight-only quantization at load time (default auto: int4 decode kernels beside the "
+                   "dense weights when the file is 4-bit and the model runs in bf16 on the CPU)")
     g.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64 or 128")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling")
@@ -59,8 +60,9 @@ def _engine(args: argparse.Namespace):
                        kv_cache_memory=kv, enable_prefix_caching=not args.no_prefix_caching, threads=args.threads,
                        seed=args.seed, quantization=args.quantization, group_size=args.group_size)
     engine = Engine(cfg)
-    log.info("loaded %s (%s, %s on %s) in %.2f s", engine.loaded.files.name, engine.model_config.architecture,
-             str(engine.dtype).removeprefix("torch."), engine.device, engine.loaded.load_seconds)
+    log.info("loaded %s (%s, %s on %s, quantization %s) in %.2f s", engine.loaded.files.name,
+             engine.model_config.architecture, str(engine.dtype).removeprefix("torch."), engine.device,
+             engine.quantization, engine.loaded.load_seconds)
     return engine
 
 

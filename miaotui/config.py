@@ -32,6 +32,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     query_pre_attn_scalar: float | None = None  # Gemma: attention scale is its inverse square root
     name: str = ""
+    weight_bits: int = 16  # bits per weight of the file's block weights (4 for Q4_0/Q4_1/Q4_K GGUFs)
 
     def is_sliding(self, layer: int) -> bool:
         """Whether `layer` uses the sliding window (Gemma 3 alternates five local, one global)."""
@@ -89,7 +90,7 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory: float | int | None = None  # bytes (int) or a fraction of free memory (float <= 1)
     enable_prefix_caching: bool = True
-    quantization: str = "none"  # none, int8, int4 (weight-only), auto
+    quantization: str = "auto"  # none, int8, int4 (weight-only), auto (int4 decode kernels for 4-bit files)
     group_size: int = 32  # int4 group size along the input dimension
     seed: int = 0
     threads: int | None = None

@@ -2,6 +2,7 @@
 by a packed low-bit weight that torch's own kernels multiply directly (never dequantized per step).
 
 - int8: per-output-channel symmetric scales, `aten._weight_int8pack_mm`.
+- auto: int4 for decode-sized inputs beside a dense bf16 copy for prefill and large batches (CPU, bf16).
 - int4: asymmetric groups of 32/64/128 along the input dimension, `aten._weight_int4pack_mm_for_cpu`. The kernel
   computes w = (q - 8) * scale + zero, so a group with minimum `lo` and step `scale` stores zero = lo + 8 * scale;
   a GGUF Q4_1 block (w = d * q + m) maps onto this exactly with scale = d, zero = m + 8d.
@@ -27,7 +28,10 @@ class Int8Weight:
     @classmethod
     def from_float(cls, w: torch.Tensor, dtype: torch.dtype) -> Int8Weight:
         w = w.float()
+        # The kernel takes scales in the activation dtype: round them (up) first, then quantize against the
+        # rounded value, so the error stays within half a step of the scale actually used.
         scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-8)
+        scales = (scales * (1 + 2**-7)).to(dtype).float()
         q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
         return cls(q.contiguous(), scales.to(dtype))
 
@@ -82,6 +86,30 @@ class Int4Weight:
         return self.packed.numel() * self.packed.element_size() + self.scales_zeros.numel() * 2
 
 
+class HybridWeight:
+    """`auto` on CPU: int4 for the few-row products of decoding (bandwidth-bound: 4x fewer bytes per token),
+    the dense oneDNN weight for prefill and big batches (compute-bound, where the int4 kernel is 4x slower)."""
+
+    SMALL_BATCH = 4
+
+    def __init__(self, w: torch.Tensor, group: int, small: str = "int4"):
+        from miaotui.layers.linear import OneDNNWeight
+
+        self.small = quantize_weight(w, small, group)
+        self.dense = OneDNNWeight(w)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.small if x.shape[0] <= self.SMALL_BATCH else self.dense).matmul(x)
+
+    @property
+    def nbytes(self) -> int:
+        return self.small.nbytes + self.packed_nbytes
+
+    @property
+    def packed_nbytes(self) -> int:
+        return self.dense.shape[0] * self.dense.shape[1] * 2
+
+
 def check_method(method: str, group_size: int) -> None:
     if method not in METHODS:
         raise MiaotuiError(f"unknown quantization {method!r}; use one of {', '.join(METHODS)}")
@@ -89,21 +117,39 @@ def check_method(method: str, group_size: int) -> None:
         raise MiaotuiError(f"int4 group size must be 32, 64 or 128, got {group_size}")
 
 
-def quantize_weight(w: torch.Tensor, method: str, group_size: int = 32, dtype: torch.dtype = torch.bfloat16):
-    if method == "int8":
+def quantize_weight(w: torch.Tensor, method: str, group_size: int = 32, dtype: torch.dtype = torch.bfloat16,
+                    head: bool = False):
+    """The output head stays at 8 bits whatever the method: 4-bit logits flip the argmax of small models (as
+    llama.cpp keeps its output tensor at 6-8 bits)."""
+    if method == "auto":
+        return HybridWeight(w, group_size, "int8" if head else "int4")
+    if method == "int8" or head:
         return Int8Weight.from_float(w, dtype)
     if w.shape[1] % group_size:
         return Int8Weight.from_float(w, dtype)  # rows that do not split into groups fall back to int8
     return Int4Weight.from_float(w, group_size)
 
 
-def quantize_model(model: nn.Module, method: str, group_size: int = 32) -> None:
-    """Replace every Linear's weight (and a separate copy of a tied output head) by its quantized form."""
+def resolve_auto(model: nn.Module) -> str:
+    """`auto`: the int4 decode path where it costs no quality — the file's weights were 4-bit already (a Q4_1 or
+    Q4_K block is an affine map of 4-bit codes per 32 weights, which int4 with group 32 holds exactly) and the
+    model runs in bf16 on the CPU; otherwise the dense weights."""
+    p = next(model.parameters())
+    if p.device.type == "cpu" and p.dtype == torch.bfloat16 and model.config.weight_bits <= 4:
+        return "auto"
+    return "none"
+
+
+def quantize_model(model: nn.Module, method: str, group_size: int = 32) -> str:
+    """Replace every Linear's weight (and a separate copy of a tied output head) by its quantized form; return
+    the method applied."""
     from miaotui.layers.linear import Linear
 
     check_method(method, group_size)
+    if method == "auto":
+        method = resolve_auto(model)
     if method == "none":
-        return
+        return method
     device = next(model.parameters()).device
     if device.type != "cpu":
         raise MiaotuiError(f"{method} quantization runs on the CPU kernels only for now; use --quantization none "
@@ -111,10 +157,11 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32) -> None:
     dtype = next(model.parameters()).dtype
     head = model.lm_head
     if not isinstance(head, Linear):  # tied to the embedding table, which lookups still need in float
-        model.head_quant = quantize_weight(head.weight.data, method, group_size, dtype)
+        model.head_quant = quantize_weight(head.weight.data, method, group_size, dtype, head=True)
     for module in list(model.modules()):
         if isinstance(module, Linear) and module.quant is None:
-            module.quant = quantize_weight(module.weight.data, method, group_size, dtype)
+            module.quant = quantize_weight(module.weight.data, method, group_size, dtype, head=module is head)
             module.weight = None
     if isinstance(head, Linear):
         model.head_quant = head.quant
+    return method

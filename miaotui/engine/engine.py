@@ -16,6 +16,7 @@ from miaotui.engine.runner import ModelRunner, kv_bytes_per_token
 from miaotui.engine.scheduler import Scheduler
 from miaotui.engine.sequence import RequestOutput, Sequence, Status
 from miaotui.errors import MiaotuiError
+from miaotui.layers.linear import prepack_for_cpu
 from miaotui.layers.sampler import sample
 from miaotui.loader import LoadedModel, load
 from miaotui.sampling import SamplingParams
@@ -33,8 +34,9 @@ class Engine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.loaded = loaded or load(config.model, self.device, self.dtype)
-        if config.quantization != "none":
-            quantize_model(self.loaded.model, config.quantization, config.group_size)
+        self.quantization = quantize_model(self.loaded.model, config.quantization, config.group_size)
+        if self.quantization == "none":
+            prepack_for_cpu(self.loaded.model)
         self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = config.max_model_len or min(self.model_config.max_position, MAX_DEFAULT_CONTEXT)

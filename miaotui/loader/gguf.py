@@ -36,6 +36,7 @@ _NAMES = {
 }
 # Gemma 3 has a norm before *and* after each sub-block; GGUF's ffn_norm is the one before the MLP.
 _ARCH_NAMES = {"gemma3": {"ffn_norm": "pre_feedforward_layernorm"}}
+_BITS = {"Q4": 4, "Q5": 5, "Q6": 6, "Q8": 8, "Q2": 2, "Q3": 3, "IQ": 4}
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
@@ -103,6 +104,9 @@ def read_config(f: GGUFFile) -> ModelConfig:
         tie_embeddings="output.weight" not in f.tensors,
         name=str(f.get("general.name", Path(f.path).stem)),
     )
+    ffn = f.tensors.get("blk.0.ffn_up.weight")
+    if ffn is not None:
+        cfg.weight_bits = _BITS.get(ffn.qtype.name[:2], 16)
     if arch == "gemma3":
         cfg.sliding_window = int(key("attention.sliding_window", 512))
         cfg.sliding_window_pattern = 6
