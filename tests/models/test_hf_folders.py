@@ -4,7 +4,6 @@ Gemma 3 models saved by transformers, run by miaotui, compared with transformers
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import torch
 from miaotui import SamplingParams
 from miaotui.config import EngineConfig
 from miaotui.engine.engine import Engine
-from tests.models.test_reference import LONG_TEXT, PROMPTS
+from tests.models.test_reference import LONG_TEXT, PROMPTS, assert_logits_and_perplexity_match
 
 transformers = pytest.importorskip("transformers")
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
@@ -59,17 +58,7 @@ def pair(request, tmp_path_factory):
 
 
 def test_logits_and_perplexity(pair):
-    name, engine, hf = pair
-    ids = engine.tokenizer.encode(LONG_TEXT)
-    assert len(ids) >= 100
-    with torch.no_grad():
-        ref = hf(torch.tensor([ids])).logits[0].float()
-    mine = engine.prompt_logits(ids)
-    rel = ((mine - ref).abs().max() / ref.abs().max()).item()
-    assert rel < 1e-4, f"{name}: max relative logit error {rel:.2e}"
-    target = torch.tensor(ids[1:])
-    ppl = [math.exp(torch.nn.functional.cross_entropy(x[:-1], target).item()) for x in (mine, ref)]
-    assert abs(ppl[0] / ppl[1] - 1) < 0.005
+    assert_logits_and_perplexity_match(*pair)
 
 
 def test_greedy(pair):
