@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -202,6 +205,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from miaotui.engine.async_engine import AsyncEngine
+    from miaotui.server.app import create_app
+
+    class DrainingServer(uvicorn.Server):
+        """SIGTERM/SIGINT stop accepting connections and let in-flight requests finish for the grace period; the
+        process then exits 0 (uvicorn's own handlers re-raise the signal, which would end it with -15)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            yield
+
+    engine = AsyncEngine(_engine(args))
+    name = args.served_model_name or engine.engine.loaded.files.name
+    app = create_app(engine, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                     max_waiting=args.max_waiting)
+    logging.getLogger("miaotui.server").setLevel(logging.INFO)
+    log.warning("serving %s on http://%s:%d (OpenAI API under /v1)", name, args.host, args.port)
+    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=args.grace_period))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
+    try:
+        asyncio.run(server.serve())
+    finally:
+        engine.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="miaotui", description="miaotui (秒推): fast LLM inference")
     sub = p.add_subparsers(dest="command", required=True)
@@ -238,6 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", default=None, help="write the results as JSON here")
     b.add_argument("--plot", default=None, help="write a PNG bar chart here")
     b.set_defaults(fn=cmd_bench, verbose=True)
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    sv.add_argument("--served-model-name", default=None, help="model id in the API (default: the model's name)")
+    sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    sv.add_argument("--max-waiting", type=int, default=256, help="queue length past which requests get 503")
+    sv.add_argument("--grace-period", type=int, default=30, help="seconds in-flight requests get on SIGTERM")
+    _engine_flags(sv)
+    sv.set_defaults(fn=cmd_serve, verbose=True)
     i = sub.add_parser("info", help="architecture, size, tensor types and context length of a model")
     i.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     i.set_defaults(fn=cmd_info)

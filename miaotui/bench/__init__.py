@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from miaotui.bench.engine_bench import BenchConfig, MiaotuiBench, random_prompts
+from miaotui.errors import MiaotuiError
 
 
 def _median(fn, repeats: int) -> float:
@@ -110,6 +111,11 @@ def plot(results: dict[str, dict[str, Any]], path: str) -> None:
 def main(cfg: BenchConfig, compare: bool, json_path: str | None, plot_path: str | None) -> dict[str, Any]:
     from miaotui.bench.peers import LlamaCppBench, TransformersBench
 
+    if plot_path:
+        try:
+            import matplotlib  # noqa: F401  (fail before a long run, not after it)
+        except ImportError:
+            raise MiaotuiError("--plot needs matplotlib: pip install 'miaotui[bench]'") from None
     mt = MiaotuiBench(cfg)
     vocab = mt.engine.model_config.vocab_size
     avoid = set(mt.engine.tokenizer.stop_ids)

@@ -1,0 +1,167 @@
+"""A real `miaotui serve` process on a free loopback port, driven by the official openai client and raw HTTP:
+completions and chat (sync, async, streaming), usage, errors with OpenAI bodies, auth, and a disconnected
+stream freeing its KV blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+KEY = "test-key-123"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_path):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "miaotui.cli", "serve", "--model", str(smollm2_path), "--port", str(port),
+         "--api-key", KEY, "--served-model-name", "smollm2", "--max-body-bytes", "200000",
+         "--kv-cache-memory", str(64 * 2**20), "--threads", "2", "--dtype", "float32"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+        if proc.poll() is not None:
+            pytest.fail(proc.stdout.read())
+    yield base
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY)
+
+
+def kv_usage(base: str) -> float:
+    text = httpx.get(f"{base}/metrics").text
+    return float(re.search(r"^miaotui_kv_cache_usage (\S+)", text, re.M).group(1))
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list().data] == ["smollm2"]
+
+
+def test_chat_and_usage(client):
+    r = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "What is the "
+                                       "capital of France?"}], temperature=0, max_tokens=12)
+    assert "Paris" in r.choices[0].message.content
+    assert r.usage.completion_tokens >= 1 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_completion_streaming_with_usage(client):
+    stream = client.completions.create(model="smollm2", prompt="1, 2, 3, 4,", max_tokens=8, temperature=0,
+                                       stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text.startswith(" 5, 6")
+    assert chunks[-1].usage.completion_tokens == 8
+    full = client.completions.create(model="smollm2", prompt="1, 2, 3, 4,", max_tokens=8, temperature=0)
+    assert full.choices[0].text == text and full.choices[0].finish_reason == "length"
+
+
+def test_chat_streaming_async_n_and_stop(server):
+    async def main():
+        c = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=KEY)
+        stream = await c.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Count "
+                                                 "from 1 to 10."}], max_tokens=30, temperature=0, stream=True)
+        parts = [ch.choices[0].delta.content or "" async for ch in stream if ch.choices]
+        many = await c.completions.create(model="smollm2", prompt="A color:", max_tokens=5, n=3, temperature=1.0,
+                                          seed=7)
+        stopped = await c.completions.create(model="smollm2", prompt="1, 2, 3, 4,", max_tokens=16, temperature=0,
+                                             stop=[" 7"])
+        return "".join(parts), many, stopped
+
+    text, many, stopped = asyncio.run(main())
+    assert "1" in text
+    assert sorted(ch.index for ch in many.choices) == [0, 1, 2]
+    assert stopped.choices[0].text == " 5, 6," and stopped.choices[0].finish_reason == "stop"
+
+
+def test_logprobs(client):
+    r = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                       temperature=0, logprobs=True, top_logprobs=2)
+    items = r.choices[0].logprobs.content
+    assert len(items) == r.usage.completion_tokens and all(i.logprob <= 0 for i in items)
+
+
+def test_tokenize_roundtrip(server):
+    h = {"Authorization": f"Bearer {KEY}"}
+    ids = httpx.post(f"{server}/tokenize", json={"prompt": "Hello 你好"}, headers=h).json()["tokens"]
+    assert httpx.post(f"{server}/detokenize", json={"tokens": ids}, headers=h).json()["prompt"] == "Hello 你好"
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    ({"model": "smollm2", "prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
+    ({"model": "smollm2", "prompt": "hi", "temperature": -0.5}, 400, "temperature"),
+    ({"model": "smollm2", "prompt": "hi", "top_p": 1.5}, 400, "top_p"),
+    ({"model": "smollm2", "prompt": "hi", "n": 0}, 400, "n"),
+    ({"model": "smollm2", "prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
+    ({"model": "nope", "prompt": "hi"}, 404, "model"),
+    ({"model": "smollm2", "prompt": "x" * 300000}, 413, None),
+])
+def test_bad_requests_then_a_good_one(server, client, body, status, param):
+    h = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    r = httpx.post(f"{server}/v1/completions", headers=h,
+                   **({"content": body} if isinstance(body, bytes) else {"json": body}))
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param:
+        assert err["param"] == param
+    if body == {"model": "smollm2", "prompt": "hi", "max_tokens": 100000}:
+        assert "8192" in err["message"] and "100000" in err["message"]
+    assert client.completions.create(model="smollm2", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_unknown_role(server):
+    r = httpx.post(f"{server}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": "smollm2", "messages": [{"role": "wizard", "content": "hi"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages")
+
+
+def test_auth(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.get(f"{server}/v1/models", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+
+
+def test_disconnect_frees_kv(server):
+    h = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "smollm2", "prompt": "Tell me a long story about a dragon.", "max_tokens": 400,
+            "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, headers=h, timeout=60) as r:
+        lines = r.iter_lines()
+        got = 0
+        for line in lines:
+            if line.startswith("data: "):
+                got += 1
+                if got == 3:
+                    break
+        assert kv_usage(server) > 0
+    deadline = time.monotonic() + 10
+    while kv_usage(server) > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert kv_usage(server) == 0
