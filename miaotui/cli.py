@@ -236,6 +236,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from miaotui.bench.serve_bench import format_load, run_load
+
+    res = asyncio.run(run_load(args.url, args.model, args.requests, args.concurrency, args.max_tokens,
+                               args.api_key))
+    print(format_load(args.url, res.summary()))
+    for e in res.errors[:5]:
+        print("  error:", e)
+    return 0 if not res.errors else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="miaotui", description="miaotui (秒推): fast LLM inference")
     sub = p.add_subparsers(dest="command", required=True)
@@ -282,6 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--grace-period", type=int, default=30, help="seconds in-flight requests get on SIGTERM")
     _engine_flags(sv)
     sv.set_defaults(fn=cmd_serve, verbose=True)
+    lt = sub.add_parser("loadtest", help="bounded streaming load test of a running server (loopback only)")
+    lt.add_argument("--url", default="http://127.0.0.1:8000")
+    lt.add_argument("--model", default=DEFAULT_MODEL, help="model id the server serves")
+    lt.add_argument("--requests", type=int, default=200)
+    lt.add_argument("--concurrency", type=int, default=64)
+    lt.add_argument("--max-tokens", type=int, default=32)
+    lt.add_argument("--api-key", default=None)
+    lt.set_defaults(fn=cmd_loadtest)
     i = sub.add_parser("info", help="architecture, size, tensor types and context length of a model")
     i.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     i.set_defaults(fn=cmd_info)

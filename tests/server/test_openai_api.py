@@ -165,3 +165,14 @@ def test_disconnect_frees_kv(server):
     while kv_usage(server) > 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert kv_usage(server) == 0
+
+
+def test_load_streams_all_complete_and_free_everything(server):
+    from miaotui.bench.serve_bench import run_load
+
+    res = asyncio.run(run_load(server, "smollm2", requests=40, concurrency=16, max_tokens=8, api_key=KEY,
+                               timeout=300))
+    assert res.errors == [] and res.ok == 40 and res.tokens == 40 * 8
+    assert kv_usage(server) == 0
+    text = httpx.get(f"{server}/metrics").text
+    assert re.search(r"^miaotui_requests_running 0", text, re.M)

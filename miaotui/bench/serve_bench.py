@@ -1,0 +1,98 @@
+"""`miaotui bench serve`: a bounded load test of a running OpenAI-compatible server (loopback only).
+
+N streaming completions at a fixed concurrency; checks every request completes with the right usage, then
+reports throughput and TTFT / time-per-output-token percentiles. Point it at miaotui's server or at
+llama-cpp-python's (`python -m llama_cpp.server`) to compare the two on the same model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import httpx
+
+from miaotui.bench.engine_bench import percentiles
+from miaotui.errors import MiaotuiError
+
+
+@dataclass
+class LoadResult:
+    ok: int = 0
+    errors: list[str] = field(default_factory=list)
+    ttft: list[float] = field(default_factory=list)
+    tpot: list[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        ms = lambda xs: [x * 1000 for x in xs]  # noqa: E731
+        return {"requests_ok": self.ok, "errors": len(self.errors), "output_tokens": self.tokens,
+                "seconds": self.seconds, "output_tok_s": self.tokens / self.seconds if self.seconds else 0.0,
+                "ttft_ms": percentiles(ms(self.ttft)), "tpot_ms": percentiles(ms(self.tpot))}
+
+
+async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, headers: dict,
+               res: LoadResult) -> None:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True}
+    start = time.perf_counter()
+    first = None
+    usage = None
+    try:
+        async with client.stream("POST", url, json=body, headers=headers) as r:
+            if r.status_code != 200:
+                res.errors.append(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+                return
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and first is None:
+                    first = time.perf_counter()
+                usage = chunk.get("usage") or usage
+    except httpx.HTTPError as e:
+        res.errors.append(f"{type(e).__name__}: {e}")
+        return
+    done = time.perf_counter()
+    n = (usage or {}).get("completion_tokens")
+    if n != max_tokens:
+        res.errors.append(f"usage reported {n} completion tokens, expected {max_tokens}")
+        return
+    res.ok += 1
+    res.tokens += n
+    res.ttft.append((first or done) - start)
+    if n > 1 and first is not None:
+        res.tpot.append((done - first) / (n - 1))
+
+
+async def run_load(base_url: str, model: str, requests: int = 200, concurrency: int = 64, max_tokens: int = 32,
+                   api_key: str | None = None, timeout: float = 600) -> LoadResult:
+    host = urlparse(base_url).hostname or ""
+    if host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
+        raise MiaotuiError(f"the load test only targets loopback addresses, not {host!r}")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    res = LoadResult()
+    sem = asyncio.Semaphore(concurrency)
+    prompts = [f"Request {i}: write a short note about the number {i}." for i in range(requests)]
+
+    async def guarded(client, prompt):
+        async with sem:
+            await _one(client, f"{base_url}/v1/completions", model, prompt, max_tokens, headers, res)
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        await asyncio.wait_for(asyncio.gather(*(guarded(client, p) for p in prompts)), timeout)
+    res.seconds = time.perf_counter() - start
+    return res
+
+
+def format_load(name: str, summary: dict) -> str:
+    t, p = summary["ttft_ms"], summary["tpot_ms"]
+    return (f"{name}: {summary['requests_ok']} ok, {summary['errors']} errors, {summary['output_tok_s']:.1f} output "
+            f"tok/s; TTFT p50 {t.get('p50', 0):.0f} / p99 {t.get('p99', 0):.0f} ms; per token p50 "
+            f"{p.get('p50', 0):.1f} / p99 {p.get('p99', 0):.1f} ms")
