@@ -240,7 +240,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     from miaotui.bench.serve_bench import format_load, run_load
 
     res = asyncio.run(run_load(args.url, args.model, args.requests, args.concurrency, args.max_tokens,
-                               args.api_key))
+                               args.api_key, require_usage=not args.peer))
     print(format_load(args.url, res.summary()))
     for e in res.errors[:5]:
         print("  error:", e)
@@ -300,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--concurrency", type=int, default=64)
     lt.add_argument("--max-tokens", type=int, default=32)
     lt.add_argument("--api-key", default=None)
+    lt.add_argument("--peer", action="store_true", help="a peer without streamed usage (llama-cpp-python's "
+                    "server): count streamed chunks instead")
     lt.set_defaults(fn=cmd_loadtest)
     i = sub.add_parser("info", help="architecture, size, tensor types and context length of a model")
     i.add_argument("model", nargs="?", default=DEFAULT_MODEL)
