@@ -138,6 +138,14 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             log.info("%s prompt=%d completion=%d ttft=%s duration=%.0fms status=%s", rid, len(ids), gen,
                      f"{(first - start) * 1000:.0f}ms" if first else "-", (done - start) * 1000, status)
 
+    async def collect(ids: list[int], params, rid: str) -> dict[int, RequestOutput]:
+        """The final output of each of the request's samples (the non-streaming responses)."""
+        finals: dict[int, RequestOutput] = {}
+        async for out in run(ids, params, rid):
+            if out.finished:
+                finals[out.index] = out
+        return finals
+
     def usage(prompt_len: int, outs: dict[int, RequestOutput]) -> dict:
         comp = sum(o.completion_tokens for o in outs.values())
         return {"prompt_tokens": prompt_len, "completion_tokens": comp, "total_tokens": prompt_len + comp}
@@ -224,10 +232,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(stream(), media_type="text/event-stream")
-        finals = {}
-        async for out in run(ids, params, rid):
-            if out.finished:
-                finals[out.index] = out
+        finals = await collect(ids, params, rid)
         return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
                 "choices": [choice(o, prefix + o.text, True) for _, o in sorted(finals.items())],
                 "usage": usage(len(ids), finals)}
@@ -274,10 +279,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(stream(), media_type="text/event-stream")
-        finals = {}
-        async for out in run(ids, params, rid):
-            if out.finished:
-                finals[out.index] = out
+        finals = await collect(ids, params, rid)
         return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": [{"index": o.index, "message": {"role": "assistant", "content": o.text},
                              "logprobs": lp_chat(o.logprobs) if req.logprobs else None,
