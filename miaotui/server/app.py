@@ -8,11 +8,12 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from importlib.resources import files
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from miaotui.engine.async_engine import AsyncEngine
@@ -169,6 +170,10 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
     # -- endpoints --------------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def chat_page():
+        return HTMLResponse((files("miaotui.server") / "static" / "index.html").read_text(encoding="utf-8"))
+
     @app.get("/health")
     async def health():
         return {"status": "ok"}

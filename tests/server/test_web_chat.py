@@ -1,0 +1,82 @@
+"""The web chat page in a real headless Chromium: a question gets a streamed answer; Stop aborts the request on
+the server (its KV blocks come back)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.server.test_openai_api import _free_port, kv_usage
+
+playwright = pytest.importorskip("playwright.sync_api")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def page_url(smollm2_path):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "miaotui.cli", "serve", "--model", str(smollm2_path),
+                             "--port", str(port), "--kv-cache-memory", str(32 * 2**20)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    yield base
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def browser_page(page_url):
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page()
+        page.goto(page_url)
+        yield page
+        browser.close()
+
+
+def test_streamed_answer_and_history(browser_page, page_url):
+    page = browser_page
+    page.fill("#temperature", "0")
+    page.fill("#input", "What is the capital of France?")
+    page.click("#send")
+    answer = page.locator(".msg.assistant").last
+    # The text grows while streaming: seen partial before done.
+    page.wait_for_function("document.querySelector('.msg.assistant').textContent.length > 0", timeout=60000)
+    page.wait_for_selector(".msg.assistant[data-state=done]", timeout=120000)
+    assert len(answer.text_content().strip()) > 0
+    page.fill("#input", "And of Italy?")
+    page.click("#send")
+    page.wait_for_selector(".msg.assistant >> nth=1", timeout=60000)
+    page.wait_for_selector(".msg.assistant[data-state=done] >> nth=1", timeout=120000)
+    assert page.locator(".msg.user").count() == 2
+
+
+def test_stop_aborts_on_the_server(browser_page, page_url):
+    page = browser_page
+    page.click("#reset")
+    page.fill("#temperature", "0.8")
+    page.fill("#input", "Write a very long story about a dragon who learns to cook.")
+    page.click("#send")
+    page.wait_for_function("(document.querySelector('.msg.assistant')?.textContent || '').length > 20",
+                           timeout=60000)
+    assert kv_usage(page_url) > 0
+    page.click("#stop")
+    page.wait_for_selector(".msg.assistant[data-state=stopped]", timeout=30000)
+    deadline = time.monotonic() + 10
+    while kv_usage(page_url) > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert kv_usage(page_url) == 0
