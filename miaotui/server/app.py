@@ -97,10 +97,14 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             raise APIError(404, f"model {name!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
 
-    def check_capacity() -> None:
-        if len(core.scheduler.waiting) >= max_waiting:
+    inflight = 0  # admitted requests not yet finished; those beyond max_num_seqs are waiting
+
+    def admit() -> None:
+        nonlocal inflight
+        if max(0, inflight - core.config.max_num_seqs) >= max_waiting:
             raise APIError(503, "the server is at capacity; retry shortly", "server_error",
                            headers={"Retry-After": "1"})
+        inflight += 1
 
     def budget(prompt_len: int, asked: int | None, default: int | None) -> int:
         room = core.max_model_len - prompt_len
@@ -112,6 +116,8 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         return max_tokens
 
     async def run(ids: list[int], params, rid: str) -> AsyncIterator[RequestOutput]:
+        """Generate for an admitted request; logs it, records its metrics and releases its admission."""
+        nonlocal inflight
         start = time.perf_counter()
         first = None
         finals: dict[int, RequestOutput] = {}
@@ -129,6 +135,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             status = "error"
             raise APIError(400, str(e)) from None
         finally:
+            inflight -= 1
             done = time.perf_counter()
             gen = sum(o.completion_tokens for o in finals.values())
             metrics.prompt_tokens.inc(len(ids))
@@ -211,7 +218,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         if not ids:
             raise APIError(400, "prompt is empty", param="prompt")
         params = req.sampling_params(budget(len(ids), req.max_tokens, 16), req.logprobs)
-        check_capacity()
+        admit()
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         prefix = (req.prompt if isinstance(req.prompt, str) else tok.decode(ids)) if req.echo else ""
@@ -253,7 +260,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             raise APIError(400, str(e), param="messages") from None
         top = (req.top_logprobs or 0) if req.logprobs else None
         params = req.sampling_params(budget(len(ids), req.max_completion_tokens or req.max_tokens, None), top)
-        check_capacity()
+        admit()
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name}

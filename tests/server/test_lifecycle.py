@@ -1,0 +1,77 @@
+"""Server lifecycle under pressure: a full queue answers 503 with Retry-After and recovers; SIGTERM lets an
+in-flight stream finish, then the process exits 0."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+
+from tests.server.test_openai_api import _free_port
+
+
+def start(model, *flags) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "miaotui.cli", "serve", "--model", str(model), "--port",
+                             str(port), "--kv-cache-memory", str(32 * 2**20), *flags],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def test_full_queue_gets_503_then_recovers(smollm2_path):
+    proc, base = start(smollm2_path, "--max-num-seqs", "1", "--max-waiting", "1")
+    try:
+        statuses, retry = [], []
+        body = {"prompt": "Tell me a story.", "max_tokens": 40, "ignore_eos": True}
+
+        def send():
+            r = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+            statuses.append(r.status_code)
+            if r.status_code == 503:
+                retry.append(r.headers.get("retry-after"))
+                assert r.json()["error"]["type"] == "server_error"
+
+        threads = [threading.Thread(target=send) for _ in range(6)]
+        for t in threads:
+            t.start()
+            time.sleep(0.05)
+        for t in threads:
+            t.join()
+        assert statuses.count(200) >= 2 and 503 in statuses and retry and all(x == "1" for x in retry)
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def test_sigterm_drains_in_flight_stream_then_exits_0(smollm2_path):
+    proc, base = start(smollm2_path, "--grace-period", "60")
+    body = {"prompt": "Count slowly:", "max_tokens": 60, "stream": True, "ignore_eos": True}
+    chunks, done = 0, False
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                break
+            chunks += 1
+            if chunks == 2:
+                proc.send_signal(signal.SIGTERM)  # mid-stream
+            last = json.loads(line[6:])
+    assert done and chunks == 60 and last["choices"][0]["finish_reason"] == "length"
+    assert proc.wait(timeout=60) == 0
