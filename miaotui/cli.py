@@ -247,6 +247,23 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     return 0 if not res.errors else 1
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from miaotui.eval.perplexity import default_text, perplexity
+
+    if args.model_arg:
+        args.model = args.model_arg
+    text = Path(args.text).read_text(encoding="utf-8") if args.text else default_text()
+    engine = _engine(args)
+    ids = engine.tokenizer.encode(text)
+    start = time.perf_counter()
+    ppl, n = perplexity(engine, ids, args.ctx, args.method, args.chunks)
+    print(f"perplexity {ppl:.4f} over {n} tokens ({args.method}, ctx {args.ctx}, {engine.quantization} "
+          f"weights, {str(engine.dtype).removeprefix('torch.')}) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="miaotui", description="miaotui (秒推): fast LLM inference")
     sub = p.add_subparsers(dest="command", required=True)
@@ -303,6 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--peer", action="store_true", help="a peer without streamed usage (llama-cpp-python's "
                     "server): count streamed chunks instead")
     lt.set_defaults(fn=cmd_loadtest)
+    ev = sub.add_parser("eval", help="quality measurements: eval ppl MODEL [--text FILE]")
+    ev.add_argument("what", choices=["ppl"])
+    ev.add_argument("model_arg", nargs="?", metavar="MODEL", help="same as --model")
+    ev.add_argument("--text", default=None, help="text file (default: a text that ships with Python)")
+    ev.add_argument("--ctx", type=int, default=512)
+    ev.add_argument("--method", default="llamacpp", choices=["llamacpp", "sliding"])
+    ev.add_argument("--chunks", type=int, default=None, help="score at most this many windows")
+    _engine_flags(ev)
+    ev.set_defaults(fn=cmd_eval, verbose=False)
     i = sub.add_parser("info", help="architecture, size, tensor types and context length of a model")
     i.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     i.set_defaults(fn=cmd_info)
