@@ -40,25 +40,11 @@ def test_chatbot_keeps_history(smollm2_path):
 
 @pytest.mark.parametrize("example", ["translate.py"])
 def test_through_the_server(example, smollm2_path):
-    from tests.server.test_openai_api import _free_port
+    from tests.server.launch import start_server
 
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "miaotui.cli", "serve", "--model", str(smollm2_path),
-                             "--port", str(port), "--served-model-name", "smollm2-135m",
-                             "--kv-cache-memory", str(32 * 2**20)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc, base = start_server(smollm2_path, "--served-model-name", "smollm2-135m")
     try:
-        import time
-
-        import httpx
-
-        for _ in range(200):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        assert run(example, "--server", f"http://127.0.0.1:{port}", "Good morning").strip()
+        assert run(example, "--server", base, "Good morning").strip()
     finally:
         proc.terminate()
         proc.wait(timeout=60)

@@ -5,34 +5,16 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 
-from tests.server.test_openai_api import _free_port
-
-
-def start(model, *flags) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "miaotui.cli", "serve", "--model", str(model), "--port",
-                             str(port), "--kv-cache-memory", str(32 * 2**20), *flags],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("server did not start")
+from tests.server.launch import start_server
 
 
 def test_full_queue_gets_503_then_recovers(smollm2_path):
-    proc, base = start(smollm2_path, "--max-num-seqs", "1", "--max-waiting", "1")
+    proc, base = start_server(smollm2_path, "--max-num-seqs", "1", "--max-waiting", "1")
     try:
         statuses, retry = [], []
         body = {"prompt": "Tell me a story.", "max_tokens": 40, "ignore_eos": True}
@@ -59,7 +41,7 @@ def test_full_queue_gets_503_then_recovers(smollm2_path):
 
 
 def test_sigterm_drains_in_flight_stream_then_exits_0(smollm2_path):
-    proc, base = start(smollm2_path, "--grace-period", "60")
+    proc, base = start_server(smollm2_path, "--grace-period", "60")
     body = {"prompt": "Count slowly:", "max_tokens": 60, "stream": True, "ignore_eos": True}
     chunks, done = 0, False
     with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:

@@ -5,10 +5,8 @@ stream freeing its KV blocks."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,19 +14,15 @@ import time
 import httpx
 import pytest
 
+from tests.server.launch import free_port
+
 openai = pytest.importorskip("openai")
 KEY = "test-key-123"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(smollm2_path):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "miaotui.cli", "serve", "--model", str(smollm2_path), "--port", str(port),
          "--api-key", KEY, "--served-model-name", "smollm2", "--max-body-bytes", "200000",

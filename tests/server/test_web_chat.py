@@ -4,14 +4,12 @@ the server (its KV blocks come back)."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import time
 
-import httpx
 import pytest
 
-from tests.server.test_openai_api import _free_port, kv_usage
+from tests.server.launch import start_server
+from tests.server.test_openai_api import kv_usage
 
 playwright = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -22,17 +20,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 @pytest.fixture(scope="module")
 def page_url(smollm2_path):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "miaotui.cli", "serve", "--model", str(smollm2_path),
-                             "--port", str(port), "--kv-cache-memory", str(32 * 2**20)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
+    proc, base = start_server(smollm2_path)
     yield base
     proc.terminate()
     proc.wait(timeout=60)
