@@ -35,6 +35,8 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
                    help="weight-only quantization at load time (default auto: int4 decode kernels beside the "
                    "dense weights when the file is 4-bit and the model runs in bf16 on the CPU)")
     g.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64 or 128")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                   help="KV cache precision (default auto: the model's dtype; int8 halves a bf16 cache)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling")
 
@@ -61,7 +63,8 @@ def _engine(args: argparse.Namespace):
     cfg = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        kv_cache_memory=kv, enable_prefix_caching=not args.no_prefix_caching, threads=args.threads,
-                       seed=args.seed, quantization=args.quantization, group_size=args.group_size)
+                       seed=args.seed, quantization=args.quantization, group_size=args.group_size,
+                       kv_cache_dtype=args.kv_cache_dtype)
     engine = Engine(cfg)
     log.info("loaded %s (%s, %s on %s, quantization %s) in %.2f s", engine.loaded.files.name,
              engine.model_config.architecture, str(engine.dtype).removeprefix("torch."), engine.device,
@@ -193,7 +196,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     engine_args = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                    "enable_prefix_caching": not args.no_prefix_caching, "threads": args.threads,
                    "max_model_len": args.max_model_len, "quantization": args.quantization,
-                   "group_size": args.group_size}
+                   "group_size": args.group_size, "kv_cache_dtype": args.kv_cache_dtype}
     if args.kv_cache_memory is not None:
         engine_args["kv_cache_memory"] = int(args.kv_cache_memory) if args.kv_cache_memory > 1 else args.kv_cache_memory
     cfg = BenchConfig(model=args.model, dtype=args.dtype, device=args.device, decode_tokens=args.decode_tokens,
@@ -260,7 +263,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     ppl, n = perplexity(engine, ids, args.ctx, args.method, args.chunks)
     print(f"perplexity {ppl:.4f} over {n} tokens ({args.method}, ctx {args.ctx}, {engine.quantization} "
-          f"weights, {str(engine.dtype).removeprefix('torch.')}) in {time.perf_counter() - start:.1f} s")
+          f"weights, {str(engine.dtype).removeprefix('torch.')}, {engine.config.kv_cache_dtype} KV cache) in {time.perf_counter() - start:.1f} s")
     return 0
 
 

@@ -43,6 +43,7 @@ class ModelConfig:
         return (layer + 1) % self.sliding_window_pattern != 0
 
 
+KV_CACHE_DTYPES = ("auto", "int8")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -92,6 +93,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     quantization: str = "auto"  # none, int8, int4 (weight-only), auto (int4 decode kernels for 4-bit files)
     group_size: int = 32  # int4 group size along the input dimension
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) or int8 (per-token, per-head scales)
     seed: int = 0
     threads: int | None = None
     extra: dict = field(default_factory=dict)
@@ -102,5 +104,7 @@ class EngineConfig:
                 raise MiaotuiError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise MiaotuiError(f"max_model_len must be at least 1, got {self.max_model_len}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise MiaotuiError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r}; use one of {', '.join(KV_CACHE_DTYPES)}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise MiaotuiError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")

@@ -43,7 +43,7 @@ class Engine:
         if self.max_model_len > self.model_config.max_position:
             raise MiaotuiError(f"max_model_len {self.max_model_len} exceeds the model's context length "
                                f"{self.model_config.max_position}")
-        per_token = kv_bytes_per_token(self.model_config, self.dtype)
+        per_token = kv_bytes_per_token(self.model_config, self.dtype, config.kv_cache_dtype)
         budget = self._kv_budget(per_token)
         num_blocks = int(budget // (per_token * config.block_size))
         min_blocks = -(-self.max_model_len // config.block_size)
@@ -55,13 +55,14 @@ class Engine:
                 raise MiaotuiError(f"kv_cache_memory {budget:.0f} bytes is too small for one KV block "
                                    f"({per_token * config.block_size} bytes)")
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.runner = ModelRunner(self.loaded.model, num_blocks, config.block_size)
+        self.runner = ModelRunner(self.loaded.model, num_blocks, config.block_size, config.kv_cache_dtype)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sequences: dict[str, list[Sequence]] = {}
         self._ids = itertools.count()
-        log.info("KV cache: %d blocks of %d tokens (%.0f MiB, %d tokens)", num_blocks, config.block_size,
-                 num_blocks * config.block_size * per_token / 2**20, num_blocks * config.block_size)
+        log.info("KV cache: %d blocks of %d tokens (%.0f MiB, %d tokens, %s)", num_blocks, config.block_size,
+                 num_blocks * config.block_size * per_token / 2**20, num_blocks * config.block_size,
+                 "int8" if config.kv_cache_dtype == "int8" else str(self.dtype).removeprefix("torch."))
 
     def _kv_budget(self, per_token: int) -> float:
         mem = self.config.kv_cache_memory

@@ -12,12 +12,16 @@ from miaotui.engine.sequence import Sequence
 from miaotui.models.base import CausalLM
 
 
-def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+    """Cache bytes per token: keys and values of every layer, plus one scale per head for an int8 cache."""
+    size = torch.empty((), dtype=dtype).element_size()
+    if kv_cache_dtype == "int8":
+        return 2 * cfg.num_layers * cfg.num_kv_heads * (cfg.head_dim + size)
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * size
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None):
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto"):
         self.model = model
         self.config = model.config
         self.device = next(model.parameters()).device
@@ -25,19 +29,26 @@ class ModelRunner:
         self.block_size = block_size
         self._steps = itertools.count()
         cfg = self.config
-        kv_dtype = kv_dtype or self.dtype
+        int8 = kv_cache_dtype == "int8"
         # One tensor for all layers: [2, layers, blocks, block_size, kv_heads, head_dim]
-        self.kv_cache = torch.empty(2, cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
-                                    dtype=kv_dtype, device=self.device)
-        self.kv_cache[:, :, 0].zero_()  # block 0 also pads block tables: keep it finite from the start
+        shape = (2, cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads)
+        self.kv_cache = torch.empty(*shape, cfg.head_dim, dtype=torch.int8 if int8 else self.dtype,
+                                    device=self.device)
+        self.kv_scale = torch.empty(*shape, 1, dtype=self.dtype, device=self.device) if int8 else None
+        self.zero_blocks([0])  # block 0 also pads block tables: keep it finite from the start
         layers = model.attention_layers()
         assert len(layers) == cfg.num_layers, "every layer must have exactly one Attention module"
         for i, attn in enumerate(layers):
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+            if int8:
+                attn.k_scale, attn.v_scale = self.kv_scale[0, i], self.kv_scale[1, i]
 
     def zero_blocks(self, blocks: list[int]) -> None:
         if blocks:
-            self.kv_cache[:, :, torch.tensor(blocks, device=self.device)] = 0
+            index = torch.tensor(blocks, device=self.device)
+            self.kv_cache[:, :, index] = 0
+            if self.kv_scale is not None:
+                self.kv_scale[:, :, index] = 0
 
     def _context(self, seqs: list[Sequence], num_tokens: list[int]) -> tuple[ForwardContext, torch.Tensor,
                                                                               torch.Tensor]:

@@ -3,6 +3,10 @@
 Each layer writes this step's keys and values into its cache slots, then attends: sequences decoding one token are
 batched into one padded SDPA call over their gathered blocks; prefill chunks are computed one sequence at a time with
 `scaled_dot_product_attention`. The model code only calls `Attention.forward(q, k, v)`.
+
+With an int8 cache (`kv_cache_dtype="int8"`) every cached token keeps one scale per head (its absolute maximum
+/ 127): keys and values are quantized as they are written and dequantized blockwise as they are read, which
+halves the cache of a bf16 model (a quarter of an fp32 one) at a small, measured cost in perplexity.
 """
 
 from __future__ import annotations
@@ -24,16 +28,17 @@ class Attention(nn.Module):
         # [num_blocks, block_size, num_kv_heads, head_dim] each; handed over by the model runner.
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        # int8 cache only: [num_blocks, block_size, num_kv_heads, 1] scales in the model's dtype.
+        self.k_scale: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] for the step's flattened tokens → [T, Hq, D]."""
         ctx = get_context()
         if self.k_cache is None:
             raise RuntimeError("attention has no KV cache; the model runner allocates it")
-        kc = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
-        vc = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
-        kc.index_copy_(0, ctx.slot_mapping, k.to(kc.dtype))
-        vc.index_copy_(0, ctx.slot_mapping, v.to(vc.dtype))
+        self._write(ctx.slot_mapping, k, self.k_cache, self.k_scale)
+        self._write(ctx.slot_mapping, v, self.v_cache, self.v_scale)
         if len(ctx.decode_seqs) == ctx.num_seqs:  # a pure decode step (the common case): no scatter needed
             return self._decode(ctx, q)
         if len(ctx.prefill_seqs) == 1 and ctx.num_seqs == 1:
@@ -45,6 +50,27 @@ class Attention(nn.Module):
         for s in ctx.prefill_seqs:
             out[ctx.query_start[s] : ctx.query_start[s + 1]] = self._prefill(ctx, s, q, k, v)
         return out
+
+    def _write(self, slots: torch.Tensor, x: torch.Tensor, cache: torch.Tensor, scale: torch.Tensor | None) -> None:
+        cache = cache.view(-1, self.num_kv_heads, self.head_dim)
+        if scale is None:
+            cache.index_copy_(0, slots, x.to(cache.dtype))
+            return
+        # Quantize against the scale as stored (rounded to the model's dtype), clamped: a rounded-down scale
+        # would otherwise push the largest element to 128, which wraps around in int8.
+        s = (x.abs().amax(dim=-1, keepdim=True).float() / 127).clamp(min=1e-8).to(scale.dtype)
+        scale.view(-1, self.num_kv_heads, 1).index_copy_(0, slots, s)
+        cache.index_copy_(0, slots, torch.round(x.float() / s.float()).clamp(-127, 127).to(torch.int8))
+
+    def _read(self, blocks: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the listed blocks, [len(blocks) * block_size, Hkv, D] each, in `dtype`."""
+        out = []
+        for cache, scale in ((self.k_cache, self.k_scale), (self.v_cache, self.v_scale)):
+            x = cache.index_select(0, blocks)
+            if scale is not None:
+                x = x.to(dtype) * scale.index_select(0, blocks)
+            out.append(x.view(-1, self.num_kv_heads, self.head_dim).to(dtype))
+        return out[0], out[1]
 
     def _decode(self, ctx: ForwardContext, q: torch.Tensor) -> torch.Tensor:
         """q [B, Hq, D]: one query token for each of ctx.decode_seqs."""
@@ -58,15 +84,13 @@ class Attention(nn.Module):
         tables = tables[:, : (max(ctx.context_lens[s] for s in seqs) + bs - 1) // bs]
         b = tables.shape[0]
         # Gather each sequence's blocks into [B, Hkv, L, D] views; SDPA reads them strided, no copy.
-        flat = tables.reshape(-1)
-        keys = self.k_cache.index_select(0, flat).view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        values = self.v_cache.index_select(0, flat).view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        keys, values = self._read(tables.reshape(-1), q.dtype)
+        keys = keys.view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        values = values.view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
         pos = torch.arange(keys.shape[2], device=q.device)
         allowed = pos[None, :] < lens[:, None]
         if self.sliding_window is not None:
             allowed &= pos[None, :] > lens[:, None] - 1 - self.sliding_window
-        if keys.dtype != q.dtype:
-            keys, values = keys.to(q.dtype), values.to(q.dtype)
         res = F.scaled_dot_product_attention(q.view(b, self.num_heads, 1, self.head_dim), keys, values,
                                              attn_mask=allowed[:, None, None, :], scale=self.scale, enable_gqa=True)
         return res.view(b, self.num_heads, self.head_dim)
@@ -75,17 +99,18 @@ class Attention(nn.Module):
         """The queries of sequence s (a prompt chunk) against its cached prefix and themselves."""
         start, end = ctx.query_start[s], ctx.query_start[s + 1]
         n_q, n_kv = end - start, ctx.context_lens[s]
-        if n_kv == n_q:  # nothing cached before this chunk: attend to the step's own keys
+        if n_kv == n_q and self.k_scale is None:  # nothing cached before: attend to the step's own keys
+            # (an int8 cache is always read back, so a prompt sees the same keys however it was chunked)
             keys, values = k[start:end], v[start:end]
         else:
             bs = self.k_cache.shape[1]
             table = ctx.block_tables[s, : (n_kv + bs - 1) // bs]
-            keys = self.k_cache.index_select(0, table).view(-1, self.num_kv_heads, self.head_dim)[:n_kv]
-            values = self.v_cache.index_select(0, table).view(-1, self.num_kv_heads, self.head_dim)[:n_kv]
+            keys, values = self._read(table, q.dtype)
+            keys, values = keys[:n_kv], values[:n_kv]
         # 4-D inputs take torch's fused CPU kernel (3-D ones fall back to a ~10x slower path).
         qt = q[start:end].transpose(0, 1)[None]  # [1, Hq, n_q, D]
-        kt = keys.transpose(0, 1)[None].to(q.dtype)
-        vt = values.transpose(0, 1)[None].to(q.dtype)
+        kt = keys.transpose(0, 1)[None]
+        vt = values.transpose(0, 1)[None]
         if n_kv == n_q and (self.sliding_window is None or n_kv <= self.sliding_window):
             res = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.scale, enable_gqa=True)
         else:
