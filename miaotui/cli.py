@@ -267,6 +267,50 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from miaotui.compress import prune
+    from miaotui.compress.export import hf_state_dict, save_folder
+    from miaotui.config import DTYPES, EngineConfig
+    from miaotui.engine.engine import Engine
+    from miaotui.eval.perplexity import calibration_text
+
+    if args.prune == "magnitude" and args.sparsity is None:
+        raise MiaotuiError("--prune magnitude needs --sparsity, e.g. 0.3")
+    if args.prune == "layers" and not args.drop_layers:
+        raise MiaotuiError("--prune layers needs --drop-layers N")
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()):
+        raise MiaotuiError(f"{out} exists and is not empty")
+    start = time.perf_counter()
+    engine = Engine(EngineConfig(model=args.model, device="cpu", dtype="float32", quantization="none",
+                                 kv_cache_memory=64 * 2**20, max_model_len=1024))
+    cfg = engine.model_config
+    state = hf_state_dict(engine.loaded.model)
+    if args.prune == "magnitude":
+        prune.magnitude(state, args.sparsity)
+    elif args.prune == "2:4":
+        prune.two_four(state)
+    elif args.prune == "layers":
+        if not 0 < args.drop_layers < cfg.num_layers:
+            raise MiaotuiError(f"--drop-layers must be between 1 and {cfg.num_layers - 1}")
+        text = Path(args.calibration).read_text(encoding="utf-8") if args.calibration else calibration_text()
+        ids = engine.tokenizer.encode(text)[: args.calibration_tokens]
+        scores = prune.layer_scores(engine, ids)
+        drop = sorted(sorted(range(len(scores)), key=scores.__getitem__)[: args.drop_layers])
+        print("layer scores (angular distance): " + " ".join(f"{i}:{s:.3f}" for i, s in enumerate(scores)))
+        print(f"dropping layers {drop}")
+        state, cfg = prune.drop_layers(state, cfg, drop)
+    if args.prune in ("magnitude", "2:4"):
+        print(f"block weights now {prune.sparsity(state):.1%} zeros")
+    save_folder(out, state, cfg, engine.tokenizer, DTYPES[args.dtype], args.quantize, args.group_size)
+    size = sum(p.stat().st_size for p in out.iterdir())
+    print(f"wrote {out} ({size / 2**20:.0f} MiB, {cfg.num_layers} layers, {args.quantize} weights) in "
+          f"{time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="miaotui", description="miaotui (秒推): fast LLM inference")
     sub = p.add_subparsers(dest="command", required=True)
@@ -332,6 +376,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--chunks", type=int, default=None, help="score at most this many windows")
     _engine_flags(ev)
     ev.set_defaults(fn=cmd_eval, verbose=False)
+    cp = sub.add_parser("compress", help="prune and/or quantize a model into a new model folder")
+    cp.add_argument("model", help="alias, .gguf file or model folder")
+    cp.add_argument("--output", "-o", required=True, help="folder to write (safetensors + config + tokenizer)")
+    cp.add_argument("--prune", choices=["magnitude", "2:4", "layers"], default=None,
+                    help="magnitude (with --sparsity), 2:4, or layers (with --drop-layers)")
+    cp.add_argument("--sparsity", type=float, default=None, help="fraction of weights to zero, e.g. 0.3")
+    cp.add_argument("--drop-layers", type=int, default=None, help="number of blocks to remove")
+    cp.add_argument("--calibration", default=None, help="text file for layer scores (default: Python's "
+                    "language reference topics)")
+    cp.add_argument("--calibration-tokens", type=int, default=2048)
+    cp.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
+                    help="store the block projections packed (miaotui loads them; transformers cannot)")
+    cp.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64 or 128")
+    cp.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="dtype of the float tensors written")
+    cp.set_defaults(fn=cmd_compress)
     i = sub.add_parser("info", help="architecture, size, tensor types and context length of a model")
     i.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     i.set_defaults(fn=cmd_info)

@@ -33,11 +33,15 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None  # Gemma: attention scale is its inverse square root
     name: str = ""
     weight_bits: int = 16  # bits per weight of the file's block weights (4 for Q4_0/Q4_1/Q4_K GGUFs)
+    quantization: str | None = None  # the method a `miaotui compress --quantize` folder was stored with
+    layer_types: list[str] | None = None  # per layer "sliding_attention" or "full_attention", where explicit
 
     def is_sliding(self, layer: int) -> bool:
         """Whether `layer` uses the sliding window (Gemma 3 alternates five local, one global)."""
         if self.sliding_window is None:
             return False
+        if self.layer_types is not None:  # explicit, e.g. after layers were dropped
+            return self.layer_types[layer] == "sliding_attention"
         if self.sliding_window_pattern is None:
             return True
         return (layer + 1) % self.sliding_window_pattern != 0

@@ -185,6 +185,23 @@ class Tokenizer:
         return cls(backend, None if bos is None else int(bos), None if eos is None else int(eos),
                    add_bos and bos is not None, template, stop)
 
+    def save(self, folder: Path) -> None:
+        """tokenizer.json and tokenizer_config.json, as `from_folder` (and transformers) read them back."""
+        folder = Path(folder)
+        backend = self.backend
+        if self.add_bos and backend.post_processor is None:  # make BOS part of tokenizer.json, as transformers
+            from tokenizers.processors import TemplateProcessing  # ignores add_bos_token in tokenizer_config
+
+            bos = self._text(self.bos_id)
+            backend = HFTokenizer.from_str(backend.to_str())
+            backend.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                        special_tokens=[(bos, self.bos_id)])
+        backend.save(str(folder / "tokenizer.json"))
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": self.add_bos,
+               "bos_token": self._text(self.bos_id) or None, "eos_token": self._text(self.eos_id) or None,
+               "chat_template": self.chat_template}
+        (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
     # -- use --------------------------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:

@@ -32,6 +32,11 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    return model_path("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
 def smollm2_engine(smollm2_path):
     """One fp32 engine on the default model shared by the engine tests (loading costs ~1 s, but adds up)."""
     from miaotui.config import EngineConfig

@@ -133,11 +133,13 @@ def quantize_weight(w: torch.Tensor, method: str, group_size: int = 32, dtype: t
 def resolve_auto(model: nn.Module) -> str:
     """`auto`: the int4 decode path where it costs no quality — the file's weights were 4-bit already (a Q4_1 or
     Q4_K block is an affine map of 4-bit codes per 32 weights, which int4 with group 32 holds exactly) and the
-    model runs in bf16 on the CPU; otherwise the dense weights."""
+    model runs in bf16 on the CPU; else the method a `miaotui compress` folder was stored with; else dense."""
     p = next(model.parameters())
-    if p.device.type == "cpu" and p.dtype == torch.bfloat16 and model.config.weight_bits <= 4:
+    if p.device.type != "cpu":
+        return "none"
+    if p.dtype == torch.bfloat16 and model.config.weight_bits <= 4:
         return "auto"
-    return "none"
+    return model.config.quantization or "none"
 
 
 def quantize_model(model: nn.Module, method: str, group_size: int = 32) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from miaotui.compress.export import unpack
 from miaotui.config import ModelConfig
 from miaotui.errors import ModelFileError
 
@@ -61,6 +62,15 @@ def read_config(folder: Path) -> ModelConfig:
         cfg.rope_local_theta = raw.get("rope_local_base_freq") or rope.get("sliding_attention", {}).get(
             "rope_theta", 10000.0)
         cfg.query_pre_attn_scalar = raw.get("query_pre_attn_scalar", cfg.head_dim)
+        if raw.get("layer_types"):
+            cfg.layer_types = list(raw["layer_types"])
+    quant = raw.get("quantization_config") or {}
+    if quant.get("quant_method") == "miaotui":
+        cfg.quantization = quant["method"]
+        cfg.weight_bits = quant["bits"]
+    elif quant:
+        raise ModelFileError(f"{folder}: quantization {quant.get('quant_method')!r} is not supported; "
+                             "use float weights or a `miaotui compress` folder")
     return cfg
 
 
@@ -76,8 +86,19 @@ def iter_weights(folder: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Te
         path = folder / name
         try:
             with safe_open(str(path), framework="pt") as f:
+                keys = set(f.keys())
+
+                def get(key: str) -> torch.Tensor | None:
+                    return f.get_tensor(key) if key in keys else None
+
                 for key in f.keys():
-                    w = f.get_tensor(key)
+                    if key.endswith((".weight_scale", ".weight_zero")):
+                        continue  # read with their weight
+                    w = unpack(key.rpartition(".")[0], get) if key.endswith((".weight", ".weight_packed")) else None
+                    if w is not None:  # a `miaotui compress --quantize` projection, dequantized for loading
+                        key = key.rpartition(".")[0] + ".weight"
+                    else:
+                        w = f.get_tensor(key)
                     # Gemma's RMSNorm multiplies by (1 + w); we keep the multiplier itself, as GGUF does.
                     if cfg.architecture == "gemma3" and key.endswith("norm.weight"):
                         w = w.float() + 1.0
