@@ -255,6 +255,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from miaotui.eval.perplexity import default_text, perplexity
 
+    if args.what == "compression":
+        return _compression_table(args)
     if args.model_arg:
         args.model = args.model_arg
     text = Path(args.text).read_text(encoding="utf-8") if args.text else default_text()
@@ -264,6 +266,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ppl, n = perplexity(engine, ids, args.ctx, args.method, args.chunks)
     print(f"perplexity {ppl:.4f} over {n} tokens ({args.method}, ctx {args.ctx}, {engine.quantization} "
           f"weights, {str(engine.dtype).removeprefix('torch.')}, {engine.config.kv_cache_dtype} KV cache) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _compression_table(args: argparse.Namespace) -> int:
+    import json
+
+    from miaotui.eval import compression
+
+    models = args.models.split(",") if args.models else list(compression.MODELS)
+    settings = args.settings.split(",") if args.settings else list(compression.SETTINGS)
+    unknown = [s for s in settings if s not in compression.SETTINGS]
+    if unknown:
+        raise MiaotuiError(f"unknown setting {unknown[0]!r}; use {', '.join(compression.SETTINGS)}")
+    rows = compression.run(models, settings, chunks=args.chunks or 8)
+    print(compression.format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
     return 0
 
 
@@ -367,13 +387,19 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--peer", action="store_true", help="a peer without streamed usage (llama-cpp-python's "
                     "server): count streamed chunks instead")
     lt.set_defaults(fn=cmd_loadtest)
-    ev = sub.add_parser("eval", help="quality measurements: eval ppl MODEL [--text FILE]")
-    ev.add_argument("what", choices=["ppl"])
+    ev = sub.add_parser("eval", help="quality measurements: eval ppl MODEL [--text FILE]; eval compression "
+                        "(the README's table of every compression setting)")
+    ev.add_argument("what", choices=["ppl", "compression"])
     ev.add_argument("model_arg", nargs="?", metavar="MODEL", help="same as --model")
     ev.add_argument("--text", default=None, help="text file (default: a text that ships with Python)")
     ev.add_argument("--ctx", type=int, default=512)
     ev.add_argument("--method", default="llamacpp", choices=["llamacpp", "sliding"])
-    ev.add_argument("--chunks", type=int, default=None, help="score at most this many windows")
+    ev.add_argument("--chunks", type=int, default=None, help="score at most this many windows (compression "
+                    "table: default 8)")
+    ev.add_argument("--models", default=None, help="compression table: comma-separated models (default: the three "
+                    "real ones)")
+    ev.add_argument("--settings", default=None, help="compression table: comma-separated settings (default all)")
+    ev.add_argument("--json", default=None, help="compression table: also write the rows as JSON here")
     _engine_flags(ev)
     ev.set_defaults(fn=cmd_eval, verbose=False)
     cp = sub.add_parser("compress", help="prune and/or quantize a model into a new model folder")

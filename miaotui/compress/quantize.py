@@ -36,11 +36,18 @@ class Int8Weight:
         return cls(q.contiguous(), scales.to(dtype))
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
-        return torch.ops.aten._weight_int8pack_mm(x, self.q, scales)
+        if x.dtype == self.scales.dtype == torch.bfloat16:
+            return torch.ops.aten._weight_int8pack_mm(x, self.q, self.scales)
+        # The CPU kernel's fp32 path is unvectorised (~13x slower): compute in bf16, as the int4 kernel does.
+        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scales.to(torch.bfloat16))
+        return y.to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
         return self.q.float() * self.scales.float()[:, None]
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` as floats: the embedding table read from its int8 form."""
+        return self.q[ids].to(self.scales.dtype) * self.scales[ids, None]
 
     @property
     def nbytes(self) -> int:
@@ -92,10 +99,10 @@ class HybridWeight:
 
     SMALL_BATCH = 4
 
-    def __init__(self, w: torch.Tensor, group: int, small: str = "int4"):
+    def __init__(self, w: torch.Tensor, group: int, small: str = "int4", exact: Int4Weight | None = None):
         from miaotui.layers.linear import OneDNNWeight
 
-        self.small = quantize_weight(w, small, group)
+        self.small = exact if exact is not None and small == "int4" else quantize_weight(w, small, group)
         self.dense = OneDNNWeight(w)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,16 +125,28 @@ def check_method(method: str, group_size: int) -> None:
 
 
 def quantize_weight(w: torch.Tensor, method: str, group_size: int = 32, dtype: torch.dtype = torch.bfloat16,
-                    head: bool = False):
+                    head: bool = False, exact: Int4Weight | None = None):
     """The output head stays at 8 bits whatever the method: 4-bit logits flip the argmax of small models (as
-    llama.cpp keeps its output tensor at 6-8 bits)."""
+    llama.cpp keeps its output tensor at 6-8 bits). `exact`: the file's own 4-bit codes, used as they are."""
     if method == "auto":
-        return HybridWeight(w, group_size, "int8" if head else "int4")
+        return HybridWeight(w, group_size, "int8" if head else "int4", exact)
     if method == "int8" or head:
         return Int8Weight.from_float(w, dtype)
+    if exact is not None:
+        return exact
     if w.shape[1] % group_size:
         return Int8Weight.from_float(w, dtype)  # rows that do not split into groups fall back to int8
     return Int4Weight.from_float(w, group_size)
+
+
+def exact_int4(module, group_size: int) -> Int4Weight | None:
+    """The int4 weight of a Linear straight from the 4-bit codes the loader kept (GGUF Q4_0/Q4_1/Q4_K), when
+    every part of it had them: the file's values exactly, no round trip through float."""
+    codes = module.int4_codes
+    if group_size != 32 or not codes or len(codes) != len(module.output_sizes):
+        return None
+    q, scale, zero = (torch.cat([codes[i][j] for i in range(len(codes))]) for j in range(3))
+    return Int4Weight.from_codes(q.to(torch.int32), scale, zero, 32)
 
 
 def resolve_auto(model: nn.Module) -> str:
@@ -162,8 +181,15 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32) -> str:
         model.head_quant = quantize_weight(head.weight.data, method, group_size, dtype, head=True)
     for module in list(model.modules()):
         if isinstance(module, Linear) and module.quant is None:
-            module.quant = quantize_weight(module.weight.data, method, group_size, dtype, head=module is head)
+            exact = exact_int4(module, group_size) if module is not head else None
+            module.quant = quantize_weight(module.weight.data, method, group_size, dtype, module is head, exact)
             module.weight = None
+            module.int4_codes = None
     if isinstance(head, Linear):
         model.head_quant = head.quant
+    if method in ("int8", "int4"):  # the embedding table too, read row by row from int8 (shared when tied)
+        emb = model.get_input_embeddings()
+        if emb is not None and emb.weight is not None:
+            emb.quant = model.head_quant if emb is head else Int8Weight.from_float(emb.weight.data, dtype)
+            emb.weight = None
     return method

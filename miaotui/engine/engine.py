@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 import time
@@ -26,6 +27,15 @@ log = logging.getLogger("miaotui")
 MAX_DEFAULT_CONTEXT = 8192
 
 
+def trim_heap() -> None:
+    """Hand the float weights that quantization or prepacking just freed back to the OS: glibc keeps freed heap
+    pages resident otherwise, and an int4 model would look as large as a bf16 one."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 class Engine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
         self.config = config
@@ -33,10 +43,12 @@ class Engine:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.loaded = loaded or load(config.model, self.device, self.dtype)
+        keep_codes = config.quantization in ("int4", "auto") and config.group_size == 32
+        self.loaded = loaded or load(config.model, self.device, self.dtype, keep_int4_codes=keep_codes)
         self.quantization = quantize_model(self.loaded.model, config.quantization, config.group_size)
         if self.quantization == "none":
             prepack_for_cpu(self.loaded.model)
+        trim_heap()
         self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = config.max_model_len or min(self.model_config.max_position, MAX_DEFAULT_CONTEXT)

@@ -17,6 +17,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out), requires_grad=False) if bias else None
         self.quant = None  # a packed weight (OneDNNWeight, or low-bit from compress/quantize.py) replacing `weight`
+        self.int4_codes: dict[int, tuple] | None = None  # per part: a 4-bit file's own codes, kept for int4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is None:
@@ -29,15 +30,19 @@ class Linear(nn.Module):
         start = sum(self.output_sizes[:shard])
         target = self.weight if name == "weight" else self.bias
         target.data[start : start + self.output_sizes[shard]].copy_(w)
+        codes = getattr(w, "int4_codes", None)
+        if codes is not None and name == "weight":
+            self.int4_codes = {**(self.int4_codes or {}), shard: codes}
 
 
 class Embedding(nn.Module):
     def __init__(self, num_embeddings: int, dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_embeddings, dim), requires_grad=False)
+        self.quant = None  # an int8 table (compress/quantize.py) replacing `weight`
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)
+        return F.embedding(ids, self.weight) if self.quant is None else self.quant.lookup(ids)
 
 
 class OneDNNWeight:

@@ -99,6 +99,25 @@ def q6_k(b: torch.Tensor) -> torch.Tensor:
     return (d[..., None] * sc[..., None] * q).reshape(-1, 256)
 
 
+def int4_codes(raw: np.ndarray | torch.Tensor, qtype: Q, shape: tuple[int, ...]):
+    """4-bit blocks as torch's int4 layout, exactly: (codes uint8 [N, K] in 0..15, scale and zero [N, K/32]) with
+    w = (codes - 8) * scale + zero; None for types that are not an affine map of 4-bit codes per 32 weights."""
+    if qtype not in (Q.Q4_0, Q.Q4_1, Q.Q4_K):
+        return None
+    data = torch.from_numpy(np.array(raw)) if isinstance(raw, np.ndarray) else raw
+    b = data.reshape(-1, GGML_QUANT_SIZES[qtype][1])
+    if qtype == Q.Q4_K:
+        d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+        sc, mn = _k_scales(b[:, 4:16])
+        codes, scale, low = _k_nibbles(b[:, 16:]), d * sc, -(dmin * mn)  # w = scale * q + low, per 32
+    else:
+        offset = 2 if qtype == Q.Q4_0 else 4
+        codes, scale = _nibbles(b[:, offset:])[:, None], _f16(b[:, :2])
+        low = -8 * scale if qtype == Q.Q4_0 else _f16(b[:, 2:4])
+    n = shape[0]
+    return (codes.reshape(n, -1), scale.reshape(n, -1), (low + 8 * scale).reshape(n, -1))
+
+
 DEQUANTIZERS: dict[Q, Callable[[torch.Tensor], torch.Tensor]] = {
     Q.Q4_0: q4_0,
     Q.Q4_1: q4_1,

@@ -10,7 +10,7 @@ import torch
 
 from miaotui.config import ModelConfig
 from miaotui.errors import ModelFileError
-from miaotui.loader.dequant import SUPPORTED_TYPES, dequantize
+from miaotui.loader.dequant import SUPPORTED_TYPES, dequantize, int4_codes
 from miaotui.loader.gguf_file import GGUFFile
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
@@ -125,13 +125,20 @@ def check_tensor_types(f: GGUFFile) -> None:
             )
 
 
-def iter_weights(f: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (Hugging Face name, float tensor) for every tensor, dequantized one at a time."""
+def iter_weights(f: GGUFFile, cfg: ModelConfig, keep_int4_codes: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (Hugging Face name, float tensor) for every tensor, dequantized one at a time. With
+    `keep_int4_codes`, a 4-bit block projection also carries its codes as `tensor.int4_codes` for int4 kernels."""
     for info in f.tensors.values():
         name = hf_name(info.name, cfg.architecture)
         if name is None:
             continue  # e.g. rope_freqs, which we derive from the config
-        w = dequantize(f.raw(info.name), info.qtype, info.shape)
+        raw = f.raw(info.name)
+        w = dequantize(raw, info.qtype, info.shape)
+        codes = int4_codes(raw, info.qtype, info.shape) if keep_int4_codes and name.endswith("_proj.weight") else None
         if cfg.architecture == "llama" and (".q_proj." in name or ".k_proj." in name):
-            w = unpermute_rotary(w, cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads)
+            heads = cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads
+            w = unpermute_rotary(w, heads)
+            codes = codes and tuple(unpermute_rotary(c, heads) for c in codes)
+        if codes is not None:
+            w.int4_codes = codes
         yield name, w

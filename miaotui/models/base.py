@@ -10,7 +10,7 @@ from torch import nn
 from miaotui.config import ModelConfig
 from miaotui.errors import ModelFileError
 from miaotui.layers.attention import Attention
-from miaotui.layers.linear import Linear
+from miaotui.layers.linear import Embedding, Linear
 
 
 class CausalLM(nn.Module):
@@ -26,6 +26,10 @@ class CausalLM(nn.Module):
         if self.head_quant is not None:
             return self.head_quant.matmul(hidden).float()
         return torch.nn.functional.linear(hidden, self.lm_head.weight).float()
+
+    def get_input_embeddings(self) -> nn.Module | None:
+        emb = getattr(getattr(self, "model", None), "embed_tokens", None)
+        return emb if isinstance(emb, Embedding) else None
 
     def attention_layers(self) -> list[Attention]:
         return [m for m in self.modules() if isinstance(m, Attention)]
@@ -54,7 +58,11 @@ class CausalLM(nn.Module):
             if params[name].shape != w.shape:
                 raise ModelFileError(f"checkpoint tensor {name} has shape {tuple(w.shape)}, "
                                      f"the model expects {tuple(params[name].shape)}")
-            params[name].data.copy_(w)
+            mod = modules.get(module_name)
+            if isinstance(mod, Linear):
+                mod.load(kind, w)  # keeps a 4-bit file's codes too
+            else:
+                params[name].data.copy_(w)
             loaded.add(name)
         missing = sorted(set(params) - loaded)
         if missing:

@@ -89,3 +89,20 @@ def test_quantized_model_still_answers(smollm2_path, method):
         return math.exp(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item())
 
     assert ppl(llm.engine) / ppl(ref.engine) < {"int8": 1.02, "int4": 1.10, "auto": 1.10}[method]
+
+
+def test_q4_gguf_weights_go_to_int4_exactly(smollm2_path):
+    """A Q4_1 file's codes become the int4 kernel's weights as they are: the result equals the file's own
+    values up to the bf16 rounding of each group's scale and zero, far inside half a quantization step."""
+    from miaotui.compress.quantize import exact_int4
+    from miaotui.loader import load
+
+    loaded = load(smollm2_path, "cpu", torch.float32, keep_int4_codes=True)
+    for module in (loaded.model.model.layers[0].self_attn.qkv_proj, loaded.model.model.layers[3].mlp.down_proj):
+        w = module.weight.data
+        q = exact_int4(module, 32)
+        assert q is not None
+        err = (q.dequantize() - w).abs()
+        step = (w.view(w.shape[0], -1, 32).amax(-1) - w.view(w.shape[0], -1, 32).amin(-1)) / 15
+        assert (err.view(w.shape[0], -1, 32) <= step[..., None] * 0.05 + w.abs().max() * 2**-8).all()
+    assert exact_int4(loaded.model.model.layers[0].mlp.gate_up_proj, 64) is None  # other group sizes requantize

@@ -1,0 +1,46 @@
+"""The compression table command: each row measured in its own process, pruned rows through `miaotui compress`,
+and the weights each setting holds."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from miaotui.eval import compression
+
+
+def test_int4_weights_take_under_045_of_bf16(smollm2_path):
+    from miaotui import LLM
+
+    size = {q: compression.weight_bytes(LLM(str(smollm2_path), dtype="bfloat16", quantization=q,
+                                            kv_cache_memory=2**24).engine.loaded.model) for q in ("none", "int4")}
+    assert size["int4"] <= 0.45 * size["none"]
+    assert size["none"] > 250 * 2**20  # 135 M bf16 weights, not a count that missed the packed ones
+
+
+def test_table_rows(smollm2_path):
+    rows = compression.run([str(smollm2_path)], ["bf16", "drop 2 layers"], chunks=1, decode_tokens=4,
+                           prefill_tokens=32, repeats=1)
+    assert [r["setting"] for r in rows] == ["bf16", "drop 2 layers"]
+    for r in rows:
+        assert math.isfinite(r["ppl"]) and r["ppl"] > 1
+        assert r["decode"] > 0 and r["prefill"] > 0 and r["weights_mb"] > 0
+    assert rows[1]["weights_mb"] < rows[0]["weights_mb"]  # two blocks fewer
+    table = compression.format_table(rows)
+    assert "| bf16 | " in table and "+0.00%" in table
+
+
+def test_embedding_reads_its_int8_table(smollm2_path):
+    import torch
+
+    from miaotui import LLM
+    from miaotui.compress.quantize import Int8Weight
+
+    llm = LLM(str(smollm2_path), dtype="bfloat16", quantization="int8", kv_cache_memory=2**24)
+    model = llm.engine.loaded.model
+    emb = model.get_input_embeddings()
+    assert emb.weight is None and emb.quant is model.head_quant  # tied: one int8 table for both
+    assert isinstance(emb.quant, Int8Weight)
+    ids = torch.tensor([1, 5, 900])
+    assert torch.allclose(emb(ids).float(), emb.quant.dequantize()[ids], rtol=1e-2, atol=1e-3)
