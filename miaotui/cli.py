@@ -265,7 +265,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     ppl, n = perplexity(engine, ids, args.ctx, args.method, args.chunks)
     print(f"perplexity {ppl:.4f} over {n} tokens ({args.method}, ctx {args.ctx}, {engine.quantization} "
-          f"weights, {str(engine.dtype).removeprefix('torch.')}, {engine.config.kv_cache_dtype} KV cache) in {time.perf_counter() - start:.1f} s")
+          f"weights, {str(engine.dtype).removeprefix('torch.')}, {engine.config.kv_cache_dtype} KV cache) in "
+          f"{time.perf_counter() - start:.1f} s")
+    if args.compare:
+        from miaotui.eval.perplexity import llama_cpp_perplexity
+
+        if engine.loaded.files.kind != "gguf":
+            raise MiaotuiError("--compare runs llama.cpp, which needs a GGUF model")
+        start = time.perf_counter()
+        try:
+            peer, _ = llama_cpp_perplexity(engine.loaded.files.path, ids, args.ctx, args.method, args.chunks)
+        except ImportError:
+            raise MiaotuiError("--compare needs llama-cpp-python (pip install llama-cpp-python)") from None
+        print(f"llama.cpp  {peer:.4f} on the same tokens in {time.perf_counter() - start:.1f} s: miaotui/llama.cpp "
+              f"= {ppl / peer:.4f} ({(ppl / peer - 1) * 100:+.2f}%)")
     return 0
 
 
@@ -396,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--method", default="llamacpp", choices=["llamacpp", "sliding"])
     ev.add_argument("--chunks", type=int, default=None, help="score at most this many windows (compression "
                     "table: default 8)")
+    ev.add_argument("--compare", action="store_true", help="eval ppl: also score the same tokens with llama.cpp")
     ev.add_argument("--models", default=None, help="compression table: comma-separated models (default: the three "
                     "real ones)")
     ev.add_argument("--settings", default=None, help="compression table: comma-separated settings (default all)")

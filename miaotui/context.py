@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,7 @@ class ForwardContext:
     decode_seqs: list[int]  # sequences with exactly one query token (batched together)
     prefill_seqs: list[int]  # the rest, computed one by one
     step: int = 0  # distinct for every forward pass: per-step caches (rotary angles) key on it
+    derived: dict = field(default_factory=dict)  # what every layer of the step would recompute (decode masks)
 
     @property
     def num_seqs(self) -> int:

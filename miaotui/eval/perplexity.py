@@ -46,6 +46,11 @@ def perplexity(engine: Engine, ids: list[int], ctx: int = 512, method: str = "ll
         raise MiaotuiError(f"--ctx must be between 4 and the context length {engine.max_model_len}, got {ctx}")
     if len(ids) < ctx:
         raise MiaotuiError(f"the text has {len(ids)} tokens, fewer than one {ctx}-token window")
+    return _score(engine.prompt_logits, ids, ctx, method, max_windows)
+
+
+def _score(window_logits, ids: list[int], ctx: int, method: str, max_windows: int | None) -> tuple[float, int]:
+    """The windows of `method` over ids, each scored from `window_logits(window) -> [len, V]`."""
     nll, count = 0.0, 0
     half = ctx // 2
     if method == "llamacpp":
@@ -54,8 +59,25 @@ def perplexity(engine: Engine, ids: list[int], ctx: int = 512, method: str = "ll
         windows = [(0, 0)] + [(s, half) for s in range(half, len(ids) - ctx + 1, half)]
     for start, first in windows[:max_windows]:
         window = ids[start : start + ctx]
-        logits = engine.prompt_logits(window)
+        logits = window_logits(window)
         target = torch.tensor(window[first + 1 :], device=logits.device)
-        nll += torch.nn.functional.cross_entropy(logits[first:-1], target, reduction="sum").item()
+        nll += torch.nn.functional.cross_entropy(logits[first:-1].float(), target, reduction="sum").item()
         count += len(target)
     return math.exp(nll / count), count
+
+
+def llama_cpp_perplexity(gguf_path: str, ids: list[int], ctx: int = 512, method: str = "llamacpp",
+                         max_windows: int | None = None) -> tuple[float, int]:
+    """The same windows and token ids scored by llama.cpp (llama-cpp-python) on the same GGUF file."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf_path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True, verbose=False,
+                n_threads=torch.get_num_threads())
+
+    def window_logits(window: list[int]) -> torch.Tensor:
+        llm.reset()
+        llm.eval(window)
+        return torch.from_numpy(np.array(llm.scores[: len(window)]))
+
+    return _score(window_logits, ids, ctx, method, max_windows)

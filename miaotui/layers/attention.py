@@ -74,6 +74,21 @@ class Attention(nn.Module):
 
     def _decode(self, ctx: ForwardContext, q: torch.Tensor) -> torch.Tensor:
         """q [B, Hq, D]: one query token for each of ctx.decode_seqs."""
+        key = ("decode", self.sliding_window, q.dtype, self.k_cache.shape[1])
+        if key not in ctx.derived:  # the same for every layer of this step
+            ctx.derived[key] = self._decode_plan(ctx, q)
+        blocks, length, mask = ctx.derived[key]
+        b = q.shape[0]
+        # Gather each sequence's blocks into [B, Hkv, L, D] views; SDPA reads them strided, no copy.
+        keys, values = self._read(blocks, q.dtype)
+        keys = keys.view(b, -1, self.num_kv_heads, self.head_dim)[:, :length].transpose(1, 2)
+        values = values.view(b, -1, self.num_kv_heads, self.head_dim)[:, :length].transpose(1, 2)
+        res = F.scaled_dot_product_attention(q.view(b, self.num_heads, 1, self.head_dim), keys, values,
+                                             attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return res.view(b, self.num_heads, self.head_dim)
+
+    def _decode_plan(self, ctx: ForwardContext, q: torch.Tensor):
+        """(blocks to gather, keys to keep, additive mask or None) for the step's decoding sequences."""
         seqs = ctx.decode_seqs
         if len(seqs) == ctx.num_seqs:
             tables, lens = ctx.block_tables, ctx.context_lens_t
@@ -81,19 +96,17 @@ class Attention(nn.Module):
             sel = torch.tensor(seqs, device=q.device)
             tables, lens = ctx.block_tables[sel], ctx.context_lens_t[sel]
         bs = self.k_cache.shape[1]
-        tables = tables[:, : (max(ctx.context_lens[s] for s in seqs) + bs - 1) // bs]
-        b = tables.shape[0]
-        # Gather each sequence's blocks into [B, Hkv, L, D] views; SDPA reads them strided, no copy.
-        keys, values = self._read(tables.reshape(-1), q.dtype)
-        keys = keys.view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        values = values.view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        pos = torch.arange(keys.shape[2], device=q.device)
+        longest = max(ctx.context_lens[s] for s in seqs)
+        tables = tables[:, : (longest + bs - 1) // bs]
+        window = self.sliding_window
+        if len(seqs) == 1 and (window is None or longest <= window):
+            return tables.reshape(-1), longest, None  # one sequence sees all its keys: no mask at all
+        pos = torch.arange(tables.shape[1] * bs, device=q.device)
         allowed = pos[None, :] < lens[:, None]
-        if self.sliding_window is not None:
-            allowed &= pos[None, :] > lens[:, None] - 1 - self.sliding_window
-        res = F.scaled_dot_product_attention(q.view(b, self.num_heads, 1, self.head_dim), keys, values,
-                                             attn_mask=allowed[:, None, None, :], scale=self.scale, enable_gqa=True)
-        return res.view(b, self.num_heads, self.head_dim)
+        if window is not None:
+            allowed &= pos[None, :] > lens[:, None] - 1 - window
+        mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+        return tables.reshape(-1), tables.shape[1] * bs, mask[:, None, None, :]
 
     def _prefill(self, ctx: ForwardContext, s: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The queries of sequence s (a prompt chunk) against its cached prefix and themselves."""

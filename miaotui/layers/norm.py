@@ -14,8 +14,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # torch's fused kernel accumulates in fp32 for bf16/fp16 inputs, as the reference implementations do.
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # The sum of squares accumulates in fp32 (as the reference implementations do) inside one vectorised
+        # reduction; F.rms_norm on CPU is a chain of upcast copies, ~8x slower at prefill sizes.
+        d = x.shape[-1]
+        inv_rms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+        inv_rms = inv_rms.mul_(d**-0.5).square_().add_(self.eps).rsqrt_()
+        return x * inv_rms.to(x.dtype) * self.weight
 
 
 class LayerNorm(nn.LayerNorm):

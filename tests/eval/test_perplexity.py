@@ -37,3 +37,15 @@ def test_errors(smollm2_engine):
     with pytest.raises(MiaotuiError, match="fewer than one"):
         perplexity(smollm2_engine, [1] * 10, ctx=64)
     assert smollm2_engine.kv.num_free_blocks == smollm2_engine.kv.num_blocks
+
+
+def test_same_as_llama_cpp_on_the_same_tokens(smollm2_path, smollm2_engine):
+    """llama.cpp scores the same windows of the same ids within 1% (its matmuls quantize activations to 8 bits)."""
+    pytest.importorskip("llama_cpp")
+    from miaotui.eval.perplexity import llama_cpp_perplexity
+
+    ids = smollm2_engine.tokenizer.encode(default_text())
+    ours, n = perplexity(smollm2_engine, ids, ctx=256, max_windows=2)
+    peer, m = llama_cpp_perplexity(smollm2_path, ids, ctx=256, max_windows=2)
+    assert n == m == 254
+    assert abs(ours / peer - 1) < 0.01
