@@ -61,14 +61,30 @@ class Int4Weight:
     group: int
     shape: tuple[int, int]
 
+    CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
     @classmethod
     def from_float(cls, w: torch.Tensor, group: int) -> Int4Weight:
+        """Each group's grid spans its [min, max] shrunk by the factor (of CLIPS) with the least squared error:
+        clipping a few outliers buys a finer step for the rest (as llama.cpp's k-quants search their scales)."""
         n, k = w.shape
         g = w.float().reshape(n, k // group, group)
-        lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
-        scale = ((hi - lo) / 15).clamp(min=1e-8)
-        q = torch.round((g - lo) / scale).clamp(0, 15).to(torch.int32).reshape(n, k)
-        return cls.from_codes(q, scale.reshape(n, -1), (lo + 8 * scale).reshape(n, -1), group)
+        lo0, hi0 = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
+        best = None
+        for clip in cls.CLIPS:
+            lo, hi = lo0 * clip, hi0 * clip
+            scale = ((hi - lo) / 15).clamp(min=1e-8)
+            q = torch.round((g - lo) / scale).clamp(0, 15)
+            err = (q * scale + lo - g).square().sum(dim=-1, keepdim=True)
+            if best is None:
+                best = [err, q, scale, lo]
+            else:
+                better = err < best[0]
+                for i, new in enumerate((err, q, scale, lo)):
+                    best[i] = torch.where(better, new, best[i])
+        _, q, scale, lo = best
+        return cls.from_codes(q.to(torch.int32).reshape(n, k), scale.reshape(n, -1), (lo + 8 * scale).reshape(n, -1),
+                              group)
 
     @classmethod
     def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> Int4Weight:
@@ -182,7 +198,10 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32) -> str:
     for module in list(model.modules()):
         if isinstance(module, Linear) and module.quant is None:
             exact = exact_int4(module, group_size) if module is not head else None
-            module.quant = quantize_weight(module.weight.data, method, group_size, dtype, module is head, exact)
+            # A quantized file's recipe marks its sensitive tensors by giving them more bits (Q4_K_M keeps
+            # attn_v and ffn_down at Q6_K): those stay at 8 bits under int4, as llama.cpp keeps them at 6.
+            kind = "int8" if method == "int4" and 5 < module.file_bits < 16 else method
+            module.quant = quantize_weight(module.weight.data, kind, group_size, dtype, module is head, exact)
             module.weight = None
             module.int4_codes = None
     if isinstance(head, Linear):

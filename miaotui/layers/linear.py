@@ -18,6 +18,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out), requires_grad=False) if bias else None
         self.quant = None  # a packed weight (OneDNNWeight, or low-bit from compress/quantize.py) replacing `weight`
         self.int4_codes: dict[int, tuple] | None = None  # per part: a 4-bit file's own codes, kept for int4
+        self.file_bits = 0  # bits per weight the file stored this projection with (16 for float files)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is None:
@@ -30,6 +31,7 @@ class Linear(nn.Module):
         start = sum(self.output_sizes[:shard])
         target = self.weight if name == "weight" else self.bias
         target.data[start : start + self.output_sizes[shard]].copy_(w)
+        self.file_bits = max(self.file_bits, getattr(w, "file_bits", 16))
         codes = getattr(w, "int4_codes", None)
         if codes is not None and name == "weight":
             self.int4_codes = {**(self.int4_codes or {}), shard: codes}

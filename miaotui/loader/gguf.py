@@ -141,4 +141,5 @@ def iter_weights(f: GGUFFile, cfg: ModelConfig, keep_int4_codes: bool = False) -
             codes = codes and tuple(unpermute_rotary(c, heads) for c in codes)
         if codes is not None:
             w.int4_codes = codes
+        w.file_bits = _BITS.get(info.qtype.name[:2], 16)
         yield name, w
