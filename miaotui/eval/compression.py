@@ -111,7 +111,8 @@ def run(models=MODELS, settings=tuple(SETTINGS), chunks: int = 8, decode_tokens:
                 start = time.perf_counter()
                 source = model
                 if "compress" in spec:
-                    source = str(Path(tmp) / f"{model}-{name.replace(' ', '_').replace('%', '').replace(':', '-')}")
+                    label = f"{Path(model).name}-{name}".replace(" ", "_").replace("%", "").replace(":", "-")
+                    source = str(Path(tmp) / label)  # inside tmp even when the model is given as a path
                     if cli(["compress", model, "-o", source, *spec["compress"]]) != 0:
                         raise RuntimeError(f"miaotui compress {model} {' '.join(spec['compress'])} failed")
                 res = _child(source, spec.get("quantization", "none"), spec.get("kv_cache_dtype", "auto"), **kw)

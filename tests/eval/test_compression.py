@@ -18,6 +18,7 @@ def test_int4_weights_take_under_045_of_bf16(smollm2_path):
 
 
 def test_table_rows(smollm2_path):
+    before = sorted(p.name for p in smollm2_path.parent.iterdir())
     rows = compression.run([str(smollm2_path)], ["bf16", "drop 2 layers"], chunks=1, decode_tokens=4,
                            prefill_tokens=32, repeats=1)
     assert [r["setting"] for r in rows] == ["bf16", "drop 2 layers"]
@@ -25,6 +26,7 @@ def test_table_rows(smollm2_path):
         assert math.isfinite(r["ppl"]) and r["ppl"] > 1
         assert r["decode"] > 0 and r["prefill"] > 0 and r["weights_mb"] > 0
     assert rows[1]["weights_mb"] < rows[0]["weights_mb"]  # two blocks fewer
+    assert sorted(p.name for p in smollm2_path.parent.iterdir()) == before  # written to a temporary folder only
     table = compression.format_table(rows)
     assert "| bf16 | " in table and "+0.00%" in table
 
