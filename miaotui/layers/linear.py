@@ -31,9 +31,11 @@ class Linear(nn.Module):
         start = sum(self.output_sizes[:shard])
         target = self.weight if name == "weight" else self.bias
         target.data[start : start + self.output_sizes[shard]].copy_(w)
+        if name != "weight":
+            return  # a bias is float in every file: it says nothing about the weight's precision
         self.file_bits = max(self.file_bits, getattr(w, "file_bits", 16))
         codes = getattr(w, "int4_codes", None)
-        if codes is not None and name == "weight":
+        if codes is not None:
             self.int4_codes = {**(self.int4_codes or {}), shard: codes}
 
 
