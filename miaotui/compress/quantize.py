@@ -185,7 +185,10 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32) -> str:
     check_method(method, group_size)
     if method == "auto":
         method = resolve_auto(model)
-    if method == "none":
+    if method == "none":  # the codes the loader kept for int4 are not needed: free them
+        for module in model.modules():
+            if isinstance(module, Linear):
+                module.int4_codes = None
         return method
     device = next(model.parameters()).device
     if device.type != "cpu":
@@ -193,7 +196,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32) -> str:
                            "on CUDA")
     dtype = next(model.parameters()).dtype
     head = model.lm_head
-    if not isinstance(head, Linear):  # tied to the embedding table, which lookups still need in float
+    if not isinstance(head, Linear):  # tied to the embedding table: the head gets its own quantized copy
         model.head_quant = quantize_weight(head.weight.data, method, group_size, dtype, head=True)
     for module in list(model.modules()):
         if isinstance(module, Linear) and module.quant is None:

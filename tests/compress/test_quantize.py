@@ -112,3 +112,11 @@ def test_q4_gguf_weights_go_to_int4_exactly(smollm2_path):
         step = (w.view(w.shape[0], -1, 32).amax(-1) - w.view(w.shape[0], -1, 32).amin(-1)) / 15
         assert (err.view(w.shape[0], -1, 32) <= step[..., None] * 0.05 + w.abs().max() * 2**-8).all()
     assert exact_int4(loaded.model.model.layers[0].mlp.gate_up_proj, 64) is None  # other group sizes requantize
+
+
+def test_kept_codes_are_freed_when_auto_resolves_to_dense(smollm2_path):
+    from miaotui import LLM
+
+    llm = LLM(str(smollm2_path), dtype="float32", kv_cache_memory=2**24)  # auto on fp32: dense weights
+    assert llm.engine.quantization == "none"
+    assert not any(getattr(m, "int4_codes", None) for m in llm.engine.loaded.model.modules())
