@@ -19,9 +19,6 @@ import torch
 from miaotui.compress.export import quantizable
 from miaotui.config import ModelConfig
 
-METHODS = ("magnitude", "2:4", "layers")
-
-
 def magnitude(state: dict[str, torch.Tensor], sparsity: float) -> None:
     if not 0 <= sparsity < 1:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")

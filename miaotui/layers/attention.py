@@ -74,7 +74,7 @@ class Attention(nn.Module):
 
     def _decode(self, ctx: ForwardContext, q: torch.Tensor) -> torch.Tensor:
         """q [B, Hq, D]: one query token for each of ctx.decode_seqs."""
-        key = ("decode", self.sliding_window, q.dtype, self.k_cache.shape[1])
+        key = ("decode", self.sliding_window, q.dtype)
         if key not in ctx.derived:  # the same for every layer of this step
             ctx.derived[key] = self._decode_plan(ctx, q)
         blocks, length, mask = ctx.derived[key]
