@@ -6,6 +6,7 @@ serves prefill, decode and mixed steps alike.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,7 +30,8 @@ class ForwardContext:
     context_lens_t: torch.Tensor  # context_lens as an int64 tensor on the model's device
     decode_seqs: list[int]  # sequences with exactly one query token (batched together)
     prefill_seqs: list[int]  # the rest, computed one by one
-    step: int = 0  # distinct for every forward pass: per-step caches (rotary angles) key on it
+    # distinct for every forward pass in the process (models may outlive their runner): per-step caches key on it
+    step: int = field(default_factory=lambda: next(_steps))
     derived: dict = field(default_factory=dict)  # what every layer of the step would recompute (decode masks)
 
     @property
@@ -37,6 +39,7 @@ class ForwardContext:
         return len(self.context_lens)
 
 
+_steps = itertools.count()
 _current: ForwardContext | None = None
 
 

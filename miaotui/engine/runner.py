@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 
 from miaotui.config import ModelConfig
@@ -27,7 +25,6 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.block_size = block_size
-        self._steps = itertools.count()
         cfg = self.config
         int8 = kv_cache_dtype == "int8"
         # One tensor for all layers: [2, layers, blocks, block_size, kv_heads, head_dim]
@@ -77,7 +74,6 @@ class ModelRunner:
             context_lens_t=torch.tensor(context_lens, dtype=torch.long, device=dev),
             decode_seqs=[i for i, n in enumerate(num_tokens) if n == 1],
             prefill_seqs=[i for i, n in enumerate(num_tokens) if n > 1],
-            step=next(self._steps),
         )
         return ctx, torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(positions, device=dev)
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from miaotui.context import ForwardContext, get_context
+from miaotui.kernels import use_cpu_ops
 
 
 class Attention(nn.Module):
@@ -74,6 +75,12 @@ class Attention(nn.Module):
 
     def _decode(self, ctx: ForwardContext, q: torch.Tensor) -> torch.Tensor:
         """q [B, Hq, D]: one query token for each of ctx.decode_seqs."""
+        if ops := use_cpu_ops(q):  # one fused kernel reads the blocks in place: no gather, no mask
+            if "decode_rows" not in ctx.derived:
+                ctx.derived["decode_rows"] = self._decode_rows(ctx, q.device)
+            tables, lens = ctx.derived["decode_rows"]
+            return ops.paged_attention(q.contiguous(), self.k_cache, self.v_cache, self.k_scale, self.v_scale, tables,
+                                       lens, self.scale, self.sliding_window or 0)
         key = ("decode", self.sliding_window, q.dtype)
         if key not in ctx.derived:  # the same for every layer of this step
             ctx.derived[key] = self._decode_plan(ctx, q)
@@ -90,14 +97,18 @@ class Attention(nn.Module):
                                              attn_mask=mask, scale=self.scale)
         return res.view(b, self.num_heads, self.head_dim)
 
+    @staticmethod
+    def _decode_rows(ctx: ForwardContext, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block tables and context lengths of the step's decoding sequences."""
+        if len(ctx.decode_seqs) == ctx.num_seqs:
+            return ctx.block_tables, ctx.context_lens_t
+        sel = torch.tensor(ctx.decode_seqs, device=device)
+        return ctx.block_tables[sel], ctx.context_lens_t[sel]
+
     def _decode_plan(self, ctx: ForwardContext, q: torch.Tensor):
         """(blocks to gather, keys to keep, additive mask or None) for the step's decoding sequences."""
         seqs = ctx.decode_seqs
-        if len(seqs) == ctx.num_seqs:
-            tables, lens = ctx.block_tables, ctx.context_lens_t
-        else:
-            sel = torch.tensor(seqs, device=q.device)
-            tables, lens = ctx.block_tables[sel], ctx.context_lens_t[sel]
+        tables, lens = self._decode_rows(ctx, q.device)
         bs = self.k_cache.shape[1]
         longest = max(ctx.context_lens[s] for s in seqs)
         tables = tables[:, : (longest + bs - 1) // bs]

@@ -1,0 +1,66 @@
+"""miaotui's own CPU kernels (cpu_ops.cpp), compiled once per machine on first use.
+
+`cpu_ops()` returns the compiled module, or None where it cannot be built (no C++ compiler, MIAOTUI_KERNELS=0):
+every caller then keeps its plain-torch path, so the kernels change speed, never results beyond rounding.
+The build takes about a minute and is cached under ~/.cache/miaotui/kernels, keyed by the source and the flags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# The fused kernels serve decode-sized inputs (up to this many tokens); torch's vectorised ops keep prefill.
+SMALL_ROWS = 64
+
+_SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+_FLAGS = ["-O3", "-march=native", "-fopenmp"]  # -fopenmp: at::parallel_for runs serially without it
+_module = None
+_tried = False
+
+
+def _build_dir() -> Path:
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + torch.__version__.encode()
+                         + platform.node().encode()).hexdigest()[:16]
+    root = Path(os.environ.get("MIAOTUI_CACHE", Path.home() / ".cache" / "miaotui"))
+    path = root / "kernels" / key
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def cpu_ops():
+    """The compiled kernels, or None (built at most once per process; a failed build warns once)."""
+    global _module, _tried
+    if _tried:
+        return _module
+    _tried = True
+    if os.environ.get("MIAOTUI_KERNELS", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        build = _build_dir()
+        if not (build / "miaotui_cpu_ops.so").exists():
+            log.warning("compiling miaotui's CPU kernels (once per machine, about a minute)")
+        _module = load(name="miaotui_cpu_ops", sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+                       build_directory=str(build), verbose=False)
+    except Exception as e:  # no compiler, no ninja, or a build error: plain torch keeps working
+        warnings.warn(f"miaotui's CPU kernels could not be built ({type(e).__name__}: {e}); using plain torch ops",
+                      stacklevel=2)
+        _module = None
+    return _module
+
+
+def use_cpu_ops(*tensors: torch.Tensor):
+    """The kernels when every tensor is on the CPU (and they are built), else None."""
+    if all(t.device.type == "cpu" for t in tensors):
+        return cpu_ops()
+    return None
