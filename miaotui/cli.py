@@ -307,7 +307,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from miaotui.compress.export import hf_state_dict, save_folder
     from miaotui.config import DTYPES, EngineConfig
     from miaotui.engine.engine import Engine
-    from miaotui.eval.perplexity import calibration_text
+    from miaotui.compress.calibrate import calibration_text
 
     if args.prune == "magnitude" and args.sparsity is None:
         raise MiaotuiError("--prune magnitude needs --sparsity, e.g. 0.3")

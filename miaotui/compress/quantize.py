@@ -60,31 +60,45 @@ class Int4Weight:
     scales_zeros: torch.Tensor  # [K // group, N, 2], bf16
     group: int
     shape: tuple[int, int]
+    in_scale: torch.Tensor | None = None  # [K]: inputs are multiplied by it first (activation-aware scaling)
 
     CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+    ALPHAS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 
     @classmethod
-    def from_float(cls, w: torch.Tensor, group: int) -> Int4Weight:
+    def from_float(cls, w: torch.Tensor, group: int, in_power: torch.Tensor | None = None) -> Int4Weight:
         """Each group's grid spans its [min, max] shrunk by the factor (of CLIPS) with the least squared error:
-        clipping a few outliers buys a finer step for the rest (as llama.cpp's k-quants search their scales)."""
-        n, k = w.shape
-        g = w.float().reshape(n, k // group, group)
-        lo0, hi0 = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
+        clipping a few outliers buys a finer step for the rest (as llama.cpp's k-quants search their scales).
+
+        in_power [K], the mean square of each input channel on calibration text, turns on activation-aware
+        scaling (AWQ's idea): input channel k of W is multiplied by s_k = power_k^(alpha/2) before quantizing
+        (and inputs by 1/s_k at run time), so channels that see large activations get finer steps. alpha (of
+        ALPHAS; 0 = no scaling) minimises the output error Σ (ΔW)² · power, then the clip search runs on the
+        scaled weight."""
+        w = w.float()
+        if in_power is None:
+            return cls._from_groups(*_int4_search(w, group, cls.CLIPS), group)
+        power = in_power.float().clamp(min=1e-12)
         best = None
-        for clip in cls.CLIPS:
-            lo, hi = lo0 * clip, hi0 * clip
-            scale = ((hi - lo) / 15).clamp(min=1e-8)
-            q = torch.round((g - lo) / scale).clamp(0, 15)
-            err = (q * scale + lo - g).square().sum(dim=-1, keepdim=True)
-            if best is None:
-                best = [err, q, scale, lo]
-            else:
-                better = err < best[0]
-                for i, new in enumerate((err, q, scale, lo)):
-                    best[i] = torch.where(better, new, best[i])
-        _, q, scale, lo = best
-        return cls.from_codes(q.to(torch.int32).reshape(n, k), scale.reshape(n, -1), (lo + 8 * scale).reshape(n, -1),
-                              group)
+        for alpha in cls.ALPHAS:
+            s = power ** (alpha / 2)
+            s = s / (s.max() * s.min()).sqrt()
+            q, scale, lo = _int4_search(w * s, group, (1.0,))
+            deq = (q * scale + lo).reshape(w.shape) / s
+            err = ((deq - w).square() * power).sum().item()
+            if best is None or err < best[0]:
+                best = (err, alpha, s)
+        _, alpha, s = best
+        weight = cls._from_groups(*_int4_search(w * s, group, cls.CLIPS), group)
+        if alpha > 0:
+            weight.in_scale = (1 / s).to(torch.bfloat16)
+        return weight
+
+    @classmethod
+    def _from_groups(cls, q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, group: int) -> Int4Weight:
+        n = q.shape[0]
+        return cls.from_codes(q.to(torch.int32).reshape(n, -1), scale.reshape(n, -1),
+                              (lo + 8 * scale).reshape(n, -1), group)
 
     @classmethod
     def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> Int4Weight:
@@ -94,6 +108,8 @@ class Int4Weight:
         return cls(packed, sz, group, tuple(q.shape))
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_scale is not None:
+            x = x * self.in_scale.to(x.dtype)
         if x.dtype == torch.bfloat16:  # the common case: skip two no-op casts on the decode hot path
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scales_zeros)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, self.group,
@@ -106,7 +122,29 @@ class Int4Weight:
 
     @property
     def nbytes(self) -> int:
-        return self.packed.numel() * self.packed.element_size() + self.scales_zeros.numel() * 2
+        extra = 0 if self.in_scale is None else self.in_scale.numel() * 2
+        return self.packed.numel() * self.packed.element_size() + self.scales_zeros.numel() * 2 + extra
+
+
+def _int4_search(w: torch.Tensor, group: int, clips: tuple[float, ...]):
+    """Codes q [N, K/group, group] in 0..15, step and minimum [N, K/group, 1] of the clip factor with the least
+    squared error per group."""
+    n, k = w.shape
+    g = w.reshape(n, k // group, group)
+    lo0, hi0 = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
+    best = None
+    for clip in clips:
+        lo, hi = lo0 * clip, hi0 * clip
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        q = torch.round((g - lo) / scale).clamp(0, 15)
+        err = (q * scale + lo - g).square().sum(dim=-1, keepdim=True)
+        if best is None:
+            best = [err, q, scale, lo]
+        else:
+            better = err < best[0]
+            for i, new in enumerate((err, q, scale, lo)):
+                best[i] = torch.where(better, new, best[i])
+    return best[1], best[2], best[3]
 
 
 class HybridWeight:
@@ -141,9 +179,10 @@ def check_method(method: str, group_size: int) -> None:
 
 
 def quantize_weight(w: torch.Tensor, method: str, group_size: int = 32, dtype: torch.dtype = torch.bfloat16,
-                    head: bool = False, exact: Int4Weight | None = None):
+                    head: bool = False, exact: Int4Weight | None = None, in_power: torch.Tensor | None = None):
     """The output head stays at 8 bits whatever the method: 4-bit logits flip the argmax of small models (as
-    llama.cpp keeps its output tensor at 6-8 bits). `exact`: the file's own 4-bit codes, used as they are."""
+    llama.cpp keeps its output tensor at 6-8 bits). `exact`: the file's own 4-bit codes, used as they are;
+    `in_power`: calibration statistics of the inputs, for activation-aware int4."""
     if method == "auto":
         return HybridWeight(w, group_size, "int8" if head else "int4", exact)
     if method == "int8" or head:
@@ -152,15 +191,20 @@ def quantize_weight(w: torch.Tensor, method: str, group_size: int = 32, dtype: t
         return exact
     if w.shape[1] % group_size:
         return Int8Weight.from_float(w, dtype)  # rows that do not split into groups fall back to int8
-    return Int4Weight.from_float(w, group_size)
+    return Int4Weight.from_float(w, group_size, in_power)
+
+
+def has_exact_int4(module, group_size: int) -> bool:
+    codes = module.int4_codes
+    return group_size == 32 and bool(codes) and len(codes) == len(module.output_sizes)
 
 
 def exact_int4(module, group_size: int) -> Int4Weight | None:
     """The int4 weight of a Linear straight from the 4-bit codes the loader kept (GGUF Q4_0/Q4_1/Q4_K), when
     every part of it had them: the file's values exactly, no round trip through float."""
-    codes = module.int4_codes
-    if group_size != 32 or not codes or len(codes) != len(module.output_sizes):
+    if not has_exact_int4(module, group_size):
         return None
+    codes = module.int4_codes
     q, scale, zero = (torch.cat([codes[i][j] for i in range(len(codes))]) for j in range(3))
     return Int4Weight.from_codes(q.to(torch.int32), scale, zero, 32)
 
@@ -177,9 +221,12 @@ def resolve_auto(model: nn.Module) -> str:
     return model.config.quantization or "none"
 
 
-def quantize_model(model: nn.Module, method: str, group_size: int = 32) -> str:
+def quantize_model(model: nn.Module, method: str, group_size: int = 32, calibration_ids: list[int] | None = None
+                   ) -> str:
     """Replace every Linear's weight (and a separate copy of a tied output head) by its quantized form; return
-    the method applied."""
+    the method applied. With `calibration_ids`, int4 weights that are requantized (not a 4-bit file's own
+    codes) are scaled by the activations those tokens produce (`Int4Weight.from_float`)."""
+    from miaotui.compress.calibrate import input_power
     from miaotui.layers.linear import Linear
 
     check_method(method, group_size)
@@ -196,17 +243,23 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32) -> str:
                            "on CUDA")
     dtype = next(model.parameters()).dtype
     head = model.lm_head
+    # A quantized file's recipe marks its sensitive tensors by giving them more bits (Q4_K_M keeps attn_v and
+    # ffn_down at Q6_K): those stay at 8 bits under int4, as llama.cpp keeps them at 6.
+    linears = [m for m in model.modules() if isinstance(m, Linear) and m.quant is None]
+    eight_bit = {m for m in linears if m is head or (method == "int4" and 5 < m.file_bits < 16)}
+    power = {}
+    if method == "int4" and calibration_ids and any(
+            m not in eight_bit and m.activation_aware and not has_exact_int4(m, group_size) for m in linears):
+        power = input_power(model, calibration_ids)
     if not isinstance(head, Linear):  # tied to the embedding table: the head gets its own quantized copy
         model.head_quant = quantize_weight(head.weight.data, method, group_size, dtype, head=True)
-    for module in list(model.modules()):
-        if isinstance(module, Linear) and module.quant is None:
-            exact = exact_int4(module, group_size) if module is not head else None
-            # A quantized file's recipe marks its sensitive tensors by giving them more bits (Q4_K_M keeps
-            # attn_v and ffn_down at Q6_K): those stay at 8 bits under int4, as llama.cpp keeps them at 6.
-            kind = "int8" if method == "int4" and 5 < module.file_bits < 16 else method
-            module.quant = quantize_weight(module.weight.data, kind, group_size, dtype, module is head, exact)
-            module.weight = None
-            module.int4_codes = None
+    for module in linears:
+        exact = exact_int4(module, group_size) if module is not head else None
+        kind = "int8" if module in eight_bit and method == "int4" else method
+        module.quant = quantize_weight(module.weight.data, kind, group_size, dtype, module is head, exact,
+                                       power.get(module) if module.activation_aware else None)
+        module.weight = None
+        module.int4_codes = None
     if isinstance(head, Linear):
         model.head_quant = head.quant
     if method in ("int8", "int4"):  # the embedding table too, read row by row from int8 (shared when tied)

@@ -27,16 +27,6 @@ def default_text() -> str:
     return "\n\n".join(m.__doc__ or "" for m in (os, json, collections, math))
 
 
-def calibration_text() -> str:
-    """Calibration text for pruning that also ships with Python, apart from the perplexity text: the language
-    reference's help topics."""
-    try:
-        from pydoc_data.topics import topics
-    except ImportError:  # some distributions split pydoc_data off
-        return default_text()
-    return "\n\n".join(topics[k] for k in sorted(topics))
-
-
 def perplexity(engine: Engine, ids: list[int], ctx: int = 512, method: str = "llamacpp",
                max_windows: int | None = None) -> tuple[float, int]:
     """(perplexity, tokens scored)."""

@@ -40,6 +40,44 @@ inline T from_f(float x) { return static_cast<T>(x); }
     return __VA_ARGS__();                                                              \
   }()
 
+// ---------------------------------------------------------------------------------------------------------------
+// 16-lane fp32 vectors loaded from and stored to every element type the kernels meet.
+#if MIAOTUI_AVX512
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const BFloat16* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline __m256i to_bf16_bits(__m512 v) {  // round to nearest even, as torch's float -> bfloat16 does
+  __m512i b = _mm512_castps_si512(v);
+  __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  b = _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16));
+}
+inline void store16(BFloat16* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16_bits(v)); }
+// v rounded to T's precision and back (a no-op for fp32)
+inline __m512 round_to(float*, __m512 v) { return v; }
+inline __m512 round_to(BFloat16*, __m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16_bits(v)), 16));
+}
+// e^x to ~1 ulp: 2^(x log2 e) split into 2^n (scalef) and 2^f, f in [-0.5, 0.5], by its Taylor polynomial
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-88.f));
+  __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+  __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_sub_ps(t, n);
+  static const float c[] = {1.525273e-05f, 1.540353e-04f, 1.333356e-03f, 9.618129e-03f,
+                            5.550411e-02f, 2.402265e-01f, 6.931472e-01f, 1.f};
+  __m512 p = _mm512_set1_ps(c[0]);
+  for (int i = 1; i < 8; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[i]));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
 void check_cpu(const Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
@@ -54,9 +92,20 @@ void rms_norm_impl(const T* x, const T* w, T* y, int64_t rows, int64_t d, float 
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * d;
       float ss = 0.f;
-      for (int64_t i = 0; i < d; ++i) ss += to_f(xr[i]) * to_f(xr[i]);
+      int64_t i = 0;
+#if MIAOTUI_AVX512
+      __m512 acc = _mm512_setzero_ps();
+      for (; i + 16 <= d; i += 16) acc = _mm512_fmadd_ps(load16(xr + i), load16(xr + i), acc);
+      ss = _mm512_reduce_add_ps(acc);
+#endif
+      for (; i < d; ++i) ss += to_f(xr[i]) * to_f(xr[i]);
       float inv = 1.f / std::sqrt(ss / d + eps);
-      for (int64_t i = 0; i < d; ++i) y[r * d + i] = from_f<T>(to_f(xr[i]) * inv * to_f(w[i]));
+      i = 0;
+#if MIAOTUI_AVX512
+      __m512 vinv = _mm512_set1_ps(inv);
+      for (; i + 16 <= d; i += 16) store16(y + r * d + i, _mm512_mul_ps(_mm512_mul_ps(load16(xr + i), vinv), load16(w + i)));
+#endif
+      for (; i < d; ++i) y[r * d + i] = from_f<T>(to_f(xr[i]) * inv * to_f(w[i]));
     }
   });
 }
@@ -83,7 +132,24 @@ void gated_impl(const T* x, T* y, int64_t rows, int64_t d) {
     for (int64_t r = begin; r < end; ++r) {
       const T* g = x + r * 2 * d;
       const T* u = g + d;
-      for (int64_t i = 0; i < d; ++i) {
+      T* yr = y + r * d;
+      int64_t i = 0;
+#if MIAOTUI_AVX512
+      const __m512 one = _mm512_set1_ps(1.f);
+      for (; i + 16 <= d; i += 16) {
+        __m512 a = load16(g + i), act;
+        if (Gelu) {  // tanh(z) = 1 - 2 / (1 + e^2z)
+          __m512 z = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
+                                   _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), a), _mm512_mul_ps(a, a), a));
+          __m512 th = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(one, exp16(_mm512_add_ps(z, z)))));
+          act = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), a), _mm512_add_ps(one, th));
+        } else {
+          act = _mm512_div_ps(a, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), a))));
+        }
+        store16(yr + i, _mm512_mul_ps(round_to(yr, act), load16(u + i)));
+      }
+#endif
+      for (; i < d; ++i) {
         float a = to_f(g[i]);
         float act;
         if (Gelu) {
@@ -92,7 +158,7 @@ void gated_impl(const T* x, T* y, int64_t rows, int64_t d) {
           act = a / (1.f + std::exp(-a));
         }
         // Round the activation to T first, as torch's unfused `act(gate) * up` does.
-        y[r * d + i] = from_f<T>(to_f(from_f<T>(act)) * to_f(u[i]));
+        yr[i] = from_f<T>(to_f(from_f<T>(act)) * to_f(u[i]));
       }
     }
   });
@@ -150,85 +216,95 @@ void rope_(Tensor& x, const Tensor& positions, const Tensor& cos, const Tensor& 
 // Decode attention straight over the paged cache: one query token per sequence, no gather, no mask.
 // Work unit = (sequence, kv head): its group of query heads scores every visible key, softmax, weighted values.
 
-// dot(q, k) and acc += p * v over one head of D values, k and v in the cache's element type.
-#if MIAOTUI_AVX512
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const BFloat16* p) {
-  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline __m512 load16(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-#endif
-
-template <typename C>
+// One query head against one cached head of D = 16 * V values (V a compile-time count, so the loops unroll;
+// V = 0: any D, scalar loops).
+template <int V, typename C>
 inline float dot_head(const float* q, const C* k, int64_t D) {
-  int64_t j = 0;
   float dot = 0.f;
 #if MIAOTUI_AVX512
-  __m512 acc = _mm512_setzero_ps();
-  for (; j + 16 <= D; j += 16) acc = _mm512_fmadd_ps(load16(q + j), load16(k + j), acc);
-  dot = _mm512_reduce_add_ps(acc);
+  if constexpr (V > 0) {
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int v = 0; v < V; ++v) acc[v & 1] = _mm512_fmadd_ps(load16(q + 16 * v), load16(k + 16 * v), acc[v & 1]);
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+  }
 #endif
-  for (; j < D; ++j) dot += q[j] * to_f(k[j]);
+  for (int64_t j = 0; j < D; ++j) dot += q[j] * to_f(k[j]);
   return dot;
 }
 
-template <typename C>
-inline void axpy_head(float p, const C* v, float* acc, int64_t D) {
-  int64_t j = 0;
+// out[0:D] = Σ_i p[i] · v(rows[i]), accumulated in fp32.
+template <int V, typename C>
+inline void weighted_sum(const float* p, const C* cache, const int64_t* rows, int64_t n, int64_t D, float* out) {
 #if MIAOTUI_AVX512
-  __m512 pv = _mm512_set1_ps(p);
-  for (; j + 16 <= D; j += 16) _mm512_storeu_ps(acc + j, _mm512_fmadd_ps(pv, load16(v + j), load16(acc + j)));
+  if constexpr (V > 0) {
+    __m512 acc[V];
+    for (int v = 0; v < V; ++v) acc[v] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; ++i) {
+      const C* row = cache + rows[i] * D;
+      __m512 pi = _mm512_set1_ps(p[i]);
+      for (int v = 0; v < V; ++v) acc[v] = _mm512_fmadd_ps(pi, load16(row + 16 * v), acc[v]);
+    }
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(out + 16 * v, acc[v]);
+    return;
+  }
 #endif
-  for (; j < D; ++j) acc[j] += p * to_f(v[j]);
+  std::fill(out, out + D, 0.f);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < D; ++j) out[j] += p[i] * to_f(cache[rows[i] * D + j]);
 }
 
-template <typename T, typename C>
+// In place over n scores: softmax.
+inline void softmax(float* s, int64_t n) {
+  float mx = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, s[i]);
+  float sum = 0.f;
+  int64_t i = 0;
+#if MIAOTUI_AVX512
+  __m512 vsum = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i), _mm512_set1_ps(mx)));
+    _mm512_storeu_ps(s + i, e);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  sum = _mm512_reduce_add_ps(vsum);
+#endif
+  for (; i < n; ++i) sum += (s[i] = std::exp(s[i] - mx));
+  float inv = 1.f / sum;
+  for (i = 0; i < n; ++i) s[i] *= inv;
+}
+
+template <int V, typename T, typename C>
 void paged_attention_impl(const T* q, T* out, const C* kc, const C* vc, const T* ks, const T* vs,
                           const int64_t* tables, int64_t table_width, const int64_t* lens, int64_t B, int64_t Hq,
                           int64_t Hkv, int64_t D, int64_t BS, float scale, int64_t window) {
   int64_t group = Hq / Hkv;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, acc(group * D), qf(group * D);
+    std::vector<float> scores, p, qf(D), acc(D);
+    std::vector<int64_t> rows;
     for (int64_t unit = begin; unit < end; ++unit) {
       int64_t b = unit / Hkv, kvh = unit % Hkv;
       int64_t len = lens[b];
       int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
       int64_t n = len - first;
-      scores.assign(group * n, 0.f);
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t j = 0; j < D; ++j) qf[g * D + j] = to_f(q[(b * Hq + kvh * group + g) * D + j]) * scale;
+      // the cache row of each visible key for this kv head, block by block
+      rows.resize(n);
       const int64_t* table = tables + b * table_width;
-      for (int64_t t = first; t < len; ++t) {
-        int64_t slot = (table[t / BS] * BS + t % BS) * Hkv + kvh;  // token t's row for this kv head
-        const C* k = kc + slot * D;
-        float s = ks ? to_f(ks[slot]) : 1.f;
-        for (int64_t g = 0; g < group; ++g) {
-          scores[g * n + t - first] = dot_head(qf.data() + g * D, k, D) * s;
-        }
+      for (int64_t blk = first / BS; blk * BS < len; ++blk) {
+        int64_t t0 = std::max(first, blk * BS), t1 = std::min(len, blk * BS + BS);
+        for (int64_t t = t0; t < t1; ++t) rows[t - first] = ((table[blk] - blk) * BS + t) * Hkv + kvh;
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
+      scores.resize(n);
+      p.resize(n);
       for (int64_t g = 0; g < group; ++g) {
-        float* sg = scores.data() + g * n;
-        float mx = -INFINITY;
-        for (int64_t i = 0; i < n; ++i) mx = std::max(mx, sg[i]);
-        float sum = 0.f;
-        for (int64_t i = 0; i < n; ++i) sum += (sg[i] = std::exp(sg[i] - mx));
-        float inv = 1.f / sum;
-        for (int64_t i = 0; i < n; ++i) sg[i] *= inv;
+        int64_t head = b * Hq + kvh * group + g;
+        for (int64_t j = 0; j < D; ++j) qf[j] = to_f(q[head * D + j]) * scale;
+        for (int64_t i = 0; i < n; ++i)
+          scores[i] = dot_head<V>(qf.data(), kc + rows[i] * D, D) * (ks ? to_f(ks[rows[i]]) : 1.f);
+        softmax(scores.data(), n);
+        for (int64_t i = 0; i < n; ++i) p[i] = scores[i] * (vs ? to_f(vs[rows[i]]) : 1.f);
+        weighted_sum<V>(p.data(), vc, rows.data(), n, D, acc.data());
+        for (int64_t j = 0; j < D; ++j) out[head * D + j] = from_f<T>(acc[j]);
       }
-      for (int64_t t = first; t < len; ++t) {
-        int64_t slot = (table[t / BS] * BS + t % BS) * Hkv + kvh;
-        const C* v = vc + slot * D;
-        float s = vs ? to_f(vs[slot]) : 1.f;
-        for (int64_t g = 0; g < group; ++g) {
-          axpy_head(scores[g * n + t - first] * s, v, acc.data() + g * D, D);
-        }
-      }
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t j = 0; j < D; ++j) out[(b * Hq + kvh * group + g) * D + j] = from_f<T>(acc[g * D + j]);
     }
   });
 }
@@ -254,7 +330,11 @@ Tensor paged_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_c
     const scalar_t* ks = int8 ? k_scale->data_ptr<scalar_t>() : nullptr;
     const scalar_t* vs = int8 ? v_scale->data_ptr<scalar_t>() : nullptr;
     auto run = [&](auto* kc, auto* vc) {
-      paged_attention_impl(q.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), kc, vc, ks, vs,
+      auto impl = D == 64 ? paged_attention_impl<4, scalar_t, std::remove_pointer_t<decltype(kc)>>
+                : D == 128 ? paged_attention_impl<8, scalar_t, std::remove_pointer_t<decltype(kc)>>
+                : D == 256 ? paged_attention_impl<16, scalar_t, std::remove_pointer_t<decltype(kc)>>
+                : paged_attention_impl<0, scalar_t, std::remove_pointer_t<decltype(kc)>>;
+      impl(q.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), kc, vc, ks, vs,
                            block_tables.data_ptr<int64_t>(), block_tables.size(1), context_lens.data_ptr<int64_t>(),
                            B, Hq, Hkv, D, BS, static_cast<float>(scale), window);
     };

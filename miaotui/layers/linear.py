@@ -19,6 +19,7 @@ class Linear(nn.Module):
         self.quant = None  # a packed weight (OneDNNWeight, or low-bit from compress/quantize.py) replacing `weight`
         self.int4_codes: dict[int, tuple] | None = None  # per part: a 4-bit file's own codes, kept for int4
         self.file_bits = 0  # bits per weight the file stored this projection with (16 for float files)
+        self.activation_aware = True  # int4 may scale input channels by calibration statistics (quantize.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is None:

@@ -25,6 +25,9 @@ class Gemma3Attention(nn.Module):
         self.sizes = [h * d, kv * d, kv * d]
         self.shape = (h, kv, d)
         self.qkv_proj = Linear(cfg.hidden_size, self.sizes, bias=cfg.attention_bias)
+        # q and k are RMS-normalised per head after this projection, where the per-weight error proxy of
+        # activation-aware int4 misleads: measured +6% perplexity with it, against -6% for the MLP's inputs.
+        self.qkv_proj.activation_aware = False
         self.o_proj = Linear(h * d, cfg.hidden_size)
         self.q_norm = RMSNorm(d, cfg.norm_eps)
         self.k_norm = RMSNorm(d, cfg.norm_eps)

@@ -120,3 +120,44 @@ def test_kept_codes_are_freed_when_auto_resolves_to_dense(smollm2_path):
     llm = LLM(str(smollm2_path), dtype="float32", kv_cache_memory=2**24)  # auto on fp32: dense weights
     assert llm.engine.quantization == "none"
     assert not any(getattr(m, "int4_codes", None) for m in llm.engine.loaded.model.modules())
+
+
+def test_activation_aware_int4_lowers_the_output_error():
+    """Channels that carry large activations get finer steps when calibration statistics are given; inputs are
+    scaled back at run time, so the layer still computes x Wᵀ."""
+    torch.manual_seed(2)
+    w = torch.randn(128, 256) * 0.05
+    loud = torch.ones(256)
+    loud[torch.randperm(256)[:12]] = 30.0  # a few outlier channels, as real hidden states have
+
+    def inputs(n):
+        return (torch.randn(n, 256) * loud).to(torch.bfloat16)
+
+    calib = inputs(512).float()
+    plain = Int4Weight.from_float(w, 32)
+    aware = Int4Weight.from_float(w, 32, calib.square().mean(0))
+    assert plain.in_scale is None and aware.in_scale is not None
+    x = inputs(256)
+    ref = x.float() @ w.t()
+    err_plain = (plain.matmul(x).float() - ref).square().mean()
+    err_aware = (aware.matmul(x).float() - ref).square().mean()
+    assert err_aware < 0.7 * err_plain
+    # The run-time input scaling is part of the layer: its dequantized weight reproduces its output.
+    deq_out = x.float() @ aware.dequantize().t()
+    assert ((aware.matmul(x).float() - deq_out).abs().max() / deq_out.abs().max()) < 1e-2
+
+
+def test_int4_calibrates_only_requantized_weights(smollm2_path, gemma3_path):
+    """Engine-level: `int4` on a Q4_1 file uses the file's codes (nothing to calibrate); activation-aware
+    scaling shows up only where weights are requantized, and never on Gemma's QK-normalised projection."""
+    from miaotui import LLM
+
+    llm = LLM(smollm2_path, quantization="int4", kv_cache_memory=16 * 2**20)
+    scaled = [m for m in llm.engine.runner.model.modules() if getattr(getattr(m, "quant", None), "in_scale", None)
+              is not None]
+    assert scaled == []
+
+    gemma = LLM(gemma3_path, quantization="int4", kv_cache_memory=16 * 2**20).engine.runner.model
+    layers = gemma.model.layers
+    assert all(getattr(layer.self_attn.qkv_proj.quant, "in_scale", None) is None for layer in layers)
+    assert any(getattr(layer.mlp.gate_up_proj.quant, "in_scale", None) is not None for layer in layers)

@@ -1,0 +1,51 @@
+"""Activation statistics on calibration text, for quantizers that weigh each input channel by what it carries."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+CALIBRATION_TOKENS = 512
+
+
+def calibration_text() -> str:
+    """Calibration text that ships with Python, apart from the perplexity text (eval/perplexity.py): the
+    language reference's help topics, else the standard library's docstrings."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions split pydoc_data off
+        import collections
+        import json
+        import os
+        return "\n\n".join(m.__doc__ or "" for m in (os, json, collections, torch))
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+@torch.inference_mode()
+def input_power(model: nn.Module, ids: list[int], block_size: int = 16) -> dict[nn.Module, torch.Tensor]:
+    """The mean square of every Linear's input channels [K] (fp32) over one prefill of `ids`, run through a
+    temporary KV cache (the engine's own runner re-points the attention layers when it is built)."""
+    from miaotui.engine.runner import ModelRunner
+    from miaotui.engine.sequence import Sequence
+    from miaotui.layers.linear import Linear
+    from miaotui.sampling import SamplingParams
+
+    blocks = -(-len(ids) // block_size)
+    runner = ModelRunner(model, blocks + 1, block_size)  # block 0 pads block tables
+    seq = Sequence("calibration", list(ids), len(ids), SamplingParams(max_tokens=1), None,
+                   block_table=list(range(1, blocks + 1)))
+    sums: dict[nn.Module, torch.Tensor] = {}
+
+    def record(module, args):
+        x = args[0].float()
+        sums[module] = sums.get(module, 0) + x.square().sum(0)
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, Linear)]
+    try:
+        runner.run([seq], [len(ids)])
+    finally:
+        for h in handles:
+            h.remove()
+        for attn in model.attention_layers():
+            attn.k_cache = attn.v_cache = attn.k_scale = attn.v_scale = None
+    return {m: s / len(ids) for m, s in sums.items()}

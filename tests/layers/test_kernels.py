@@ -1,0 +1,105 @@
+"""miaotui's C++ CPU kernels (miaotui/kernels/cpu_ops.cpp), each against the plain-torch computation it replaces."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from miaotui.kernels import cpu_ops
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler: the kernels cannot be built")
+
+
+@pytest.fixture(scope="module")
+def ops():
+    m = cpu_ops()
+    assert m is not None, "the CPU kernels failed to build (see the warning above)"
+    return m
+
+
+def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    return bool(((a.float() - b.float()).abs() <= tol * (1 + b.float().abs())).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm(ops, dtype):
+    torch.manual_seed(0)
+    x, w = torch.randn(5, 3, 88, dtype=dtype) * 3, torch.randn(88, dtype=dtype)
+    ref = x.float() * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + 1e-6) * w.float()
+    assert close(ops.rms_norm(x, w, 1e-6), ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_gated_activation(ops, dtype, gelu):
+    torch.manual_seed(0)
+    x = torch.randn(4, 2 * 100, dtype=dtype) * 4  # 100: a vector body and a scalar tail
+    gate, up = x.chunk(2, -1)
+    act = F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)
+    assert close(ops.gated_act(x, gelu), act * up, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_rotates_strided_heads_in_place(ops, dtype):
+    from miaotui.layers.rotary import RotaryEmbedding
+
+    torch.manual_seed(0)
+    rope = RotaryEmbedding(64, 256, 10000.0)
+    qkv = torch.randn(6, 5 * 64, dtype=dtype)
+    qk = qkv[:, : 4 * 64].view(6, 4, 64)  # q and k heads inside a fused output: rows are strided
+    pos = torch.tensor([0, 1, 7, 100, 3, 255])
+    cos, sin = rope.cos[pos][:, None], rope.sin[pos][:, None]
+    half = 32
+    x = qk.float()
+    ref = x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+    v_before = qkv[:, 4 * 64 :].clone()
+    ops.rope_(qk, pos, rope.cos, rope.sin)
+    assert close(qk, ref, dtype)
+    assert torch.equal(qkv[:, 4 * 64 :], v_before)  # the v part is untouched
+
+
+def reference_attention(q, k_cache, v_cache, tables, lens, scale, window, k_scale=None, v_scale=None):
+    out = []
+    bs = k_cache.shape[1]
+    for b in range(q.shape[0]):
+        n = int(lens[b])
+        blocks = tables[b, : (n + bs - 1) // bs]
+        keys = k_cache[blocks].flatten(0, 1)[:n].float()
+        values = v_cache[blocks].flatten(0, 1)[:n].float()
+        if k_scale is not None:
+            keys = keys * k_scale[blocks].flatten(0, 1)[:n].float()
+            values = values * v_scale[blocks].flatten(0, 1)[:n].float()
+        first = max(0, n - window) if window else 0
+        keys, values = keys[first:].transpose(0, 1), values[first:].transpose(0, 1)  # [Hkv, n, D]
+        group = q.shape[1] // keys.shape[0]
+        qb = q[b].float().view(keys.shape[0], group, -1)
+        out.append(F.scaled_dot_product_attention(qb, keys, values, scale=scale).reshape(q.shape[1], -1))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("dtype,cache", [(torch.float32, "model"), (torch.bfloat16, "model"),
+                                         (torch.bfloat16, "int8"), (torch.float32, "int8")])
+@pytest.mark.parametrize("head_dim,window", [(64, 0), (80, 0), (64, 20)])  # 80: the generic (non-unrolled) path
+def test_paged_attention_matches_gathered_sdpa(ops, dtype, cache, head_dim, window):
+    torch.manual_seed(0)
+    blocks, bs, hq, hkv = 40, 16, 6, 2
+    lens = torch.tensor([1, 17, 50, 33])
+    tables = torch.stack([torch.randperm(blocks - 1)[:8] + 1 for _ in lens])  # scattered blocks, block 0 unused
+    q = torch.randn(len(lens), hq, head_dim, dtype=dtype)
+    k = torch.randn(blocks, bs, hkv, head_dim, dtype=dtype)
+    v = torch.randn(blocks, bs, hkv, head_dim, dtype=dtype)
+    ks = vs = None
+    if cache == "int8":
+        ks = (k.abs().amax(-1, keepdim=True).float() / 127).to(dtype)
+        vs = (v.abs().amax(-1, keepdim=True).float() / 127).to(dtype)
+        k = torch.round(k.float() / ks.float()).clamp(-127, 127).to(torch.int8)
+        v = torch.round(v.float() / vs.float()).clamp(-127, 127).to(torch.int8)
+    scale = head_dim**-0.5
+    out = ops.paged_attention(q, k, v, ks, vs, tables, lens, scale, window)
+    ref = reference_attention(q, k, v, tables, lens, scale, window, ks, vs)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert close(out, ref, dtype)
