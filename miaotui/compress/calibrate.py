@@ -21,6 +21,11 @@ def calibration_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
+def calibration_ids(tokenizer) -> list[int]:
+    """The first CALIBRATION_TOKENS tokens of the calibration text (only a prefix of it is encoded)."""
+    return tokenizer.encode(calibration_text()[: CALIBRATION_TOKENS * 16])[:CALIBRATION_TOKENS]
+
+
 @torch.inference_mode()
 def input_power(model: nn.Module, ids: list[int], block_size: int = 16) -> dict[nn.Module, torch.Tensor]:
     """The mean square of every Linear's input channels [K] (fp32) over one prefill of `ids`, run through a

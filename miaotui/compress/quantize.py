@@ -221,15 +221,16 @@ def resolve_auto(model: nn.Module) -> str:
     return model.config.quantization or "none"
 
 
-def quantize_model(model: nn.Module, method: str, group_size: int = 32, calibration_ids: list[int] | None = None
-                   ) -> str:
+def quantize_model(model: nn.Module, method: str, group_size: int = 32, tokenizer=None) -> str:
     """Replace every Linear's weight (and a separate copy of a tied output head) by its quantized form; return
-    the method applied. With `calibration_ids`, int4 weights that are requantized (not a 4-bit file's own
-    codes) are scaled by the activations those tokens produce (`Int4Weight.from_float`)."""
-    from miaotui.compress.calibrate import input_power
+    the method applied. With a tokenizer, int4 weights that are requantized (not a 4-bit file's own codes) are
+    scaled by the activations of calibration text (`Int4Weight.from_float`) when int4 was asked for: not when
+    `auto` picks it for a stored int4 folder, whose grid reloads exactly only unscaled."""
+    from miaotui.compress.calibrate import calibration_ids, input_power
     from miaotui.layers.linear import Linear
 
     check_method(method, group_size)
+    calibrate = method == "int4" and tokenizer is not None
     if method == "auto":
         method = resolve_auto(model)
     if method == "none":  # the codes the loader kept for int4 are not needed: free them
@@ -248,9 +249,9 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, calibrat
     linears = [m for m in model.modules() if isinstance(m, Linear) and m.quant is None]
     eight_bit = {m for m in linears if m is head or (method == "int4" and 5 < m.file_bits < 16)}
     power = {}
-    if method == "int4" and calibration_ids and any(
+    if calibrate and any(
             m not in eight_bit and m.activation_aware and not has_exact_int4(m, group_size) for m in linears):
-        power = input_power(model, calibration_ids)
+        power = input_power(model, calibration_ids(tokenizer))
     if not isinstance(head, Linear):  # tied to the embedding table: the head gets its own quantized copy
         model.head_quant = quantize_weight(head.weight.data, method, group_size, dtype, head=True)
     for module in linears:

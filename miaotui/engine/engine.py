@@ -11,7 +11,6 @@ import psutil
 import torch
 
 from miaotui.config import EngineConfig, resolve_device, resolve_dtype
-from miaotui.compress.calibrate import CALIBRATION_TOKENS, calibration_text
 from miaotui.compress.quantize import quantize_model
 from miaotui.engine.kv_cache import KVCacheManager
 from miaotui.engine.runner import ModelRunner, kv_bytes_per_token
@@ -46,11 +45,8 @@ class Engine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         keep_codes = config.quantization in ("int4", "auto") and config.group_size == 32
         self.loaded = loaded or load(config.model, self.device, self.dtype, keep_int4_codes=keep_codes)
-        calibration = None
-        if config.quantization == "int4":  # activation-aware int4 for weights that are requantized
-            text = calibration_text()[: CALIBRATION_TOKENS * 16]  # enough characters for the tokens, no more
-            calibration = self.loaded.tokenizer.encode(text)[:CALIBRATION_TOKENS]
-        self.quantization = quantize_model(self.loaded.model, config.quantization, config.group_size, calibration)
+        self.quantization = quantize_model(self.loaded.model, config.quantization, config.group_size,
+                                           self.loaded.tokenizer)
         if self.quantization == "none":
             prepack_for_cpu(self.loaded.model)
         trim_heap()

@@ -2,7 +2,8 @@
 
 `cpu_ops()` returns the compiled module, or None where it cannot be built (no C++ compiler, MIAOTUI_KERNELS=0):
 every caller then keeps its plain-torch path, so the kernels change speed, never results beyond rounding.
-The build takes about a minute and is cached under ~/.cache/miaotui/kernels, keyed by the source and the flags.
+The build takes about 40 s here and is cached under ~/.cache/miaotui/kernels (or $MIAOTUI_CACHE/kernels), keyed
+by the source, the flags, torch's version and the host (the flags include -march=native).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def cpu_ops():
 
         build = _build_dir()
         if not (build / "miaotui_cpu_ops.so").exists():
-            log.warning("compiling miaotui's CPU kernels (once per machine, about a minute)")
+            log.warning("compiling miaotui's CPU kernels (once per machine, under a minute)")
         _module = load(name="miaotui_cpu_ops", sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
                        build_directory=str(build), verbose=False)
     except Exception as e:  # no compiler, no ninja, or a build error: plain torch keeps working
