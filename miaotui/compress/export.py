@@ -87,7 +87,7 @@ def pack_int8(w: torch.Tensor) -> dict[str, torch.Tensor]:
     from miaotui.compress.quantize import Int8Weight
 
     q = Int8Weight.from_float(w, torch.bfloat16)
-    return {"weight": q.q, "weight_scale": q.scales}
+    return {"weight": q.codes(), "weight_scale": q.scales}
 
 
 def pack_int4(w: torch.Tensor, group: int) -> dict[str, torch.Tensor]:

@@ -1,11 +1,12 @@
 """Weight-only quantization as a model transformation: each Linear's float weight is replaced, once at load time,
-by a packed low-bit weight that torch's own kernels multiply directly (never dequantized per step).
+by a packed low-bit weight that a low-bit kernel multiplies directly (never dequantized per step): miaotui's
+VNNI kernel where the CPU has it (kernels/packed.py; 2-3x faster at decode sizes), else torch's own.
 
-- int8: per-output-channel symmetric scales, `aten._weight_int8pack_mm`.
+- int8: per-output-channel symmetric scales (torch: `aten._weight_int8pack_mm`).
 - auto: int4 for decode-sized inputs beside a dense bf16 copy for prefill and large batches (CPU, bf16).
-- int4: asymmetric groups of 32/64/128 along the input dimension, `aten._weight_int4pack_mm_for_cpu`. The kernel
-  computes w = (q - 8) * scale + zero, so a group with minimum `lo` and step `scale` stores zero = lo + 8 * scale;
-  a GGUF Q4_1 block (w = d * q + m) maps onto this exactly with scale = d, zero = m + 8d.
+- int4: asymmetric groups of 32/64/128 along the input dimension (torch: `aten._weight_int4pack_mm_for_cpu`,
+  which computes w = (q - 8) * scale + zero, so a group with minimum `lo` and step `scale` stores
+  zero = lo + 8 * scale; a GGUF Q4_1 block, w = d * q + m, is scale = d, zero = m + 8d).
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ import torch
 from torch import nn
 
 from miaotui.errors import MiaotuiError
+from miaotui.kernels.packed import PackedWeight
 
 METHODS = ("none", "int8", "int4", "auto")
 
 
 @dataclass
 class Int8Weight:
-    q: torch.Tensor  # [N, K] int8
+    q: torch.Tensor | None  # [N, K] int8 for torch's kernel; None where `fast` holds the codes
     scales: torch.Tensor  # [N], activation dtype
+    fast: PackedWeight | None = None  # miaotui's VNNI layout (codes + 128), where the CPU has it
 
     @classmethod
     def from_float(cls, w: torch.Tensor, dtype: torch.dtype) -> Int8Weight:
@@ -33,34 +36,47 @@ class Int8Weight:
         scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-8)
         scales = (scales * (1 + 2**-7)).to(dtype).float()
         q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(q.contiguous(), scales.to(dtype))
+        fast = PackedWeight.pack((q.to(torch.int16) + 128).to(torch.uint8), scales[:, None], -128 * scales[:, None], 8)
+        return cls(None if fast else q.contiguous(), scales.to(dtype), fast)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast is not None:
+            return self.fast.matmul(x)
         if x.dtype == self.scales.dtype == torch.bfloat16:
             return torch.ops.aten._weight_int8pack_mm(x, self.q, self.scales)
         # The CPU kernel's fp32 path is unvectorised (~13x slower): compute in bf16, as the int4 kernel does.
         y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scales.to(torch.bfloat16))
         return y.to(x.dtype)
 
+    def codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The int8 values [N, K] (or of `rows` only)."""
+        if self.fast is None:
+            return self.q if rows is None else self.q[rows]
+        return (self.fast.codes(rows).to(torch.int16) - 128).to(torch.int8)
+
     def dequantize(self) -> torch.Tensor:
-        return self.q.float() * self.scales.float()[:, None]
+        return self.codes().float() * self.scales.float()[:, None]
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` as floats: the embedding table read from its int8 form."""
-        return self.q[ids].to(self.scales.dtype) * self.scales[ids, None]
+        flat = ids.reshape(-1)
+        rows = self.codes(flat).to(self.scales.dtype) * self.scales[flat, None]
+        return rows.reshape(*ids.shape, -1)
 
     @property
     def nbytes(self) -> int:
-        return self.q.numel() + self.scales.numel() * self.scales.element_size()
+        codes = self.fast.nbytes if self.fast is not None else self.q.numel()
+        return codes + self.scales.numel() * self.scales.element_size()
 
 
 @dataclass
 class Int4Weight:
-    packed: torch.Tensor
-    scales_zeros: torch.Tensor  # [K // group, N, 2], bf16
+    packed: torch.Tensor | None  # torch's int4 layout; None where `fast` holds the weight
+    scales_zeros: torch.Tensor | None  # [K // group, N, 2], bf16
     group: int
     shape: tuple[int, int]
     in_scale: torch.Tensor | None = None  # [K]: inputs are multiplied by it first (activation-aware scaling)
+    fast: PackedWeight | None = None  # miaotui's VNNI layout (w = d * q + m, fp16 d and m), where the CPU has it
 
     CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
     ALPHAS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
@@ -103,11 +119,16 @@ class Int4Weight:
     @classmethod
     def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> Int4Weight:
         """q [N, K] in 0..15, scale and zero [N, K // group]: w = (q - 8) * scale + zero."""
+        fast = PackedWeight.pack(q, scale.float(), zero.float() - 8 * scale.float(), 4)
+        if fast is not None:
+            return cls(None, None, group, tuple(q.shape), fast=fast)
         sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
         return cls(packed, sz, group, tuple(q.shape))
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast is not None:
+            return self.fast.matmul(x, self.in_scale)
         if self.in_scale is not None:
             x = x * self.in_scale.to(x.dtype)
         if x.dtype == torch.bfloat16:  # the common case: skip two no-op casts on the decode hot path
@@ -117,12 +138,17 @@ class Int4Weight:
         return y.to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
+        if self.fast is not None:
+            w = self.fast.dequantize()
+            return w if self.in_scale is None else w * self.in_scale.float()
         eye = torch.eye(self.shape[1], dtype=torch.bfloat16)
         return self.matmul(eye).float().t()
 
     @property
     def nbytes(self) -> int:
         extra = 0 if self.in_scale is None else self.in_scale.numel() * 2
+        if self.fast is not None:
+            return self.fast.nbytes + extra
         return self.packed.numel() * self.packed.element_size() + self.scales_zeros.numel() * 2 + extra
 
 

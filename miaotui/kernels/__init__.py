@@ -22,14 +22,14 @@ log = logging.getLogger(__name__)
 # The fused kernels serve decode-sized inputs (up to this many tokens); torch's vectorised ops keep prefill.
 SMALL_ROWS = 64
 
-_SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_ops.cpp", "qmatmul.cpp")]
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]  # -fopenmp: at::parallel_for runs serially without it
 _module = None
 _tried = False
 
 
 def _build_dir() -> Path:
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + torch.__version__.encode()
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES) + " ".join(_FLAGS).encode() + torch.__version__.encode()
                          + platform.node().encode()).hexdigest()[:16]
     root = Path(os.environ.get("MIAOTUI_CACHE", Path.home() / ".cache" / "miaotui"))
     path = root / "kernels" / key
@@ -51,7 +51,7 @@ def cpu_ops():
         build = _build_dir()
         if not (build / "miaotui_cpu_ops.so").exists():
             log.warning("compiling miaotui's CPU kernels (once per machine, under a minute)")
-        _module = load(name="miaotui_cpu_ops", sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+        _module = load(name="miaotui_cpu_ops", sources=[str(p) for p in _SOURCES], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
                        build_directory=str(build), verbose=False)
     except Exception as e:  # no compiler, no ninja, or a build error: plain torch keeps working
         warnings.warn(f"miaotui's CPU kernels could not be built ({type(e).__name__}: {e}); using plain torch ops",

@@ -346,10 +346,19 @@ Tensor paged_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_c
 
 }  // namespace
 
+// qmatmul.cpp
+bool qmatmul_fast();
+Tensor qmatmul(const Tensor& x, const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t N,
+               const c10::optional<Tensor>& in_scale, bool reference);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("avx512") = static_cast<bool>(MIAOTUI_AVX512);
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim");
   m.def("gated_act", &gated_act, "act(gate) * up over a fused [gate | up] last dim (gelu_tanh or silu)");
   m.def("rope_", &rope_, "NEOX rotary embedding in place on [T, H, D]");
   m.def("paged_attention", &paged_attention, "one-token-per-sequence attention over the paged KV cache");
+  m.attr("vnni") = qmatmul_fast();
+  m.def("qmatmul", &qmatmul, "x @ W^T for 4/8-bit packed weights, activations quantized to int8 per 32",
+        py::arg("x"), py::arg("w"), py::arg("dm"), py::arg("bits"), py::arg("group"), py::arg("n"),
+        py::arg("in_scale") = py::none(), py::arg("reference") = false);
 }

@@ -103,3 +103,32 @@ def test_paged_attention_matches_gathered_sdpa(ops, dtype, cache, head_dim, wind
     ref = reference_attention(q, k, v, tables, lens, scale, window, ks, vs)
     assert out.dtype == dtype and out.shape == q.shape
     assert close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 32), (8, 96)])
+@pytest.mark.parametrize("m", [1, 3, 9])
+def test_qmatmul_matches_the_dequantized_weight(ops, bits, group, m):
+    """The integer kernel (two int8 terms per activation) against x @ (d q + m)ᵀ in fp32; rows not in blocks of 16,
+    in_scale applied first; the VNNI path and the plain C++ one agree to rounding."""
+    from miaotui.kernels.packed import PackedWeight
+
+    torch.manual_seed(0)
+    n, k = 50, 384
+    codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8)
+    d = torch.rand(n, k // group) * 0.01 + 1e-3
+    mn = torch.randn(n, k // group) * 0.01
+    w = PackedWeight.pack(codes, d, mn, bits)
+    if w is None:
+        pytest.skip("no AVX-512 VNNI on this CPU")
+    deq = (codes.float().view(n, -1, group) * d.half().float()[..., None] + mn.half().float()[..., None]).view(n, k)
+    assert torch.equal(w.dequantize(), deq) and torch.equal(w.codes(torch.tensor([49, 3])), codes[[49, 3]])
+    x = torch.randn(m, k) * torch.where(torch.rand(k) < 0.05, 30.0, 1.0)  # a few outlier channels
+    s = torch.rand(k) + 0.5
+    ref = (x * s) @ deq.t()
+    y = w.matmul(x, s)
+    assert y.shape == (m, n)
+    assert ((y - ref).abs().max() / ref.abs().max()) < 1e-4  # the residual term keeps ~15 bits of x
+    slow = ops.qmatmul(x, w.data, w.dm, bits, w.group, n, s, reference=True)
+    assert torch.allclose(y, slow, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    yb = w.matmul(x.bfloat16(), s)
+    assert yb.dtype == torch.bfloat16 and ((yb.float() - ref).abs().max() / ref.abs().max()) < 1e-2
