@@ -18,6 +18,7 @@ from torch import nn
 
 from miaotui.errors import MiaotuiError
 from miaotui.kernels.packed import PackedWeight
+from miaotui.loader.dequant import BlockCodes
 
 METHODS = ("none", "int8", "int4", "auto")
 
@@ -25,7 +26,7 @@ METHODS = ("none", "int8", "int4", "auto")
 @dataclass
 class Int8Weight:
     q: torch.Tensor | None  # [N, K] int8 for torch's kernel; None where `fast` holds the codes
-    scales: torch.Tensor  # [N], activation dtype
+    scales: torch.Tensor | None  # [N], activation dtype (per-row weights; None for a file's blocks)
     fast: PackedWeight | None = None  # miaotui's VNNI layout (codes + 128), where the CPU has it
 
     @classmethod
@@ -39,6 +40,13 @@ class Int8Weight:
         fast = PackedWeight.pack((q.to(torch.int16) + 128).to(torch.uint8), scales[:, None], -128 * scales[:, None], 8)
         return cls(None if fast else q.contiguous(), scales.to(dtype), fast)
 
+    @classmethod
+    def from_codes(cls, codes: BlockCodes | None) -> Int8Weight | None:
+        """A file's integer blocks of up to 8 bits (Q8_0, Q5_0, Q4_1, ...) held exactly as 8-bit codes with their
+        per-block d and m; None where that layout has no kernel here (then `from_float` requantizes per row)."""
+        fast = PackedWeight.pack(codes.q, codes.d, codes.m, 8) if codes is not None and codes.bits <= 8 else None
+        return None if fast is None else cls(None, None, fast)
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.fast is not None:
             return self.fast.matmul(x)
@@ -49,24 +57,30 @@ class Int8Weight:
         return y.to(x.dtype)
 
     def codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """The int8 values [N, K] (or of `rows` only)."""
+        """The int8 values [N, K] (or of `rows` only) of a per-row weight (`from_float`)."""
         if self.fast is None:
             return self.q if rows is None else self.q[rows]
         return (self.fast.codes(rows).to(torch.int16) - 128).to(torch.int8)
 
     def dequantize(self) -> torch.Tensor:
-        return self.codes().float() * self.scales.float()[:, None]
+        if self.fast is not None:
+            return self.fast.dequantize()
+        return self.q.float() * self.scales.float()[:, None]
 
-    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows `ids` as floats: the embedding table read from its int8 form."""
+    def lookup(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` as `dtype`: the embedding table read from its int8 form."""
         flat = ids.reshape(-1)
-        rows = self.codes(flat).to(self.scales.dtype) * self.scales[flat, None]
+        if self.fast is not None:
+            rows = self.fast.dequantize(flat).to(dtype)
+        else:
+            rows = self.q[flat].to(dtype) * self.scales[flat, None].to(dtype)
         return rows.reshape(*ids.shape, -1)
 
     @property
     def nbytes(self) -> int:
-        codes = self.fast.nbytes if self.fast is not None else self.q.numel()
-        return codes + self.scales.numel() * self.scales.element_size()
+        if self.fast is not None:
+            return self.fast.nbytes
+        return self.q.numel() + self.scales.numel() * self.scales.element_size()
 
 
 @dataclass
@@ -113,17 +127,16 @@ class Int4Weight:
     @classmethod
     def _from_groups(cls, q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, group: int) -> Int4Weight:
         n = q.shape[0]
-        return cls.from_codes(q.to(torch.int32).reshape(n, -1), scale.reshape(n, -1),
-                              (lo + 8 * scale).reshape(n, -1), group)
+        return cls.from_codes(q.reshape(n, -1), scale.reshape(n, -1), lo.reshape(n, -1), group)
 
     @classmethod
-    def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> Int4Weight:
-        """q [N, K] in 0..15, scale and zero [N, K // group]: w = (q - 8) * scale + zero."""
-        fast = PackedWeight.pack(q, scale.float(), zero.float() - 8 * scale.float(), 4)
+    def from_codes(cls, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group: int) -> Int4Weight:
+        """q [N, K] in 0..15, d and m [N, K // group]: w = d * q + m."""
+        fast = PackedWeight.pack(q, d.float(), m.float(), 4)
         if fast is not None:
             return cls(None, None, group, tuple(q.shape), fast=fast)
-        sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
+        sz = torch.stack([d, m + 8 * d], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
         return cls(packed, sz, group, tuple(q.shape))
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -179,10 +192,10 @@ class HybridWeight:
 
     SMALL_BATCH = 4
 
-    def __init__(self, w: torch.Tensor, group: int, small: str = "int4", exact: Int4Weight | None = None):
+    def __init__(self, w: torch.Tensor, group: int, small: str = "int4", codes: BlockCodes | None = None):
         from miaotui.layers.linear import OneDNNWeight
 
-        self.small = exact if exact is not None and small == "int4" else quantize_weight(w, small, group)
+        self.small = quantize_weight(w, small, group, codes=codes)
         self.dense = OneDNNWeight(w)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -205,34 +218,31 @@ def check_method(method: str, group_size: int) -> None:
 
 
 def quantize_weight(w: torch.Tensor, method: str, group_size: int = 32, dtype: torch.dtype = torch.bfloat16,
-                    head: bool = False, exact: Int4Weight | None = None, in_power: torch.Tensor | None = None):
+                    head: bool = False, codes: BlockCodes | None = None, in_power: torch.Tensor | None = None):
     """The output head stays at 8 bits whatever the method: 4-bit logits flip the argmax of small models (as
-    llama.cpp keeps its output tensor at 6-8 bits). `exact`: the file's own 4-bit codes, used as they are;
-    `in_power`: calibration statistics of the inputs, for activation-aware int4."""
+    llama.cpp keeps its output tensor at 6-8 bits). `codes`: the file's own integer blocks, taken exactly where
+    the method holds them (int4: 4-bit codes at group 32; int8: up to 8 bits); `in_power`: calibration
+    statistics of the inputs, for activation-aware int4."""
     if method == "auto":
-        return HybridWeight(w, group_size, "int8" if head else "int4", exact)
+        return HybridWeight(w, group_size, "int8" if head else "int4", codes)
     if method == "int8" or head:
-        return Int8Weight.from_float(w, dtype)
-    if exact is not None:
-        return exact
+        return Int8Weight.from_codes(codes) or Int8Weight.from_float(w, dtype)
+    if codes is not None and codes.bits <= 4 and group_size == 32:
+        return Int4Weight.from_codes(codes.q, codes.d, codes.m, 32)
     if w.shape[1] % group_size:
         return Int8Weight.from_float(w, dtype)  # rows that do not split into groups fall back to int8
     return Int4Weight.from_float(w, group_size, in_power)
 
 
-def has_exact_int4(module, group_size: int) -> bool:
-    codes = module.int4_codes
-    return group_size == 32 and bool(codes) and len(codes) == len(module.output_sizes)
-
-
-def exact_int4(module, group_size: int) -> Int4Weight | None:
-    """The int4 weight of a Linear straight from the 4-bit codes the loader kept (GGUF Q4_0/Q4_1/Q4_K), when
-    every part of it had them: the file's values exactly, no round trip through float."""
-    if not has_exact_int4(module, group_size):
-        return None
-    codes = module.int4_codes
-    q, scale, zero = (torch.cat([codes[i][j] for i in range(len(codes))]) for j in range(3))
-    return Int4Weight.from_codes(q.to(torch.int32), scale, zero, 32)
+def file_codes(module, max_bits: int = 8) -> BlockCodes | None:
+    """The integer blocks the loader kept for a Linear (every part of it) or an Embedding, if at most
+    `max_bits` wide: the file's values exactly, no round trip through float."""
+    codes = module.codes
+    if isinstance(codes, dict):
+        if len(codes) != len(module.output_sizes):
+            return None
+        codes = BlockCodes.cat([codes[i] for i in range(len(codes))])
+    return codes if codes is not None and codes.bits <= max_bits else None
 
 
 def resolve_auto(model: nn.Module) -> str:
@@ -259,10 +269,8 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, tokenize
     calibrate = method == "int4" and tokenizer is not None
     if method == "auto":
         method = resolve_auto(model)
-    if method == "none":  # the codes the loader kept for int4 are not needed: free them
-        for module in model.modules():
-            if isinstance(module, Linear):
-                module.int4_codes = None
+    if method == "none":
+        _free_codes(model)
         return method
     device = next(model.parameters()).device
     if device.type != "cpu":
@@ -279,19 +287,31 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, tokenize
             m not in eight_bit and m.activation_aware and not has_exact_int4(m, group_size) for m in linears):
         power = input_power(model, calibration_ids(tokenizer))
     if not isinstance(head, Linear):  # tied to the embedding table: the head gets its own quantized copy
-        model.head_quant = quantize_weight(head.weight.data, method, group_size, dtype, head=True)
+        model.head_quant = quantize_weight(head.weight.data, method, group_size, dtype, head=True,
+                                           codes=file_codes(head))
     for module in linears:
-        exact = exact_int4(module, group_size) if module is not head else None
         kind = "int8" if module in eight_bit and method == "int4" else method
-        module.quant = quantize_weight(module.weight.data, kind, group_size, dtype, module is head, exact,
-                                       power.get(module) if module.activation_aware else None)
+        module.quant = quantize_weight(module.weight.data, kind, group_size, dtype, module is head,
+                                       file_codes(module), power.get(module) if module.activation_aware else None)
         module.weight = None
-        module.int4_codes = None
     if isinstance(head, Linear):
         model.head_quant = head.quant
     if method in ("int8", "int4"):  # the embedding table too, read row by row from int8 (shared when tied)
         emb = model.get_input_embeddings()
         if emb is not None and emb.weight is not None:
-            emb.quant = model.head_quant if emb is head else Int8Weight.from_float(emb.weight.data, dtype)
+            emb.quant = model.head_quant if emb is head else (
+                Int8Weight.from_codes(file_codes(emb)) or Int8Weight.from_float(emb.weight.data, dtype))
             emb.weight = None
+    _free_codes(model)
     return method
+
+
+def _free_codes(model: nn.Module) -> None:
+    """The loader's copies of the file's codes are only needed while quantizing."""
+    for module in model.modules():
+        if hasattr(module, "codes"):
+            module.codes = None
+
+
+def has_exact_int4(module, group_size: int) -> bool:
+    return group_size == 32 and file_codes(module, 4) is not None

@@ -43,8 +43,8 @@ class Engine:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        keep_codes = config.quantization in ("int4", "auto") and config.group_size == 32
-        self.loaded = loaded or load(config.model, self.device, self.dtype, keep_int4_codes=keep_codes)
+        keep_codes = config.quantization != "none"
+        self.loaded = loaded or load(config.model, self.device, self.dtype, keep_codes=keep_codes)
         self.quantization = quantize_model(self.loaded.model, config.quantization, config.group_size,
                                            self.loaded.tokenizer)
         if self.quantization == "none":

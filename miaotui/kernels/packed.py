@@ -65,15 +65,13 @@ class PackedWeight:
             return torch.stack([v & 15, v >> 4], dim=-2).reshape(len(idx), k)
         return self.data.view(-1, k // 4, 16, 4)[idx // 16, :, idx % 16].reshape(len(idx), k)
 
-    def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """d and m [N, K/group] as fp32."""
-        dm = self.dm.permute(0, 3, 1, 2).reshape(-1, self.dm.shape[1], 2)[: self.shape[0]].float()
-        return dm[..., 0], dm[..., 1]
-
-    def dequantize(self) -> torch.Tensor:
-        d, m = self.scales()
-        q = self.codes().float().view(self.shape[0], -1, self.group)
-        return (q * d[..., None] + m[..., None]).reshape(self.shape)
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight [N, K] (or `rows` of it) as fp32."""
+        dm = self.dm.permute(0, 3, 1, 2).reshape(-1, self.dm.shape[1], 2)
+        dm = (dm[: self.shape[0]] if rows is None else dm[rows]).float()
+        q = self.codes(rows)
+        q = q.float().view(q.shape[0], -1, self.group)
+        return (q * dm[..., 0, None] + dm[..., 1, None]).reshape(q.shape[0], -1)
 
     @property
     def nbytes(self) -> int:

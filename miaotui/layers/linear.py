@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from miaotui.loader.dequant import BlockCodes
 
 
 class Linear(nn.Module):
@@ -17,7 +22,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out), requires_grad=False) if bias else None
         self.quant = None  # a packed weight (OneDNNWeight, or low-bit from compress/quantize.py) replacing `weight`
-        self.int4_codes: dict[int, tuple] | None = None  # per part: a 4-bit file's own codes, kept for int4
+        self.codes: dict[int, BlockCodes] | None = None  # per part: the file's integer codes, for quantization
         self.file_bits = 0  # bits per weight the file stored this projection with (16 for float files)
         self.activation_aware = True  # int4 may scale input channels by calibration statistics (quantize.py)
 
@@ -35,9 +40,9 @@ class Linear(nn.Module):
         if name != "weight":
             return  # a bias is float in every file: it says nothing about the weight's precision
         self.file_bits = max(self.file_bits, getattr(w, "file_bits", 16))
-        codes = getattr(w, "int4_codes", None)
+        codes = getattr(w, "codes", None)
         if codes is not None:
-            self.int4_codes = {**(self.int4_codes or {}), shard: codes}
+            self.codes = {**(self.codes or {}), shard: codes}
 
 
 class Embedding(nn.Module):
@@ -45,9 +50,11 @@ class Embedding(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_embeddings, dim), requires_grad=False)
         self.quant = None  # an int8 table (compress/quantize.py) replacing `weight`
+        self.dtype = self.weight.dtype  # of the rows it gives, also once `quant` replaces `weight`
+        self.codes: BlockCodes | None = None  # the file's integer codes, for quantization
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight) if self.quant is None else self.quant.lookup(ids)
+        return F.embedding(ids, self.weight) if self.quant is None else self.quant.lookup(ids, self.dtype)
 
 
 class OneDNNWeight:

@@ -26,24 +26,24 @@ class LoadedModel:
     load_seconds: float
 
 
-def read_model(files: ModelFiles, keep_int4_codes: bool = False) -> tuple[ModelConfig, Tokenizer, object]:
+def read_model(files: ModelFiles, keep_codes: bool = False) -> tuple[ModelConfig, Tokenizer, object]:
     """Config, tokenizer and a weight iterator for the files, checking what can be checked before allocating."""
     if files.kind == "gguf":
         f = GGUFFile(files.path)
         cfg = gguf.read_config(f)
         gguf.check_tensor_types(f)
-        return cfg, Tokenizer.from_gguf(f.metadata, f.path), gguf.iter_weights(f, cfg, keep_int4_codes)
+        return cfg, Tokenizer.from_gguf(f.metadata, f.path), gguf.iter_weights(f, cfg, keep_codes)
     cfg = safetensors.read_config(files.path)
     return cfg, Tokenizer.from_folder(files.path), safetensors.iter_weights(files.path, cfg)
 
 
 def load(source: str | ModelFiles | None, device: torch.device | str = "cpu",
-         dtype: torch.dtype = torch.float32, keep_int4_codes: bool = False) -> LoadedModel:
-    """`keep_int4_codes`: a 4-bit GGUF's block projections keep their codes beside the float weights, for
-    int4 quantization to take exactly (see compress/quantize.py)."""
+         dtype: torch.dtype = torch.float32, keep_codes: bool = False) -> LoadedModel:
+    """`keep_codes`: a GGUF's integer-block matrices keep their codes beside the float weights, for quantization
+    to take exactly (see compress/quantize.py)."""
     start = time.perf_counter()
     files = source if isinstance(source, ModelFiles) else resolve(source)
-    cfg, tokenizer, weights = read_model(files, keep_int4_codes)
+    cfg, tokenizer, weights = read_model(files, keep_codes)
     device = torch.device(device)
     previous = torch.get_default_dtype()
     try:

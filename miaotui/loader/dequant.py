@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -99,23 +100,50 @@ def q6_k(b: torch.Tensor) -> torch.Tensor:
     return (d[..., None] * sc[..., None] * q).reshape(-1, 256)
 
 
-def int4_codes(raw: np.ndarray | torch.Tensor, qtype: Q, shape: tuple[int, ...]):
-    """4-bit blocks as torch's int4 layout, exactly: (codes uint8 [N, K] in 0..15, scale and zero [N, K/32]) with
-    w = (codes - 8) * scale + zero; None for types that are not an affine map of 4-bit codes per 32 weights."""
-    if qtype not in (Q.Q4_0, Q.Q4_1, Q.Q4_K):
+@dataclass
+class BlockCodes:
+    """A tensor's own integer codes, exactly as the file stores them: w = d * q + m per row and block of 32, with q
+    unsigned of `bits` bits (uint8 [N, K]) and d, m float32 [N, K/32]. Low-bit kernels take these as they are."""
+
+    q: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor
+    bits: int
+
+    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> BlockCodes:
+        return BlockCodes(fn(self.q), fn(self.d), fn(self.m), self.bits)
+
+    @staticmethod
+    def cat(parts: list[BlockCodes]) -> BlockCodes:
+        """The parts of a fused projection stacked along rows (at the widest code of any part)."""
+        return BlockCodes(*(torch.cat([getattr(p, f) for p in parts]) for f in "qdm"), max(p.bits for p in parts))
+
+
+def block_codes(raw: np.ndarray | torch.Tensor, qtype: Q, shape: tuple[int, ...]) -> BlockCodes | None:
+    """The codes of a type that is an affine map of integers per 32 weights (Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q8_0);
+    None for the others (Q6_K's sub-blocks of 16, Q5_K, floats)."""
+    if qtype not in (Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_0, Q.Q5_1, Q.Q8_0):
         return None
     data = torch.from_numpy(np.array(raw)) if isinstance(raw, np.ndarray) else raw
     b = data.reshape(-1, GGML_QUANT_SIZES[qtype][1])
     if qtype == Q.Q4_K:
         d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
         sc, mn = _k_scales(b[:, 4:16])
-        codes, scale, low = _k_nibbles(b[:, 16:]), d * sc, -(dmin * mn)  # w = scale * q + low, per 32
+        q, scale, low, bits = _k_nibbles(b[:, 16:]), d * sc, -(dmin * mn), 4
+    elif qtype == Q.Q8_0:
+        scale = _f16(b[:, :2])
+        q, low, bits = (b[:, 2:].contiguous().view(torch.int8).to(torch.int16) + 128).to(torch.uint8), -128 * scale, 8
     else:
-        offset = 2 if qtype == Q.Q4_0 else 4
-        codes, scale = _nibbles(b[:, offset:])[:, None], _f16(b[:, :2])
-        low = -8 * scale if qtype == Q.Q4_0 else _f16(b[:, 2:4])
+        bits = 4 if qtype in (Q.Q4_0, Q.Q4_1) else 5
+        affine = qtype in (Q.Q4_1, Q.Q5_1)
+        offset = 2 + 2 * affine + 4 * (bits == 5)
+        q, scale = _nibbles(b[:, offset:]), _f16(b[:, :2])
+        if bits == 5:
+            q = q | _fifth_bits(b[:, offset - 4 : offset])
+        low = _f16(b[:, 2:4]) if affine else -(2 ** (bits - 1)) * scale
+        q = q[:, None]
     n = shape[0]
-    return (codes.reshape(n, -1), scale.reshape(n, -1), (low + 8 * scale).reshape(n, -1))
+    return BlockCodes(q.reshape(n, -1).contiguous(), scale.reshape(n, -1), low.reshape(n, -1), bits)
 
 
 DEQUANTIZERS: dict[Q, Callable[[torch.Tensor], torch.Tensor]] = {

@@ -10,7 +10,7 @@ import torch
 
 from miaotui.config import ModelConfig
 from miaotui.errors import ModelFileError
-from miaotui.loader.dequant import SUPPORTED_TYPES, dequantize, int4_codes
+from miaotui.loader.dequant import SUPPORTED_TYPES, block_codes, dequantize
 from miaotui.loader.gguf_file import GGUFFile
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
@@ -125,21 +125,25 @@ def check_tensor_types(f: GGUFFile) -> None:
             )
 
 
-def iter_weights(f: GGUFFile, cfg: ModelConfig, keep_int4_codes: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (Hugging Face name, float tensor) for every tensor, dequantized one at a time. With
-    `keep_int4_codes`, a 4-bit block projection also carries its codes as `tensor.int4_codes` for int4 kernels."""
+_CODED = ("_proj.weight", "embed_tokens.weight", "lm_head.weight")  # the matrices the low-bit kernels can take
+
+
+def iter_weights(f: GGUFFile, cfg: ModelConfig, keep_codes: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (Hugging Face name, float tensor) for every tensor, dequantized one at a time. With `keep_codes`, a
+    projection, embedding or output head stored as integer blocks also carries them as `tensor.codes`
+    (dequant.BlockCodes), for the low-bit kernels to take exactly."""
     for info in f.tensors.values():
         name = hf_name(info.name, cfg.architecture)
         if name is None:
             continue  # e.g. rope_freqs, which we derive from the config
         raw = f.raw(info.name)
         w = dequantize(raw, info.qtype, info.shape)
-        codes = int4_codes(raw, info.qtype, info.shape) if keep_int4_codes and name.endswith("_proj.weight") else None
+        codes = block_codes(raw, info.qtype, info.shape) if keep_codes and name.endswith(_CODED) else None
         if cfg.architecture == "llama" and (".q_proj." in name or ".k_proj." in name):
             heads = cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads
             w = unpermute_rotary(w, heads)
-            codes = codes and tuple(unpermute_rotary(c, heads) for c in codes)
+            codes = codes and codes.map_rows(lambda t: unpermute_rotary(t, heads))
         if codes is not None:
-            w.int4_codes = codes
+            w.codes = codes
         w.file_bits = _BITS.get(info.qtype.name[:2], 16)
         yield name, w

@@ -63,6 +63,8 @@ class CausalLM(nn.Module):
                 mod.load(kind, w)  # keeps a 4-bit file's codes too
             else:
                 params[name].data.copy_(w)
+                if isinstance(mod, Embedding):
+                    mod.codes = getattr(w, "codes", None)
             loaded.add(name)
         missing = sorted(set(params) - loaded)
         if missing:

@@ -97,21 +97,32 @@ def test_quantized_model_still_answers(smollm2_path, method):
     assert ppl(llm.engine) / ppl(ref.engine) < {"int8": 1.02, "int4": 1.10, "auto": 1.10}[method]
 
 
-def test_q4_gguf_weights_go_to_int4_exactly(smollm2_path):
-    """A Q4_1 file's codes become the int4 kernel's weights as they are: the result equals the file's own
-    values up to the bf16 rounding of each group's scale and zero, far inside half a quantization step."""
-    from miaotui.compress.quantize import exact_int4
+def test_gguf_codes_go_to_the_kernels_exactly(smollm2_path):
+    """A Q4_1 file's codes become the int4 weights as they are, and int8 holds them (and the Q8_0 output head) as
+    8-bit codes with the file's block scales: each result equals the file's own values up to the rounding of
+    each group's scale and zero (fp16 in miaotui's kernel, bf16 in torch's), far inside half a step."""
+    from miaotui.compress.quantize import Int4Weight, file_codes, quantize_weight
+    from miaotui.kernels.packed import available
     from miaotui.loader import load
 
-    loaded = load(smollm2_path, "cpu", torch.float32, keep_int4_codes=True)
+    loaded = load(smollm2_path, "cpu", torch.float32, keep_codes=True)
     for module in (loaded.model.model.layers[0].self_attn.qkv_proj, loaded.model.model.layers[3].mlp.down_proj):
         w = module.weight.data
-        q = exact_int4(module, 32)
-        assert q is not None
+        codes = file_codes(module)
+        assert codes is not None and codes.bits == 4
+        q = quantize_weight(w, "int4", 32, codes=codes)
+        assert isinstance(q, Int4Weight) and q.in_scale is None
         err = (q.dequantize() - w).abs()
         step = (w.view(w.shape[0], -1, 32).amax(-1) - w.view(w.shape[0], -1, 32).amin(-1)) / 15
         assert (err.view(w.shape[0], -1, 32) <= step[..., None] * 0.05 + w.abs().max() * 2**-8).all()
-    assert exact_int4(loaded.model.model.layers[0].mlp.gate_up_proj, 64) is None  # other group sizes requantize
+        if available():
+            assert torch.equal(quantize_weight(w, "int8", codes=codes).dequantize(), w)
+    head = loaded.model.lm_head  # tied: the embedding table, Q8_0 in this file
+    codes = file_codes(head)
+    assert codes is not None and codes.bits == 8
+    if available():
+        assert torch.equal(quantize_weight(head.weight.data, "int4", head=True, codes=codes).dequantize(),
+                           head.weight.data)
 
 
 def test_kept_codes_are_freed_when_auto_resolves_to_dense(smollm2_path):
@@ -119,7 +130,7 @@ def test_kept_codes_are_freed_when_auto_resolves_to_dense(smollm2_path):
 
     llm = LLM(str(smollm2_path), dtype="float32", kv_cache_memory=2**24)  # auto on fp32: dense weights
     assert llm.engine.quantization == "none"
-    assert not any(getattr(m, "int4_codes", None) for m in llm.engine.loaded.model.modules())
+    assert not any(getattr(m, "codes", None) for m in llm.engine.loaded.model.modules())
 
 
 def test_activation_aware_int4_lowers_the_output_error():
