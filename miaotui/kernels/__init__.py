@@ -62,6 +62,7 @@ def cpu_ops():
 
 def use_cpu_ops(*tensors: torch.Tensor):
     """The kernels when every tensor is on the CPU (and they are built), else None."""
-    if all(t.device.type == "cpu" for t in tensors):
-        return cpu_ops()
-    return None
+    for t in tensors:  # a plain loop over `is_cpu`: this runs several times per layer per step
+        if not t.is_cpu:
+            return None
+    return _module if _tried else cpu_ops()

@@ -47,6 +47,14 @@ struct QuantX {
 };
 constexpr float RESIDUAL = 256.f;  // a power of two: the two integer sums combine by a shift
 
+#if MIAOTUI_VNNI
+inline __m512 load16f(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16f(const at::BFloat16* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
 template <typename T>
 void quantize_rows(const T* x, const float* in_scale, int64_t M, int64_t K, int64_t group, int8_t* q, int8_t* r,
                    float* d, float* gsum) {
@@ -56,6 +64,30 @@ void quantize_rows(const T* x, const float* in_scale, int64_t M, int64_t K, int6
     for (int64_t m = begin; m < end; ++m) {
       for (int64_t b = 0; b < nb; ++b) {
         const T* xb = x + m * K + b * QBLOCK;
+        int8_t* qb = q + m * K + b * QBLOCK;
+        int8_t* rb = r + m * K + b * QBLOCK;
+        if (b % gb == 0) gsum[m * (K / group) + b / gb] = 0.f;
+#if MIAOTUI_VNNI
+        {  // the same arithmetic as the scalar loop below, 16 lanes at a time
+          __m512 v[2] = {load16f(xb), load16f(xb + 16)};
+          if (in_scale)
+            for (int h = 0; h < 2; ++h) v[h] = _mm512_mul_ps(v[h], _mm512_loadu_ps(in_scale + b * QBLOCK + 16 * h));
+          float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+          const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+          for (int h = 0; h < 2; ++h) {
+            __m512 t = _mm512_mul_ps(v[h], inv);
+            __m512 c = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m512 res = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(t, c), _mm512_set1_ps(RESIDUAL)),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            res = _mm512_max_ps(_mm512_min_ps(res, _mm512_set1_ps(127.f)), _mm512_set1_ps(-127.f));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + 16 * h), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(c)));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(rb + 16 * h), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(res)));
+          }
+          d[m * nb + b] = amax / 127.f;
+          gsum[m * (K / group) + b / gb] += _mm512_reduce_add_ps(_mm512_add_ps(v[0], v[1]));
+          continue;
+        }
+#endif
         float amax = 0.f;
         for (int64_t i = 0; i < QBLOCK; ++i) {
           float v = static_cast<float>(xb[i]);
@@ -64,8 +96,6 @@ void quantize_rows(const T* x, const float* in_scale, int64_t M, int64_t K, int6
           amax = std::max(amax, std::fabs(v));
         }
         float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f, sum = 0.f;
-        int8_t* qb = q + m * K + b * QBLOCK;
-        int8_t* rb = r + m * K + b * QBLOCK;
         for (int64_t i = 0; i < QBLOCK; ++i) {
           float c = std::nearbyint(buf[i] * inv);
           qb[i] = static_cast<int8_t>(c);
@@ -73,7 +103,6 @@ void quantize_rows(const T* x, const float* in_scale, int64_t M, int64_t K, int6
           sum += buf[i];
         }
         d[m * nb + b] = scale;
-        if (b % gb == 0) gsum[m * (K / group) + b / gb] = 0.f;
         gsum[m * (K / group) + b / gb] += sum;
       }
     }
