@@ -55,8 +55,9 @@ inline __m512 load16f(const at::BFloat16* p) {
 }
 #endif
 
-template <typename T>
-void quantize_rows(const T* x, const float* in_scale, int64_t M, int64_t K, int64_t group, int8_t* q, int8_t* r,
+// in_scale (S: fp32 or bf16, as the weight stores it) multiplies x first, when given.
+template <typename T, typename S>
+void quantize_rows(const T* x, const S* in_scale, int64_t M, int64_t K, int64_t group, int8_t* q, int8_t* r,
                    float* d, float* gsum) {
   const int64_t nb = K / QBLOCK, gb = group / QBLOCK;
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
@@ -71,7 +72,7 @@ void quantize_rows(const T* x, const float* in_scale, int64_t M, int64_t K, int6
         {  // the same arithmetic as the scalar loop below, 16 lanes at a time
           __m512 v[2] = {load16f(xb), load16f(xb + 16)};
           if (in_scale)
-            for (int h = 0; h < 2; ++h) v[h] = _mm512_mul_ps(v[h], _mm512_loadu_ps(in_scale + b * QBLOCK + 16 * h));
+            for (int h = 0; h < 2; ++h) v[h] = _mm512_mul_ps(v[h], load16f(in_scale + b * QBLOCK + 16 * h));
           float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
           const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
           for (int h = 0; h < 2; ++h) {
@@ -91,7 +92,7 @@ void quantize_rows(const T* x, const float* in_scale, int64_t M, int64_t K, int6
         float amax = 0.f;
         for (int64_t i = 0; i < QBLOCK; ++i) {
           float v = static_cast<float>(xb[i]);
-          if (in_scale) v *= in_scale[b * QBLOCK + i];
+          if (in_scale) v *= static_cast<float>(in_scale[b * QBLOCK + i]);
           buf[i] = v;
           amax = std::max(amax, std::fabs(v));
         }
@@ -205,7 +206,8 @@ void qgemm_rows(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M
 }
 #endif
 
-// Plain C++ (any CPU): the same arithmetic, one output at a time. Used where VNNI is missing, and by the tests.
+// Plain C++ (any CPU): the same arithmetic, one output at a time, for the tests to check the VNNI path against
+// (`reference=True`). Without VNNI, packed.py keeps weights in torch's layouts instead: this is too slow to serve.
 template <int Bits, typename T>
 void qgemm_rows_ref(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M, int64_t K, int64_t group,
                     int64_t N, T* y, int64_t rb_begin, int64_t rb_end) {
@@ -257,8 +259,10 @@ Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits
   TORCH_CHECK(w.numel() == rblocks * 16 * K * bits / 8, "qmatmul: packed weight does not match K and N");
   TORCH_CHECK(dm.numel() == rblocks * (K / group) * 32, "qmatmul: scales do not match K, N and the group");
   Tensor in_scale;
-  if (in_scale_.has_value()) {
-    in_scale = in_scale_->to(at::kFloat).contiguous();
+  if (in_scale_.has_value()) {  // taken in its own dtype when fp32 or bf16: no conversion per call
+    in_scale = in_scale_->contiguous();
+    if (in_scale.scalar_type() != at::kFloat && in_scale.scalar_type() != at::kBFloat16)
+      in_scale = in_scale.to(at::kFloat);
     TORCH_CHECK(in_scale.numel() == K, "qmatmul: in_scale must have K elements");
   }
   QuantX qx{std::vector<int8_t>(M * K), std::vector<int8_t>(M * K), std::vector<float>(M * K / QBLOCK),
@@ -267,8 +271,12 @@ Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits
   shape.back() = N;
   Tensor y = at::empty(shape, x.options());
   auto run = [&](auto* xp, auto* yp) {
-    quantize_rows(xp, in_scale.defined() ? in_scale.data_ptr<float>() : nullptr, M, K, group, qx.q.data(),
-                  qx.r.data(), qx.d.data(), qx.gsum.data());
+    auto quantize = [&](auto* sp) {
+      quantize_rows(xp, sp, M, K, group, qx.q.data(), qx.r.data(), qx.d.data(), qx.gsum.data());
+    };
+    if (!in_scale.defined()) quantize(static_cast<const float*>(nullptr));
+    else if (in_scale.scalar_type() == at::kBFloat16) quantize(in_scale.data_ptr<at::BFloat16>());
+    else quantize(in_scale.data_ptr<float>());
     const uint8_t* wp = w.data_ptr<uint8_t>();
     const at::Half* dp = dm.data_ptr<at::Half>();
     at::parallel_for(0, rblocks, 1, [&](int64_t b0, int64_t b1) {

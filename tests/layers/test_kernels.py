@@ -130,5 +130,7 @@ def test_qmatmul_matches_the_dequantized_weight(ops, bits, group, m):
     assert ((y - ref).abs().max() / ref.abs().max()) < 1e-4  # the residual term keeps ~15 bits of x
     slow = ops.qmatmul(x, w.data, w.dm, bits, w.group, n, s, reference=True)
     assert torch.allclose(y, slow, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    sb = s.bfloat16()  # a bf16 in_scale (as Int4Weight stores it) is read as it is: the same bits as in fp32
+    assert torch.equal(w.matmul(x, sb), w.matmul(x, sb.float()))
     yb = w.matmul(x.bfloat16(), s)
     assert yb.dtype == torch.bfloat16 and ((yb.float() - ref).abs().max() / ref.abs().max()) < 1e-2
