@@ -37,7 +37,8 @@ class Int8Weight:
         scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-8)
         scales = (scales * (1 + 2**-7)).to(dtype).float()
         q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-        fast = PackedWeight.pack((q.to(torch.int16) + 128).to(torch.uint8), scales[:, None], -128 * scales[:, None], 8)
+        codes = (q.to(torch.int16) + 128).to(torch.uint8)
+        fast = PackedWeight.pack(codes, scales[:, None], -128 * scales[:, None], 8)
         return cls(None if fast else q.contiguous(), scales.to(dtype), fast)
 
     @classmethod
@@ -301,8 +302,8 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, tokenize
     if method in ("int8", "int4"):  # the embedding table too, read row by row from int8 (shared when tied)
         emb = model.get_input_embeddings()
         if emb is not None and emb.weight is not None:
-            emb.quant = model.head_quant if emb is head else (
-                Int8Weight.from_codes(file_codes(emb)) or Int8Weight.from_float(emb.weight.data, dtype))
+            emb.quant = model.head_quant if emb is head else quantize_weight(
+                emb.weight.data, "int8", dtype=dtype, codes=file_codes(emb))
             emb.weight = None
     _free_codes(model)
     return method

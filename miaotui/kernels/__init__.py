@@ -1,4 +1,4 @@
-"""miaotui's own CPU kernels (cpu_ops.cpp), compiled once per machine on first use.
+"""miaotui's own CPU kernels (cpu_ops.cpp, qmatmul.cpp), compiled once per machine on first use.
 
 `cpu_ops()` returns the compiled module, or None where it cannot be built (no C++ compiler, MIAOTUI_KERNELS=0):
 every caller then keeps its plain-torch path, so the kernels change speed, never results beyond rounding.
@@ -29,7 +29,8 @@ _tried = False
 
 
 def _build_dir() -> Path:
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES) + " ".join(_FLAGS).encode() + torch.__version__.encode()
+    sources = b"".join(p.read_bytes() for p in _SOURCES)
+    key = hashlib.sha256(sources + " ".join(_FLAGS).encode() + torch.__version__.encode()
                          + platform.node().encode()).hexdigest()[:16]
     root = Path(os.environ.get("MIAOTUI_CACHE", Path.home() / ".cache" / "miaotui"))
     path = root / "kernels" / key
@@ -51,8 +52,8 @@ def cpu_ops():
         build = _build_dir()
         if not (build / "miaotui_cpu_ops.so").exists():
             log.warning("compiling miaotui's CPU kernels (once per machine, under a minute)")
-        _module = load(name="miaotui_cpu_ops", sources=[str(p) for p in _SOURCES], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
-                       build_directory=str(build), verbose=False)
+        _module = load(name="miaotui_cpu_ops", sources=[str(p) for p in _SOURCES], extra_cflags=_FLAGS,
+                       extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
     except Exception as e:  # no compiler, no ninja, or a build error: plain torch keeps working
         warnings.warn(f"miaotui's CPU kernels could not be built ({type(e).__name__}: {e}); using plain torch ops",
                       stacklevel=2)

@@ -60,7 +60,7 @@ class CausalLM(nn.Module):
                                      f"the model expects {tuple(params[name].shape)}")
             mod = modules.get(module_name)
             if isinstance(mod, Linear):
-                mod.load(kind, w)  # keeps a 4-bit file's codes too
+                mod.load(kind, w)  # keeps the file's integer codes too
             else:
                 params[name].data.copy_(w)
                 if isinstance(mod, Embedding):
