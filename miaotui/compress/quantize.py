@@ -189,20 +189,25 @@ def _int4_search(w: torch.Tensor, group: int, clips: tuple[float, ...]):
 
 class HybridWeight:
     """`auto` on CPU: int4 for the few-row products of decoding (bandwidth-bound: 4x fewer bytes per token),
-    the dense oneDNN weight for prefill and big batches (compute-bound, where the int4 kernel is 3-4x slower).
-    The switch sits where the two cross with weights streaming from memory: on a 3072 x 576 projection here the
-    VNNI int4 kernel takes 58 / 109 / 199 / 398 us at 1 / 4 / 8 / 16 rows, oneDNN bf16 335-395 us at all four."""
+    the dense oneDNN weight for prefill (compute-bound). The switch sits where the two cross with weights streaming
+    from memory: on a 3072 x 576 projection here the VNNI int4 kernel takes 58 / 109 / 199 / 398 us at 1 / 4 / 8 /
+    16 rows, oneDNN bf16 335-395 us at all four; the AMX path of the same kernel (from 8 rows) 190-310 us at 8-32
+    rows, oneDNN 370-500 (a batch-32 decode step of SmolLM2: 63 -> 52 ms), while oneDNN prefills 512 rows ~1.3x
+    faster from weights it keeps hot."""
 
     SMALL_BATCH = 12
+    SMALL_BATCH_AMX = 32
 
     def __init__(self, w: torch.Tensor, group: int, small: str = "int4", codes: BlockCodes | None = None):
+        from miaotui.kernels import packed
         from miaotui.layers.linear import OneDNNWeight
 
         self.small = quantize_weight(w, small, group, codes=codes)
         self.dense = OneDNNWeight(w)
+        self.small_batch = self.SMALL_BATCH_AMX if self.small.fast is not None and packed.amx() else self.SMALL_BATCH
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.small if x.shape[0] <= self.SMALL_BATCH else self.dense).matmul(x)
+        return (self.small if x.shape[0] <= self.small_batch else self.dense).matmul(x)
 
     @property
     def nbytes(self) -> int:

@@ -216,42 +216,98 @@ void rope_(Tensor& x, const Tensor& positions, const Tensor& cos, const Tensor& 
 // Decode attention straight over the paged cache: one query token per sequence, no gather, no mask.
 // Work unit = (sequence, kv head): its group of query heads scores every visible key, softmax, weighted values.
 
-// One query head against one cached head of D = 16 * V values (V a compile-time count, so the loops unroll;
-// V = 0: any D, scalar loops).
-template <int V, typename C>
+// The plain loops (any CPU, any head size): one query head against one cached key, and a weighted sum of values.
+template <typename C>
 inline float dot_head(const float* q, const C* k, int64_t D) {
   float dot = 0.f;
-#if MIAOTUI_AVX512
-  if constexpr (V > 0) {
-    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int v = 0; v < V; ++v) acc[v & 1] = _mm512_fmadd_ps(load16(q + 16 * v), load16(k + 16 * v), acc[v & 1]);
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
-  }
-#endif
   for (int64_t j = 0; j < D; ++j) dot += q[j] * to_f(k[j]);
   return dot;
 }
 
 // out[0:D] = Σ_i p[i] · v(rows[i]), accumulated in fp32.
-template <int V, typename C>
+template <typename C>
 inline void weighted_sum(const float* p, const C* cache, const int64_t* rows, int64_t n, int64_t D, float* out) {
-#if MIAOTUI_AVX512
-  if constexpr (V > 0) {
-    __m512 acc[V];
-    for (int v = 0; v < V; ++v) acc[v] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < n; ++i) {
-      const C* row = cache + rows[i] * D;
-      __m512 pi = _mm512_set1_ps(p[i]);
-      for (int v = 0; v < V; ++v) acc[v] = _mm512_fmadd_ps(pi, load16(row + 16 * v), acc[v]);
-    }
-    for (int v = 0; v < V; ++v) _mm512_storeu_ps(out + 16 * v, acc[v]);
-    return;
-  }
-#endif
   std::fill(out, out + D, 0.f);
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < D; ++j) out[j] += p[i] * to_f(cache[rows[i] * D + j]);
 }
+
+#if MIAOTUI_AVX512
+// The cache rows a sequence visits are scattered over its blocks, too irregular for the hardware prefetcher: a
+// batch-32 decode step reads ~80 MB of keys and values for SmolLM2, as much as its 4-bit weights.
+template <typename C>
+inline void prefetch_row(const C* row, int64_t D) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(C)); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
+// v[0..15] -> one vector whose lane i is the sum of v[i]'s lanes (a transposing add tree: 45 instructions for 16
+// sums, where 16 horizontal reductions take ~150).
+inline __m512 hsum16(const __m512* v) {
+  __m512 t[8], u[4];
+  for (int i = 0; i < 8; ++i)
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// scores[g * n + i] = q_g . k(rows[i]) for the G query heads of one kv head, 16 keys at a time: each key's row is
+// read from memory once for all G heads (later heads find it in L1).
+template <int V, typename C>
+inline void grouped_scores(const float* q, int64_t G, const C* cache, const int64_t* rows, int64_t n, float* scores) {
+  constexpr int64_t D = 16 * V;
+  for (int64_t i0 = 0; i0 < n; i0 += 16) {
+    const int64_t cnt = std::min<int64_t>(16, n - i0);
+    for (int64_t i = i0 ? i0 + 32 : 16; i < std::min(n, i0 + 48); ++i) prefetch_row(cache + rows[i] * D, D);
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 qv[V], acc[16];
+      for (int v = 0; v < V; ++v) qv[v] = _mm512_loadu_ps(q + g * D + 16 * v);
+      for (int i = 0; i < 16; ++i) {
+        acc[i] = _mm512_setzero_ps();
+        if (i < cnt) {
+          const C* row = cache + rows[i0 + i] * D;
+          for (int v = 0; v < V; ++v) acc[i] = _mm512_fmadd_ps(qv[v], load16(row + 16 * v), acc[i]);
+        }
+      }
+      _mm512_mask_storeu_ps(scores + g * n + i0, static_cast<__mmask16>((1u << cnt) - 1), hsum16(acc));
+    }
+  }
+}
+
+// out[g * D ...] = Σ_i p[g * n + i] v(rows[i]) for the G heads, as many heads at a time as keep their
+// accumulators in registers (each value row is read once per such chunk).
+template <int V, typename C>
+inline void grouped_values(const float* p, int64_t G, const C* cache, const int64_t* rows, int64_t n, float* out) {
+  constexpr int64_t D = 16 * V;
+  constexpr int64_t CHUNK = V >= 16 ? 1 : 16 / V;
+  for (int64_t g0 = 0; g0 < G; g0 += CHUNK) {
+    const int64_t gc = std::min<int64_t>(CHUNK, G - g0);
+    __m512 acc[CHUNK][V];
+    for (int64_t g = 0; g < CHUNK; ++g)
+      for (int v = 0; v < V; ++v) acc[g][v] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; ++i) {
+      const C* row = cache + rows[i] * D;
+      if (i + 16 < n) prefetch_row(cache + rows[i + 16] * D, D);
+      __m512 rv[V];
+      for (int v = 0; v < V; ++v) rv[v] = load16(row + 16 * v);
+      for (int64_t g = 0; g < CHUNK; ++g) {
+        if (g >= gc) break;
+        const __m512 pi = _mm512_set1_ps(p[(g0 + g) * n + i]);
+        for (int v = 0; v < V; ++v) acc[g][v] = _mm512_fmadd_ps(pi, rv[v], acc[g][v]);
+      }
+    }
+    for (int64_t g = 0; g < gc; ++g)
+      for (int v = 0; v < V; ++v) _mm512_storeu_ps(out + (g0 + g) * D + 16 * v, acc[g][v]);
+  }
+}
+#endif
 
 // In place over n scores: softmax.
 inline void softmax(float* s, int64_t n) {
@@ -293,16 +349,37 @@ void paged_attention_impl(const T* q, T* out, const C* kc, const C* vc, const T*
         int64_t t0 = std::max(first, blk * BS), t1 = std::min(len, blk * BS + BS);
         for (int64_t t = t0; t < t1; ++t) rows[t - first] = ((table[blk] - blk) * BS + t) * Hkv + kvh;
       }
+#if MIAOTUI_AVX512
+      if constexpr (V > 0) {  // the group's query heads share every key and value row they read
+        scores.resize(group * n);
+        qf.resize(group * D);
+        acc.resize(group * D);
+        const int64_t head0 = b * Hq + kvh * group;
+        for (int64_t j = 0; j < group * D; ++j) qf[j] = to_f(q[head0 * D + j]) * scale;
+        grouped_scores<V>(qf.data(), group, kc, rows.data(), n, scores.data());
+        for (int64_t g = 0; g < group; ++g) {
+          float* sg = scores.data() + g * n;
+          if (ks)
+            for (int64_t i = 0; i < n; ++i) sg[i] *= to_f(ks[rows[i]]);
+          softmax(sg, n);
+          if (vs)
+            for (int64_t i = 0; i < n; ++i) sg[i] *= to_f(vs[rows[i]]);
+        }
+        grouped_values<V>(scores.data(), group, vc, rows.data(), n, acc.data());
+        for (int64_t j = 0; j < group * D; ++j) out[head0 * D + j] = from_f<T>(acc[j]);
+        continue;
+      }
+#endif
       scores.resize(n);
       p.resize(n);
       for (int64_t g = 0; g < group; ++g) {
         int64_t head = b * Hq + kvh * group + g;
         for (int64_t j = 0; j < D; ++j) qf[j] = to_f(q[head * D + j]) * scale;
         for (int64_t i = 0; i < n; ++i)
-          scores[i] = dot_head<V>(qf.data(), kc + rows[i] * D, D) * (ks ? to_f(ks[rows[i]]) : 1.f);
+          scores[i] = dot_head(qf.data(), kc + rows[i] * D, D) * (ks ? to_f(ks[rows[i]]) : 1.f);
         softmax(scores.data(), n);
         for (int64_t i = 0; i < n; ++i) p[i] = scores[i] * (vs ? to_f(vs[rows[i]]) : 1.f);
-        weighted_sum<V>(p.data(), vc, rows.data(), n, D, acc.data());
+        weighted_sum(p.data(), vc, rows.data(), n, D, acc.data());
         for (int64_t j = 0; j < D; ++j) out[head * D + j] = from_f<T>(acc[j]);
       }
     }
@@ -348,6 +425,7 @@ Tensor paged_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_c
 
 // qmatmul.cpp
 bool qmatmul_fast();
+bool qmatmul_amx();
 Tensor qmatmul(const Tensor& x, const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t N,
                const c10::optional<Tensor>& in_scale, bool reference);
 
@@ -358,6 +436,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_", &rope_, "NEOX rotary embedding in place on [T, H, D]");
   m.def("paged_attention", &paged_attention, "one-token-per-sequence attention over the paged KV cache");
   m.attr("vnni") = qmatmul_fast();
+  m.attr("amx") = qmatmul_amx();
   m.def("qmatmul", &qmatmul, "x @ W^T for 4/8-bit packed weights, activations quantized to int8 per 32",
         py::arg("x"), py::arg("w"), py::arg("dm"), py::arg("bits"), py::arg("group"), py::arg("n"),
         py::arg("in_scale") = py::none(), py::arg("reference") = false);

@@ -3,7 +3,8 @@
 A weight is unsigned codes q (4 or 8 bits) with an affine map per row and group of inputs, w = d * q + m; the
 kernel quantizes activations to int8 per block of 32 and multiplies on the integer dot-product unit. On this
 machine it runs a decode-sized product 2-3x faster than torch's int4/int8 weight-only kernels (which widen every
-weight to float), and both int4 and int8 weights (8-bit codes are the int8 value + 128) share it.
+weight to float), and both int4 and int8 weights (8-bit codes are the int8 value + 128) share it. From 8 rows on,
+where the CPU has AMX, the same layout is widened to bf16 tiles instead (prefill, batched decode).
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ from miaotui.kernels import cpu_ops
 def available() -> bool:
     ops = cpu_ops()
     return ops is not None and bool(ops.vnni)
+
+
+def amx() -> bool:
+    """Whether products of 8 rows or more run on the AMX tile unit (bf16, the weight widened 16 rows at a time)."""
+    ops = cpu_ops()
+    return ops is not None and bool(ops.amx)
 
 
 @dataclass

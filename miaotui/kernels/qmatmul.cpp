@@ -25,6 +25,14 @@
 #else
 #define MIAOTUI_VNNI 0
 #endif
+#if MIAOTUI_VNNI && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && \
+    defined(__AVX512VBMI__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define MIAOTUI_AMX 1
+#else
+#define MIAOTUI_AMX 0
+#endif
 
 using at::Tensor;
 
@@ -242,9 +250,186 @@ void qgemm_rows_ref(const uint8_t* w, const at::Half* dm, const QuantX& x, int64
   }
 }
 
+
+#if MIAOTUI_AMX
+// Many rows (prefill, batched decode): the weight is widened to bf16 16 rows at a time, in L2, and multiplied on
+// the AMX tile unit (`tdpbf16ps`, fp32 accumulation), with bf16 activations as they come. Unpacking costs the same
+// whatever the number of rows, where the integer path above pays per row and block (quantizing, two dot products,
+// rescaling), so from AMX_MIN_ROWS rows on this is the faster path; and it holds no dense copy of the weight.
+// The result is x @ bf16(d * q + m)^T: what a dense bf16 weight gives.
+constexpr int64_t AMX_MIN_ROWS = 8;
+
+// Linux hands out the tile registers' state only on request, once per process.
+bool amx_ready() {
+  static const bool ok = [] {
+    constexpr int ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }();
+  return ok;
+}
+
+void amx_configure() {
+  alignas(64) uint8_t cfg[64] = {};
+  cfg[0] = 1;  // palette 1: every tile 16 rows x 64 bytes
+  for (int t = 0; t < 8; ++t) {
+    reinterpret_cast<uint16_t*>(cfg + 16)[t] = 64;
+    cfg[48 + t] = 16;
+  }
+  _tile_loadconfig(cfg);
+}
+
+// The weight's 16 rows starting at `w` as bf16 tiles for `tdpbf16ps`: per block of 32 inputs, 16 lines of 64 bytes,
+// line p holding inputs 2p and 2p+1 of each of the 16 rows.
+template <int Bits>
+void widen_rows(const uint8_t* w, const at::Half* dm, int64_t K, int64_t group, at::BFloat16* out) {
+  // A 64-byte line of 16 rows x 4 codes (inputs 4j..4j+3) becomes two bf16 lines, pairs (0,1) then (2,3), each
+  // from two 16-lane fp32 vectors (rows 0-7, rows 8-15); sel[v] moves each code into the low byte of its lane.
+  alignas(64) static uint8_t sel_idx[4][64];
+  static const bool sel_ready = [] {
+    for (int v = 0; v < 4; ++v)  // v = 2 * pair + half
+      for (int i = 0; i < 16; ++i) sel_idx[v][4 * i] = 4 * ((v % 2) * 8 + i / 2) + (v / 2) * 2 + i % 2;
+    return true;
+  }();
+  (void)sel_ready;
+  __m512i sel[4];
+  for (int v = 0; v < 4; ++v) sel[v] = _mm512_load_si512(sel_idx[v]);
+  const __mmask64 low_bytes = 0x1111111111111111ULL;
+  const __m512i lo8 = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i hi8 = _mm512_add_epi32(lo8, _mm512_set1_epi32(8));
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512 d[2], m[2];
+  auto widen = [&](__m512i quad, __m512i* dst) {
+    for (int pair = 0; pair < 2; ++pair) {
+      __m512 a = _mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(low_bytes, sel[2 * pair], quad));
+      __m512 b = _mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(low_bytes, sel[2 * pair + 1], quad));
+      a = _mm512_fmadd_ps(a, d[0], m[0]);
+      b = _mm512_fmadd_ps(b, d[1], m[1]);
+      _mm512_storeu_si512(dst + pair, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+    }
+  };
+  __m512i* o = reinterpret_cast<__m512i*>(out);
+  for (int64_t b = 0; b < K / QBLOCK; ++b) {
+    if (b * QBLOCK % group == 0) {
+      const at::Half* g = dm + b * QBLOCK / group * 32;
+      const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g)));
+      const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + 16)));
+      d[0] = _mm512_permutexvar_ps(lo8, dv), d[1] = _mm512_permutexvar_ps(hi8, dv);
+      m[0] = _mm512_permutexvar_ps(lo8, mv), m[1] = _mm512_permutexvar_ps(hi8, mv);
+    }
+    if (Bits == 4) {
+      for (int c = 0; c < 4; ++c, w += 64, o += 4) {
+        const __m512i line = _mm512_loadu_si512(w);
+        _mm_prefetch(reinterpret_cast<const char*>(w) + PREFETCH, _MM_HINT_T0);
+        widen(_mm512_and_si512(line, low4), o);
+        widen(_mm512_and_si512(_mm512_srli_epi16(line, 4), low4), o + 2);
+      }
+    } else {
+      for (int c = 0; c < 8; ++c, w += 64, o += 2) {
+        _mm_prefetch(reinterpret_cast<const char*>(w) + PREFETCH, _MM_HINT_T0);
+        widen(_mm512_loadu_si512(w), o);
+      }
+    }
+  }
+}
+
+// 16 * NT tokens (NT = 1 or 2) x 32 outputs (two widened strips w0, w1): weights in tmm0/1, activations in
+// tmm2/3, accumulators tmm4..7, so every tile load feeds two products and four accumulations run side by side
+// (the tile unit has no register renaming: one accumulator in a chain waits out each product's latency).
+// out: [NT][2 strips][16 tokens][16 outputs] fp32.
+template <int NT>
+inline void amx_tiles(const at::BFloat16* x, const at::BFloat16* w0, const at::BFloat16* w1, int64_t K, float* out) {
+  _tile_zero(4);
+  _tile_zero(5);
+  if constexpr (NT > 1) {
+    _tile_zero(6);
+    _tile_zero(7);
+  }
+  for (int64_t b = 0; b < K / QBLOCK; ++b) {
+    const at::BFloat16* xb = x + b * 512;
+    _tile_loadd(2, xb, 64);
+    _tile_loadd(0, w0 + b * 512, 64);
+    _tile_loadd(1, w1 + b * 512, 64);
+    _tile_dpbf16ps(4, 2, 0);
+    _tile_dpbf16ps(5, 2, 1);
+    if constexpr (NT > 1) {
+      _tile_loadd(3, xb + 16 * K, 64);
+      _tile_dpbf16ps(6, 3, 0);
+      _tile_dpbf16ps(7, 3, 1);
+    }
+  }
+  _tile_stored(4, out, 64);
+  _tile_stored(5, out + 256, 64);
+  if constexpr (NT > 1) {
+    _tile_stored(6, out + 512, 64);
+    _tile_stored(7, out + 768, 64);
+  }
+}
+
+template <typename T>
+void amx_gemm(const uint8_t* w, const at::Half* dm, int bits, const at::BFloat16* x, int64_t M, int64_t K,
+              int64_t group, int64_t N, T* y) {
+  const int64_t line_bytes = 16 * K * bits / 8, ngroups = K / group, tiles = (M + 15) / 16;
+  const int64_t rblocks = (N + 15) / 16;
+  at::parallel_for(0, (rblocks + 1) / 2, 1, [&](int64_t p0, int64_t p1) {
+    amx_configure();
+    Tensor wt_ = at::empty({32 * K}, at::kBFloat16);  // 64-byte aligned: a tile row split over two lines loads
+    at::BFloat16* wt = wt_.data_ptr<at::BFloat16>();  // at half speed (seen here as 2x run-to-run swings)
+    alignas(64) float out[1024];
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t strips = std::min<int64_t>(2, rblocks - 2 * p);
+      for (int64_t s = 0; s < strips; ++s) {
+        const int64_t rb = 2 * p + s;
+        if (bits == 4) widen_rows<4>(w + rb * line_bytes, dm + rb * ngroups * 32, K, group, wt + s * 16 * K);
+        else widen_rows<8>(w + rb * line_bytes, dm + rb * ngroups * 32, K, group, wt + s * 16 * K);
+      }
+      const at::BFloat16* w1 = wt + (strips - 1) * 16 * K;  // a lone last strip pairs with itself
+      for (int64_t t0 = 0; t0 < tiles; t0 += 2) {
+        const int nt = tiles - t0 >= 2 ? 2 : 1;
+        if (nt == 2) amx_tiles<2>(x + t0 * 16 * K, wt, w1, K, out);
+        else amx_tiles<1>(x + t0 * 16 * K, wt, w1, K, out);
+        for (int t = 0; t < nt; ++t)
+          for (int64_t s = 0; s < strips; ++s) {
+            const int64_t rb = 2 * p + s, cols = std::min<int64_t>(16, N - rb * 16);
+            for (int64_t r = 0; r < 16 && (t0 + t) * 16 + r < M; ++r)
+              store_row(y + ((t0 + t) * 16 + r) * N + rb * 16, cols, out + (t * 2 + s) * 256 + r * 16);
+          }
+      }
+    }
+    _tile_release();
+  });
+}
+
+// The activations as bf16 in the tiles' order, [16-row tile][block of 32 inputs][16 rows][32] (1 KB per tile,
+// read with unit stride: ~10% faster than strided rows), rows padded with zeros; times in_scale first when given.
+template <typename T, typename S>
+Tensor amx_rows(const T* x, const S* in_scale, int64_t M, int64_t K) {
+  Tensor out_ = at::zeros({(M + 15) / 16 * 16 * K}, at::kBFloat16);  // aligned, as the weight tiles
+  at::BFloat16* out = out_.data_ptr<at::BFloat16>();
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      at::BFloat16* o = out + m / 16 * 16 * K + m % 16 * QBLOCK;
+      for (int64_t k = 0; k < K; ++k) {
+        float v = static_cast<float>(x[m * K + k]);
+        if (in_scale) v *= static_cast<float>(in_scale[k]);
+        o[k / QBLOCK * 512 + k % QBLOCK] = at::BFloat16(v);
+      }
+    }
+  });
+  return out_;
+}
+#endif
+
 }  // namespace
 
 bool qmatmul_fast() { return MIAOTUI_VNNI; }
+
+bool qmatmul_amx() {
+#if MIAOTUI_AMX
+  return amx_ready();
+#else
+  return false;
+#endif
+}
 
 // y [M, N] = x [M, K] (fp32 or bf16; times in_scale [K] first when given) @ W^T, W packed as described above.
 Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t N,
@@ -265,12 +450,22 @@ Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits
       in_scale = in_scale.to(at::kFloat);
     TORCH_CHECK(in_scale.numel() == K, "qmatmul: in_scale must have K elements");
   }
-  QuantX qx{std::vector<int8_t>(M * K), std::vector<int8_t>(M * K), std::vector<float>(M * K / QBLOCK),
-            std::vector<float>(M * K / group)};
   auto shape = x.sizes().vec();
   shape.back() = N;
   Tensor y = at::empty(shape, x.options());
   auto run = [&](auto* xp, auto* yp) {
+#if MIAOTUI_AMX
+    if (!reference && M >= AMX_MIN_ROWS && amx_ready()) {
+      Tensor xb;
+      if (!in_scale.defined()) xb = amx_rows(xp, static_cast<const float*>(nullptr), M, K);
+      else if (in_scale.scalar_type() == at::kBFloat16) xb = amx_rows(xp, in_scale.data_ptr<at::BFloat16>(), M, K);
+      else xb = amx_rows(xp, in_scale.data_ptr<float>(), M, K);
+      amx_gemm(w.data_ptr<uint8_t>(), dm.data_ptr<at::Half>(), bits, xb.data_ptr<at::BFloat16>(), M, K, group, N, yp);
+      return;
+    }
+#endif
+    QuantX qx{std::vector<int8_t>(M * K), std::vector<int8_t>(M * K), std::vector<float>(M * K / QBLOCK),
+              std::vector<float>(M * K / group)};
     auto quantize = [&](auto* sp) {
       quantize_rows(xp, sp, M, K, group, qx.q.data(), qx.r.data(), qx.d.data(), qx.gsum.data());
     };

@@ -106,7 +106,7 @@ def test_paged_attention_matches_gathered_sdpa(ops, dtype, cache, head_dim, wind
 
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 32), (8, 96)])
-@pytest.mark.parametrize("m", [1, 3, 9])
+@pytest.mark.parametrize("m", [1, 3, 7])
 def test_qmatmul_matches_the_dequantized_weight(ops, bits, group, m):
     """The integer kernel (two int8 terms per activation) against x @ (d q + m)ᵀ in fp32; rows not in blocks of 16,
     in_scale applied first; the VNNI path and the plain C++ one agree to rounding."""
@@ -134,3 +134,28 @@ def test_qmatmul_matches_the_dequantized_weight(ops, bits, group, m):
     assert torch.equal(w.matmul(x, sb), w.matmul(x, sb.float()))
     yb = w.matmul(x.bfloat16(), s)
     assert yb.dtype == torch.bfloat16 and ((yb.float() - ref).abs().max() / ref.abs().max()) < 1e-2
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, 96)])
+@pytest.mark.parametrize("m", [8, 17, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qmatmul_many_rows_on_amx_is_a_bf16_product(ops, bits, group, m, dtype):
+    """From 8 rows on, the AMX path widens the weight to bf16 and multiplies bf16 activations with fp32 sums:
+    x @ W^T as a dense bf16 weight would give it (rows padded to tiles, outputs not in blocks of 32)."""
+    from miaotui.kernels.packed import PackedWeight
+
+    if not ops.amx:
+        pytest.skip("no AMX on this CPU")
+    torch.manual_seed(0)
+    n, k = 50, 384
+    codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8)
+    d = torch.rand(n, k // group) * 0.01 + 1e-3
+    mn = torch.randn(n, k // group) * 0.01
+    w = PackedWeight.pack(codes, d, mn, bits)
+    x = (torch.randn(m, k) * torch.where(torch.rand(k) < 0.05, 30.0, 1.0)).to(dtype)
+    s = torch.rand(k) + 0.5
+    ref = (x.float() * s).bfloat16().float() @ w.dequantize().bfloat16().float().t()
+    y = w.matmul(x, s)
+    assert y.dtype == dtype and y.shape == (m, n)
+    tol = 1e-5 if dtype == torch.float32 else 2**-8
+    assert ((y.float() - ref).abs() <= tol * ref.abs().max()).all()
