@@ -1,9 +1,10 @@
 """The paged KV cache's bookkeeping: fixed-size blocks, per-sequence block tables, and prefix reuse.
 
 A full block is named by the hash of (its parent block's hash, its token ids), so equal prefixes map to equal
-blocks. Blocks carry reference counts; a block nobody uses goes to the back of the free queue but keeps its
-contents and hash until it is handed out again, so a later request with the same prefix can take it back.
-Handing out blocks takes from the front: the least recently freed one is evicted first.
+blocks. Blocks carry reference counts; a block nobody uses keeps its contents and hash until it is handed out
+again, so a later request with the same prefix can take it back. Handing out prefers blocks that hold nothing
+reusable, the most recently freed first (their memory is resident and likely still in the CPU's caches; a cache
+budget is only touched as far as the load needs it), and only then evicts cached blocks, least recently freed first.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ class KVCacheManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_count = [0] * num_blocks
-        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.empty: list[int] = list(range(num_blocks - 1, -1, -1))  # free, nothing to reuse: a stack
+        self.cached: OrderedDict[int, None] = OrderedDict()  # free, with a hash: least recently freed first
         self.block_hash: list[int | None] = [None] * num_blocks
         self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks
         self.hash_to_block: dict[int, int] = {}
@@ -33,17 +35,17 @@ class KVCacheManager:
     # -- queries ----------------------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free)
+        return len(self.empty) + len(self.cached)
 
     @property
     def usage(self) -> float:
-        return 1.0 - len(self.free) / self.num_blocks
+        return 1.0 - self.num_free_blocks / self.num_blocks
 
     def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
         return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
 
     def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
-        return self.blocks_needed(seq, num_tokens) <= len(self.free)
+        return self.blocks_needed(seq, num_tokens) <= self.num_free_blocks
 
     # -- prefix reuse -----------------------------------------------------------------------------
     def _hashes(self, token_ids: list[int], num_blocks: int) -> list[tuple[int, tuple[int, ...]]]:
@@ -68,7 +70,7 @@ class KVCacheManager:
             if block is None or self.block_tokens[block] != tokens:
                 break
             if self.ref_count[block] == 0:
-                del self.free[block]
+                del self.cached[block]
             self.ref_count[block] += 1
             seq.block_table.append(block)
         seq.num_computed = len(seq.block_table) * self.block_size
@@ -91,7 +93,7 @@ class KVCacheManager:
     def allocate(self, seq: Sequence, num_tokens: int) -> None:
         """Grow seq's block table to hold `num_tokens` tokens; the caller checked `can_allocate`."""
         for _ in range(self.blocks_needed(seq, num_tokens)):
-            block, _ = self.free.popitem(last=False)
+            block = self.empty.pop() if self.empty else self.cached.popitem(last=False)[0]
             h = self.block_hash[block]
             if h is not None:  # evict: its old contents are about to be overwritten
                 if self.hash_to_block.get(h) == block:
@@ -105,16 +107,21 @@ class KVCacheManager:
                 self.fresh.append(block)
 
     def release(self, seq: Sequence) -> None:
-        """Drop seq's claim on its blocks; the last block freed is the first to be reused."""
+        """Drop seq's claim on its blocks. Cached ones are evicted tail first (the prefix's head is shared most)."""
         for block in reversed(seq.block_table):
             self.ref_count[block] -= 1
             if self.ref_count[block] == 0:
-                self.free[block] = None
+                if self.block_hash[block] is None:
+                    self.empty.append(block)
+                else:
+                    self.cached[block] = None
         seq.block_table = []
         seq.num_computed = 0
 
     def reset_prefix_cache(self) -> None:
-        for block in list(self.free):
+        for block in self.cached:
             self.block_hash[block] = None
             self.block_tokens[block] = None
+            self.empty.append(block)
+        self.cached.clear()
         self.hash_to_block = {h: b for h, b in self.hash_to_block.items() if self.ref_count[b] > 0}

@@ -25,6 +25,7 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.block_size = block_size
+        self.positions_ready = 0  # rotary tables cover positions below this (models grow them on request)
         cfg = self.config
         int8 = kv_cache_dtype == "int8"
         # One tensor for all layers: [2, layers, blocks, block_size, kv_heads, head_dim]
@@ -81,6 +82,10 @@ class ModelRunner:
     def run(self, seqs: list[Sequence], num_tokens: list[int], all_logits: bool = False) -> torch.Tensor:
         """One forward pass. Returns float32 logits of each sequence's last token [B, V], or of every token."""
         ctx, ids, positions = self._context(seqs, num_tokens)
+        longest = max(ctx.context_lens)
+        if longest > self.positions_ready:
+            self.model.reserve_positions(longest)
+            self.positions_ready = longest
         with forward_context(ctx):
             hidden = self.model(ids, positions)
         if not all_logits:

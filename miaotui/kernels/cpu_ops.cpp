@@ -206,6 +206,10 @@ void rope_(Tensor& x, const Tensor& positions, const Tensor& cos, const Tensor& 
   check_cpu(cos, "cos");
   check_cpu(sin, "sin");
   TORCH_CHECK(positions.scalar_type() == at::kLong && cos.scalar_type() == at::kFloat, "rope: dtypes");
+  TORCH_CHECK(cos.dim() == 2 && cos.size(1) == x.size(2) && sin.sizes() == cos.sizes(), "rope: table shapes");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t t = 0; t < positions.numel(); ++t)
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < cos.size(0), "rope: position ", pos[t], " is beyond the angle table");
   DISPATCH_FLOAT(x.scalar_type(), "rope", [&] {
     rope_impl<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), positions.data_ptr<int64_t>(),
                         cos.data_ptr<float>(), sin.data_ptr<float>(), x.size(0), x.size(1), x.size(2));

@@ -18,13 +18,25 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
         if scaling and scaling.get("type") == "linear":
             inv_freq = inv_freq / float(scaling["factor"])
-        freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.max_position = max_position
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # cos and sin [positions, head_dim] (fp32), grown by `reserve` as positions are reached
+        self.register_buffer("cos", torch.empty(0, head_dim, dtype=torch.float32), persistent=False)
+        self.register_buffer("sin", torch.empty(0, head_dim, dtype=torch.float32), persistent=False)
 
         self._key: tuple | None = None
         self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def reserve(self, n: int) -> None:
+        """Angle tables for positions [0, n), grown in steps of 1,024 as contexts reach them rather than built for
+        the whole context length up front: Gemma 3's two 32K-position tables of 256-wide heads held 128 MB."""
+        if n <= self.cos.shape[0]:
+            return
+        n = max(n, min(-(-n // 1024) * 1024, self.max_position))
+        freqs = torch.outer(torch.arange(n, dtype=torch.float32, device=self.inv_freq.device), self.inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos, self.sin = emb.cos(), emb.sin()
+        self._key = None
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x [T, heads, D] (q and k heads side by side), positions [T] → x rotated, in its dtype.

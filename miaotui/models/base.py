@@ -31,6 +31,14 @@ class CausalLM(nn.Module):
         emb = getattr(getattr(self, "model", None), "embed_tokens", None)
         return emb if isinstance(emb, Embedding) else None
 
+    def reserve_positions(self, n: int) -> None:
+        """Make every rotary embedding ready for positions below n (the model runner calls it each step)."""
+        from miaotui.layers.rotary import RotaryEmbedding
+
+        for m in self.modules():
+            if isinstance(m, RotaryEmbedding):
+                m.reserve(n)
+
     def attention_layers(self) -> list[Attention]:
         return [m for m in self.modules() if isinstance(m, Attention)]
 

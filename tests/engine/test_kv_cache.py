@@ -26,8 +26,13 @@ def test_allocate_and_release_in_order():
     assert kv.num_free_blocks == 5
     kv.release(a)
     assert kv.num_free_blocks == 8
-    # Freed blocks go to the back, last block first: the next allocation takes never-used blocks first.
-    assert list(kv.free) == [3, 4, 5, 6, 7, 2, 1, 0]
+    # The full blocks keep their hashes (cached, tail first); the partial one holds nothing reusable and is the
+    # first handed out again, before never-used blocks: the cache's memory is touched only as far as needed.
+    assert list(kv.cached) == [1, 0]
+    b = seq([50] * 12, "b")
+    kv.allocate(b, 12)
+    assert b.block_table == [2, 3, 4]
+    assert list(kv.cached) == [1, 0] and kv.hash_to_block
 
 
 def test_prefix_hit_shares_full_blocks_only():
@@ -60,10 +65,11 @@ def test_freed_blocks_stay_cached_until_evicted_lru():
     b = seq([1, 2, 3, 4, 9])
     assert kv.match_prefix(b) == 4 and b.block_table == [0, 1]
     kv.release(b)
-    # Fill the cache with other tokens: the least recently freed blocks are evicted first.
+    # Fill the cache with other tokens: blocks with nothing cached go first, then the least recently freed
+    # cached blocks are evicted.
     c = seq([7] * 8)
     kv.allocate(c, 8)
-    assert c.block_table == [3, 2, 1, 0]
+    assert c.block_table == [2, 3, 1, 0]
     assert kv.hash_to_block == {}
     kv.release(c)
     d = seq([1, 2, 3, 4, 9])

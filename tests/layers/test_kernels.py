@@ -48,7 +48,9 @@ def test_rope_rotates_strided_heads_in_place(ops, dtype):
     from miaotui.layers.rotary import RotaryEmbedding
 
     torch.manual_seed(0)
-    rope = RotaryEmbedding(64, 256, 10000.0)
+    rope = RotaryEmbedding(64, 4096, 10000.0)
+    rope.reserve(200)
+    assert rope.cos.shape == (1024, 64)  # grown in steps, not to the whole context length
     qkv = torch.randn(6, 5 * 64, dtype=dtype)
     qk = qkv[:, : 4 * 64].view(6, 4, 64)  # q and k heads inside a fused output: rows are strided
     pos = torch.tensor([0, 1, 7, 100, 3, 255])
@@ -60,6 +62,8 @@ def test_rope_rotates_strided_heads_in_place(ops, dtype):
     ops.rope_(qk, pos, rope.cos, rope.sin)
     assert close(qk, ref, dtype)
     assert torch.equal(qkv[:, 4 * 64 :], v_before)  # the v part is untouched
+    with pytest.raises(RuntimeError, match="beyond the angle table"):
+        ops.rope_(qk, torch.tensor([0, 1, 2, 3, 4, 1024]), rope.cos, rope.sin)
 
 
 def reference_attention(q, k_cache, v_cache, tables, lens, scale, window, k_scale=None, v_scale=None):
