@@ -172,3 +172,28 @@ def test_int4_calibrates_only_requantized_weights(smollm2_path, gemma3_path):
     layers = gemma.model.layers
     assert all(getattr(layer.self_attn.qkv_proj.quant, "in_scale", None) is None for layer in layers)
     assert any(getattr(layer.mlp.gate_up_proj.quant, "in_scale", None) is not None for layer in layers)
+    # Attention stored in 5-bit blocks (Gemma's Q5_0 q/k/v) stays at 8 bits; its Q4_K output projection is
+    # taken at 4 bits exactly, and the Q5_0 MLP is requantized to 4.
+    assert all(isinstance(layer.self_attn.qkv_proj.quant, Int8Weight) for layer in layers)
+    assert all(isinstance(layer.self_attn.o_proj.quant, Int4Weight) for layer in layers)
+    assert all(isinstance(layer.mlp.gate_up_proj.quant, Int4Weight) for layer in layers)
+
+
+def test_untied_embedding_takes_int4_rows():
+    """Under int4 an embedding table that is only looked up (not a tied head) is held in 4-bit groups; its rows
+    come back as the dequantized weight's rows, in the asked dtype."""
+    from miaotui.compress.quantize import quantize_embedding
+    from miaotui.kernels import packed
+
+    if not packed.available():
+        pytest.skip("no VNNI kernel layout on this CPU")
+    torch.manual_seed(0)
+    table = torch.randn(1000, 64) * 0.02
+    emb = quantize_embedding(table, "int4", torch.bfloat16, None)
+    assert isinstance(emb, Int4Weight) and emb.nbytes < 0.7 * table.numel()
+    ids = torch.tensor([[3, 999], [0, 3]])
+    rows = emb.lookup(ids, torch.bfloat16)
+    assert rows.shape == (2, 2, 64) and rows.dtype == torch.bfloat16
+    assert torch.equal(rows.float(), emb.dequantize()[ids].bfloat16().float())
+    assert ((rows.float() - table[ids]).abs().amax(-1) <= table[ids].abs().amax(-1) / 7).all()  # 4-bit steps
+    assert isinstance(quantize_embedding(table, "int8", torch.bfloat16, None), Int8Weight)
