@@ -425,6 +425,54 @@ Tensor paged_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_c
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// The index of each row's maximum (the first one, as torch.argmax; NaNs are never chosen): torch's CPU argmax
+// walks a [32, 49152] logits matrix at ~1 ns an element, 1.9 ms of a batch-32 decode step.
+Tensor argmax_rows(const Tensor& x_) {
+  check_cpu(x_, "x");
+  TORCH_CHECK(x_.dim() == 2 && x_.scalar_type() == at::kFloat, "argmax_rows: float32 [rows, n]");
+  Tensor x = x_.contiguous();
+  const int64_t R = x.size(0), n = x.size(1);
+  TORCH_CHECK(n > 0, "argmax_rows: empty rows");
+  Tensor out = at::empty({R}, x.options().dtype(at::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = xp + r * n;
+      float best = -INFINITY;
+      int64_t arg = 0, i = 0;
+#if MIAOTUI_AVX512
+      if (n >= 16) {  // per lane: the first maximum of its column; then the smallest index among the lanes' best
+        __m512 vbest = _mm512_set1_ps(-INFINITY);
+        __m512i varg = _mm512_setzero_si512(), idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                                                       14, 15);
+        const __m512i step = _mm512_set1_epi32(16);
+        for (; i + 16 <= n && i + 16 <= INT32_MAX; i += 16) {
+          const __m512 v = _mm512_loadu_ps(row + i);
+          const __mmask16 better = _mm512_cmp_ps_mask(v, vbest, _CMP_GT_OQ);
+          vbest = _mm512_mask_mov_ps(vbest, better, v);
+          varg = _mm512_mask_mov_epi32(varg, better, idx);
+          idx = _mm512_add_epi32(idx, step);
+        }
+        alignas(64) float vals[16];
+        alignas(64) int32_t args[16];
+        _mm512_store_ps(vals, vbest);
+        _mm512_store_si512(args, varg);
+        arg = -1;
+        for (int l = 0; l < 16; ++l)
+          if (vals[l] > best || (vals[l] == best && args[l] < arg)) best = vals[l], arg = args[l];
+        if (arg < 0) arg = 0;
+      }
+#endif
+      for (; i < n; ++i)
+        if (row[i] > best) best = row[i], arg = i;
+      op[r] = arg;
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 // qmatmul.cpp
@@ -438,6 +486,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim");
   m.def("gated_act", &gated_act, "act(gate) * up over a fused [gate | up] last dim (gelu_tanh or silu)");
   m.def("rope_", &rope_, "NEOX rotary embedding in place on [T, H, D]");
+  m.def("argmax_rows", &argmax_rows, "index of each row's first maximum (float32 [rows, n])");
   m.def("paged_attention", &paged_attention, "one-token-per-sequence attention over the paged KV cache");
   m.attr("vnni") = qmatmul_fast();
   m.attr("amx") = qmatmul_amx();

@@ -12,6 +12,9 @@
 //   4-bit: chunks of 8 inputs; byte 4r+j holds input j in its low nibble and input j+4 in its high nibble.
 //   8-bit: chunks of 4 inputs; byte 4r+j holds input j.
 // Scales: fp16 [row blocks, groups, 2, 16] (d then m for 16 rows), exact for GGUF's fp16 block scales.
+//
+// From 8 rows on (prefill, batched decode), where the CPU has AMX, the same layout is widened to bf16 instead and
+// multiplied on the tile unit (see "Many rows" below).
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -249,7 +252,6 @@ void qgemm_rows_ref(const uint8_t* w, const at::Half* dm, const QuantX& x, int64
     }
   }
 }
-
 
 #if MIAOTUI_AMX
 // Many rows (prefill, batched decode): the weight is widened to bf16 16 rows at a time, in L2, and multiplied on

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from miaotui.engine.sequence import Sequence, TokenLogprob
+from miaotui.kernels import argmax
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -34,7 +35,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
     raw_logprobs = logits.log_softmax(dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
     logits = apply_penalties(logits, seqs)
     greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
-    chosen = logits.argmax(dim=-1)
+    chosen = argmax(logits)
     if not bool(greedy.all()):
         temps = torch.tensor([s.params.temperature if not s.params.greedy else 1.0 for s in seqs],
                              device=logits.device)
@@ -42,7 +43,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
         noise = torch.empty_like(probs)
         for i, s in enumerate(seqs):
             noise[i].exponential_(generator=s.generator)
-        sampled = (probs / noise).argmax(dim=-1)
+        sampled = argmax(probs / noise)
         chosen = torch.where(greedy, chosen, sampled)
     ids = chosen.tolist()
     logprobs: list[TokenLogprob | None] = [None] * len(seqs)

@@ -163,3 +163,21 @@ def test_qmatmul_many_rows_on_amx_is_a_bf16_product(ops, bits, group, m, dtype):
     assert y.dtype == dtype and y.shape == (m, n)
     tol = 1e-5 if dtype == torch.float32 else 2**-8
     assert ((y.float() - ref).abs() <= tol * ref.abs().max()).all()
+
+
+def test_argmax_rows_picks_the_first_maximum(ops):
+    """The sampler's greedy pick: torch.argmax's answer, ties to the first index, for rows of any length."""
+    from miaotui.kernels import argmax
+
+    torch.manual_seed(0)
+    for shape in [(32, 49152), (1, 100), (3, 17), (2, 5)]:
+        x = torch.randn(*shape)
+        assert torch.equal(ops.argmax_rows(x), x.argmax(-1))
+    ties = torch.randint(0, 4, (64, 1000)).float()  # many equal maxima per row
+    assert torch.equal(ops.argmax_rows(ties), ties.argmax(-1))
+    x = torch.zeros(3, 40)
+    x[0] = -float("inf")
+    x[1, 39] = 1.0  # in the scalar tail
+    x[2, 17] = x[2, 3] = 5.0
+    assert ops.argmax_rows(x).tolist() == [0, 39, 3]
+    assert torch.equal(argmax(x.double()), x.argmax(-1))  # other dtypes keep torch's path
