@@ -84,8 +84,7 @@ class ModelRunner:
         ctx, ids, positions = self._context(seqs, num_tokens)
         longest = max(ctx.context_lens)
         if longest > self.positions_ready:
-            self.model.reserve_positions(longest)
-            self.positions_ready = longest
+            self.positions_ready = self.model.reserve_positions(longest)
         with forward_context(ctx):
             hidden = self.model(ids, positions)
         if not all_logits:

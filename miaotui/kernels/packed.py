@@ -74,8 +74,11 @@ class PackedWeight:
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The weight [N, K] (or `rows` of it) as fp32."""
-        dm = self.dm.permute(0, 3, 1, 2).reshape(-1, self.dm.shape[1], 2)
-        dm = (dm[: self.shape[0]] if rows is None else dm[rows]).float()
+        if rows is None:
+            dm = self.dm.permute(0, 3, 1, 2).reshape(-1, self.dm.shape[1], 2)[: self.shape[0]]
+        else:  # only the rows asked for: an embedding lookup must not copy every row's scales
+            dm = self.dm[rows // 16, :, :, rows % 16]
+        dm = dm.float()
         q = self.codes(rows)
         q = q.float().view(q.shape[0], -1, self.group)
         return (q * dm[..., 0, None] + dm[..., 1, None]).reshape(q.shape[0], -1)

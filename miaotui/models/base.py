@@ -31,13 +31,17 @@ class CausalLM(nn.Module):
         emb = getattr(getattr(self, "model", None), "embed_tokens", None)
         return emb if isinstance(emb, Embedding) else None
 
-    def reserve_positions(self, n: int) -> None:
-        """Make every rotary embedding ready for positions below n (the model runner calls it each step)."""
+    def reserve_positions(self, n: int) -> int:
+        """Make every rotary embedding ready for positions below n; return how many positions are ready (the
+        model runner calls it again only past that)."""
         from miaotui.layers.rotary import RotaryEmbedding
 
+        ready = None
         for m in self.modules():
             if isinstance(m, RotaryEmbedding):
                 m.reserve(n)
+                ready = m.cos.shape[0] if ready is None else min(ready, m.cos.shape[0])
+        return n if ready is None else ready
 
     def attention_layers(self) -> list[Attention]:
         return [m for m in self.modules() if isinstance(m, Attention)]
