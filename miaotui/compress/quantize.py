@@ -71,11 +71,10 @@ class Int8Weight:
 
     def lookup(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` as `dtype`: the embedding table read from its int8 form."""
-        flat = ids.reshape(-1)
         if self.fast is not None:
-            rows = self.fast.dequantize(flat).to(dtype)
-        else:
-            rows = self.q[flat].to(dtype) * self.scales[flat, None].to(dtype)
+            return self.fast.lookup(ids, dtype)
+        flat = ids.reshape(-1)
+        rows = self.q[flat].to(dtype) * self.scales[flat, None].to(dtype)
         return rows.reshape(*ids.shape, -1)
 
     @property
@@ -154,7 +153,7 @@ class Int4Weight:
 
     def lookup(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` as `dtype`: an embedding table read from its int4 form (miaotui's layout only)."""
-        return self.fast.dequantize(ids.reshape(-1)).to(dtype).reshape(*ids.shape, -1)
+        return self.fast.lookup(ids, dtype)
 
     def dequantize(self) -> torch.Tensor:
         if self.fast is not None:
@@ -204,7 +203,6 @@ class HybridWeight:
     SMALL_BATCH_AMX = 32
 
     def __init__(self, w: torch.Tensor, group: int, small: str = "int4", codes: BlockCodes | None = None):
-        from miaotui.kernels import packed
         from miaotui.layers.linear import OneDNNWeight
 
         self.small = quantize_weight(w, small, group, codes=codes)
@@ -251,11 +249,8 @@ def quantize_embedding(w: torch.Tensor, method: str, dtype: torch.dtype, codes: 
     """An untied embedding table is only ever read a row per token, never multiplied: under int4 it takes 4-bit
     groups of 32 too (Qwen2.5-0.5B's 136M entries: 153 -> 85 MB) where miaotui's kernel layout exists; int8
     otherwise."""
-    if method == "int4" and w.shape[1] % 32 == 0 and packed.available():
-        if codes is not None and codes.bits <= 4:
-            return Int4Weight.from_codes(codes.q, codes.d, codes.m, 32)
-        return Int4Weight.from_float(w, 32)
-    return quantize_weight(w, "int8", dtype=dtype, codes=codes)
+    int4 = method == "int4" and w.shape[1] % 32 == 0 and packed.available()
+    return quantize_weight(w, "int4" if int4 else "int8", 32, dtype, codes=codes)
 
 
 def file_codes(module, max_bits: int = 8) -> BlockCodes | None:

@@ -83,6 +83,10 @@ class PackedWeight:
         q = q.float().view(q.shape[0], -1, self.group)
         return (q * dm[..., 0, None] + dm[..., 1, None]).reshape(q.shape[0], -1)
 
+    def lookup(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` (any shape) as `dtype`, [*ids.shape, K]: an embedding table read from this layout."""
+        return self.dequantize(ids.reshape(-1)).to(dtype).reshape(*ids.shape, -1)
+
     @property
     def nbytes(self) -> int:
         return self.data.numel() + self.dm.numel() * 2

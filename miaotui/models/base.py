@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 
 import torch
@@ -36,12 +37,10 @@ class CausalLM(nn.Module):
         model runner calls it again only past that)."""
         from miaotui.layers.rotary import RotaryEmbedding
 
-        ready = None
-        for m in self.modules():
-            if isinstance(m, RotaryEmbedding):
-                m.reserve(n)
-                ready = m.cos.shape[0] if ready is None else min(ready, m.cos.shape[0])
-        return n if ready is None else ready
+        rotaries = [m for m in self.modules() if isinstance(m, RotaryEmbedding)]
+        for m in rotaries:
+            m.reserve(n)
+        return min((m.cos.shape[0] for m in rotaries), default=sys.maxsize)  # none (GPT-2): never ask again
 
     def attention_layers(self) -> list[Attention]:
         return [m for m in self.modules() if isinstance(m, Attention)]

@@ -109,19 +109,24 @@ def test_paged_attention_matches_gathered_sdpa(ops, dtype, cache, head_dim, wind
     assert close(out, ref, dtype)
 
 
+def random_packed(n: int, k: int, bits: int, group: int):
+    """Seeded random codes, d and m [N, K/group] and their packed weight (None without the kernel layout)."""
+    from miaotui.kernels.packed import PackedWeight
+
+    torch.manual_seed(0)
+    codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8)
+    d = torch.rand(n, k // group) * 0.01 + 1e-3
+    mn = torch.randn(n, k // group) * 0.01
+    return codes, d, mn, PackedWeight.pack(codes, d, mn, bits)
+
+
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 32), (8, 96)])
 @pytest.mark.parametrize("m", [1, 3, 7])
 def test_qmatmul_matches_the_dequantized_weight(ops, bits, group, m):
     """The integer kernel (two int8 terms per activation) against x @ (d q + m)ᵀ in fp32; rows not in blocks of 16,
     in_scale applied first; the VNNI path and the plain C++ one agree to rounding."""
-    from miaotui.kernels.packed import PackedWeight
-
-    torch.manual_seed(0)
     n, k = 50, 384
-    codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8)
-    d = torch.rand(n, k // group) * 0.01 + 1e-3
-    mn = torch.randn(n, k // group) * 0.01
-    w = PackedWeight.pack(codes, d, mn, bits)
+    codes, d, mn, w = random_packed(n, k, bits, group)
     if w is None:
         pytest.skip("no AVX-512 VNNI on this CPU")
     deq = (codes.float().view(n, -1, group) * d.half().float()[..., None] + mn.half().float()[..., None]).view(n, k)
@@ -146,16 +151,10 @@ def test_qmatmul_matches_the_dequantized_weight(ops, bits, group, m):
 def test_qmatmul_many_rows_on_amx_is_a_bf16_product(ops, bits, group, m, dtype):
     """From 8 rows on, the AMX path widens the weight to bf16 and multiplies bf16 activations with fp32 sums:
     x @ W^T as a dense bf16 weight would give it (rows padded to tiles, outputs not in blocks of 32)."""
-    from miaotui.kernels.packed import PackedWeight
-
     if not ops.amx:
         pytest.skip("no AMX on this CPU")
-    torch.manual_seed(0)
     n, k = 50, 384
-    codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8)
-    d = torch.rand(n, k // group) * 0.01 + 1e-3
-    mn = torch.randn(n, k // group) * 0.01
-    w = PackedWeight.pack(codes, d, mn, bits)
+    *_, w = random_packed(n, k, bits, group)
     x = (torch.randn(m, k) * torch.where(torch.rand(k) < 0.05, 30.0, 1.0)).to(dtype)
     s = torch.rand(k) + 0.5
     ref = (x.float() * s).bfloat16().float() @ w.dequantize().bfloat16().float().t()
