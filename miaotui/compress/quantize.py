@@ -11,6 +11,7 @@ VNNI kernel where the CPU has it (kernels/packed.py; 2-3x faster at decode sizes
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,10 @@ class Int8Weight:
         # The CPU kernel's fp32 path is unvectorised (~13x slower): compute in bf16, as the int4 kernel does.
         y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scales.to(torch.bfloat16))
         return y.to(x.dtype)
+
+    def kernel(self) -> tuple[PackedWeight, torch.Tensor | None, int] | None:
+        """What `matmul` hands miaotui's kernel: the packed weight, the input scale, and up to how many rows."""
+        return None if self.fast is None else (self.fast, None, sys.maxsize)
 
     def codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The int8 values [N, K] (or of `rows` only) of a per-row weight (`from_float`)."""
@@ -151,6 +156,10 @@ class Int4Weight:
                                                        self.scales_zeros)
         return y.to(x.dtype)
 
+    def kernel(self) -> tuple[PackedWeight, torch.Tensor | None, int] | None:
+        """What `matmul` hands miaotui's kernel: the packed weight, the input scale, and up to how many rows."""
+        return None if self.fast is None else (self.fast, self.in_scale, sys.maxsize)
+
     def lookup(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` as `dtype`: an embedding table read from its int4 form (miaotui's layout only)."""
         return self.fast.lookup(ids, dtype)
@@ -211,6 +220,11 @@ class HybridWeight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return (self.small if x.shape[0] <= self.small_batch else self.dense).matmul(x)
+
+    def kernel(self) -> tuple[PackedWeight, torch.Tensor | None, int] | None:
+        """What `matmul` hands miaotui's kernel: the packed weight, the input scale, and up to how many rows."""
+        k = self.small.kernel()
+        return None if k is None else (k[0], k[1], self.small_batch)
 
     @property
     def nbytes(self) -> int:

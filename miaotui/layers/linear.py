@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
+    from miaotui.kernels.packed import PackedWeight
     from miaotui.loader.dequant import BlockCodes
 
 
@@ -31,6 +32,10 @@ class Linear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         y = self.quant.matmul(x)
         return y if self.bias is None else y + self.bias
+
+    def kernel(self) -> tuple[PackedWeight, torch.Tensor | None, int] | None:
+        """What `forward` hands miaotui's low-bit kernel (packed weight, input scale, up to how many rows), if so."""
+        return None if self.quant is None else self.quant.kernel()
 
     def load(self, name: str, w: torch.Tensor, shard: int = 0) -> None:
         """Copy a checkpoint tensor (weight or bias) into part `shard` of this projection."""
@@ -66,6 +71,9 @@ class OneDNNWeight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+    def kernel(self) -> None:
+        return None  # oneDNN's own
 
 
 def prepack_for_cpu(model: nn.Module) -> bool:

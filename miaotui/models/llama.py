@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from miaotui.config import ModelConfig
+from miaotui.context import get_context
+from miaotui.kernels import SMALL_ROWS, use_cpu_ops
 from miaotui.layers.activation import silu_and_mul
 from miaotui.layers.attention import Attention
 from miaotui.layers.linear import Embedding, Linear
@@ -65,11 +67,53 @@ class LlamaForCausalLM(CausalLM):
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = self.model.embed_tokens if cfg.tie_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
 
+        self._stack: tuple | None = None  # (cache it was built for, rows it serves, the C++ stack or None)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
-            x = layer(x, positions)
+        if (stack := self._decode_stack(x)) is not None:
+            ctx = get_context()
+            rotary = self.model.layers[0].self_attn.rotary
+            x = stack.decode(x, positions, ctx.slot_mapping, ctx.block_tables, ctx.context_lens_t, rotary.cos,
+                             rotary.sin)
+        else:
+            for layer in self.model.layers:
+                x = layer(x, positions)
         return self.model.norm(x)
+
+    def _decode_stack(self, x: torch.Tensor):
+        """The blocks as one C++ call (kernels/cpu_ops.cpp, LlamaStack) for a pure decode step on the CPU whose
+        projections all run on miaotui's low-bit kernel at this batch size; None for every other step. It runs
+        the modules' own kernels in their order, so tokens are the same; module hooks do not fire on these steps
+        (calibration and pruning hook prompt passes)."""
+        ctx = get_context()
+        if len(ctx.decode_seqs) != ctx.num_seqs or x.shape[0] > SMALL_ROWS or not (ops := use_cpu_ops(x)):
+            return None
+        cache = self.model.layers[0].self_attn.attn.k_cache
+        if self._stack is None or self._stack[0] is not cache:
+            self._stack = (cache, *self._build_stack(ops, x.dtype))
+        return self._stack[2] if x.shape[0] <= self._stack[1] else None
+
+    def _build_stack(self, ops, dtype: torch.dtype) -> tuple[int, object]:
+        """(up to how many rows it serves, the stack), or (0, None) where some block cannot run in it."""
+        rows, layers = SMALL_ROWS, []
+        for block in self.model.layers:
+            attn = block.self_attn.attn
+            if attn.k_cache is None or attn.k_cache.dtype != dtype or attn.k_scale is not None:
+                return 0, None
+            projs = []
+            for linear in (block.self_attn.qkv_proj, block.self_attn.o_proj, block.mlp.gate_up_proj,
+                           block.mlp.down_proj):
+                if (kernel := linear.kernel()) is None:
+                    return 0, None
+                w, in_scale, max_rows = kernel
+                rows = min(rows, max_rows)
+                bias = None if linear.bias is None else linear.bias.data
+                projs.append(ops.Proj(w.data, w.dm, w.bits, w.group, w.shape[0], in_scale, bias))
+            layers.append(ops.LlamaLayer(block.input_layernorm.weight.data, block.post_attention_layernorm.weight.data,
+                                         *projs, attn.k_cache, attn.v_cache, attn.sliding_window or 0))
+        first = self.model.layers[0].self_attn
+        return rows, ops.LlamaStack(layers, *first.shape, self.config.norm_eps, first.attn.scale)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         self.load_stacked(weights, STACKED)
