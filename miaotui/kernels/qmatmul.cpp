@@ -20,6 +20,8 @@
 #include <torch/extension.h>
 
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -403,6 +405,7 @@ void amx_gemm(const uint8_t* w, const at::Half* dm, int bits, const at::BFloat16
 
 // The activations as bf16 in the tiles' order, [16-row tile][block of 32 inputs][16 rows][32] (1 KB per tile,
 // read with unit stride: ~10% faster than strided rows), rows padded with zeros; times in_scale first when given.
+// One 64-byte line per (row, block): done element by element this took a quarter of a batch-32 product.
 template <typename T, typename S>
 Tensor amx_rows(const T* x, const S* in_scale, int64_t M, int64_t K) {
   Tensor out_ = at::zeros({(M + 15) / 16 * 16 * K}, at::kBFloat16);  // aligned, as the weight tiles
@@ -410,10 +413,20 @@ Tensor amx_rows(const T* x, const S* in_scale, int64_t M, int64_t K) {
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       at::BFloat16* o = out + m / 16 * 16 * K + m % 16 * QBLOCK;
-      for (int64_t k = 0; k < K; ++k) {
-        float v = static_cast<float>(x[m * K + k]);
-        if (in_scale) v *= static_cast<float>(in_scale[k]);
-        o[k / QBLOCK * 512 + k % QBLOCK] = at::BFloat16(v);
+      for (int64_t k = 0; k < K; k += QBLOCK, o += 512) {
+        const T* src = x + m * K + k;
+        if constexpr (std::is_same_v<T, at::BFloat16>) {
+          if (!in_scale) {
+            std::memcpy(o, src, QBLOCK * sizeof(at::BFloat16));
+            continue;
+          }
+        }
+        __m512 lo = load16f(src), hi = load16f(src + 16);
+        if (in_scale) {
+          lo = _mm512_mul_ps(lo, load16f(in_scale + k));
+          hi = _mm512_mul_ps(hi, load16f(in_scale + k + 16));
+        }
+        _mm512_storeu_si512(o, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));  // round to nearest even, as at::BFloat16
       }
     }
   });
