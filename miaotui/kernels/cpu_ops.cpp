@@ -437,7 +437,7 @@ Tensor paged_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_c
 // driven from Python they cost ~100 us a block in module calls and dispatch (3 ms of a 9 ms token on SmolLM2),
 // more than their arithmetic. Here the same kernels run in the same order with the same roundings, so the result
 // equals the module-by-module forward exactly. Weights are miaotui's packed low-bit ones (qmatmul), the cache is in
-// the activations' dtype; everything else takes the Python path.
+// the activations' dtype or int8; everything else takes the Python path.
 
 struct Proj {
   Tensor w, dm;
@@ -454,8 +454,30 @@ struct LlamaLayer {
   Tensor ln1, ln2;  // RMSNorm weights before attention and before the MLP
   Proj qkv, o, gate_up, down;
   Tensor k_cache, v_cache;  // [blocks, block_size, Hkv, D]
+  c10::optional<Tensor> k_scale, v_scale;  // int8 cache: [blocks, block_size, Hkv, 1] in the activations' dtype
   int64_t window;  // sliding window, 0 for none
 };
+
+// One token's keys (or values) [Hkv, D] into cache slot `slot`; an int8 cache takes one scale per head, amax / 127
+// rounded to the scale's dtype first, and codes round(x / scale) clamped to +-127, as Attention._write computes.
+template <typename T>
+void write_kv(const T* x, const Tensor& cache, const c10::optional<Tensor>& scale, int64_t slot, int64_t Hkv,
+              int64_t D) {
+  if (!scale) {
+    std::memcpy(cache.data_ptr<T>() + slot * Hkv * D, x, Hkv * D * sizeof(T));
+    return;
+  }
+  int8_t* q = cache.data_ptr<int8_t>() + slot * Hkv * D;
+  T* sc = scale->data_ptr<T>() + slot * Hkv;
+  for (int64_t h = 0; h < Hkv; ++h) {
+    float amax = 0.f;
+    for (int64_t j = 0; j < D; ++j) amax = std::max(amax, std::abs(to_f(x[h * D + j])));
+    sc[h] = from_f<T>(std::max(amax / 127.f, 1e-8f));
+    const float s = to_f(sc[h]);
+    for (int64_t j = 0; j < D; ++j)
+      q[h * D + j] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(to_f(x[h * D + j]) / s))));
+  }
+}
 
 struct LlamaStack {
   std::vector<LlamaLayer> layers;
@@ -471,25 +493,25 @@ struct LlamaStack {
     const int64_t* slot = slots.data_ptr<int64_t>();
     Tensor x = x_.contiguous();
     for (const LlamaLayer& l : layers) {
-      TORCH_CHECK(l.k_cache.scalar_type() == x.scalar_type(), "decode: the cache must be in the activations' dtype");
+      TORCH_CHECK(l.k_cache.scalar_type() == (l.k_scale ? at::kChar : x.scalar_type()),
+                  "decode: the cache must be int8 with scales, or in the activations' dtype");
       const int64_t rows = l.k_cache.numel() / (KV * D);
       Tensor qkv = l.qkv(rms_norm(x, l.ln1, eps));
       Tensor qk = qkv.narrow(1, 0, (H + KV) * D).view({B, H + KV, D});
       rope_(qk, positions, cos, sin);
-      // this step's keys and values into their slots (index_copy_ of the module path)
-      const int64_t row_bytes = KV * D * qkv.element_size();
-      auto* src = static_cast<const char*>(qkv.data_ptr());
-      auto* kc = static_cast<char*>(l.k_cache.data_ptr());
-      auto* vc = static_cast<char*>(l.v_cache.data_ptr());
-      for (int64_t b = 0; b < B; ++b) {
+      // this step's keys and values into their slots (the module path's Attention._write)
+      for (int64_t b = 0; b < B; ++b)
         TORCH_CHECK(slot[b] >= 0 && slot[b] < rows, "decode: slot ", slot[b], " is outside the cache");
-        const char* row = src + b * qkv.stride(0) * qkv.element_size();
-        std::memcpy(kc + slot[b] * row_bytes, row + H * D * qkv.element_size(), row_bytes);
-        std::memcpy(vc + slot[b] * row_bytes, row + (H + KV) * D * qkv.element_size(), row_bytes);
-      }
+      DISPATCH_FLOAT(x.scalar_type(), "decode", [&] {
+        const scalar_t* src = qkv.data_ptr<scalar_t>();
+        for (int64_t b = 0; b < B; ++b) {
+          const scalar_t* row = src + b * qkv.stride(0);
+          write_kv(row + H * D, l.k_cache, l.k_scale, slot[b], KV, D);
+          write_kv(row + (H + KV) * D, l.v_cache, l.v_scale, slot[b], KV, D);
+        }
+      });
       Tensor q = qkv.narrow(1, 0, H * D).view({B, H, D}).contiguous();
-      Tensor attn = paged_attention(q, l.k_cache, l.v_cache, c10::nullopt, c10::nullopt, tables, lens, scale,
-                                    l.window);
+      Tensor attn = paged_attention(q, l.k_cache, l.v_cache, l.k_scale, l.v_scale, tables, lens, scale, l.window);
       x = x + l.o(attn.view({B, H * D}));
       x = x + l.down(gated_act(l.gate_up(rms_norm(x, l.ln2, eps)), false));
     }
@@ -562,9 +584,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("w"), py::arg("dm"), py::arg("bits"), py::arg("group"), py::arg("n"), py::arg("in_scale"),
            py::arg("bias"));
   py::class_<LlamaLayer>(m, "LlamaLayer", "one Llama block's weights and KV cache")
-      .def(py::init<Tensor, Tensor, Proj, Proj, Proj, Proj, Tensor, Tensor, int64_t>(), py::arg("ln1"),
-           py::arg("ln2"), py::arg("qkv"), py::arg("o"), py::arg("gate_up"), py::arg("down"), py::arg("k_cache"),
-           py::arg("v_cache"), py::arg("window"));
+      .def(py::init<Tensor, Tensor, Proj, Proj, Proj, Proj, Tensor, Tensor, c10::optional<Tensor>,
+                    c10::optional<Tensor>, int64_t>(),
+           py::arg("ln1"), py::arg("ln2"), py::arg("qkv"), py::arg("o"), py::arg("gate_up"), py::arg("down"),
+           py::arg("k_cache"), py::arg("v_cache"), py::arg("k_scale"), py::arg("v_scale"), py::arg("window"));
   py::class_<LlamaStack>(m, "LlamaStack", "a decode step through Llama blocks in one call")
       .def(py::init<std::vector<LlamaLayer>, int64_t, int64_t, int64_t, double, double>(), py::arg("layers"),
            py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("scale"))

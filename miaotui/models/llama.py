@@ -99,7 +99,7 @@ class LlamaForCausalLM(CausalLM):
         rows, layers = SMALL_ROWS, []
         for block in self.model.layers:
             attn = block.self_attn.attn
-            if attn.k_cache is None or attn.k_cache.dtype != dtype or attn.k_scale is not None:
+            if attn.k_cache is None or attn.k_cache.dtype != (torch.int8 if attn.k_scale is not None else dtype):
                 return 0, None
             projs = []
             for linear in (block.self_attn.qkv_proj, block.self_attn.o_proj, block.mlp.gate_up_proj,
@@ -111,7 +111,8 @@ class LlamaForCausalLM(CausalLM):
                 bias = None if linear.bias is None else linear.bias.data
                 projs.append(ops.Proj(w.data, w.dm, w.bits, w.group, w.shape[0], in_scale, bias))
             layers.append(ops.LlamaLayer(block.input_layernorm.weight.data, block.post_attention_layernorm.weight.data,
-                                         *projs, attn.k_cache, attn.v_cache, attn.sliding_window or 0))
+                                         *projs, attn.k_cache, attn.v_cache, attn.k_scale, attn.v_scale,
+                                         attn.sliding_window or 0))
         first = self.model.layers[0].self_attn
         return rows, ops.LlamaStack(layers, *first.shape, self.config.norm_eps, first.attn.scale)
 

@@ -37,9 +37,11 @@ def _assert_same(llm: LLM, monkeypatch) -> None:
     assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
 
 
-def test_stack_equals_modules_on_smollm2(smollm2_path, monkeypatch):
-    """The default model and setting: `auto` decodes on the file's exact 4-bit codes (and its 8-bit head)."""
-    _assert_same(LLM(str(smollm2_path), kv_cache_memory=32 * 2**20), monkeypatch)
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_stack_equals_modules_on_smollm2(smollm2_path, kv_cache_dtype, monkeypatch):
+    """The default model and setting: `auto` decodes on the file's exact 4-bit codes (and its 8-bit head); with
+    an int8 cache the stack quantizes this step's keys and values as the module path does."""
+    _assert_same(LLM(str(smollm2_path), kv_cache_memory=32 * 2**20, kv_cache_dtype=kv_cache_dtype), monkeypatch)
 
 
 def test_stack_equals_modules_with_biases_and_input_scales(tmp_path, monkeypatch):
