@@ -143,7 +143,8 @@ class Engine:
                 rows.append(i)
         outputs = []
         if done_prefill:
-            ids, logprobs = sample(logits[rows], done_prefill)
+            # every row in a decode step: skip copying the [B, vocab] logits
+            ids, logprobs = sample(logits if len(rows) == len(logits) else logits[rows], done_prefill)
             now = time.monotonic()
             for seq, token, lp in zip(done_prefill, ids, logprobs):
                 seq.first_token_time = seq.first_token_time or now
