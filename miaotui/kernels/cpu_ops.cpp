@@ -569,7 +569,6 @@ Tensor argmax_rows(const Tensor& x_) {
 
 }  // namespace
 
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("avx512") = static_cast<bool>(MIAOTUI_AVX512);
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim");

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from miaotui.config import ModelConfig
-from miaotui.context import get_context
+from miaotui.context import ForwardContext, get_context
 from miaotui.kernels import SMALL_ROWS, use_cpu_ops
 from miaotui.layers.activation import silu_and_mul
 from miaotui.layers.attention import Attention
@@ -71,8 +71,8 @@ class LlamaForCausalLM(CausalLM):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
-        if (stack := self._decode_stack(x)) is not None:
-            ctx = get_context()
+        ctx = get_context()
+        if (stack := self._decode_stack(x, ctx)) is not None:
             rotary = self.model.layers[0].self_attn.rotary
             x = stack.decode(x, positions, ctx.slot_mapping, ctx.block_tables, ctx.context_lens_t, rotary.cos,
                              rotary.sin)
@@ -81,12 +81,11 @@ class LlamaForCausalLM(CausalLM):
                 x = layer(x, positions)
         return self.model.norm(x)
 
-    def _decode_stack(self, x: torch.Tensor):
+    def _decode_stack(self, x: torch.Tensor, ctx: ForwardContext):
         """The blocks as one C++ call (kernels/cpu_ops.cpp, LlamaStack) for a pure decode step on the CPU whose
         projections all run on miaotui's low-bit kernel at this batch size; None for every other step. It runs
         the modules' own kernels in their order, so tokens are the same; module hooks do not fire on these steps
         (calibration and pruning hook prompt passes)."""
-        ctx = get_context()
         if len(ctx.decode_seqs) != ctx.num_seqs or x.shape[0] > SMALL_ROWS or not (ops := use_cpu_ops(x)):
             return None
         cache = self.model.layers[0].self_attn.attn.k_cache

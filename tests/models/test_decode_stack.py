@@ -18,8 +18,8 @@ def _generate(llm: LLM, fused: bool, monkeypatch) -> tuple[list, int]:
     """Greedy continuations with their logprobs, and how many forward passes ran through the stack."""
     used = [0]
 
-    def spy(self, x):
-        stack = REAL_STACK(self, x) if fused else None
+    def spy(self, x, ctx):
+        stack = REAL_STACK(self, x, ctx) if fused else None
         used[0] += stack is not None
         return stack
 
