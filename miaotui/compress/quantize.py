@@ -11,7 +11,6 @@ VNNI kernel where the CPU has it (kernels/packed.py; 2-3x faster at decode sizes
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +18,7 @@ from torch import nn
 
 from miaotui.errors import MiaotuiError
 from miaotui.kernels import packed
-from miaotui.kernels.packed import PackedWeight
+from miaotui.kernels.packed import PackedWeight, StackWeight
 from miaotui.loader.dequant import BlockCodes
 
 METHODS = ("none", "int8", "int4", "auto")
@@ -59,9 +58,9 @@ class Int8Weight:
         y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scales.to(torch.bfloat16))
         return y.to(x.dtype)
 
-    def kernel(self) -> tuple[PackedWeight, torch.Tensor | None, int] | None:
-        """What `matmul` hands miaotui's kernel: the packed weight, the input scale, and up to how many rows."""
-        return None if self.fast is None else (self.fast, None, sys.maxsize)
+    def kernel(self) -> StackWeight | None:
+        """What `matmul` hands miaotui's kernel: the packed weight."""
+        return None if self.fast is None else StackWeight(self.fast)
 
     def codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The int8 values [N, K] (or of `rows` only) of a per-row weight (`from_float`)."""
@@ -156,9 +155,9 @@ class Int4Weight:
                                                        self.scales_zeros)
         return y.to(x.dtype)
 
-    def kernel(self) -> tuple[PackedWeight, torch.Tensor | None, int] | None:
-        """What `matmul` hands miaotui's kernel: the packed weight, the input scale, and up to how many rows."""
-        return None if self.fast is None else (self.fast, self.in_scale, sys.maxsize)
+    def kernel(self) -> StackWeight | None:
+        """What `matmul` hands miaotui's kernel: the packed weight and the input scale."""
+        return None if self.fast is None else StackWeight(self.fast, self.in_scale)
 
     def lookup(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` as `dtype`: an embedding table read from its int4 form (miaotui's layout only)."""
@@ -201,30 +200,36 @@ def _int4_search(w: torch.Tensor, group: int, clips: tuple[float, ...]):
 
 
 class HybridWeight:
-    """`auto` on CPU: int4 for the few-row products of decoding (bandwidth-bound: 4x fewer bytes per token),
-    the dense oneDNN weight for prefill (compute-bound). The switch sits where the two cross with weights streaming
-    from memory: on a 3072 x 576 projection here the VNNI int4 kernel takes 58 / 109 / 199 / 398 us at 1 / 4 / 8 /
-    16 rows, oneDNN bf16 335-395 us at all four; the AMX path of the same kernel (from 8 rows) 190-310 us at 8-32
-    rows, oneDNN 370-500 (a batch-32 decode step of SmolLM2: 63 -> 52 ms), while oneDNN prefills 512 rows ~1.3x
-    faster from weights it keeps hot."""
+    """`auto` on CPU: int4 for the few-row products of decoding (bandwidth-bound: 4x fewer bytes per token), a
+    dense bf16 copy (`dense_weight`) for prefill and batches, which are compute-bound. Where the CPU has AMX the copy
+    is miaotui's tile-order one; all 120 projections of SmolLM2 took here, at 1 / 4 / 8 / 16 / 32 rows, 3.7 / 5.0 /
+    8.1 / 9.3 / 14.2 ms on int4 (VNNI below 8 rows, widened to bf16 tiles from 8) and 8.6 / 8.9 / 8.5 / 9.3 / 12.2
+    ms on the bf16 tiles (streaming 214 MB at the machine's read bandwidth), so the switch sits at 8 rows.
+    Elsewhere the copy is oneDNN's (335-395 us at 1-16 rows on one 3072 x 576 projection, int4 VNNI 58 / 109 / 199 /
+    398 us at 1 / 4 / 8 / 16) and int4 serves up to SMALL_BATCH rows."""
 
     SMALL_BATCH = 12
-    SMALL_BATCH_AMX = 32
+    SMALL_BATCH_TILES = 7
 
     def __init__(self, w: torch.Tensor, group: int, small: str = "int4", codes: BlockCodes | None = None):
-        from miaotui.layers.linear import OneDNNWeight
+        from miaotui.layers.linear import TiledWeight, dense_weight
 
         self.small = quantize_weight(w, small, group, codes=codes)
-        self.dense = OneDNNWeight(w)
-        self.small_batch = self.SMALL_BATCH_AMX if self.small.fast is not None and packed.amx() else self.SMALL_BATCH
+        self.dense = dense_weight(w)
+        tiles = isinstance(self.dense, TiledWeight) and self.small.fast is not None
+        self.small_batch = self.SMALL_BATCH_TILES if tiles else self.SMALL_BATCH
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return (self.small if x.shape[0] <= self.small_batch else self.dense).matmul(x)
 
-    def kernel(self) -> tuple[PackedWeight, torch.Tensor | None, int] | None:
-        """What `matmul` hands miaotui's kernel: the packed weight, the input scale, and up to how many rows."""
+    def kernel(self) -> StackWeight | None:
+        """What `matmul` hands miaotui's kernels: the packed weight (and the tiles past `small_batch` rows)."""
         k = self.small.kernel()
-        return None if k is None else (k[0], k[1], self.small_batch)
+        if k is None:
+            return None
+        if (tiles := self.dense.kernel()) is None:
+            return StackWeight(k.packed, k.in_scale, max_rows=self.small_batch)
+        return StackWeight(k.packed, k.in_scale, tiles.tiles, self.small_batch + 1)
 
     @property
     def nbytes(self) -> int:

@@ -19,7 +19,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# The fused kernels serve decode-sized inputs (up to this many tokens); torch's vectorised ops keep prefill.
+# The C++ decode stack serves steps of up to this many sequences.
 SMALL_ROWS = 64
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("cpu_ops.cpp", "qmatmul.cpp")]

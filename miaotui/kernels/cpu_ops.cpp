@@ -28,6 +28,7 @@ bool qmatmul_fast();
 bool qmatmul_amx();
 Tensor qmatmul(const Tensor& x, const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t N,
                const c10::optional<Tensor>& in_scale, bool reference);
+Tensor tile_matmul(const Tensor& x, const Tensor& tiles, int64_t N);
 
 namespace {
 
@@ -436,16 +437,19 @@ Tensor paged_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_c
 // A decode step through a stack of Llama blocks in one call. Each block is a dozen small ops at decode sizes;
 // driven from Python they cost ~100 us a block in module calls and dispatch (3 ms of a 9 ms token on SmolLM2),
 // more than their arithmetic. Here the same kernels run in the same order with the same roundings, so the result
-// equals the module-by-module forward exactly. Weights are miaotui's packed low-bit ones (qmatmul), the cache is in
-// the activations' dtype or int8; everything else takes the Python path.
+// equals the module-by-module forward exactly. Weights are miaotui's packed low-bit ones (qmatmul) or bf16 tiles
+// (tile_matmul), the cache is in the activations' dtype or int8; everything else takes the Python path.
 
 struct Proj {
-  Tensor w, dm;
+  c10::optional<Tensor> w, dm;  // low-bit codes (qmatmul), for fewer than tile_rows rows
   int64_t bits, group, n;
   c10::optional<Tensor> in_scale, bias;
+  c10::optional<Tensor> tiles;  // the bf16 weight in tile order (tile_matmul), from tile_rows rows on
+  int64_t tile_rows;
 
   Tensor operator()(const Tensor& x) const {
-    Tensor y = qmatmul(x, w, dm, bits, group, n, in_scale, false);
+    Tensor y = tiles && (!w || x.size(0) >= tile_rows) ? tile_matmul(x, *tiles, n)
+                                                        : qmatmul(x, *w, *dm, bits, group, n, in_scale, false);
     return bias ? y.add_(*bias) : y;
   }
 };
@@ -578,10 +582,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "one-token-per-sequence attention over the paged KV cache");
   m.attr("vnni") = qmatmul_fast();
   m.attr("amx") = qmatmul_amx();
-  py::class_<Proj>(m, "Proj", "a packed low-bit projection, as qmatmul takes it")
-      .def(py::init<Tensor, Tensor, int64_t, int64_t, int64_t, c10::optional<Tensor>, c10::optional<Tensor>>(),
+  py::class_<Proj>(m, "Proj", "a projection's weights as qmatmul and tile_matmul take them")
+      .def(py::init<c10::optional<Tensor>, c10::optional<Tensor>, int64_t, int64_t, int64_t, c10::optional<Tensor>,
+                    c10::optional<Tensor>, c10::optional<Tensor>, int64_t>(),
            py::arg("w"), py::arg("dm"), py::arg("bits"), py::arg("group"), py::arg("n"), py::arg("in_scale"),
-           py::arg("bias"));
+           py::arg("bias"), py::arg("tiles"), py::arg("tile_rows"));
   py::class_<LlamaLayer>(m, "LlamaLayer", "one Llama block's weights and KV cache")
       .def(py::init<Tensor, Tensor, Proj, Proj, Proj, Proj, Tensor, Tensor, c10::optional<Tensor>,
                     c10::optional<Tensor>, int64_t>(),
@@ -594,4 +599,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul", &qmatmul, "x @ W^T for 4/8-bit packed weights, activations quantized to int8 per 32",
         py::arg("x"), py::arg("w"), py::arg("dm"), py::arg("bits"), py::arg("group"), py::arg("n"),
         py::arg("in_scale") = py::none(), py::arg("reference") = false);
+  m.def("tile_matmul", &tile_matmul, "x @ W^T for a bf16 weight in AMX tile order", py::arg("x"), py::arg("tiles"),
+        py::arg("n"));
 }

@@ -9,6 +9,7 @@ where the CPU has AMX, the same layout is widened to bf16 tiles instead (prefill
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,8 @@ def available() -> bool:
 
 
 def amx() -> bool:
-    """Whether products of 8 rows or more run on the AMX tile unit (bf16, the weight widened 16 rows at a time)."""
+    """Whether the AMX tile unit is there: products of 8 rows or more of a packed weight run on it (bf16, the
+    weight widened 16 rows at a time), and every product of a bf16 weight kept in tile order (`TiledWeight`)."""
     ops = cpu_ops()
     return ops is not None and bool(ops.amx)
 
@@ -90,3 +92,21 @@ class PackedWeight:
     @property
     def nbytes(self) -> int:
         return self.data.numel() + self.dm.numel() * 2
+
+
+@dataclass
+class StackWeight:
+    """What a projection hands the C++ decode stack (cpu_ops `Proj`): low-bit codes (`packed`, the input times
+    `in_scale` first) and/or the bf16 weight in tile order (`tiles`, taking over from `tile_rows` rows), and up to
+    how many rows the pair serves."""
+
+    packed: PackedWeight | None = None
+    in_scale: torch.Tensor | None = None
+    tiles: torch.Tensor | None = None
+    tile_rows: int = 0
+    max_rows: int = sys.maxsize
+
+    def proj(self, n: int, bias: torch.Tensor | None):
+        p = self.packed
+        return cpu_ops().Proj(None if p is None else p.data, None if p is None else p.dm, p.bits if p else 0,
+                              p.group if p else 0, n, self.in_scale, bias, self.tiles, self.tile_rows)

@@ -336,12 +336,14 @@ void widen_rows(const uint8_t* w, const at::Half* dm, int64_t K, int64_t group, 
   }
 }
 
-// 16 * NT tokens (NT = 1 or 2) x 32 outputs (two widened strips w0, w1): weights in tmm0/1, activations in
-// tmm2/3, accumulators tmm4..7, so every tile load feeds two products and four accumulations run side by side
-// (the tile unit has no register renaming: one accumulator in a chain waits out each product's latency).
-// out: [NT][2 strips][16 tokens][16 outputs] fp32.
+// 16 * NT tokens (NT = 1 or 2) x 32 outputs (two bf16 strips w0, w1): weights in tmm0/1, activations in tmm2/3,
+// accumulators tmm4..7, so every tile load feeds two products and four accumulations run side by side (the tile
+// unit has no register renaming: one accumulator in a chain waits out each product's latency).
+// out: [NT][2 strips][16 tokens][16 outputs] fp32. `pf`: two strips to pull into L2 meanwhile (or nullptr): tile
+// loads are not prefetched by the hardware, and from memory they run at a quarter of the speed they run from L2.
 template <int NT>
-inline void amx_tiles(const at::BFloat16* x, const at::BFloat16* w0, const at::BFloat16* w1, int64_t K, float* out) {
+inline void amx_tiles(const at::BFloat16* x, const at::BFloat16* w0, const at::BFloat16* w1, int64_t K, float* out,
+                      const char* pf) {
   _tile_zero(4);
   _tile_zero(5);
   if constexpr (NT > 1) {
@@ -349,6 +351,11 @@ inline void amx_tiles(const at::BFloat16* x, const at::BFloat16* w0, const at::B
     _tile_zero(7);
   }
   for (int64_t b = 0; b < K / QBLOCK; ++b) {
+    if (pf)
+      for (int i = 0; i < 1024; i += 64) {
+        _mm_prefetch(pf + b * 1024 + i, _MM_HINT_T1);
+        _mm_prefetch(pf + 32 * K + b * 1024 + i, _MM_HINT_T1);
+      }
     const at::BFloat16* xb = x + b * 512;
     _tile_loadd(2, xb, 64);
     _tile_loadd(0, w0 + b * 512, 64);
@@ -369,38 +376,76 @@ inline void amx_tiles(const at::BFloat16* x, const at::BFloat16* w0, const at::B
   }
 }
 
-template <typename T>
-void amx_gemm(const uint8_t* w, const at::Half* dm, int bits, const at::BFloat16* x, int64_t M, int64_t K,
-              int64_t group, int64_t N, T* y) {
-  const int64_t line_bytes = 16 * K * bits / 8, ngroups = K / group, tiles = (M + 15) / 16;
-  const int64_t rblocks = (N + 15) / 16;
+inline void store_out(float* y, int64_t n, const float* v) { std::memcpy(y, v, n * sizeof(float)); }
+inline void store_out(at::BFloat16* y, int64_t n, const float* v) {  // round to nearest even, as at::BFloat16
+  const __m256i b = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(v));
+  _mm256_mask_storeu_epi16(y, static_cast<__mmask16>((1u << n) - 1), b);
+}
+
+// y [M, N] = x @ W^T on the tile unit, x in tile order (amx_rows), W one pair of 16-output strips at a time:
+// `panel(p, buf)` returns strip pair p as bf16 tiles (2 x 16 x K, either strip's blocks of 32 inputs in order),
+// widening into `buf` (32 x K) if it must; `ahead(p)` the bytes of a later pair to prefetch, or nullptr. The rows go
+// in chunks of `chunk` tiles, kept in L2 while every strip pair of this thread passes over them.
+template <typename T, typename Panel, typename Ahead>
+void amx_loop(const at::BFloat16* x, int64_t M, int64_t K, int64_t N, T* y, int64_t chunk, Panel&& panel,
+              Ahead&& ahead) {
+  const int64_t tiles = (M + 15) / 16, rblocks = (N + 15) / 16;
   at::parallel_for(0, (rblocks + 1) / 2, 1, [&](int64_t p0, int64_t p1) {
     amx_configure();
-    Tensor wt_ = at::empty({32 * K}, at::kBFloat16);  // 64-byte aligned: a tile row split over two lines loads
-    at::BFloat16* wt = wt_.data_ptr<at::BFloat16>();  // at half speed (seen here as 2x run-to-run swings)
-    alignas(64) float out[1024];
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t strips = std::min<int64_t>(2, rblocks - 2 * p);
-      for (int64_t s = 0; s < strips; ++s) {
-        const int64_t rb = 2 * p + s;
-        if (bits == 4) widen_rows<4>(w + rb * line_bytes, dm + rb * ngroups * 32, K, group, wt + s * 16 * K);
-        else widen_rows<8>(w + rb * line_bytes, dm + rb * ngroups * 32, K, group, wt + s * 16 * K);
-      }
-      const at::BFloat16* w1 = wt + (strips - 1) * 16 * K;  // a lone last strip pairs with itself
-      for (int64_t t0 = 0; t0 < tiles; t0 += 2) {
-        const int nt = tiles - t0 >= 2 ? 2 : 1;
-        if (nt == 2) amx_tiles<2>(x + t0 * 16 * K, wt, w1, K, out);
-        else amx_tiles<1>(x + t0 * 16 * K, wt, w1, K, out);
-        for (int t = 0; t < nt; ++t)
-          for (int64_t s = 0; s < strips; ++s) {
-            const int64_t rb = 2 * p + s, cols = std::min<int64_t>(16, N - rb * 16);
-            for (int64_t r = 0; r < 16 && (t0 + t) * 16 + r < M; ++r)
-              store_row(y + ((t0 + t) * 16 + r) * N + rb * 16, cols, out + (t * 2 + s) * 256 + r * 16);
-          }
+    Tensor buf = at::empty({32 * K}, at::kBFloat16);  // 64-byte aligned: a tile row split over two lines loads
+    alignas(64) float out[1024];                      // at half speed (seen here as 2x run-to-run swings)
+    for (int64_t c0 = 0; c0 < tiles; c0 += chunk) {
+      const int64_t c1 = std::min(tiles, c0 + chunk);
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t strips = std::min<int64_t>(2, rblocks - 2 * p);
+        const at::BFloat16* w0 = panel(p, buf.data_ptr<at::BFloat16>());
+        const at::BFloat16* w1 = w0 + (strips - 1) * 16 * K;  // a lone last strip pairs with itself
+        const char* pf = p + 1 < p1 ? ahead(p + 1) : nullptr;
+        for (int64_t t0 = c0; t0 < c1; t0 += 2) {
+          const int nt = c1 - t0 >= 2 ? 2 : 1;
+          if (nt == 2) amx_tiles<2>(x + t0 * 16 * K, w0, w1, K, out, t0 == c0 ? pf : nullptr);
+          else amx_tiles<1>(x + t0 * 16 * K, w0, w1, K, out, t0 == c0 ? pf : nullptr);
+          for (int t = 0; t < nt; ++t)
+            for (int64_t s = 0; s < strips; ++s) {
+              const int64_t rb = 2 * p + s, cols = std::min<int64_t>(16, N - rb * 16);
+              for (int64_t r = 0; r < 16 && (t0 + t) * 16 + r < M; ++r)
+                store_out(y + ((t0 + t) * 16 + r) * N + rb * 16, cols, out + (t * 2 + s) * 256 + r * 16);
+            }
+        }
       }
     }
     _tile_release();
   });
+}
+
+// Packed codes: each strip pair is widened once, then meets every row.
+template <typename T>
+void amx_gemm(const uint8_t* w, const at::Half* dm, int bits, const at::BFloat16* x, int64_t M, int64_t K,
+              int64_t group, int64_t N, T* y) {
+  const int64_t line_bytes = 16 * K * bits / 8, ngroups = K / group, rblocks = (N + 15) / 16;
+  auto panel = [&](int64_t p, at::BFloat16* buf) -> const at::BFloat16* {
+    for (int64_t s = 0; s < std::min<int64_t>(2, rblocks - 2 * p); ++s) {
+      const int64_t rb = 2 * p + s;
+      if (bits == 4) widen_rows<4>(w + rb * line_bytes, dm + rb * ngroups * 32, K, group, buf + s * 16 * K);
+      else widen_rows<8>(w + rb * line_bytes, dm + rb * ngroups * 32, K, group, buf + s * 16 * K);
+    }
+    return buf;
+  };
+  amx_loop(x, M, K, N, y, (M + 15) / 16, panel, [](int64_t) -> const char* { return nullptr; });
+}
+
+// A bf16 weight kept in tile order: nothing to widen, the strips stream from memory (at the machine's read
+// bandwidth from 1 to 32 rows), prefetched a pair ahead; at prefill sizes level with oneDNN.
+constexpr int64_t TILE_CHUNK = 32;  // 512 rows: 0.6 MB of activations at K = 576, 1.5 MB at 1536
+
+template <typename T>
+void amx_gemm_tiles(const at::BFloat16* wt, const at::BFloat16* x, int64_t M, int64_t K, int64_t N, T* y) {
+  const int64_t rblocks = (N + 15) / 16;
+  auto panel = [&](int64_t p, at::BFloat16*) { return wt + 2 * p * 16 * K; };
+  auto ahead = [&](int64_t p) -> const char* {
+    return 2 * p + 1 < rblocks ? reinterpret_cast<const char*>(wt + 2 * p * 16 * K) : nullptr;
+  };
+  amx_loop(x, M, K, N, y, TILE_CHUNK, panel, ahead);
 }
 
 // The activations as bf16 in the tiles' order, [16-row tile][block of 32 inputs][16 rows][32] (1 KB per tile,
@@ -506,5 +551,34 @@ Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits
     TORCH_CHECK(x.scalar_type() == at::kBFloat16, "qmatmul: float32 or bfloat16 activations");
     run(x.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>());
   }
+  return y;
+}
+
+// y [M, N] = x [M, K] (fp32 or bf16) @ W^T, W a bf16 weight in tile order:
+// [N/16 strips][K/32 blocks][16 lines][16 rows x 2 inputs] (line p of a block holds inputs 2p, 2p+1 of each row).
+Tensor tile_matmul(const Tensor& x_, const Tensor& tiles, int64_t N) {
+  Tensor x = x_.contiguous();
+  TORCH_CHECK(x.device().is_cpu() && tiles.device().is_cpu(), "tile_matmul: CPU tensors only");
+  TORCH_CHECK(tiles.scalar_type() == at::kBFloat16 && tiles.is_contiguous(), "tile_matmul: contiguous bf16 tiles");
+  const int64_t K = x.size(-1), M = x.numel() / K;
+  TORCH_CHECK(K % QBLOCK == 0 && tiles.numel() == (N + 15) / 16 * 16 * K, "tile_matmul: tiles do not match K and N");
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  Tensor y = at::empty(shape, x.options());
+#if MIAOTUI_AMX
+  TORCH_CHECK(amx_ready(), "tile_matmul: no AMX on this CPU");
+  const float* none = nullptr;  // no input scale
+  const at::BFloat16* wt = tiles.data_ptr<at::BFloat16>();
+  if (x.scalar_type() == at::kFloat) {
+    Tensor xb = amx_rows(x.data_ptr<float>(), none, M, K);
+    amx_gemm_tiles(wt, xb.data_ptr<at::BFloat16>(), M, K, N, y.data_ptr<float>());
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "tile_matmul: float32 or bfloat16 activations");
+    Tensor xb = amx_rows(x.data_ptr<at::BFloat16>(), none, M, K);
+    amx_gemm_tiles(wt, xb.data_ptr<at::BFloat16>(), M, K, N, y.data_ptr<at::BFloat16>());
+  }
+#else
+  TORCH_CHECK(false, "tile_matmul: built without AMX");
+#endif
   return y;
 }

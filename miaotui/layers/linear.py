@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from miaotui.kernels import cpu_ops
+from miaotui.kernels.packed import StackWeight, amx
+
 if TYPE_CHECKING:
-    from miaotui.kernels.packed import PackedWeight
     from miaotui.loader.dequant import BlockCodes
 
 
@@ -22,7 +24,7 @@ class Linear(nn.Module):
         out = sum(self.output_sizes)
         self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out), requires_grad=False) if bias else None
-        self.quant = None  # a packed weight (OneDNNWeight, or low-bit from compress/quantize.py) replacing `weight`
+        self.quant = None  # a packed weight (dense_weight, or low-bit from compress/quantize.py) replacing `weight`
         self.codes: dict[int, BlockCodes] | None = None  # per part: the file's integer codes, for quantization
         self.file_bits = 0  # bits per weight the file stored this projection with (16 for float files)
         self.activation_aware = True  # int4 may scale input channels by calibration statistics (quantize.py)
@@ -33,8 +35,8 @@ class Linear(nn.Module):
         y = self.quant.matmul(x)
         return y if self.bias is None else y + self.bias
 
-    def kernel(self) -> tuple[PackedWeight, torch.Tensor | None, int] | None:
-        """What `forward` hands miaotui's low-bit kernel (packed weight, input scale, up to how many rows), if so."""
+    def kernel(self) -> StackWeight | None:
+        """What `forward` hands miaotui's own kernels, if it runs on them: the C++ decode stack takes the same."""
         return None if self.quant is None else self.quant.kernel()
 
     def load(self, name: str, w: torch.Tensor, shard: int = 0) -> None:
@@ -76,16 +78,48 @@ class OneDNNWeight:
         return None  # oneDNN's own
 
 
+class TiledWeight:
+    """A bf16 weight kept in the AMX tile unit's order, multiplied by miaotui's kernel (qmatmul.cpp `tile_matmul`):
+    [N/16 strips][K/32 blocks][16 lines][16 rows x 2 inputs]. Nothing is reordered or widened per call and the strips
+    are prefetched as they stream, so a 32-row product (a batch-32 decode step) takes about half of oneDNN's time;
+    at prefill sizes the two are level."""
+
+    def __init__(self, w: torch.Tensor):
+        n, k = w.shape
+        rows = -(-n // 16) * 16
+        w = w.to(torch.bfloat16)
+        if rows != n:
+            w = torch.cat([w, w.new_zeros(rows - n, k)])
+        self.tiles = w.view(rows // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
+        self.shape = (n, k)
+
+    @staticmethod
+    def fits(w: torch.Tensor) -> bool:
+        return w.device.type == "cpu" and w.dtype == torch.bfloat16 and w.shape[1] % 32 == 0 and amx()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_ops().tile_matmul(x, self.tiles, self.shape[0])
+
+    def kernel(self) -> StackWeight:
+        return StackWeight(tiles=self.tiles)
+
+
+def dense_weight(w: torch.Tensor) -> TiledWeight | OneDNNWeight:
+    """A bf16 weight in the layout of the fastest product this CPU has for it: miaotui's tiles where there is AMX."""
+    return TiledWeight(w) if TiledWeight.fits(w) else OneDNNWeight(w)
+
+
 def prepack_for_cpu(model: nn.Module) -> bool:
-    """Reorder every float Linear weight (and the output head) for oneDNN; False where that is not available."""
+    """Reorder every bf16 Linear weight (and the output head) for the CPU's fastest product (`dense_weight`);
+    False where neither kernel is available."""
     p = next(model.parameters())
     if p.device.type != "cpu" or p.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
         return False
     for module in list(model.modules()):
         if isinstance(module, Linear) and module.quant is None:
-            module.quant = OneDNNWeight(module.weight.data)
+            module.quant = dense_weight(module.weight.data)
             module.weight = None
     if getattr(model, "head_quant", None) is None:
         head = model.lm_head
-        model.head_quant = head.quant if isinstance(head, Linear) else OneDNNWeight(head.weight.data)
+        model.head_quant = head.quant if isinstance(head, Linear) else dense_weight(head.weight.data)
     return True

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from miaotui.context import get_context
-from miaotui.kernels import SMALL_ROWS, use_cpu_ops
+from miaotui.kernels import use_cpu_ops
 
 
 class RotaryEmbedding(nn.Module):
@@ -42,9 +42,9 @@ class RotaryEmbedding(nn.Module):
         """x [T, heads, D] (q and k heads side by side), positions [T] → x rotated, in its dtype.
 
         rotate_half(x) * sin is written as swap_halves(x) * signed_sin, with signed_sin = [-sin | sin].
-        At decode sizes on the CPU one fused kernel rotates x in place instead.
+        On the CPU one fused kernel rotates x in place instead (angles in fp32, one rounding).
         """
-        if x.shape[0] <= SMALL_ROWS and (ops := use_cpu_ops(x)):
+        if ops := use_cpu_ops(x):
             ops.rope_(x, positions, self.cos, self.sin)
             return x
         # Every layer of a step rotates by the same positions: look the angles up once per step.

@@ -83,7 +83,7 @@ class LlamaForCausalLM(CausalLM):
 
     def _decode_stack(self, x: torch.Tensor, ctx: ForwardContext):
         """The blocks as one C++ call (kernels/cpu_ops.cpp, LlamaStack) for a pure decode step on the CPU whose
-        projections all run on miaotui's low-bit kernel at this batch size; None for every other step. It runs
+        projections all run on miaotui's kernels at this batch size; None for every other step. It runs
         the modules' own kernels in their order, so tokens are the same; module hooks do not fire on these steps
         (calibration and pruning hook prompt passes)."""
         if len(ctx.decode_seqs) != ctx.num_seqs or x.shape[0] > SMALL_ROWS or not (ops := use_cpu_ops(x)):
@@ -105,10 +105,8 @@ class LlamaForCausalLM(CausalLM):
                            block.mlp.down_proj):
                 if (kernel := linear.kernel()) is None:
                     return 0, None
-                w, in_scale, max_rows = kernel
-                rows = min(rows, max_rows)
-                bias = None if linear.bias is None else linear.bias.data
-                projs.append(ops.Proj(w.data, w.dm, w.bits, w.group, w.shape[0], in_scale, bias))
+                rows = min(rows, kernel.max_rows)
+                projs.append(kernel.proj(sum(linear.output_sizes), None if linear.bias is None else linear.bias.data))
             layers.append(ops.LlamaLayer(block.input_layernorm.weight.data, block.post_attention_layernorm.weight.data,
                                          *projs, attn.k_cache, attn.v_cache, attn.k_scale, attn.v_scale,
                                          attn.sliding_window or 0))

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not packed.available(), reason="needs miaotui's 
 REAL_STACK = LlamaForCausalLM._decode_stack
 
 
-def _generate(llm: LLM, fused: bool, monkeypatch) -> tuple[list, int]:
+def _generate(llm: LLM, fused: bool, monkeypatch, prompts: list[str] = PROMPTS) -> tuple[list, int]:
     """Greedy continuations with their logprobs, and how many forward passes ran through the stack."""
     used = [0]
 
@@ -24,24 +24,33 @@ def _generate(llm: LLM, fused: bool, monkeypatch) -> tuple[list, int]:
         return stack
 
     monkeypatch.setattr(LlamaForCausalLM, "_decode_stack", spy)
-    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=3),
+    outs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=3),
                         use_tqdm=False)
     return [(o.token_ids, [(lp.logprob, lp.top) for lp in o.logprobs]) for o in outs], used[0]
 
 
-def _assert_same(llm: LLM, monkeypatch) -> None:
-    modules, _ = _generate(llm, False, monkeypatch)
-    fused, steps = _generate(llm, True, monkeypatch)
+def _assert_same(llm: LLM, monkeypatch, prompts: list[str] = PROMPTS) -> None:
+    modules, _ = _generate(llm, False, monkeypatch, prompts)
+    fused, steps = _generate(llm, True, monkeypatch, prompts)
     assert steps >= 15  # every decode step after the prompts' prefill
     assert fused == modules  # the same kernels in the same order: identical tokens and logprobs
     assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
-def test_stack_equals_modules_on_smollm2(smollm2_path, kv_cache_dtype, monkeypatch):
-    """The default model and setting: `auto` decodes on the file's exact 4-bit codes (and its 8-bit head); with
-    an int8 cache the stack quantizes this step's keys and values as the module path does."""
-    _assert_same(LLM(str(smollm2_path), kv_cache_memory=32 * 2**20, kv_cache_dtype=kv_cache_dtype), monkeypatch)
+@pytest.mark.parametrize("batch", [2, len(PROMPTS)])
+def test_stack_equals_modules_on_smollm2(smollm2_path, kv_cache_dtype, batch, monkeypatch):
+    """The default model and setting: `auto` decodes a few rows on the file's exact 4-bit codes and, with AMX,
+    more rows (here 5) on the bf16 tiles; with an int8 cache the stack quantizes this step's keys and values as
+    the module path does."""
+    llm = LLM(str(smollm2_path), kv_cache_memory=32 * 2**20, kv_cache_dtype=kv_cache_dtype)
+    _assert_same(llm, monkeypatch, PROMPTS[:batch])
+
+
+@pytest.mark.skipif(not packed.amx(), reason="bf16 weights run on miaotui's kernel only in AMX tile order")
+def test_stack_equals_modules_on_bf16_tiles(smollm2_path, monkeypatch):
+    """`none`: every projection a dense bf16 weight in tile order."""
+    _assert_same(LLM(str(smollm2_path), quantization="none", kv_cache_memory=32 * 2**20), monkeypatch)
 
 
 def test_stack_equals_modules_with_biases_and_input_scales(tmp_path, monkeypatch):
@@ -59,11 +68,12 @@ def test_stack_equals_modules_with_biases_and_input_scales(tmp_path, monkeypatch
     llm = LLM(str(tmp_path), dtype="bfloat16", quantization="int4", kv_cache_memory=16 * 2**20)
     layer = llm.engine.loaded.model.model.layers[0]
     assert layer.self_attn.qkv_proj.bias is not None
-    assert any(block.mlp.down_proj.kernel()[1] is not None for block in llm.engine.loaded.model.model.layers)
+    assert any(block.mlp.down_proj.kernel().in_scale is not None for block in llm.engine.loaded.model.model.layers)
     _assert_same(llm, monkeypatch)
 
 
 def test_stack_steps_aside(smollm2_path, monkeypatch):
-    """Where a projection has no low-bit kernel (bf16 dense weights) the modules run every step."""
-    _, steps = _generate(LLM(str(smollm2_path), quantization="none", kv_cache_memory=32 * 2**20), True, monkeypatch)
+    """Where a projection runs on no kernel of miaotui's (fp32 weights: torch's own product) the modules run."""
+    llm = LLM(str(smollm2_path), dtype="float32", quantization="none", kv_cache_memory=32 * 2**20)
+    _, steps = _generate(llm, True, monkeypatch)
     assert steps == 0
