@@ -48,13 +48,16 @@ class KVCacheManager:
         return self.blocks_needed(seq, num_tokens) <= self.num_free_blocks
 
     # -- prefix reuse -----------------------------------------------------------------------------
-    def _hashes(self, token_ids: list[int], num_blocks: int) -> list[tuple[int, tuple[int, ...]]]:
-        out, parent, bs = [], 0, self.block_size
-        for i in range(num_blocks):
-            tokens = tuple(token_ids[i * bs : (i + 1) * bs])
+    def _hashes(self, seq: Sequence, num_blocks: int) -> list[tuple[int, tuple[int, ...]]]:
+        """(hash, tokens) of seq's first `num_blocks` full blocks, each hash chained on its parent's; kept on the
+        sequence, so a decode step hashes only the block that just filled (not the whole context again)."""
+        memo, bs = seq.block_hashes, self.block_size
+        parent = memo[-1][0] if memo else 0
+        for i in range(len(memo), num_blocks):
+            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             parent = hash((parent, tokens))
-            out.append((parent, tokens))
-        return out
+            memo.append((parent, tokens))
+        return memo[:num_blocks]
 
     def match_prefix(self, seq: Sequence) -> int:
         """Give a new sequence the cached blocks of its longest cached prefix; return the tokens they hold.
@@ -65,7 +68,7 @@ class KVCacheManager:
             return 0
         full = (seq.num_tokens - 1) // self.block_size
         self.prefix_queries += seq.num_tokens
-        for h, tokens in self._hashes(seq.token_ids, full):
+        for h, tokens in self._hashes(seq, full):
             block = self.hash_to_block.get(h)
             if block is None or self.block_tokens[block] != tokens:
                 break
@@ -82,12 +85,14 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         full = min(seq.num_computed // self.block_size, len(seq.block_table))
-        for i, (h, tokens) in enumerate(self._hashes(seq.token_ids, full)):
-            block = seq.block_table[i]
+        hashes = self._hashes(seq, full)
+        for i in range(seq.num_committed, full):
+            block, (h, tokens) = seq.block_table[i], hashes[i]
             if self.block_hash[block] is None and h not in self.hash_to_block:
                 self.block_hash[block] = h
                 self.block_tokens[block] = tokens
                 self.hash_to_block[h] = block
+        seq.num_committed = max(seq.num_committed, full)
 
     # -- allocation -------------------------------------------------------------------------------
     def allocate(self, seq: Sequence, num_tokens: int) -> None:
@@ -116,7 +121,7 @@ class KVCacheManager:
                 else:
                     self.cached[block] = None
         seq.block_table = []
-        seq.num_computed = 0
+        seq.num_computed = seq.num_committed = 0
 
     def reset_prefix_cache(self) -> None:
         for block in self.cached:

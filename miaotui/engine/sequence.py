@@ -40,6 +40,9 @@ class Sequence:
     status: Status = Status.WAITING
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
+    # (hash, tokens) of the full blocks of token_ids so far, chained: a full block's tokens never change
+    block_hashes: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
+    num_committed: int = 0  # blocks of block_table the prefix cache has been offered (KVCacheManager.commit)
     num_cached_prompt: int = 0  # prompt tokens served from the prefix cache
     finish_reason: str | None = None
     stop_reason: str | int | None = None
