@@ -453,8 +453,13 @@ void amx_gemm_tiles(const at::BFloat16* wt, const at::BFloat16* x, int64_t M, in
 // One 64-byte line per (row, block): done element by element this took a quarter of a batch-32 product.
 template <typename T, typename S>
 Tensor amx_rows(const T* x, const S* in_scale, int64_t M, int64_t K) {
-  Tensor out_ = at::zeros({(M + 15) / 16 * 16 * K}, at::kBFloat16);  // aligned, as the weight tiles
+  Tensor out_ = at::empty({(M + 15) / 16 * 16 * K}, at::kBFloat16);  // aligned, as the weight tiles
   at::BFloat16* out = out_.data_ptr<at::BFloat16>();
+  if (M % 16) {  // the last tile's rows past M: zero only those (zeroing all of x took ~4% of a prefill)
+    const int64_t t = M / 16 * 16 * K;
+    for (int64_t k = 0; k < K; k += QBLOCK)
+      for (int64_t m = M % 16; m < 16; ++m) std::memset(out + t + k * 16 + m * QBLOCK, 0, QBLOCK * sizeof(at::BFloat16));
+  }
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       at::BFloat16* o = out + m / 16 * 16 * K + m % 16 * QBLOCK;

@@ -48,9 +48,33 @@ class Attention(nn.Module):
         if ctx.decode_seqs:
             rows = torch.tensor([ctx.query_start[s] for s in ctx.decode_seqs], device=q.device)
             out[rows] = self._decode(ctx, q[rows])
-        for s in ctx.prefill_seqs:
-            out[ctx.query_start[s] : ctx.query_start[s + 1]] = self._prefill(ctx, s, q, k, v)
+        seqs, i = ctx.prefill_seqs, 0
+        while i < len(seqs):  # runs of fresh prompts of one length go through SDPA as one batch
+            n, j = self._fresh(ctx, seqs[i]), i + 1
+            while n and j < len(seqs) and seqs[j] == seqs[j - 1] + 1 and self._fresh(ctx, seqs[j]) == n:
+                j += 1
+            start, end = ctx.query_start[seqs[i]], ctx.query_start[seqs[j - 1] + 1]
+            out[start:end] = self._prefill(ctx, seqs[i], q, k, v) if j == i + 1 else self._prefill_fresh(
+                q[start:end], k[start:end], v[start:end], j - i)
+            i = j
         return out
+
+    def _fresh(self, ctx: ForwardContext, s: int) -> int:
+        """Sequence s's token count if this step computes all its tokens (nothing cached before, no int8 cache to
+        read back) and no window cuts into them; else 0."""
+        n = ctx.query_start[s + 1] - ctx.query_start[s]
+        fresh = n == ctx.context_lens[s] and self.k_scale is None
+        return n if fresh and (self.sliding_window is None or n <= self.sliding_window) else 0
+
+    def _prefill_fresh(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, count: int) -> torch.Tensor:
+        """`count` fresh prompts of one length, side by side in q/k/v: one causal SDPA call over all of them
+        (a wave of 32 prompts of 64 tokens made 32 calls a layer, ~75 us each)."""
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(count, -1, x.shape[1], x.shape[2]).transpose(1, 2)
+
+        res = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True, scale=self.scale,
+                                             enable_gqa=True)
+        return res.transpose(1, 2).reshape(q.shape)
 
     def _write(self, slots: torch.Tensor, x: torch.Tensor, cache: torch.Tensor, scale: torch.Tensor | None) -> None:
         cache = cache.view(-1, self.num_kv_heads, self.head_dim)

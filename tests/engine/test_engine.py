@@ -61,6 +61,16 @@ def test_batched_greedy_equals_one_at_a_time(loaded, reference, options):
     assert run_all(engine, prompts, GREEDY) == expected
 
 
+def test_equal_length_prompts_batched_in_one_attention_call(loaded, reference):
+    """Fresh prompts of one length in one step share a single causal attention call (Attention._prefill_fresh),
+    beside prompts of other lengths: the same greedy output as one at a time."""
+    prompts, _ = reference
+    same = [(p + prompts[-1])[:9] for p in prompts[:4]]  # four prompts of 9 tokens, then two others
+    batch = same + [prompts[-1], prompts[0]]
+    expected = one_at_a_time(make(loaded, enable_prefix_caching=False), batch, GREEDY)
+    assert run_all(make(loaded, enable_prefix_caching=False), batch, GREEDY) == expected
+
+
 def test_preemption_keeps_greedy_output(loaded, reference):
     prompts, expected = reference
     cfg = loaded.config
