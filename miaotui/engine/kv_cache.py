@@ -49,15 +49,15 @@ class KVCacheManager:
 
     # -- prefix reuse -----------------------------------------------------------------------------
     def _hashes(self, seq: Sequence, num_blocks: int) -> list[tuple[int, tuple[int, ...]]]:
-        """(hash, tokens) of seq's first `num_blocks` full blocks, each hash chained on its parent's; kept on the
-        sequence, so a decode step hashes only the block that just filled (not the whole context again)."""
+        """seq.block_hashes, extended to cover at least its first `num_blocks` full blocks ((hash, tokens), each
+        hash chained on its parent's): a decode step hashes only the block that just filled, and copies nothing."""
         memo, bs = seq.block_hashes, self.block_size
         parent = memo[-1][0] if memo else 0
         for i in range(len(memo), num_blocks):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             parent = hash((parent, tokens))
             memo.append((parent, tokens))
-        return memo[:num_blocks]
+        return memo
 
     def match_prefix(self, seq: Sequence) -> int:
         """Give a new sequence the cached blocks of its longest cached prefix; return the tokens they hold.
@@ -68,7 +68,7 @@ class KVCacheManager:
             return 0
         full = (seq.num_tokens - 1) // self.block_size
         self.prefix_queries += seq.num_tokens
-        for h, tokens in self._hashes(seq, full):
+        for h, tokens in self._hashes(seq, full)[:full]:
             block = self.hash_to_block.get(h)
             if block is None or self.block_tokens[block] != tokens:
                 break

@@ -458,7 +458,8 @@ Tensor amx_rows(const T* x, const S* in_scale, int64_t M, int64_t K) {
   if (M % 16) {  // the last tile's rows past M: zero only those (zeroing all of x took ~4% of a prefill)
     const int64_t t = M / 16 * 16 * K;
     for (int64_t k = 0; k < K; k += QBLOCK)
-      for (int64_t m = M % 16; m < 16; ++m) std::memset(out + t + k * 16 + m * QBLOCK, 0, QBLOCK * sizeof(at::BFloat16));
+      for (int64_t m = M % 16; m < 16; ++m)
+        std::memset(out + t + k * 16 + m * QBLOCK, 0, QBLOCK * sizeof(at::BFloat16));
   }
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
