@@ -11,8 +11,9 @@ import sys
 import time
 from collections.abc import Callable
 
+from miaotui.config import DEFAULT_MODEL, EngineConfig
 from miaotui.errors import MiaotuiError
-from miaotui.loader.sources import ALIASES, DEFAULT_MODEL
+from miaotui.loader.sources import ALIASES
 
 log = logging.getLogger("miaotui")
 
@@ -53,22 +54,25 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--verbose", "-v", action="store_true", help="print load time, KV cache size and tokens/s")
 
 
-def _engine(args: argparse.Namespace):
-    from miaotui.config import EngineConfig
-    from miaotui.engine.engine import Engine
-
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine's configuration from the engine flags, for every command that runs one."""
     kv = args.kv_cache_memory
     if kv is not None and kv > 1:
         kv = int(kv)
-    cfg = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                       kv_cache_memory=kv, enable_prefix_caching=not args.no_prefix_caching, threads=args.threads,
-                       seed=args.seed, quantization=args.quantization, group_size=args.group_size,
-                       kv_cache_dtype=args.kv_cache_dtype)
-    engine = Engine(cfg)
+    return EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        kv_cache_memory=kv, enable_prefix_caching=not args.no_prefix_caching, threads=args.threads,
+                        seed=args.seed, quantization=args.quantization, group_size=args.group_size,
+                        kv_cache_dtype=args.kv_cache_dtype)
+
+
+def _engine(args: argparse.Namespace):
+    from miaotui.engine.engine import Engine
+
+    engine = Engine(engine_config(args))
     log.info("loaded %s (%s, %s on %s, quantization %s) in %.2f s", engine.loaded.files.name,
              engine.model_config.architecture, str(engine.dtype).removeprefix("torch."), engine.device,
-             engine.quantization, engine.loaded.load_seconds)
+             engine.quantization, engine.load_seconds)
     return engine
 
 
@@ -83,25 +87,22 @@ def _params(args: argparse.Namespace):
 def _stream(engine, ids: list[int], params, write: Callable[[str], None]) -> tuple[str, int, float]:
     """Generate one answer, writing text as it comes; Ctrl-C stops this answer (the request is aborted)."""
     rid = engine.add_request(ids, params)
-    start = time.perf_counter()
-    first = None
-    text, tokens = "", 0
+    text, tokens, last = "", 0, None
     try:
         while engine.has_unfinished():
             for out in engine.step():
                 if out.request_id != rid:
                     continue
-                if first is None:
-                    first = time.perf_counter()
                 write(out.delta)
-                text, tokens = out.text, out.completion_tokens
+                text, tokens, last = out.text, out.completion_tokens, out
     except KeyboardInterrupt:
         engine.abort(rid)
         write("\n[stopped]")
-    decode_time = time.perf_counter() - (first or start)
-    rate = (tokens - 1) / decode_time if tokens > 1 and decode_time > 0 else 0.0
-    if first is not None:
-        log.info("time to first token %.0f ms, %d tokens, %.1f tok/s decode", (first - start) * 1000, tokens, rate)
+    rate = 0.0
+    if last is not None and last.metrics.ttft is not None:
+        decode = (last.metrics.finished_time or time.monotonic()) - last.metrics.first_token_time
+        rate = (tokens - 1) / decode if tokens > 1 and decode > 0 else 0.0
+        log.info("time to first token %.0f ms, %d tokens, %.1f tok/s decode", last.metrics.ttft * 1000, tokens, rate)
     return text, tokens, rate
 
 
@@ -193,17 +194,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from miaotui.bench import main as bench_main
     from miaotui.bench.engine_bench import BenchConfig
 
-    engine_args = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
-                   "enable_prefix_caching": not args.no_prefix_caching, "threads": args.threads,
-                   "max_model_len": args.max_model_len, "quantization": args.quantization,
-                   "group_size": args.group_size, "kv_cache_dtype": args.kv_cache_dtype}
-    if args.kv_cache_memory is not None:
-        engine_args["kv_cache_memory"] = int(args.kv_cache_memory) if args.kv_cache_memory > 1 else args.kv_cache_memory
-    cfg = BenchConfig(model=args.model, dtype=args.dtype, device=args.device, decode_tokens=args.decode_tokens,
+    cfg = BenchConfig(engine=engine_config(args), decode_tokens=args.decode_tokens,
                       prefill_tokens=args.prefill_tokens, num_prompts=args.num_prompts, input_len=args.input_len,
                       output_len=args.output_len, concurrency=args.concurrency, serve_requests=args.serve_requests,
-                      repeats=args.repeats, seed=args.seed, scenarios=tuple(args.scenarios.split(",")),
-                      engine_args=engine_args)
+                      repeats=args.repeats, scenarios=tuple(args.scenarios.split(",")))
     bench_main(cfg, args.compare, args.json, args.plot)
     return 0
 
@@ -303,44 +297,20 @@ def _compression_table(args: argparse.Namespace) -> int:
 def cmd_compress(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from miaotui.compress import prune
-    from miaotui.compress.export import hf_state_dict, save_folder
-    from miaotui.config import DTYPES, EngineConfig
-    from miaotui.engine.engine import Engine
-    from miaotui.compress.calibrate import calibration_text
+    from miaotui.compress.pipeline import CompressOptions, compress
 
-    if args.prune == "magnitude" and args.sparsity is None:
-        raise MiaotuiError("--prune magnitude needs --sparsity, e.g. 0.3")
-    if args.prune == "layers" and not args.drop_layers:
-        raise MiaotuiError("--prune layers needs --drop-layers N")
-    out = Path(args.output)
-    if out.exists() and any(out.iterdir()):
-        raise MiaotuiError(f"{out} exists and is not empty")
-    start = time.perf_counter()
-    engine = Engine(EngineConfig(model=args.model, device="cpu", dtype="float32", quantization="none",
-                                 kv_cache_memory=64 * 2**20, max_model_len=1024))
-    cfg = engine.model_config
-    state = hf_state_dict(engine.loaded.model)
-    if args.prune == "magnitude":
-        prune.magnitude(state, args.sparsity)
-    elif args.prune == "2:4":
-        prune.two_four(state)
-    elif args.prune == "layers":
-        if not 0 < args.drop_layers < cfg.num_layers:
-            raise MiaotuiError(f"--drop-layers must be between 1 and {cfg.num_layers - 1}")
-        text = Path(args.calibration).read_text(encoding="utf-8") if args.calibration else calibration_text()
-        ids = engine.tokenizer.encode(text)[: args.calibration_tokens]
-        scores = prune.layer_scores(engine, ids)
-        drop = sorted(sorted(range(len(scores)), key=scores.__getitem__)[: args.drop_layers])
-        print("layer scores (angular distance): " + " ".join(f"{i}:{s:.3f}" for i, s in enumerate(scores)))
-        print(f"dropping layers {drop}")
-        state, cfg = prune.drop_layers(state, cfg, drop)
-    if args.prune in ("magnitude", "2:4"):
-        print(f"block weights now {prune.sparsity(state):.1%} zeros")
-    save_folder(out, state, cfg, engine.tokenizer, DTYPES[args.dtype], args.quantize, args.group_size)
-    size = sum(p.stat().st_size for p in out.iterdir())
-    print(f"wrote {out} ({size / 2**20:.0f} MiB, {cfg.num_layers} layers, {args.quantize} weights) in "
-          f"{time.perf_counter() - start:.1f} s")
+    text = Path(args.calibration).read_text(encoding="utf-8") if args.calibration else None
+    res = compress(args.model, Path(args.output), CompressOptions(
+        prune=args.prune, sparsity=args.sparsity, drop_layers=args.drop_layers, calibration_text=text,
+        calibration_tokens=args.calibration_tokens, quantize=args.quantize, group_size=args.group_size,
+        dtype=args.dtype))
+    if res.layer_scores:
+        print("layer scores (angular distance): " + " ".join(f"{i}:{s:.3f}" for i, s in enumerate(res.layer_scores)))
+        print(f"dropping layers {res.dropped}")
+    if res.sparsity is not None:
+        print(f"block weights now {res.sparsity:.1%} zeros")
+    print(f"wrote {res.path} ({res.bytes / 2**20:.0f} MiB, {res.num_layers} layers, {args.quantize} weights) in "
+          f"{res.seconds:.1f} s")
     return 0
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -34,6 +34,7 @@ class ModelConfig:
     name: str = ""
     weight_bits: int = 16  # bits per weight of the file's block weights (4 for Q4_0/Q4_1/Q4_K GGUFs)
     quantization: str | None = None  # the method a `miaotui compress --quantize` folder was stored with
+    quantization_group: int | None = None  # and its int4 group size
     layer_types: list[str] | None = None  # per layer "sliding_attention" or "full_attention", where explicit
 
     def is_sliding(self, layer: int) -> bool:
@@ -47,6 +48,7 @@ class ModelConfig:
         return (layer + 1) % self.sliding_window_pattern != 0
 
 
+DEFAULT_MODEL = "smollm2-135m"
 KV_CACHE_DTYPES = ("auto", "int8")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -86,7 +88,7 @@ def _cpu_has_bf16() -> bool:
 class EngineConfig:
     """Everything the engine needs, from CLI flags, `LLM(...)` keywords or the server's options alike."""
 
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     device: str = "auto"
     dtype: str = "auto"
     max_num_seqs: int = 64
@@ -100,7 +102,6 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # auto (the model's dtype) or int8 (per-token, per-head scales)
     seed: int = 0
     threads: int | None = None
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -109,6 +110,7 @@ class EngineConfig:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise MiaotuiError(f"max_model_len must be at least 1, got {self.max_model_len}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise MiaotuiError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r}; use one of {', '.join(KV_CACHE_DTYPES)}")
+            raise MiaotuiError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r}; use one of "
+                               f"{', '.join(KV_CACHE_DTYPES)}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise MiaotuiError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")

@@ -8,7 +8,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from miaotui.config import EngineConfig
+from miaotui.config import DEFAULT_MODEL, EngineConfig
 from miaotui.engine.engine import Engine
 from miaotui.engine.sequence import RequestOutput
 from miaotui.sampling import SamplingParams
@@ -19,7 +19,7 @@ Message = dict[str, Any]
 
 class LLM:
     def __init__(self, model: str | None = None, **kwargs: Any):
-        self.engine = Engine(EngineConfig(model=model or EngineConfig.model, **kwargs))
+        self.engine = Engine(EngineConfig(model=model or DEFAULT_MODEL, **kwargs))
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,

@@ -8,6 +8,7 @@ import json
 import resource
 import statistics
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +136,7 @@ def main(cfg: BenchConfig, compare: bool, json_path: str | None, plot_path: str 
             gc.collect()
     print(format_table(results, cfg))
     if json_path:
-        Path(json_path).write_text(json.dumps({"config": cfg.__dict__, "results": results}, indent=2, default=str))
+        Path(json_path).write_text(json.dumps({"config": asdict(cfg), "results": results}, indent=2, default=str))
     if plot_path:
         plot(results, plot_path)
     return results

@@ -10,14 +10,13 @@ from dataclasses import dataclass, field
 
 from miaotui.config import EngineConfig
 from miaotui.engine.engine import Engine
+from miaotui.engine.sequence import RequestOutput
 from miaotui.sampling import SamplingParams
 
 
 @dataclass
 class BenchConfig:
-    model: str = "smollm2-135m"
-    dtype: str = "auto"
-    device: str = "auto"
+    engine: EngineConfig = field(default_factory=EngineConfig)  # miaotui's settings; the peers take its model
     decode_tokens: int = 128
     prefill_tokens: int = 512
     num_prompts: int = 32
@@ -26,9 +25,15 @@ class BenchConfig:
     concurrency: int = 8
     serve_requests: int = 32
     repeats: int = 3
-    seed: int = 0
     scenarios: tuple[str, ...] = ("decode", "prefill", "throughput", "latency", "prefix")
-    engine_args: dict = field(default_factory=dict)
+
+    @property
+    def model(self) -> str:
+        return self.engine.model
+
+    @property
+    def seed(self) -> int:
+        return self.engine.seed
 
 
 def random_prompts(vocab: int, n: int, length: int, seed: int, avoid: set[int]) -> list[list[int]]:
@@ -53,28 +58,22 @@ class MiaotuiBench:
     name = "miaotui"
 
     def __init__(self, cfg: BenchConfig):
-        start = time.perf_counter()
-        self.engine = Engine(EngineConfig(model=cfg.model, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed,
-                                          **cfg.engine_args))
-        self.load_seconds = time.perf_counter() - start
+        self.engine = Engine(cfg.engine)
+        self.load_seconds = self.engine.load_seconds
         self.cfg = cfg
 
-    def _drain(self) -> dict[str, dict]:
-        """Step until idle; per request: submit, first-token and finish times (monotonic) and token count."""
-        times: dict[str, dict] = {}
+    def _drain(self) -> list[RequestOutput]:
+        """Step until idle; the final output of every request (with the times the engine recorded)."""
+        finals = []
         while self.engine.has_unfinished():
-            for out in self.engine.step():
-                now = time.perf_counter()
-                t = times.setdefault(out.request_id, {"first": now})
-                if out.finished:
-                    t["end"], t["tokens"] = now, out.completion_tokens
-        return times
+            finals += [out for out in self.engine.step() if out.finished]
+        return finals
 
     def decode(self, prompt: list[int], n: int) -> float:
         """Single-stream decode tok/s: tokens after the first over the time after the first."""
         self.engine.add_request(prompt, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
-        t = next(iter(self._drain().values()))
-        return (t["tokens"] - 1) / (t["end"] - t["first"])
+        out = self._drain()[0]
+        return (out.completion_tokens - 1) / out.metrics.decode_time
 
     def prefill(self, prompt: list[int]) -> float:
         """Prefill tok/s of one prompt (time to its first token), with the prefix cache out of the way."""
@@ -90,30 +89,26 @@ class MiaotuiBench:
         start = time.perf_counter()
         for p in prompts:
             self.engine.add_request(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
-        times = self._drain()
-        return sum(t["tokens"] for t in times.values()) / (time.perf_counter() - start)
+        finals = self._drain()
+        return sum(o.completion_tokens for o in finals) / (time.perf_counter() - start)
 
     def latency(self, prompts: list[list[int]], n: int, concurrency: int) -> dict[str, dict[str, float]]:
         """Serving-style: keep `concurrency` requests in flight; TTFT, time per output token, end-to-end."""
         self.engine.kv.reset_prefix_cache()
         queue = list(prompts)
-        submitted: dict[str, float] = {}
+        submitted = 0
         ttft, tpot, e2e = [], [], []
-        first: dict[str, float] = {}
         while queue or self.engine.has_unfinished():
-            while queue and len(submitted) - len(e2e) < concurrency:
-                rid = self.engine.add_request(queue.pop(0), SamplingParams(max_tokens=n, temperature=0,
-                                                                           ignore_eos=True))
-                submitted[rid] = time.perf_counter()
+            while queue and submitted - len(e2e) < concurrency:
+                self.engine.add_request(queue.pop(0), SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+                submitted += 1
             for out in self.engine.step():
-                now = time.perf_counter()
-                if out.request_id not in first:
-                    first[out.request_id] = now
-                    ttft.append(now - submitted[out.request_id])
                 if out.finished:
-                    e2e.append(now - submitted[out.request_id])
+                    m = out.metrics
+                    ttft.append(m.ttft)
+                    e2e.append(m.finished_time - m.arrival_time)
                     if out.completion_tokens > 1:
-                        tpot.append((now - first[out.request_id]) / (out.completion_tokens - 1))
+                        tpot.append(m.decode_time / (out.completion_tokens - 1))
         ms = lambda xs: [x * 1000 for x in xs]  # noqa: E731
         return {"ttft_ms": percentiles(ms(ttft)), "tpot_ms": percentiles(ms(tpot)), "e2e_ms": percentiles(ms(e2e))}
 

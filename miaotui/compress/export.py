@@ -1,12 +1,6 @@
 """Writing a model out as a Hugging Face folder (config.json, model.safetensors, tokenizer files), the format
-transformers and miaotui both load.
-
-Quantized weights (`miaotui compress --quantize`) are stored packed, in a layout of our own that transformers
-cannot read (it records `quantization_config.quant_method = "miaotui"`):
-- int8: `X.weight` int8 [N, K] and `X.weight_scale` [N]: w = q * scale.
-- int4: `X.weight_packed` uint8 [N, K/2] (low nibble = even column), `X.weight_scale` and `X.weight_zero`
-  [N, K/group]: w = (q - 8) * scale + zero, the layout of torch's int4 CPU kernel, so loading is exact.
-"""
+transformers and miaotui both load. Quantized weights (`miaotui compress --quantize`) are stored in miaotui's own
+layout (loader/stored.py), which loads back exactly."""
 
 from __future__ import annotations
 
@@ -18,9 +12,12 @@ from safetensors.torch import save_file
 
 from miaotui.config import ModelConfig
 from miaotui.errors import MiaotuiError
-from miaotui.layers.linear import Linear
+from miaotui.layers.linear import Embedding, Linear
+from miaotui.loader import stored
 from miaotui.models.base import CausalLM
 from miaotui.models.llama import STACKED
+from miaotui.quant.dense import DenseWeight
+from miaotui.quant.int8 import Int8Weight
 from miaotui.tokenizer import Tokenizer
 
 EXPORTABLE = ("llama", "qwen2", "gemma3")
@@ -35,14 +32,17 @@ def hf_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:
     cfg = model.config
     if cfg.architecture not in EXPORTABLE:
         raise MiaotuiError(f"cannot export a {cfg.architecture} model (supported: {', '.join(EXPORTABLE)})")
+    tensors: list[tuple[str, torch.Tensor]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, (Linear, Embedding)):
+            if not isinstance(module.format, DenseWeight):
+                raise MiaotuiError("export needs the float weights: load the model with quantization none")
+            tensors.append((f"{name}.weight", module.format.weight))
+    tensors += [(name, p.data) for name, p in model.named_parameters()]
     out: dict[str, torch.Tensor] = {}
-    for module_name, module in model.named_modules():
-        if isinstance(module, Linear) and module.weight is None:
-            raise MiaotuiError("export needs the float weights: load the model with quantization none")
-    for name, p in model.named_parameters():
+    for name, w in tensors:
         module_name, _, kind = name.rpartition(".")
         parent, _, leaf = module_name.rpartition(".")
-        w = p.data
         if leaf in _PARTS:
             module = model.get_submodule(module_name)
             for part, chunk in zip(_PARTS[leaf], w.split(module.output_sizes)):
@@ -84,35 +84,19 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype, tokenizer: Tokenizer) -> dic
 
 
 def pack_int8(w: torch.Tensor) -> dict[str, torch.Tensor]:
-    from miaotui.compress.quantize import Int8Weight
-
     q = Int8Weight.from_float(w, torch.bfloat16)
-    return {"weight": q.codes(), "weight_scale": q.scales}
+    return stored.int8_tensors(q.codes(), q.scales)
 
 
 def pack_int4(w: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
+    """Each group's [min, max] on a 4-bit grid (w = (q - 8) * scale + zero, scale and zero rounded to bf16)."""
     n, k = w.shape
     g = w.float().reshape(n, k // group, group)
     lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
     scale = ((hi - lo) / 15).clamp(min=1e-8).to(torch.bfloat16).float()
     zero = (lo + 8 * scale).to(torch.bfloat16).float()
-    q = torch.round((g - zero) / scale + 8).clamp(0, 15).to(torch.uint8).reshape(n, k)
-    return {"weight_packed": q[:, 0::2] | (q[:, 1::2] << 4), "weight_scale": scale.reshape(n, -1).to(torch.bfloat16),
-            "weight_zero": zero.reshape(n, -1).to(torch.bfloat16)}
-
-
-def unpack(prefix: str, get) -> torch.Tensor | None:
-    """The float weight of a stored quantized projection (`get(name)` reads a tensor or gives None)."""
-    scale = get(f"{prefix}.weight_scale")
-    if scale is None:
-        return None
-    packed = get(f"{prefix}.weight_packed")
-    if packed is None:  # int8
-        return get(f"{prefix}.weight").float() * scale.float()[:, None]
-    q = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1).float()
-    group = q.shape[1] // scale.shape[1]
-    w = (q - 8).view(q.shape[0], -1, group) * scale.float()[..., None] + get(f"{prefix}.weight_zero").float()[..., None]
-    return w.reshape(q.shape)
+    q = torch.round((g - zero) / scale + 8).clamp(0, 15).reshape(n, k)
+    return stored.int4_tensors(q, scale.reshape(n, -1).to(torch.bfloat16), zero.reshape(n, -1).to(torch.bfloat16))
 
 
 def quantizable(name: str) -> bool:

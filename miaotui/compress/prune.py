@@ -48,7 +48,7 @@ def sparsity(state: dict[str, torch.Tensor]) -> float:
 @torch.inference_mode()
 def layer_scores(engine, ids: list[int], window: int = 512) -> list[float]:
     """Mean angular distance (0..1) between each block's input and output over the calibration tokens."""
-    layers = engine.loaded.model.model.layers
+    layers = engine.loaded.model.layers
     sums = [0.0] * len(layers)
     count = [0]
 

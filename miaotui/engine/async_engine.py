@@ -15,9 +15,10 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from miaotui.engine.engine import Engine
+from miaotui.engine.engine import Engine, EngineStats
 from miaotui.engine.sequence import RequestOutput
 from miaotui.sampling import SamplingParams
+from miaotui.tokenizer import Tokenizer
 
 log = logging.getLogger("miaotui")
 
@@ -75,9 +76,29 @@ class AsyncEngine:
         self._wake.set()
         self._thread.join(timeout=10)
 
+    # -- what callers may read (fixed after start, or plain counts) ----------------------------------
     @property
-    def num_active(self) -> int:
-        return len(self._streams)
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.loaded.files.name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.engine.config.max_num_seqs
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.model_config.vocab_size
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
 
     def _post(self, command: tuple) -> None:
         self._commands.put(command)

@@ -6,20 +6,20 @@ import ctypes
 import itertools
 import logging
 import time
+from dataclasses import dataclass, replace
 
 import psutil
 import torch
 
 from miaotui.config import EngineConfig, resolve_device, resolve_dtype
-from miaotui.compress.quantize import quantize_model
 from miaotui.engine.kv_cache import KVCacheManager
-from miaotui.engine.runner import ModelRunner, kv_bytes_per_token
+from miaotui.engine.runner import ModelRunner, kv_bytes_per_token, prefill_once
 from miaotui.engine.scheduler import Scheduler
 from miaotui.engine.sequence import RequestOutput, Sequence, Status
 from miaotui.errors import MiaotuiError
-from miaotui.layers.linear import prepack_for_cpu
-from miaotui.layers.sampler import sample
 from miaotui.loader import LoadedModel, load
+from miaotui.quant import recipe
+from miaotui.quant.calibrate import calibration_ids, input_power
 from miaotui.sampling import SamplingParams
 from miaotui.tokenizer import IncrementalDetokenizer
 
@@ -36,22 +36,32 @@ def trim_heap() -> None:
         pass
 
 
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """What the engine is doing now, for metrics and admission (read from any thread: plain counts)."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of KV blocks in use
+    prefix_cache_hit_rate: float  # prompt tokens served from the prefix cache, of those looked up
+    num_preemptions: int
+
+
 class Engine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+        start = time.perf_counter()
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        keep_codes = config.quantization != "none"
-        self.loaded = loaded or load(config.model, self.device, self.dtype, keep_codes=keep_codes)
-        self.quantization = quantize_model(self.loaded.model, config.quantization, config.group_size,
-                                           self.loaded.tokenizer)
-        if self.quantization == "none":
-            prepack_for_cpu(self.loaded.model)
-        trim_heap()
+        self.loaded = loaded or load(config.model, self.device, self.dtype)
         self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
+        model = self.loaded.model
+        self.quantization = recipe.apply(model, config.quantization, config.group_size, self.dtype, self.device,
+                                         calibrate=self._calibrate)
+        trim_heap()
         self.max_model_len = config.max_model_len or min(self.model_config.max_position, MAX_DEFAULT_CONTEXT)
         if self.max_model_len > self.model_config.max_position:
             raise MiaotuiError(f"max_model_len {self.max_model_len} exceeds the model's context length "
@@ -68,14 +78,22 @@ class Engine:
                 raise MiaotuiError(f"kv_cache_memory {budget:.0f} bytes is too small for one KV block "
                                    f"({per_token * config.block_size} bytes)")
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.runner = ModelRunner(self.loaded.model, num_blocks, config.block_size, config.kv_cache_dtype)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, self.dtype, self.device, config.kv_cache_dtype)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
+                                   self.tokenizer.stop_ids)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sequences: dict[str, list[Sequence]] = {}
         self._ids = itertools.count()
+        self.load_seconds = time.perf_counter() - start  # loading, converting the weights, the KV cache
         log.info("KV cache: %d blocks of %d tokens (%.0f MiB, %d tokens, %s)", num_blocks, config.block_size,
                  num_blocks * config.block_size * per_token / 2**20, num_blocks * config.block_size,
                  "int8" if config.kv_cache_dtype == "int8" else str(self.dtype).removeprefix("torch."))
+
+    def _calibrate(self) -> dict:
+        """Input statistics of every Linear over calibration text, for activation-aware int4."""
+        model = self.loaded.model
+        return input_power(model, calibration_ids(self.tokenizer),
+                           lambda ids: prefill_once(model, ids, self.dtype, self.device))
 
     def _kv_budget(self, per_token: int) -> float:
         mem = self.config.kv_cache_memory
@@ -89,6 +107,12 @@ class Engine:
             return min(want, cap) if self.device.type != "cuda" else cap
         return mem * free if isinstance(mem, float) and mem <= 1 else float(mem)
 
+    def stats(self) -> EngineStats:
+        kv = self.kv
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), kv.usage,
+                           kv.prefix_hits / kv.prefix_queries if kv.prefix_queries else 0.0,
+                           self.scheduler.num_preemptions)
+
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, priority: int = 0) -> str:
@@ -99,7 +123,8 @@ class Engine:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens, the context length is {self.max_model_len}")
         bad = [t for t in prompt_ids if not 0 <= t < self.model_config.vocab_size]
         if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (size {self.model_config.vocab_size})")
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary "
+                             f"(size {self.model_config.vocab_size})")
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -120,68 +145,19 @@ class Engine:
         """Stop a request now and free its KV blocks (a disconnected client, a stop button)."""
         for seq in self.sequences.pop(request_id, []):
             if not seq.finished:
-                seq.finish_reason = "abort"
-                self.scheduler.finish(seq)
+                self.scheduler.finish(seq, "abort")
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
     # -- the step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule, run the model and sample, book the results; the outputs of the requests that got a token."""
         batch = self.scheduler.schedule()
         if batch.empty:
             return []
-        self._zero_fresh_blocks()
-        logits = self.runner.run(batch.seqs, batch.num_tokens)
-        done_prefill = []
-        rows = []
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
-            seq.num_computed += n
-            self.kv.commit(seq)
-            if seq.num_computed == seq.num_tokens:
-                done_prefill.append(seq)
-                rows.append(i)
-        outputs = []
-        if done_prefill:
-            # every row in a decode step: skip copying the [B, vocab] logits
-            ids, logprobs = sample(logits if len(rows) == len(logits) else logits[rows], done_prefill)
-            now = time.monotonic()
-            for seq, token, lp in zip(done_prefill, ids, logprobs):
-                seq.first_token_time = seq.first_token_time or now
-                self._append(seq, token, lp)
-                outputs.append(self._output(seq))
-        return outputs
-
-    def _zero_fresh_blocks(self) -> None:
-        self.runner.zero_blocks(self.kv.fresh)
-        self.kv.fresh.clear()
-
-    def _append(self, seq: Sequence, token: int, logprob) -> None:
-        p = seq.params
-        seq.token_ids.append(token)
-        if logprob is not None:
-            seq.logprobs.append(logprob)
-        if not p.ignore_eos and token in self.tokenizer.stop_ids:
-            return self._finish(seq, "stop", token)
-        if token in p.stop_token_ids:
-            return self._finish(seq, "stop", token)
-        before = len(seq.text)
-        seq.detokenizer.add(token)
-        seq.text = seq.detokenizer.text
-        for s in p.stop:  # only where the new text could complete a match
-            cut = seq.text.find(s, max(0, before - len(s) + 1))
-            if cut != -1:
-                seq.text = seq.text[:cut]
-                return self._finish(seq, "stop", s)
-        if p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens:
-            return self._finish(seq, "length")
-        if seq.num_tokens >= self.max_model_len:
-            return self._finish(seq, "length")
-
-    def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
-        seq.finish_reason = reason
-        seq.stop_reason = stop_reason
-        self.scheduler.finish(seq)
+        tokens, logprobs = self.runner.run(batch)
+        return [self._output(seq) for seq in self.scheduler.update(batch, tokens, logprobs)]
 
     def _output(self, seq: Sequence) -> RequestOutput:
         # Hold back text that could be the start of a stop string until we know it is not.
@@ -194,8 +170,8 @@ class Engine:
             if all(s.finished for s in group):
                 self.sequences.pop(seq.request_id, None)
         return RequestOutput(seq.request_id, seq.index, seq.token_ids[: seq.num_prompt], seq.output_ids,
-                             seq.text, delta, seq.finished, seq.finish_reason, seq.logprobs,
-                             seq.num_cached_prompt, seq.stop_reason)
+                             seq.text, delta, seq.finished, seq.finish_reason, seq.logprobs, replace(seq.metrics),
+                             seq.stop_reason)
 
     # -- utilities --------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -213,8 +189,9 @@ class Engine:
                 if not self.kv.can_allocate(seq, seq.num_computed + n):
                     raise MiaotuiError("the KV cache is too small for this text; raise kv_cache_memory")
                 self.kv.allocate(seq, seq.num_computed + n)
-                self._zero_fresh_blocks()
-                chunks.append(self.runner.run([seq], [n], all_logits=True))
+                self.runner.zero_blocks(self.kv.fresh)
+                self.kv.fresh = []
+                chunks.append(self.runner.forward([seq], [n], all_logits=True))
                 seq.num_computed += n
         finally:
             self.kv.release(seq)

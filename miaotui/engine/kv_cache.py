@@ -60,7 +60,8 @@ class KVCacheManager:
         return memo
 
     def match_prefix(self, seq: Sequence) -> int:
-        """Give a new sequence the cached blocks of its longest cached prefix; return the tokens they hold.
+        """Give a new sequence the cached blocks of its longest cached prefix; return the tokens they hold (the
+        caller counts them as computed).
 
         At least one token is always left to compute, so the step that follows produces the next token's logits.
         """
@@ -76,9 +77,9 @@ class KVCacheManager:
                 del self.cached[block]
             self.ref_count[block] += 1
             seq.block_table.append(block)
-        seq.num_computed = len(seq.block_table) * self.block_size
-        self.prefix_hits += seq.num_computed
-        return seq.num_computed
+        cached = len(seq.block_table) * self.block_size
+        self.prefix_hits += cached
+        return cached
 
     def commit(self, seq: Sequence) -> None:
         """Register the hashes of blocks that became full of computed tokens, so others can reuse them."""
@@ -121,7 +122,7 @@ class KVCacheManager:
                 else:
                     self.cached[block] = None
         seq.block_table = []
-        seq.num_computed = seq.num_committed = 0
+        seq.num_committed = 0
 
     def reset_prefix_cache(self) -> None:
         for block in self.cached:

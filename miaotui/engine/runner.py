@@ -1,13 +1,22 @@
-"""The model runner: owns the model and its KV cache tensors, flattens a scheduled batch into one forward pass."""
+"""The model runner: owns the model's KV cache, turns a scheduled batch into one forward pass and samples from it.
+
+Per step it builds the inputs once — token ids, positions, and the attention metadata from the backend — hands
+them to the model explicitly, and picks the fast path where one applies (the fused decode stack, engine/fused.py).
+"""
 
 from __future__ import annotations
 
 import torch
 
+from miaotui.attention import select_backend
+from miaotui.attention.base import AttentionMetadata
 from miaotui.config import ModelConfig
-from miaotui.context import ForwardContext, forward_context
-from miaotui.engine.sequence import Sequence
+from miaotui.engine import fused
+from miaotui.engine.sampler import Sampler
+from miaotui.engine.scheduler import ScheduledBatch
+from miaotui.engine.sequence import Sequence, TokenLogprob
 from miaotui.models.base import CausalLM
+from miaotui.sampling import SamplingParams
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
@@ -19,37 +28,52 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, kv_cache_dtype: str
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto"):
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
+                 kv_cache_dtype: str = "auto"):
         self.model = model
-        self.config = model.config
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
+        self.dtype, self.device = dtype, device
         self.block_size = block_size
+        self.backend = select_backend(device, dtype)
+        self.sampler = Sampler()
         self.positions_ready = 0  # rotary tables cover positions below this (models grow them on request)
-        cfg = self.config
+        cfg = model.config
         int8 = kv_cache_dtype == "int8"
         # One tensor for all layers: [2, layers, blocks, block_size, kv_heads, head_dim]
         shape = (2, cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads)
-        self.kv_cache = torch.empty(*shape, cfg.head_dim, dtype=torch.int8 if int8 else self.dtype,
-                                    device=self.device)
-        self.kv_scale = torch.empty(*shape, 1, dtype=self.dtype, device=self.device) if int8 else None
+        self.kv_cache = torch.empty(*shape, cfg.head_dim, dtype=torch.int8 if int8 else dtype, device=device)
+        self.kv_scale = torch.empty(*shape, 1, dtype=dtype, device=device) if int8 else None
         self.zero_blocks([0])  # block 0 also pads block tables: keep it finite from the start
         layers = model.attention_layers()
         assert len(layers) == cfg.num_layers, "every layer must have exactly one Attention module"
+        self.windows = {attn.sliding_window for attn in layers}
         for i, attn in enumerate(layers):
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
             if int8:
                 attn.k_scale, attn.v_scale = self.kv_scale[0, i], self.kv_scale[1, i]
+        self._stack: fused.DecodeStack | None = None
+        self._stack_tried = device.type != "cpu"  # built on first use: for this runner's cache
 
     def zero_blocks(self, blocks: list[int]) -> None:
+        """Blocks handed out for the first time: their memory was never written and may hold NaNs, which a masked
+        attention weight of 0 would still turn into NaN."""
         if blocks:
             index = torch.tensor(blocks, device=self.device)
             self.kv_cache[:, :, index] = 0
             if self.kv_scale is not None:
                 self.kv_scale[:, :, index] = 0
 
-    def _context(self, seqs: list[Sequence], num_tokens: list[int]) -> tuple[ForwardContext, torch.Tensor,
-                                                                              torch.Tensor]:
+    def run(self, batch: ScheduledBatch) -> tuple[list[int], list[TokenLogprob | None]]:
+        """One step: the forward pass over the batch, then a token for each sequence that has caught up."""
+        self.zero_blocks(batch.fresh_blocks)
+        rows = batch.sampled
+        logits = self.forward(batch.seqs, batch.num_tokens)
+        if len(rows) != len(logits):  # in a pure decode step every row samples: no copy of the [B, vocab] logits
+            logits = logits[rows]
+        sampled = [batch.seqs[i] for i in rows]
+        return self.sampler.sample(logits, self.sampler.prepare(sampled, self.device))
+
+    def _inputs(self, seqs: list[Sequence], num_tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                          AttentionMetadata]:
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -67,26 +91,46 @@ class ModelRunner:
         width = max(len(s.block_table) for s in seqs)
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
         dev = self.device
-        ctx = ForwardContext(
-            query_start=query_start,
-            context_lens=context_lens,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
-            context_lens_t=torch.tensor(context_lens, dtype=torch.long, device=dev),
-            decode_seqs=[i for i, n in enumerate(num_tokens) if n == 1],
-            prefill_seqs=[i for i, n in enumerate(num_tokens) if n > 1],
-        )
-        return ctx, torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(positions, device=dev)
+        meta = self.backend.prepare(query_start, context_lens, torch.tensor(slots, dtype=torch.long, device=dev),
+                                    torch.tensor(tables, dtype=torch.long, device=dev), bs, self.windows, self.dtype)
+        return torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(positions, device=dev), meta
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], num_tokens: list[int], all_logits: bool = False) -> torch.Tensor:
+    def forward(self, seqs: list[Sequence], num_tokens: list[int], all_logits: bool = False) -> torch.Tensor:
         """One forward pass. Returns float32 logits of each sequence's last token [B, V], or of every token."""
-        ctx, ids, positions = self._context(seqs, num_tokens)
-        longest = max(ctx.context_lens)
+        ids, positions, meta = self._inputs(seqs, num_tokens)
+        longest = max(meta.context_lens)
         if longest > self.positions_ready:
             self.positions_ready = self.model.reserve_positions(longest)
-        with forward_context(ctx):
-            hidden = self.model(ids, positions)
+        stack = self._decode_stack(meta, len(seqs))
+        if stack is not None:
+            hidden = self.model.norm(stack.decode(self.model.embed(ids, positions), positions, meta))
+        else:
+            hidden = self.model(ids, positions, meta)
         if not all_logits:
-            hidden = hidden[torch.tensor(ctx.query_start[1:], device=self.device) - 1]
+            hidden = hidden[torch.tensor(meta.query_start[1:], device=self.device) - 1]
         return self.model.compute_logits(hidden)
+
+    def _decode_stack(self, meta: AttentionMetadata, rows: int) -> fused.DecodeStack | None:
+        """The fused stack for a pure decode step it serves (built on first use, for this runner's cache); module
+        hooks do not fire on these steps (calibration and pruning hook prompt passes)."""
+        if not meta.all_decode or rows > fused.MAX_ROWS:
+            return None
+        if not self._stack_tried:
+            self._stack_tried = True
+            self._stack = fused.build(self.model, self.dtype)
+        return self._stack if self._stack is not None and rows <= self._stack.rows else None
+
+
+def prefill_once(model: CausalLM, ids: list[int], dtype: torch.dtype, device: torch.device,
+                 block_size: int = 16) -> None:
+    """One prefill of `ids` through a scratch KV cache (calibration hooks its layers); the cache is dropped after."""
+    blocks = -(-len(ids) // block_size)
+    runner = ModelRunner(model, blocks + 1, block_size, dtype, device)  # block 0 pads block tables
+    seq = Sequence("scratch", list(ids), len(ids), SamplingParams(max_tokens=1), None,  # type: ignore[arg-type]
+                   block_table=list(range(1, blocks + 1)))
+    try:
+        runner.forward([seq], [len(ids)])
+    finally:
+        for attn in model.attention_layers():
+            attn.k_cache = attn.v_cache = attn.k_scale = attn.v_scale = None

@@ -1,33 +1,46 @@
 """The scheduler: one rule, no phases. Each sequence has tokens computed and tokens it should have; every step
 hands out tokens (a prefill chunk or one decode token) within the step's token budget and the free KV blocks.
-When blocks run out, the newest running sequence is preempted and will be recomputed later."""
+When blocks run out, the newest running sequence is preempted and will be recomputed later.
+
+It also books each step's results (`update`, as nano-vllm's postprocess): tokens computed, blocks offered to the
+prefix cache, the sampled token appended and detokenized, the request's times, and whether it has finished."""
 
 from __future__ import annotations
 
+import sys
+import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, field
 
 from miaotui.engine.kv_cache import KVCacheManager
-from miaotui.engine.sequence import Sequence, Status
+from miaotui.engine.sequence import Sequence, Status, TokenLogprob
 
 
 @dataclass(slots=True)
 class ScheduledBatch:
     seqs: list[Sequence]
     num_tokens: list[int]  # tokens to compute for each sequence in this step
+    fresh_blocks: list[int] = field(default_factory=list)  # never written before: zeroed before the pass
 
     @property
     def empty(self) -> bool:
         return not self.seqs
 
+    @property
+    def sampled(self) -> list[int]:
+        """Rows whose sequence catches up this step: each gets one new token."""
+        return [i for i, (s, n) in enumerate(zip(self.seqs, self.num_tokens)) if s.num_computed + n == s.num_tokens]
+
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 chunked_prefill: bool = True):
+                 max_model_len: int = sys.maxsize, stop_ids: Collection[int] = ()):
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.chunked_prefill = chunked_prefill
+        self.max_model_len = max_model_len
+        self.stop_ids = frozenset(stop_ids)  # end-of-sequence / end-of-turn tokens of the model
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -35,15 +48,16 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
         if seq.priority:
-            self.waiting = deque(sorted(self.waiting, key=lambda s: (-s.priority, s.arrival)))
+            self.waiting = deque(sorted(self.waiting, key=_order))
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    # -- handing out a step's tokens ------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
         batch = ScheduledBatch([], [])
-        self.running.sort(key=lambda s: (-s.priority, s.arrival))
+        self.running.sort(key=_order)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -66,25 +80,24 @@ class Scheduler:
                 deferred.append(self.waiting.popleft())
                 continue
             if not seq.block_table:
-                seq.num_cached_prompt = self.kv.match_prefix(seq)
-            n = seq.num_tokens - seq.num_computed
-            if n > budget:
-                if not self.chunked_prefill and batch.seqs:
-                    break
-                n = budget
+                seq.num_computed = seq.num_cached_prompt = self.kv.match_prefix(seq)
+            n = min(seq.num_tokens - seq.num_computed, budget)
             if not self.kv.can_allocate(seq, seq.num_computed + n):
                 if not self.running and not batch.seqs and self.kv.num_free_blocks == self.kv.num_blocks:
                     raise RuntimeError("the KV cache cannot hold even one sequence's chunk; raise kv_cache_memory")
                 self.kv.release(seq)  # give back the prefix blocks it borrowed; retry next step
+                seq.num_computed = 0
                 break
             self.waiting.popleft()
             self.kv.allocate(seq, seq.num_computed + n)
             seq.status = Status.RUNNING
+            seq.metrics.first_scheduled_time = seq.metrics.first_scheduled_time or time.monotonic()
             self.running.append(seq)
             batch.seqs.append(seq)
             batch.num_tokens.append(n)
             budget -= n
         self.waiting.extendleft(reversed(deferred))
+        batch.fresh_blocks, self.kv.fresh = self.kv.fresh, []
         return batch
 
     def _waits_for_parent(self, seq: Sequence) -> bool:
@@ -97,14 +110,59 @@ class Scheduler:
         """Recompute later: free its blocks, keep its tokens (prompt and output so far)."""
         self.running.remove(seq)
         self.kv.release(seq)
+        seq.num_computed = 0
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def finish(self, seq: Sequence) -> None:
+    # -- booking a step's results ---------------------------------------------------------------
+    def update(self, batch: ScheduledBatch, tokens: list[int],
+               logprobs: list[TokenLogprob | None]) -> list[Sequence]:
+        """After the forward pass: every scheduled sequence has its tokens computed (and its full blocks offered
+        to the prefix cache); those in `batch.sampled` take their new token (in that order), which may finish
+        them. Returns the sequences that took a token."""
+        rows = batch.sampled
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            seq.num_computed += n
+            self.kv.commit(seq)
+        now = time.monotonic()
+        took = []
+        for i, token, lp in zip(rows, tokens, logprobs):
+            seq = batch.seqs[i]
+            seq.metrics.first_token_time = seq.metrics.first_token_time or now
+            self._append(seq, token, lp)
+            took.append(seq)
+        return took
+
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
+        p = seq.params
+        seq.token_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        if (not p.ignore_eos and token in self.stop_ids) or token in p.stop_token_ids:
+            return self.finish(seq, "stop", token)
+        before = len(seq.text)
+        seq.detokenizer.add(token)
+        seq.text = seq.detokenizer.text
+        for s in p.stop:  # only where the new text could complete a match
+            cut = seq.text.find(s, max(0, before - len(s) + 1))
+            if cut != -1:
+                seq.text = seq.text[:cut]
+                return self.finish(seq, "stop", s)
+        if (p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
+            return self.finish(seq, "length")
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
+        """End a sequence now (stopped, out of room, aborted) and free its KV blocks."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.kv.release(seq)
         seq.status = Status.FINISHED
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        seq.metrics.finished_time = time.monotonic()
+
+
+def _order(seq: Sequence) -> tuple[int, float]:
+    return -seq.priority, seq.metrics.arrival_time

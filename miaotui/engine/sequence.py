@@ -26,6 +26,29 @@ class TokenLogprob:
 
 
 @dataclass(slots=True)
+class RequestMetrics:
+    """When a request arrived, was first scheduled, got its first token and finished (time.monotonic seconds),
+    recorded once by the scheduler and read by the CLI, the server's metrics and the benchmark alike."""
+
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        """Seconds from arrival to the first token."""
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def decode_time(self) -> float | None:
+        """Seconds from the first token to the last."""
+        if self.first_token_time is None or self.finished_time is None:
+            return None
+        return self.finished_time - self.first_token_time
+
+
+@dataclass(slots=True)
 class Sequence:
     """A request's tokens and progress. The scheduler's one rule: compute tokens until num_computed catches up
     with len(token_ids); when it does, sample one more token."""
@@ -36,7 +59,7 @@ class Sequence:
     params: SamplingParams
     detokenizer: IncrementalDetokenizer
     priority: int = 0
-    arrival: float = field(default_factory=time.monotonic)
+    metrics: RequestMetrics = field(default_factory=RequestMetrics)
     status: Status = Status.WAITING
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
@@ -50,7 +73,6 @@ class Sequence:
     emitted: int = 0  # characters of `text` already handed to the caller
     logprobs: list[TokenLogprob] = field(default_factory=list)
     generator: torch.Generator | None = None
-    first_token_time: float | None = None
     index: int = 0  # which of the request's n samples
     parent: Sequence | None = None  # sample 0 of the request, whose prompt blocks the other samples share
 
@@ -80,7 +102,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None
     logprobs: list[TokenLogprob]
-    num_cached_tokens: int = 0
+    metrics: RequestMetrics
     stop_reason: str | int | None = None
 
     @property

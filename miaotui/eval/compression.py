@@ -2,9 +2,9 @@
 the bytes of its weights, resident memory, single-stream decode tok/s and prefill tok/s.
 
 Each setting is measured in a fresh process, so resident memory is that setting's alone: the process's RSS after
-loading and running (freed heap handed back), minus its RSS before loading (the Python and torch runtime, the same for every row). The KV
-cache gets the same byte budget in every row. Pruned settings go through `miaotui compress` into a temporary
-folder first, exactly as a user would.
+loading and running (freed heap handed back), minus its RSS before loading (the Python and torch runtime, the same
+for every row). The KV cache gets the same byte budget in every row. Pruned settings go through `miaotui compress`'s
+pipeline into a temporary folder first, exactly as a user's would.
 """
 
 from __future__ import annotations
@@ -19,16 +19,18 @@ from pathlib import Path
 
 import torch
 
+from miaotui.compress.pipeline import CompressOptions, compress
+
 SETTINGS: dict[str, dict] = {
     "bf16": {"quantization": "none"},
     "int8": {"quantization": "int8"},
     "int4": {"quantization": "int4"},
     "int4 + int8 KV": {"quantization": "int4", "kv_cache_dtype": "int8"},
     "auto (default)": {"quantization": "auto"},
-    "prune 10%": {"compress": ["--prune", "magnitude", "--sparsity", "0.1"]},
-    "prune 30%": {"compress": ["--prune", "magnitude", "--sparsity", "0.3"]},
-    "2:4": {"compress": ["--prune", "2:4"]},
-    "drop 2 layers": {"compress": ["--prune", "layers", "--drop-layers", "2"]},
+    "prune 10%": {"compress": CompressOptions(prune="magnitude", sparsity=0.1)},
+    "prune 30%": {"compress": CompressOptions(prune="magnitude", sparsity=0.3)},
+    "2:4": {"compress": CompressOptions(prune="2:4")},
+    "drop 2 layers": {"compress": CompressOptions(prune="layers", drop_layers=2)},
 }
 MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b")
 
@@ -41,15 +43,16 @@ def measure(model: str, quantization: str, kv_cache_dtype: str, chunks: int, dec
     import psutil
 
     from miaotui.bench.engine_bench import BenchConfig, MiaotuiBench
+    from miaotui.config import EngineConfig
     from miaotui.engine.engine import trim_heap
     from miaotui.eval.perplexity import default_text, perplexity
 
     proc = psutil.Process()
     gc.collect()
     base = proc.memory_info().rss
-    bench = MiaotuiBench(BenchConfig(model=model, dtype="bfloat16", device="cpu", engine_args={
-        "quantization": quantization, "kv_cache_dtype": kv_cache_dtype, "kv_cache_memory": 64 * 2**20,
-        "max_model_len": 2048}))
+    bench = MiaotuiBench(BenchConfig(EngineConfig(
+        model=model, dtype="bfloat16", device="cpu", quantization=quantization, kv_cache_dtype=kv_cache_dtype,
+        kv_cache_memory=64 * 2**20, max_model_len=2048)))
     engine = bench.engine
     ids = engine.tokenizer.encode(default_text())
     ppl, scored = perplexity(engine, ids, 512, "llamacpp", chunks)
@@ -79,11 +82,9 @@ def weight_bytes(model) -> int:
 
     total = sum(size(p) for p in model.parameters())
     for m in model.modules():
-        if getattr(m, "quant", None) is not None:
-            total += size(m.quant)
-    if model.head_quant is not None:
-        total += size(model.head_quant)
-    return total
+        if getattr(m, "format", None) is not None:
+            total += size(m.format)
+    return total + size(model.head)
 
 
 def _child(model: str, quantization: str = "none", kv_cache_dtype: str = "auto", **kw) -> dict:
@@ -98,8 +99,6 @@ def run(models=MODELS, settings=tuple(SETTINGS), chunks: int = 8, decode_tokens:
         prefill_tokens: int = 512, repeats: int = 3) -> list[dict]:
     from tqdm import tqdm
 
-    from miaotui.cli import main as cli
-
     rows = []
     kw = {"chunks": chunks, "decode_tokens": decode_tokens, "prefill_tokens": prefill_tokens, "repeats": repeats}
     with tempfile.TemporaryDirectory(prefix="miaotui-compress-") as tmp, \
@@ -113,8 +112,7 @@ def run(models=MODELS, settings=tuple(SETTINGS), chunks: int = 8, decode_tokens:
                 if "compress" in spec:
                     label = f"{Path(model).name}-{name}".replace(" ", "_").replace("%", "").replace(":", "-")
                     source = str(Path(tmp) / label)  # inside tmp even when the model is given as a path
-                    if cli(["compress", model, "-o", source, *spec["compress"]]) != 0:
-                        raise RuntimeError(f"miaotui compress {model} {' '.join(spec['compress'])} failed")
+                    compress(model, Path(source), spec["compress"])
                 res = _child(source, spec.get("quantization", "none"), spec.get("kv_cache_dtype", "auto"), **kw)
                 rows.append({"model": model, "setting": name, **res, "seconds": time.perf_counter() - start})
                 bar.update()

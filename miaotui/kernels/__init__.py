@@ -3,7 +3,7 @@
 `cpu_ops()` returns the compiled module, or None where it cannot be built (no C++ compiler, MIAOTUI_KERNELS=0):
 every caller then keeps its plain-torch path, so the kernels change speed, never results beyond rounding.
 The build takes about 40 s here and is cached under ~/.cache/miaotui/kernels (or $MIAOTUI_CACHE/kernels), keyed
-by the source, the flags, torch's version and the host (the flags include -march=native).
+by the source, the flags, the torch installation and the host (the flags include -march=native).
 """
 
 from __future__ import annotations
@@ -12,15 +12,13 @@ import hashlib
 import logging
 import os
 import platform
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
-
-# The C++ decode stack serves steps of up to this many sequences.
-SMALL_ROWS = 64
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("cpu_ops.cpp", "qmatmul.cpp")]
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]  # -fopenmp: at::parallel_for runs serially without it
@@ -29,9 +27,11 @@ _tried = False
 
 
 def _build_dir() -> Path:
+    """One folder per source, flags, host and torch installation: two virtual environments never rebuild each
+    other's kernels in turn (torch's build files name the installation's headers and libraries)."""
     sources = b"".join(p.read_bytes() for p in _SOURCES)
-    key = hashlib.sha256(sources + " ".join(_FLAGS).encode() + torch.__version__.encode()
-                         + platform.node().encode()).hexdigest()[:16]
+    key = hashlib.sha256(sources + " ".join(_FLAGS).encode() + torch.__version__.encode() + torch.__file__.encode()
+                         + sys.version.encode() + platform.node().encode()).hexdigest()[:16]
     root = Path(os.environ.get("MIAOTUI_CACHE", Path.home() / ".cache" / "miaotui"))
     path = root / "kernels" / key
     path.mkdir(parents=True, exist_ok=True)
@@ -67,6 +67,19 @@ def use_cpu_ops(*tensors: torch.Tensor):
         if not t.is_cpu:
             return None
     return _module if _tried else cpu_ops()
+
+
+def has_vnni() -> bool:
+    """Whether the packed low-bit layout (quant/packed.py) has its integer kernel here."""
+    ops = cpu_ops()
+    return ops is not None and bool(ops.vnni)
+
+
+def has_amx() -> bool:
+    """Whether the AMX tile unit is there: products of 8 rows or more of a packed weight run on it (bf16, the
+    weight widened 16 rows at a time), and every product of a bf16 weight kept in tile order (`TiledWeight`)."""
+    ops = cpu_ops()
+    return ops is not None and bool(ops.amx)
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@
 // With activations x ~ dx * xq (two int8 terms, see QuantX), a group's contribution is d * Σ_blocks dx * Σ q xq
 // + m * Σ x: the integer sums run on VNNI, the second term needs only the sum of the activations.
 //
-// Layout (packed once in Python, miaotui/compress/quantize.py): rows in blocks of 16, one 64-byte line per
+// Layout (packed once in Python, miaotui/quant/packed.py): rows in blocks of 16, one 64-byte line per
 // (row block, input chunk) holding 16 rows x 4 bytes, so one vector load feeds one `vpdpbusd` for 16 outputs.
 //   4-bit: chunks of 8 inputs; byte 4r+j holds input j in its low nibble and input j+4 in its high nibble.
 //   8-bit: chunks of 4 inputs; byte 4r+j holds input j.

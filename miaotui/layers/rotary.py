@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from miaotui.context import get_context
 from miaotui.kernels import use_cpu_ops
 
 
@@ -24,9 +23,6 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", torch.empty(0, head_dim, dtype=torch.float32), persistent=False)
         self.register_buffer("sin", torch.empty(0, head_dim, dtype=torch.float32), persistent=False)
 
-        self._key: tuple | None = None
-        self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
-
     def reserve(self, n: int) -> None:
         """Angle tables for positions [0, n), grown in steps of 1,024 as contexts reach them rather than built for
         the whole context length up front: Gemma 3's two 32K-position tables of 256-wide heads held 128 MB."""
@@ -36,7 +32,6 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(torch.arange(n, dtype=torch.float32, device=self.inv_freq.device), self.inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
         self.cos, self.sin = emb.cos(), emb.sin()
-        self._key = None
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x [T, heads, D] (q and k heads side by side), positions [T] → x rotated, in its dtype.
@@ -47,14 +42,8 @@ class RotaryEmbedding(nn.Module):
         if ops := use_cpu_ops(x):
             ops.rope_(x, positions, self.cos, self.sin)
             return x
-        # Every layer of a step rotates by the same positions: look the angles up once per step.
-        key = (get_context().step, x.dtype)
-        if key != self._key:
-            half = self.sin.shape[-1] // 2
-            sin = self.sin[positions]
-            sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
-            self._cos_sin = (self.cos[positions].unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype))
-            self._key = key
-        cos, signed_sin = self._cos_sin
         half = x.shape[-1] // 2
+        sin = self.sin[positions]
+        signed_sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1).unsqueeze(1).to(x.dtype)
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
         return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * signed_sin

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,7 @@ from miaotui.errors import ModelFileError
 from miaotui.loader import gguf, safetensors
 from miaotui.loader.gguf_file import GGUFFile
 from miaotui.loader.sources import ModelFiles, resolve
+from miaotui.loader.tensors import FileTensor
 from miaotui.models.base import CausalLM
 from miaotui.models.registry import model_class
 from miaotui.tokenizer import Tokenizer
@@ -26,24 +28,24 @@ class LoadedModel:
     load_seconds: float
 
 
-def read_model(files: ModelFiles, keep_codes: bool = False) -> tuple[ModelConfig, Tokenizer, object]:
-    """Config, tokenizer and a weight iterator for the files, checking what can be checked before allocating."""
+def read_model(files: ModelFiles) -> tuple[ModelConfig, Tokenizer, Iterator[tuple[str, FileTensor]]]:
+    """Config, tokenizer and the checkpoint's tensors (unread), checking what can be checked before allocating."""
     if files.kind == "gguf":
         f = GGUFFile(files.path)
         cfg = gguf.read_config(f)
         gguf.check_tensor_types(f)
-        return cfg, Tokenizer.from_gguf(f.metadata, f.path), gguf.iter_weights(f, cfg, keep_codes)
+        return cfg, Tokenizer.from_gguf(f.metadata, f.path), gguf.iter_weights(f, cfg)
     cfg = safetensors.read_config(files.path)
     return cfg, Tokenizer.from_folder(files.path), safetensors.iter_weights(files.path, cfg)
 
 
 def load(source: str | ModelFiles | None, device: torch.device | str = "cpu",
-         dtype: torch.dtype = torch.float32, keep_codes: bool = False) -> LoadedModel:
-    """`keep_codes`: a GGUF's integer-block matrices keep their codes beside the float weights, for quantization
-    to take exactly (see compress/quantize.py)."""
+         dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """The model with its small parameters (norms, biases) in place and its matrices still as the file's tensors:
+    the recipe (quant/recipe.py) turns each into its weight format."""
     start = time.perf_counter()
     files = source if isinstance(source, ModelFiles) else resolve(source)
-    cfg, tokenizer, weights = read_model(files, keep_codes)
+    cfg, tokenizer, weights = read_model(files)
     device = torch.device(device)
     previous = torch.get_default_dtype()
     try:

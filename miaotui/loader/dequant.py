@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from miaotui.errors import ModelFileError
+from miaotui.loader.tensors import BlockCodes
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
@@ -98,25 +98,6 @@ def q6_k(b: torch.Tensor) -> torch.Tensor:
     high = (qh >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)) & 3
     q = ((low | (high << 4)).to(torch.int8) - 32).float().reshape(-1, 16, 16)
     return (d[..., None] * sc[..., None] * q).reshape(-1, 256)
-
-
-@dataclass
-class BlockCodes:
-    """A tensor's own integer codes, exactly as the file stores them: w = d * q + m per row and block of 32, with q
-    unsigned of `bits` bits (uint8 [N, K]) and d, m float32 [N, K/32]. Low-bit kernels take these as they are."""
-
-    q: torch.Tensor
-    d: torch.Tensor
-    m: torch.Tensor
-    bits: int
-
-    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> BlockCodes:
-        return BlockCodes(fn(self.q), fn(self.d), fn(self.m), self.bits)
-
-    @staticmethod
-    def cat(parts: list[BlockCodes]) -> BlockCodes:
-        """The parts of a fused projection stacked along rows (at the widest code of any part)."""
-        return BlockCodes(*(torch.cat([getattr(p, f) for p in parts]) for f in "qdm"), max(p.bits for p in parts))
 
 
 def block_codes(raw: np.ndarray | torch.Tensor, qtype: Q, shape: tuple[int, ...]) -> BlockCodes | None:

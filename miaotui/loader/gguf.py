@@ -12,6 +12,7 @@ from miaotui.config import ModelConfig
 from miaotui.errors import ModelFileError
 from miaotui.loader.dequant import SUPPORTED_TYPES, block_codes, dequantize
 from miaotui.loader.gguf_file import GGUFFile
+from miaotui.loader.tensors import FileTensor
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 
@@ -128,22 +129,24 @@ def check_tensor_types(f: GGUFFile) -> None:
 _CODED = ("_proj.weight", "embed_tokens.weight", "lm_head.weight")  # the matrices the low-bit kernels can take
 
 
-def iter_weights(f: GGUFFile, cfg: ModelConfig, keep_codes: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (Hugging Face name, float tensor) for every tensor, dequantized one at a time. With `keep_codes`, a
-    projection, embedding or output head stored as integer blocks also carries them as `tensor.codes`
-    (dequant.BlockCodes), for the low-bit kernels to take exactly."""
+def iter_weights(f: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[str, FileTensor]]:
+    """Yield (Hugging Face name, FileTensor) for every tensor: its values dequantized only when read, and for a
+    projection, embedding or output head stored as integer blocks, those codes (for the low-bit formats to take
+    exactly). Nothing is read here: the recipe reads each tensor in the form it keeps."""
     for info in f.tensors.values():
         name = hf_name(info.name, cfg.architecture)
         if name is None:
             continue  # e.g. rope_freqs, which we derive from the config
-        raw = f.raw(info.name)
-        w = dequantize(raw, info.qtype, info.shape)
-        codes = block_codes(raw, info.qtype, info.shape) if keep_codes and name.endswith(_CODED) else None
+
+        def values(info=info) -> torch.Tensor:
+            return dequantize(f.raw(info.name), info.qtype, info.shape)
+
+        def codes(info=info):
+            return block_codes(f.raw(info.name), info.qtype, info.shape)
+
+        t = FileTensor(info.shape, _BITS.get(info.qtype.name[:2], 16), values,
+                       codes if name.endswith(_CODED) else None)
         if cfg.architecture == "llama" and (".q_proj." in name or ".k_proj." in name):
             heads = cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads
-            w = unpermute_rotary(w, heads)
-            codes = codes and codes.map_rows(lambda t: unpermute_rotary(t, heads))
-        if codes is not None:
-            w.codes = codes
-        w.file_bits = _BITS.get(info.qtype.name[:2], 16)
-        yield name, w
+            t = t.map_rows(lambda w, heads=heads: unpermute_rotary(w, heads))
+        yield name, t

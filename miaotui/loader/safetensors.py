@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from miaotui.compress.export import unpack
 from miaotui.config import ModelConfig
 from miaotui.errors import ModelFileError
+from miaotui.loader import stored
+from miaotui.loader.tensors import FileTensor
 
 _TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3", "gpt2": "gpt2"}
 
@@ -68,13 +69,15 @@ def read_config(folder: Path) -> ModelConfig:
     if quant.get("quant_method") == "miaotui":
         cfg.quantization = quant["method"]
         cfg.weight_bits = quant["bits"]
+        cfg.quantization_group = quant.get("group_size")
     elif quant:
         raise ModelFileError(f"{folder}: quantization {quant.get('quant_method')!r} is not supported; "
                              "use float weights or a `miaotui compress` folder")
     return cfg
 
 
-def iter_weights(folder: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weights(folder: Path, cfg: ModelConfig) -> Iterator[tuple[str, FileTensor]]:
+    """Every tensor of the folder's safetensors files; a stored quantized projection comes with its codes."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -92,17 +95,20 @@ def iter_weights(folder: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Te
                     return f.get_tensor(key) if key in keys else None
 
                 for key in f.keys():
-                    if key.endswith((".weight_scale", ".weight_zero")):
-                        continue  # read with their weight
-                    w = unpack(key.rpartition(".")[0], get) if key.endswith((".weight", ".weight_packed")) else None
-                    if w is not None:  # a `miaotui compress --quantize` projection, dequantized for loading
-                        key = key.rpartition(".")[0] + ".weight"
-                    else:
-                        w = f.get_tensor(key)
+                    if key.endswith(stored.READ_WITH_WEIGHT):
+                        continue
+                    prefix, _, kind = key.rpartition(".")
+                    codes = stored.read_codes(prefix, get) if kind in ("weight", "weight_packed") else None
+                    if codes is not None:
+                        deq = stored.dequantize(codes)
+                        yield f"{prefix}.weight", FileTensor(tuple(deq.shape), codes.bits, lambda deq=deq: deq,
+                                                             lambda codes=codes: codes)
+                        continue
+                    w = f.get_tensor(key)
                     # Gemma's RMSNorm multiplies by (1 + w); we keep the multiplier itself, as GGUF does.
                     if cfg.architecture == "gemma3" and key.endswith("norm.weight"):
                         w = w.float() + 1.0
-                    yield key, w
+                    yield key, FileTensor.of(w)
         except (OSError, RuntimeError) as e:
             if isinstance(e, ModelFileError):
                 raise

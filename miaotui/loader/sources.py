@@ -15,9 +15,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from miaotui.config import DEFAULT_MODEL
 from miaotui.errors import ModelSourceError
-
-DEFAULT_MODEL = "smollm2-135m"
 
 
 @dataclass(frozen=True, slots=True)

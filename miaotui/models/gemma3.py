@@ -4,6 +4,7 @@ embeddings scaled by sqrt(hidden), and a different rope theta for local and glob
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,6 +17,10 @@ from miaotui.layers.norm import RMSNorm
 from miaotui.layers.rotary import RotaryEmbedding
 from miaotui.models.base import CausalLM
 from miaotui.models.llama import STACKED
+
+if TYPE_CHECKING:
+    from miaotui.attention.base import AttentionMetadata
+    from miaotui.loader.tensors import FileTensor
 
 
 class Gemma3Attention(nn.Module):
@@ -36,12 +41,12 @@ class Gemma3Attention(nn.Module):
         window = cfg.sliding_window if cfg.is_sliding(layer) else None
         self.attn = Attention(h, kv, d, scale=scale, sliding_window=window)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         h, kv, d = self.shape
         q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
         qk = self.rotary(positions, torch.cat([self.q_norm(q.view(-1, h, d)), self.k_norm(k.view(-1, kv, d))], 1))
         q, k = qk[:, :h], qk[:, h:]
-        return self.o_proj(self.attn(q, k, v.view(-1, kv, d)).view(-1, h * d))
+        return self.o_proj(self.attn(q, k, v.view(-1, kv, d), meta).view(-1, h * d))
 
 
 class Gemma3Block(nn.Module):
@@ -57,8 +62,8 @@ class Gemma3Block(nn.Module):
         self.mlp.gate_up_proj = Linear(cfg.hidden_size, [cfg.intermediate_size] * 2)
         self.mlp.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, meta))
         mlp = self.mlp.down_proj(gelu_tanh_and_mul(self.mlp.gate_up_proj(self.pre_feedforward_layernorm(x))))
         return x + self.post_feedforward_layernorm(mlp)
 
@@ -78,12 +83,16 @@ class Gemma3ForCausalLM(CausalLM):
         self.lm_head = self.model.embed_tokens if cfg.tie_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
         self.embed_scale = cfg.hidden_size**0.5
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
-        x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, positions)
+        return x * torch.tensor(self.embed_scale, dtype=x.dtype)
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.norm(x)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, FileTensor]]) -> None:
         self.load_stacked(weights, STACKED)

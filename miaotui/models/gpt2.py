@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,10 @@ from miaotui.layers.attention import Attention
 from miaotui.layers.linear import Embedding, Linear
 from miaotui.layers.norm import LayerNorm
 from miaotui.models.base import CausalLM
+
+if TYPE_CHECKING:
+    from miaotui.attention.base import AttentionMetadata
+    from miaotui.loader.tensors import FileTensor
 
 
 class GPT2Block(nn.Module):
@@ -28,9 +33,9 @@ class GPT2Block(nn.Module):
         self.c_fc = Linear(e, cfg.intermediate_size, bias=True)
         self.mlp_proj = Linear(cfg.intermediate_size, e, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.c_attn(self.ln_1(x)).view(-1, 3, self.h, self.d).unbind(1)
-        x = x + self.attn_proj(self.attn(q, k, v).reshape(-1, self.h * self.d))
+        x = x + self.attn_proj(self.attn(q, k, v, meta).reshape(-1, self.h * self.d))
         return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
 
 
@@ -46,13 +51,17 @@ class GPT2LMHeadModel(CausalLM):
         self.ln_f = LayerNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = self.wte
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.wte(input_ids) + self.wpe(positions)
-        for block in self.h:
-            x = block(x)
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.h
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.wte(input_ids) + self.wpe(positions)
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.ln_f(x)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, FileTensor]]) -> None:
         def renamed():
             for name, w in weights:
                 name = name.removeprefix("transformer.")
@@ -62,7 +71,7 @@ class GPT2LMHeadModel(CausalLM):
                     if f".{theirs}." in name:
                         name = name.replace(theirs, ours)
                         if name.endswith(".weight"):
-                            w = w.t()
+                            w = w.transposed()
                 yield name, w
 
         self.load_stacked(renamed(), {})

@@ -14,7 +14,6 @@ _MODELS = {
     "gemma3": ("miaotui.models.gemma3", "Gemma3ForCausalLM"),
     "gpt2": ("miaotui.models.gpt2", "GPT2LMHeadModel"),
 }
-ARCHITECTURES = tuple(_MODELS)
 
 
 def model_class(architecture: str) -> type[CausalLM]:

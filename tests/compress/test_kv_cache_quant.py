@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from miaotui.errors import MiaotuiError
+from miaotui.attention.base import read_kv, write_kv
 from miaotui.layers.attention import Attention
 
 
@@ -18,8 +19,8 @@ def test_write_then_read_is_within_half_a_step():
     # Large, outlying values: the worst case for the rounded scale (the largest element must not wrap past 127).
     k = (torch.randn(20, 2, 64) * torch.logspace(-2, 2, 20)[:, None, None]).to(torch.bfloat16)
     slots = torch.arange(5, 25)
-    attn._write(slots, k, attn.k_cache, attn.k_scale)
-    back, _ = attn._read(torch.arange(4), torch.float32)
+    write_kv(attn, slots, k, attn.k_cache, attn.k_scale)
+    back, _ = read_kv(attn, torch.arange(4), torch.float32)
     step = k.float().abs().amax(-1, keepdim=True) / 127
     assert ((back[slots] - k.float()).abs() <= step * 0.5 * 1.02 + 1e-6).all()
 

@@ -10,7 +10,8 @@ import torch
 
 from miaotui.cli import main
 from miaotui.compress import prune
-from miaotui.compress.export import pack_int4, pack_int8, unpack
+from miaotui.compress.export import pack_int4, pack_int8
+from miaotui.loader import stored
 
 
 @pytest.fixture
@@ -51,7 +52,7 @@ def test_stored_quantized_weights_unpack_within_half_a_step(bits):
     torch.manual_seed(0)
     w = torch.randn(32, 128) * 0.05
     parts = pack_int8(w) if bits == 8 else pack_int4(w, 32)
-    back = unpack("x", lambda name: parts.get(name.removeprefix("x.")))
+    back = stored.dequantize(stored.read_codes("x", lambda name: parts.get(name.removeprefix("x."))))
     if bits == 8:
         step = w.abs().amax(dim=1, keepdim=True) / 127 * 1.01
     else:
@@ -109,7 +110,7 @@ def test_compress_gemma_keeps_each_layers_attention_type(gemma3_path, tmp_path):
 
 def test_compress_2_4_int4_is_sparse_and_stays_packed(smollm2_path, tmp_path):
     from miaotui import LLM
-    from miaotui.compress.quantize import Int4Weight
+    from miaotui.quant.int4 import Int4Weight
 
     out = tmp_path / "smol-24-int4"
     assert main(["compress", str(smollm2_path), "-o", str(out), "--prune", "2:4", "--quantize", "int4"]) == 0
@@ -122,7 +123,27 @@ def test_compress_2_4_int4_is_sparse_and_stays_packed(smollm2_path, tmp_path):
         assert packed.dtype == torch.uint8
     llm = LLM(str(out), dtype="float32", kv_cache_memory=32 * 2**20, max_model_len=512)
     assert llm.engine.quantization == "int4"
-    assert isinstance(llm.engine.loaded.model.model.layers[0].mlp.gate_up_proj.quant, Int4Weight)
+    assert isinstance(llm.engine.loaded.model.model.layers[0].mlp.gate_up_proj.format, Int4Weight)
+
+
+def test_stored_int4_loads_back_exactly_at_its_group_size(smollm2_path, tmp_path):
+    """A folder stored with --group-size 64 loads back at group 64 (the config's quantization_config is read), its
+    codes taken as they are: every weight equals the stored one up to the fp16 rounding of its group's offset."""
+    from safetensors import safe_open
+
+    from miaotui import LLM
+
+    out = tmp_path / "smol-int4-g64"
+    assert main(["compress", str(smollm2_path), "-o", str(out), "--quantize", "int4", "--group-size", "64"]) == 0
+    llm = LLM(str(out), dtype="float32", kv_cache_memory=32 * 2**20, max_model_len=512)
+    assert llm.engine.quantization == "int4" and llm.engine.model_config.quantization_group == 64
+    down = llm.engine.loaded.model.model.layers[2].mlp.down_proj.format
+    assert down.group == 64
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        want = stored.dequantize(stored.read_codes("model.layers.2.mlp.down_proj", f.get_tensor))
+    got = down.dequantize()
+    scale = want.abs().amax(dim=1, keepdim=True)
+    assert ((got - want).abs() <= scale * 2**-8).all()  # (torch's int4 layout, where it serves, rounds to bf16)
 
 
 def test_compress_refuses_bad_arguments(smollm2_path, tmp_path, capsys):

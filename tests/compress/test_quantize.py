@@ -6,8 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from miaotui.compress.quantize import Int4Weight, Int8Weight, check_method, quantize_weight
 from miaotui.errors import MiaotuiError
+from miaotui.loader.tensors import FileTensor
+from miaotui.quant.int4 import Int4Weight
+from miaotui.quant.int8 import Int8Weight
+from miaotui.quant.recipe import Matrix, check, int4_format, int8_format
 
 
 @pytest.fixture
@@ -62,14 +65,14 @@ def test_int4_recovers_a_q4_1_grid_exactly():
 
 
 def test_rows_that_do_not_split_fall_back_to_int8():
-    assert isinstance(quantize_weight(torch.randn(8, 48), "int4", 32), Int8Weight)
+    assert isinstance(int4_format(Matrix(FileTensor.of(torch.randn(8, 48))), 32, torch.bfloat16), Int8Weight)
 
 
 def test_bad_method_and_group():
     with pytest.raises(MiaotuiError, match="int5"):
-        check_method("int5", 32)
+        check("int5", 32)
     with pytest.raises(MiaotuiError, match="group size"):
-        check_method("int4", 48)
+        check("int4", 48)
 
 
 @pytest.mark.parametrize("method", ["int8", "int4", "auto"])
@@ -85,7 +88,7 @@ def test_quantized_model_still_answers(smollm2_path, method):
         assert "Paris" in out.text
     else:  # 4-bit arithmetic answers "L'Étoile…" here, as llama.cpp does on this Q4_1 file: judge by perplexity
         assert out.text.strip()
-    assert llm.engine.quantization == method
+    assert llm.engine.quantization == {"auto": "hybrid"}.get(method, method)  # a 4-bit file in bf16
     ref = LLM(str(smollm2_path), dtype="bfloat16", quantization="none", kv_cache_memory=32 * 2**20)
     ids = ref.tokenizer.encode("The history of the Roman Empire spans many centuries. " * 4)
     import math
@@ -101,36 +104,37 @@ def test_gguf_codes_go_to_the_kernels_exactly(smollm2_path):
     """A Q4_1 file's codes become the int4 weights as they are, and int8 holds them (and the Q8_0 output head) as
     8-bit codes with the file's block scales: each result equals the file's own values up to the rounding of
     each group's scale and zero (fp16 in miaotui's kernel, bf16 in torch's), far inside half a step."""
-    from miaotui.compress.quantize import Int4Weight, file_codes, quantize_weight
-    from miaotui.kernels.packed import available
+    from miaotui.kernels import has_vnni
     from miaotui.loader import load
 
-    loaded = load(smollm2_path, "cpu", torch.float32, keep_codes=True)
+    loaded = load(smollm2_path, "cpu", torch.float32)
     for module in (loaded.model.model.layers[0].self_attn.qkv_proj, loaded.model.model.layers[3].mlp.down_proj):
-        w = module.weight.data
-        codes = file_codes(module)
-        assert codes is not None and codes.bits == 4
-        q = quantize_weight(w, "int4", 32, codes=codes)
+        mat = Matrix(FileTensor.cat([module.parts[i] for i in range(len(module.output_sizes))]))
+        w = mat.values
+        assert mat.codes is not None and mat.codes.bits == 4
+        q = int4_format(mat, 32, torch.float32)
         assert isinstance(q, Int4Weight) and q.in_scale is None
         err = (q.dequantize() - w).abs()
         step = (w.view(w.shape[0], -1, 32).amax(-1) - w.view(w.shape[0], -1, 32).amin(-1)) / 15
         assert (err.view(w.shape[0], -1, 32) <= step[..., None] * 0.05 + w.abs().max() * 2**-8).all()
-        if available():
-            assert torch.equal(quantize_weight(w, "int8", codes=codes).dequantize(), w)
-    head = loaded.model.lm_head  # tied: the embedding table, Q8_0 in this file
-    codes = file_codes(head)
-    assert codes is not None and codes.bits == 8
-    if available():
-        assert torch.equal(quantize_weight(head.weight.data, "int4", head=True, codes=codes).dequantize(),
-                           head.weight.data)
+        if has_vnni():
+            assert torch.equal(int8_format(mat, torch.float32).dequantize(), w)
+    head = Matrix(loaded.model.lm_head.source)  # tied: the embedding table, Q8_0 in this file
+    assert head.codes is not None and head.codes.bits == 8
+    if has_vnni():
+        assert torch.equal(int8_format(head, torch.float32).dequantize(), head.values)
 
 
-def test_kept_codes_are_freed_when_auto_resolves_to_dense(smollm2_path):
+def test_file_tensors_are_dropped_once_converted(smollm2_path):
     from miaotui import LLM
+    from miaotui.layers.linear import Embedding, Linear
 
     llm = LLM(str(smollm2_path), dtype="float32", kv_cache_memory=2**24)  # auto on fp32: dense weights
     assert llm.engine.quantization == "none"
-    assert not any(getattr(m, "codes", None) for m in llm.engine.loaded.model.modules())
+    modules = list(llm.engine.loaded.model.modules())
+    assert not any(m.parts for m in modules if isinstance(m, Linear))
+    assert not any(m.source for m in modules if isinstance(m, Embedding))
+    assert all(m.format is not None for m in modules if isinstance(m, (Linear, Embedding)))
 
 
 def test_activation_aware_int4_lowers_the_output_error():
@@ -164,36 +168,36 @@ def test_int4_calibrates_only_requantized_weights(smollm2_path, gemma3_path):
     from miaotui import LLM
 
     llm = LLM(smollm2_path, quantization="int4", kv_cache_memory=16 * 2**20)
-    scaled = [m for m in llm.engine.runner.model.modules() if getattr(getattr(m, "quant", None), "in_scale", None)
+    scaled = [m for m in llm.engine.runner.model.modules() if getattr(getattr(m, "format", None), "in_scale", None)
               is not None]
     assert scaled == []
 
     gemma = LLM(gemma3_path, quantization="int4", kv_cache_memory=16 * 2**20).engine.runner.model
     layers = gemma.model.layers
-    assert all(getattr(layer.self_attn.qkv_proj.quant, "in_scale", None) is None for layer in layers)
-    assert any(getattr(layer.mlp.gate_up_proj.quant, "in_scale", None) is not None for layer in layers)
+    assert all(getattr(layer.self_attn.qkv_proj.format, "in_scale", None) is None for layer in layers)
+    assert any(getattr(layer.mlp.gate_up_proj.format, "in_scale", None) is not None for layer in layers)
     # Attention stored in 5-bit blocks (Gemma's Q5_0 q/k/v) stays at 8 bits; its Q4_K output projection is
     # taken at 4 bits exactly, and the Q5_0 MLP is requantized to 4.
-    assert all(isinstance(layer.self_attn.qkv_proj.quant, Int8Weight) for layer in layers)
-    assert all(isinstance(layer.self_attn.o_proj.quant, Int4Weight) for layer in layers)
-    assert all(isinstance(layer.mlp.gate_up_proj.quant, Int4Weight) for layer in layers)
+    assert all(isinstance(layer.self_attn.qkv_proj.format, Int8Weight) for layer in layers)
+    assert all(isinstance(layer.self_attn.o_proj.format, Int4Weight) for layer in layers)
+    assert all(isinstance(layer.mlp.gate_up_proj.format, Int4Weight) for layer in layers)
 
 
 def test_untied_embedding_takes_int4_rows():
     """Under int4 an embedding table that is only looked up (not a tied head) is held in 4-bit groups; its rows
     come back as the dequantized weight's rows, in the asked dtype."""
-    from miaotui.compress.quantize import quantize_embedding
-    from miaotui.kernels import packed
+    from miaotui.kernels import has_vnni
+    from miaotui.quant.recipe import embedding_format
 
-    if not packed.available():
+    if not has_vnni():
         pytest.skip("no VNNI kernel layout on this CPU")
     torch.manual_seed(0)
     table = torch.randn(1000, 64) * 0.02
-    emb = quantize_embedding(table, "int4", torch.bfloat16, None)
+    emb = embedding_format(Matrix(FileTensor.of(table)), "int4", torch.bfloat16)
     assert isinstance(emb, Int4Weight) and emb.nbytes < 0.7 * table.numel()
     ids = torch.tensor([[3, 999], [0, 3]])
     rows = emb.lookup(ids, torch.bfloat16)
     assert rows.shape == (2, 2, 64) and rows.dtype == torch.bfloat16
     assert torch.equal(rows.float(), emb.dequantize()[ids].bfloat16().float())
     assert ((rows.float() - table[ids]).abs().amax(-1) <= table[ids].abs().amax(-1) / 7).all()  # 4-bit steps
-    assert isinstance(quantize_embedding(table, "int8", torch.bfloat16, None), Int8Weight)
+    assert isinstance(embedding_format(Matrix(FileTensor.of(table)), "int8", torch.bfloat16), Int8Weight)

@@ -62,8 +62,8 @@ def test_batched_greedy_equals_one_at_a_time(loaded, reference, options):
 
 
 def test_equal_length_prompts_batched_in_one_attention_call(loaded, reference):
-    """Fresh prompts of one length in one step share a single causal attention call (Attention._prefill_fresh),
-    beside prompts of other lengths: the same greedy output as one at a time."""
+    """Fresh prompts of one length in one step share a single causal attention call (attention/base.py,
+    `_prefill_fresh`), beside prompts of other lengths: the same greedy output as one at a time."""
     prompts, _ = reference
     same = [(p + prompts[-1])[:9] for p in prompts[:4]]  # four prompts of 9 tokens, then two others
     batch = same + [prompts[-1], prompts[0]]

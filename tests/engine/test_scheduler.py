@@ -79,5 +79,39 @@ def test_finish_frees_blocks():
     s = seq(9, "s")
     sched.add(s)
     sched.schedule()
-    sched.finish(s)
+    sched.finish(s, "abort")
     assert kv.num_free_blocks == 16 and not sched.has_work()
+    assert s.finish_reason == "abort" and s.metrics.finished_time is not None
+
+
+def test_update_books_a_step(smollm2_path):
+    """After a forward pass: tokens computed, the sampled token appended and detokenized, the request's times, and
+    each way a sequence finishes (a stop token, a stop string, max_tokens), its blocks freed."""
+    from miaotui.loader.gguf_file import GGUFFile
+    from miaotui.tokenizer import IncrementalDetokenizer, Tokenizer
+
+    f = GGUFFile(smollm2_path)
+    tok = Tokenizer.from_gguf(f.metadata, f.path)
+    kv = KVCacheManager(64, 4)
+    sched = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=100, max_model_len=64, stop_ids=tok.stop_ids)
+
+    def make(rid: str, **params) -> Sequence:
+        ids = tok.encode("The capital of France is")
+        s = Sequence(rid, list(ids), len(ids), SamplingParams(**params), IncrementalDetokenizer(tok, ids))
+        sched.add(s)
+        return s
+
+    eos, length, stop = make("eos"), make("length", max_tokens=2), make("stop", stop=["Par"])
+    batch = sched.schedule()
+    assert batch.sampled == [0, 1, 2]
+    paris, dot = tok.encode(" Paris"), tok.encode(".")
+    took = sched.update(batch, [paris[0]] * 3, [None] * 3)
+    assert took == [eos, length, stop] and all(s.num_computed == s.num_prompt for s in took)
+    assert stop.finished and stop.finish_reason == "stop" and stop.stop_reason == "Par" and stop.text == " "
+    assert eos.text == length.text == " Paris" and eos.metrics.first_token_time is not None
+    batch = sched.schedule()
+    assert [s.request_id for s in batch.seqs] == ["eos", "length"] and batch.num_tokens == [1, 1]
+    sched.update(batch, [next(iter(tok.stop_ids)), dot[0]], [None, None])
+    assert eos.finish_reason == "stop" and eos.text == " Paris"  # the stop token itself is not text
+    assert length.finish_reason == "length" and length.text == " Paris."
+    assert not sched.has_work() and kv.num_free_blocks == kv.num_blocks

@@ -35,12 +35,12 @@ def test_embedding_reads_its_int8_table(smollm2_path):
     import torch
 
     from miaotui import LLM
-    from miaotui.compress.quantize import Int8Weight
+    from miaotui.quant.int8 import Int8Weight
 
     llm = LLM(str(smollm2_path), dtype="bfloat16", quantization="int8", kv_cache_memory=2**24)
     model = llm.engine.loaded.model
     emb = model.get_input_embeddings()
-    assert emb.weight is None and emb.quant is model.head_quant  # tied: one int8 table for both
-    assert isinstance(emb.quant, Int8Weight)
+    assert emb.format is model.head  # tied: one int8 table for both
+    assert isinstance(emb.format, Int8Weight)
     ids = torch.tensor([1, 5, 900])
-    assert torch.allclose(emb(ids).float(), emb.quant.dequantize()[ids], rtol=1e-2, atol=1e-3)
+    assert torch.allclose(emb(ids).float(), emb.format.dequantize()[ids], rtol=1e-2, atol=1e-3)

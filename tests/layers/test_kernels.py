@@ -111,7 +111,7 @@ def test_paged_attention_matches_gathered_sdpa(ops, dtype, cache, head_dim, wind
 
 def random_packed(n: int, k: int, bits: int, group: int):
     """Seeded random codes, d and m [N, K/group] and their packed weight (None without the kernel layout)."""
-    from miaotui.kernels.packed import PackedWeight
+    from miaotui.quant.packed import PackedWeight
 
     torch.manual_seed(0)
     codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8)
@@ -180,3 +180,13 @@ def test_argmax_rows_picks_the_first_maximum(ops):
     x[2, 17] = x[2, 3] = 5.0
     assert ops.argmax_rows(x).tolist() == [0, 39, 3]
     assert torch.equal(argmax(x.double()), x.argmax(-1))  # other dtypes keep torch's path
+
+
+def test_kernel_cache_is_per_torch_installation(monkeypatch):
+    """Two virtual environments (two torch installations) build into two folders: they never rebuild each
+    other's kernels in turn."""
+    import miaotui.kernels as kernels
+
+    here = kernels._build_dir()
+    monkeypatch.setattr(torch, "__file__", "/elsewhere/site-packages/torch/__init__.py")
+    assert kernels._build_dir() != here

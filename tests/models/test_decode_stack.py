@@ -1,4 +1,5 @@
-"""The fused decode step (LlamaStack in kernels/cpu_ops.cpp) against the module-by-module forward it replaces."""
+"""The fused decode step (engine/fused.py over LlamaStack in kernels/cpu_ops.cpp) against the module-by-module
+forward it replaces: built from the blocks' own description, it must compute exactly what they compute."""
 
 from __future__ import annotations
 
@@ -6,24 +7,24 @@ import pytest
 import torch
 
 from miaotui import LLM, SamplingParams
-from miaotui.kernels import packed
-from miaotui.models.llama import LlamaForCausalLM
+from miaotui.engine.runner import ModelRunner
+from miaotui.kernels import has_amx, has_vnni
 from tests.models.test_reference import PROMPTS
 
-pytestmark = pytest.mark.skipif(not packed.available(), reason="needs miaotui's VNNI kernels")
-REAL_STACK = LlamaForCausalLM._decode_stack
+pytestmark = pytest.mark.skipif(not has_vnni(), reason="needs miaotui's VNNI kernels")
+REAL_STACK = ModelRunner._decode_stack
 
 
 def _generate(llm: LLM, fused: bool, monkeypatch, prompts: list[str] = PROMPTS) -> tuple[list, int]:
     """Greedy continuations with their logprobs, and how many forward passes ran through the stack."""
     used = [0]
 
-    def spy(self, x, ctx):
-        stack = REAL_STACK(self, x, ctx) if fused else None
+    def spy(self, meta, rows):
+        stack = REAL_STACK(self, meta, rows) if fused else None
         used[0] += stack is not None
         return stack
 
-    monkeypatch.setattr(LlamaForCausalLM, "_decode_stack", spy)
+    monkeypatch.setattr(ModelRunner, "_decode_stack", spy)
     outs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=3),
                         use_tqdm=False)
     return [(o.token_ids, [(lp.logprob, lp.top) for lp in o.logprobs]) for o in outs], used[0]
@@ -47,7 +48,7 @@ def test_stack_equals_modules_on_smollm2(smollm2_path, kv_cache_dtype, batch, mo
     _assert_same(llm, monkeypatch, PROMPTS[:batch])
 
 
-@pytest.mark.skipif(not packed.amx(), reason="bf16 weights run on miaotui's kernel only in AMX tile order")
+@pytest.mark.skipif(not has_amx(), reason="bf16 weights run on miaotui's kernel only in AMX tile order")
 def test_stack_equals_modules_on_bf16_tiles(smollm2_path, monkeypatch):
     """`none`: every projection a dense bf16 weight in tile order."""
     _assert_same(LLM(str(smollm2_path), quantization="none", kv_cache_memory=32 * 2**20), monkeypatch)
@@ -68,7 +69,7 @@ def test_stack_equals_modules_with_biases_and_input_scales(tmp_path, monkeypatch
     llm = LLM(str(tmp_path), dtype="bfloat16", quantization="int4", kv_cache_memory=16 * 2**20)
     layer = llm.engine.loaded.model.model.layers[0]
     assert layer.self_attn.qkv_proj.bias is not None
-    assert any(block.mlp.down_proj.kernel().in_scale is not None for block in llm.engine.loaded.model.model.layers)
+    assert any(block.mlp.down_proj.format.kernel().in_scale is not None for block in llm.engine.loaded.model.layers)
     _assert_same(llm, monkeypatch)
 
 

@@ -1,4 +1,4 @@
-"""Low-bit weights in the layout of miaotui's integer kernel (qmatmul.cpp, AVX-512 VNNI).
+"""The packed layout of low-bit weights, multiplied by miaotui's integer kernel (qmatmul.cpp, AVX-512 VNNI).
 
 A weight is unsigned codes q (4 or 8 bits) with an affine map per row and group of inputs, w = d * q + m; the
 kernel quantizes activations to int8 per block of 32 and multiplies on the integer dot-product unit. On this
@@ -9,24 +9,11 @@ where the CPU has AMX, the same layout is widened to bf16 tiles instead (prefill
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
 
-from miaotui.kernels import cpu_ops
-
-
-def available() -> bool:
-    ops = cpu_ops()
-    return ops is not None and bool(ops.vnni)
-
-
-def amx() -> bool:
-    """Whether the AMX tile unit is there: products of 8 rows or more of a packed weight run on it (bf16, the
-    weight widened 16 rows at a time), and every product of a bf16 weight kept in tile order (`TiledWeight`)."""
-    ops = cpu_ops()
-    return ops is not None and bool(ops.amx)
+from miaotui.kernels import cpu_ops, has_vnni
 
 
 @dataclass
@@ -43,7 +30,7 @@ class PackedWeight:
         (no VNNI, K not in blocks of 32, scales beyond fp16)."""
         n, k = codes.shape
         group = k // d.shape[1]
-        if not available() or k % 32 or group % 32 or k % group or codes.device.type != "cpu":
+        if not has_vnni() or k % 32 or group % 32 or k % group or codes.device.type != "cpu":
             return None
         dm = torch.stack([d, m], dim=-1).to(torch.float16)
         if not torch.isfinite(dm).all():
@@ -92,21 +79,3 @@ class PackedWeight:
     @property
     def nbytes(self) -> int:
         return self.data.numel() + self.dm.numel() * 2
-
-
-@dataclass
-class StackWeight:
-    """What a projection hands the C++ decode stack (cpu_ops `Proj`): low-bit codes (`packed`, the input times
-    `in_scale` first) and/or the bf16 weight in tile order (`tiles`, taking over from `tile_rows` rows), and up to
-    how many rows the pair serves."""
-
-    packed: PackedWeight | None = None
-    in_scale: torch.Tensor | None = None
-    tiles: torch.Tensor | None = None
-    tile_rows: int = 0
-    max_rows: int = sys.maxsize
-
-    def proj(self, n: int, bias: torch.Tensor | None):
-        p = self.packed
-        return cpu_ops().Proj(None if p is None else p.data, None if p is None else p.dm, p.bits if p else 0,
-                              p.group if p else 0, n, self.in_scale, bias, self.tiles, self.tile_rows)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+from miaotui.layers.linear import Linear
 
 CALIBRATION_TOKENS = 512
 
@@ -27,18 +31,9 @@ def calibration_ids(tokenizer) -> list[int]:
 
 
 @torch.inference_mode()
-def input_power(model: nn.Module, ids: list[int], block_size: int = 16) -> dict[nn.Module, torch.Tensor]:
-    """The mean square of every Linear's input channels [K] (fp32) over one prefill of `ids`, run through a
-    temporary KV cache (the engine's own runner re-points the attention layers when it is built)."""
-    from miaotui.engine.runner import ModelRunner
-    from miaotui.engine.sequence import Sequence
-    from miaotui.layers.linear import Linear
-    from miaotui.sampling import SamplingParams
-
-    blocks = -(-len(ids) // block_size)
-    runner = ModelRunner(model, blocks + 1, block_size)  # block 0 pads block tables
-    seq = Sequence("calibration", list(ids), len(ids), SamplingParams(max_tokens=1), None,
-                   block_table=list(range(1, blocks + 1)))
+def input_power(model: nn.Module, ids: list[int], run: Callable[[list[int]], object]) -> dict[nn.Module, torch.Tensor]:
+    """The mean square of every Linear's input channels [K] (fp32) over one prefill of `ids`, run by `run(ids)`
+    (the engine's: a forward pass through a scratch KV cache)."""
     sums: dict[nn.Module, torch.Tensor] = {}
 
     def record(module, args):
@@ -47,10 +42,8 @@ def input_power(model: nn.Module, ids: list[int], block_size: int = 16) -> dict[
 
     handles = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, Linear)]
     try:
-        runner.run([seq], [len(ids)])
+        run(ids)
     finally:
         for h in handles:
             h.remove()
-        for attn in model.attention_layers():
-            attn.k_cache = attn.v_cache = attn.k_scale = attn.v_scale = None
     return {m: s / len(ids) for m, s in sums.items()}

@@ -1,0 +1,52 @@
+"""`hybrid`, what `auto` picks on a CPU for a 4-bit file in bf16: int4 for the few-row products of decoding
+(bandwidth-bound: 4x fewer bytes per token) beside a dense bf16 copy for prefill and batches (compute-bound)."""
+
+from __future__ import annotations
+
+import torch
+
+from miaotui.quant.base import StackWeight
+from miaotui.quant.dense import DenseWeight, OneDNNWeight, TiledWeight
+from miaotui.quant.int4 import Int4Weight
+from miaotui.quant.int8 import Int8Weight
+
+
+class HybridWeight:
+    """int4 for the few-row products of decoding (bandwidth-bound: 4x fewer bytes per token), a
+    dense bf16 copy (`dense_weight`) for prefill and batches, which are compute-bound. Where the CPU has AMX the copy
+    is miaotui's tile-order one; all 120 projections of SmolLM2 took here, at 1 / 4 / 8 / 16 / 32 rows, 3.7 / 5.0 /
+    8.1 / 9.3 / 14.2 ms on int4 (VNNI below 8 rows, widened to bf16 tiles from 8) and 8.6 / 8.9 / 8.5 / 9.3 / 12.2
+    ms on the bf16 tiles (streaming 214 MB at the machine's read bandwidth), so the switch sits at 8 rows.
+    Elsewhere the copy is oneDNN's (335-395 us at 1-16 rows on one 3072 x 576 projection, int4 VNNI 58 / 109 / 199 /
+    398 us at 1 / 4 / 8 / 16) and int4 serves up to SMALL_BATCH rows."""
+
+    SMALL_BATCH = 12
+    SMALL_BATCH_TILES = 7
+
+    def __init__(self, small: Int4Weight | Int8Weight, dense: DenseWeight | OneDNNWeight | TiledWeight):
+        self.small, self.dense = small, dense
+        self.shape = dense.shape
+        tiles = isinstance(dense, TiledWeight) and small.fast is not None
+        self.small_batch = self.SMALL_BATCH_TILES if tiles else self.SMALL_BATCH
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return (self.small if x.shape[0] <= self.small_batch else self.dense).matmul(x, bias)
+
+    def lookup(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.small.lookup(ids, dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.dense.dequantize()
+
+    def kernel(self) -> StackWeight | None:
+        """What `matmul` hands miaotui's kernels: the packed weight (and the tiles past `small_batch` rows)."""
+        k = self.small.kernel()
+        if k is None:
+            return None
+        if (tiles := self.dense.kernel()) is None:
+            return StackWeight(k.packed, k.in_scale, max_rows=self.small_batch)
+        return StackWeight(k.packed, k.in_scale, tiles.tiles, self.small_batch + 1)
+
+    @property
+    def nbytes(self) -> int:
+        return self.small.nbytes + self.dense.nbytes

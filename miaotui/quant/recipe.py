@@ -1,0 +1,184 @@
+"""The recipe: which matrix of a loaded model gets which weight format, once, at load time — from the user's
+`quantization` setting, the bits and codes the file stored each tensor with, and what this device multiplies fast.
+The formats (dense.py, int8.py, int4.py, hybrid.py) each hold and multiply one matrix; only this file decides.
+
+- none: every matrix dense, in the fastest layout the device has for it (dense.dense_weight).
+- int8: every matrix as 8-bit codes: a file's blocks of up to 8 bits exactly, else per-row scales from float.
+- int4: 4-bit groups (a 4-bit file's own codes exactly); the tensors a quantized file gave more than 5 bits, and
+  attention projections stored in 5-bit blocks, stay at 8 bits; requantized weights are scaled by calibration
+  statistics (activation-aware) when given.
+- auto: `hybrid` (int4 for decode-sized products beside the dense weights) where the file's block weights are
+  4-bit and the model runs in bf16 on the CPU; a `miaotui compress --quantize` folder's own method; else none.
+The output head stays at 8 bits whatever the method: 4-bit logits flip the argmax of small models (llama.cpp keeps
+its output tensor at 6-8 bits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from miaotui.errors import MiaotuiError
+from miaotui.kernels import has_vnni
+from miaotui.layers.linear import Embedding, Linear
+from miaotui.loader.tensors import BlockCodes, FileTensor
+from miaotui.quant.base import WeightFormat
+from miaotui.quant.dense import DenseWeight, dense_weight
+from miaotui.quant.hybrid import HybridWeight
+from miaotui.quant.int4 import Int4Weight
+from miaotui.quant.int8 import Int8Weight
+
+QUANTIZATIONS = ("none", "int8", "int4", "auto")  # what a user asks for; `auto` resolves to one of the others or
+GROUP_SIZES = (32, 64, 128)                        # to "hybrid"
+
+
+def check(quantization: str, group_size: int) -> None:
+    if quantization not in QUANTIZATIONS:
+        raise MiaotuiError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
+    if group_size not in GROUP_SIZES:
+        raise MiaotuiError(f"int4 group size must be 32, 64 or 128, got {group_size}")
+
+
+def resolve(quantization: str, group_size: int, model: nn.Module, dtype: torch.dtype,
+            device: torch.device) -> tuple[str, int]:
+    """(method, group size) that `quantization` means for this model on this device: `auto` takes the int4
+    decode path where it costs no quality — the file's weights were 4-bit already (a Q4_1 or Q4_K block is an
+    affine map of 4-bit codes per 32 weights, which int4 at group 32 holds exactly) and the model runs in bf16 on
+    the CPU; else the method (and group) a `miaotui compress` folder was stored with; else dense."""
+    check(quantization, group_size)
+    cfg = model.config
+    if quantization != "auto":
+        method = quantization
+    elif device.type != "cpu":
+        method = "none"
+    elif dtype == torch.bfloat16 and cfg.weight_bits <= 4:
+        method = "hybrid"
+    else:
+        method = cfg.quantization or "none"
+        group_size = cfg.quantization_group or group_size
+    if method != "none" and device.type != "cpu":
+        raise MiaotuiError(f"{method} quantization runs on the CPU kernels only for now; use --quantization none "
+                           "on CUDA")
+    return method, group_size
+
+
+class Matrix:
+    """One matrix of the checkpoint as the recipe reads it: the file's codes where it has them, its float values
+    (on the model's device, in its dtype) read once, when a format needs them."""
+
+    def __init__(self, src: FileTensor, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.src, self.device, self.dtype = src, torch.device(device), dtype
+        self.shape, self.bits = src.shape, src.bits
+        self._values: torch.Tensor | None = None
+        self._codes: BlockCodes | None | bool = False
+
+    @property
+    def values(self) -> torch.Tensor:
+        if self._values is None:
+            self._values = self.src.values().to(device=self.device, dtype=self.dtype)
+        return self._values
+
+    @property
+    def codes(self) -> BlockCodes | None:
+        if self._codes is False:
+            self._codes = self.src.codes()
+        return self._codes
+
+
+def apply(model: nn.Module, quantization: str, group_size: int, dtype: torch.dtype, device: torch.device,
+          calibrate: Callable[[], dict[nn.Module, torch.Tensor]] | None = None) -> str:
+    """Give every Linear, the output head and the embedding tables of a freshly loaded model their formats, and drop
+    the file tensors they were loaded from; return the method applied. `calibrate()` (run when int4 is asked for
+    and some weight is requantized) gives the mean square of each Linear's input channels on calibration text."""
+    method, group = resolve(quantization, group_size, model, dtype, device)
+    if model.quantization is not None:  # a loaded model shared by several engines: converted once
+        if model.quantization != method:
+            raise MiaotuiError(f"this loaded model holds {model.quantization} weights already; load it again for "
+                               f"{method}")
+        return method
+    linears = {m: name for name, m in model.named_modules() if isinstance(m, Linear)}
+    embeddings = [m for m in model.modules() if isinstance(m, Embedding)]
+    mats = {m: Matrix(FileTensor.cat([m.parts[i] for i in range(len(m.output_sizes))]), device, dtype)
+            for m in linears}
+    mats.update({e: Matrix(e.source, device, dtype) for e in embeddings})
+    head = model.lm_head
+    emb = model.get_input_embeddings()
+
+    # A quantized file's recipe marks its sensitive tensors by giving them more bits (Q4_K_M keeps attn_v and
+    # ffn_down at Q6_K): those stay at 8 bits under int4, as llama.cpp keeps them at 6. So do attention
+    # projections stored in 5-bit blocks: ~10% of the weights, but requantized to 4 bits half the loss
+    # (Qwen2.5-0.5B, Q5_0 projections: +5.7% perplexity over bf16, +3.3% with them at 8 bits, for 21 MB).
+    def eight_bit(m: Linear) -> bool:
+        bits = mats[m].bits
+        return m is head or (method == "int4" and (5 < bits < 16 or (bits == 5 and ".self_attn." in linears[m])))
+
+    power: dict[nn.Module, torch.Tensor] = {}
+    if quantization == "int4" and calibrate is not None and any(
+            not eight_bit(m) and m.activation_aware and not exact_int4(mats[m], group) for m in linears):
+        for m in [*linears, *embeddings]:  # calibration runs the model as it is, in float
+            m.format = DenseWeight(mats[m].values)
+        model.head = head.format
+        power = calibrate()
+
+    for m in linears:
+        mat = mats[m]
+        if method == "none":
+            m.format = dense_weight(mat.values)
+        elif method == "hybrid":
+            small = int8_format(mat, dtype) if m is head else int4_format(mat, group, dtype)
+            m.format = HybridWeight(small, dense_weight(mat.values))
+        elif method == "int8" or eight_bit(m):
+            m.format = int8_format(mat, dtype)
+        else:
+            m.format = int4_format(mat, group, dtype, power.get(m) if m.activation_aware else None)
+        m.parts = {}
+    if isinstance(head, Linear):
+        model.head = head.format
+    elif method == "none":  # tied to the embedding table: the head gets its own copy, in a fast layout or int8
+        model.head = dense_weight(mats[head].values)
+    elif method == "hybrid":
+        model.head = HybridWeight(int8_format(mats[head], dtype), dense_weight(mats[head].values))
+    else:
+        model.head = int8_format(mats[head], dtype)
+    for e in embeddings:
+        e.dtype = dtype
+        if e is emb and method in ("int8", "int4"):  # read row by row: a tied table shares the head's int8 codes
+            e.format = model.head if e is head else embedding_format(mats[e], method, dtype)
+        else:
+            e.format = DenseWeight(mats[e].values)
+        e.source = None
+    model.quantization = method
+    return method
+
+
+def exact_int4(mat: Matrix, group: int) -> bool:
+    """Whether the file holds this matrix as 4-bit codes at this group size, which int4 takes as they are."""
+    codes = mat.codes
+    return codes is not None and codes.bits <= 4 and codes.group == group
+
+
+def int8_format(mat: Matrix, dtype: torch.dtype) -> Int8Weight:
+    """A file's blocks of up to 8 bits exactly, else per-row scales from float."""
+    return Int8Weight.from_codes(mat.codes) or Int8Weight.from_float(mat.values, dtype)
+
+
+def int4_format(mat: Matrix, group: int, dtype: torch.dtype,
+                in_power: torch.Tensor | None = None) -> Int4Weight | Int8Weight:
+    """A file's 4-bit codes at this group size exactly, else groups searched from float (activation-aware with
+    `in_power`); int8 for rows that do not split into groups."""
+    if exact_int4(mat, group):
+        return Int4Weight.from_codes(mat.codes)
+    if mat.shape[1] % group:
+        return Int8Weight.from_float(mat.values, dtype)
+    return Int4Weight.from_float(mat.values, group, in_power)
+
+
+def embedding_format(mat: Matrix, method: str, dtype: torch.dtype) -> WeightFormat:
+    """An untied embedding table is only ever read a row per token, never multiplied: under int4 it takes 4-bit
+    groups of 32 too (Qwen2.5-0.5B's 136M entries: 153 -> 85 MB) where miaotui's kernel layout exists; int8
+    otherwise."""
+    if method == "int4" and mat.shape[1] % 32 == 0 and has_vnni():
+        return int4_format(mat, 32, dtype)
+    return int8_format(mat, dtype)

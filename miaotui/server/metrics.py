@@ -1,0 +1,44 @@
+"""Prometheus metrics: the engine's state (read through its stats API when scraped) and per-request latencies
+(from the times the engine records on each request)."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from miaotui.engine.async_engine import AsyncEngine
+from miaotui.engine.sequence import RequestOutput
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, engine: AsyncEngine):
+        self.registry = r = CollectorRegistry()
+        Gauge("miaotui_requests_running", "Sequences in the running batch", registry=r).set_function(
+            lambda: engine.stats().num_running)
+        Gauge("miaotui_requests_waiting", "Sequences waiting to be scheduled", registry=r).set_function(
+            lambda: engine.stats().num_waiting)
+        Gauge("miaotui_kv_cache_usage", "Fraction of KV-cache blocks in use", registry=r).set_function(
+            lambda: engine.stats().kv_cache_usage)
+        Gauge("miaotui_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache", registry=r).set_function(
+            lambda: engine.stats().prefix_cache_hit_rate)
+        self.prompt_tokens = Counter("miaotui_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generated_tokens = Counter("miaotui_generation_tokens", "Tokens generated", registry=r)
+        self.ttft = Histogram("miaotui_time_to_first_token_seconds", "Time to first token", registry=r)
+        self.tpot = Histogram("miaotui_time_per_output_token_seconds", "Time per output token", registry=r,
+                              buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28))
+        self.e2e = Histogram("miaotui_e2e_request_latency_seconds", "End-to-end request latency", registry=r)
+
+    def record(self, prompt_tokens: int, finals: list[RequestOutput], seconds: float) -> None:
+        """A finished (or aborted) request: its tokens, end-to-end time, and each sample's engine timings."""
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generated_tokens.inc(sum(o.completion_tokens for o in finals))
+        self.e2e.observe(seconds)
+        for o in finals:
+            if o.metrics.ttft is not None:
+                self.ttft.observe(o.metrics.ttft)
+            if o.completion_tokens > 1 and o.metrics.decode_time is not None:
+                self.tpot.observe(o.metrics.decode_time / (o.completion_tokens - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,217 @@
+"""The endpoints: OpenAI's completions, chat completions and models, tokenize/detokenize, health, metrics and the
+web chat page. Each reads the server's state (`Server`, on app.state) and the engine through its public API."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, Response
+
+from miaotui.engine.async_engine import AsyncEngine
+from miaotui.engine.sequence import RequestOutput
+from miaotui.sampling import SamplingParams
+from miaotui.server.admission import Admission
+from miaotui.server.errors import APIError
+from miaotui.server.metrics import Metrics
+from miaotui.server.protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from miaotui.server.streaming import stream_response, usage
+
+log = logging.getLogger("miaotui.server")
+router = APIRouter()
+
+
+@dataclass
+class Server:
+    engine: AsyncEngine
+    model_name: str
+    admission: Admission
+    metrics: Metrics
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in (self.model_name, self.engine.model_name):
+            raise APIError(404, f"model {name!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+    async def run(self, ids: list[int], params: SamplingParams, rid: str) -> AsyncIterator[RequestOutput]:
+        """Generate for an admitted request; logs it, records its metrics and releases its admission."""
+        start = time.perf_counter()
+        last: dict[int, RequestOutput] = {}
+        status = "aborted"
+        try:
+            async for out in self.engine.generate(ids, params, rid):
+                last[out.index] = out
+                yield out
+            status = "ok"
+        except ValueError as e:
+            status = "error"
+            raise APIError(400, str(e)) from None
+        finally:
+            self.admission.release()
+            seconds = time.perf_counter() - start
+            self.metrics.record(len(ids), list(last.values()), seconds)
+            ttft = min((o.metrics.ttft for o in last.values() if o.metrics.ttft is not None), default=None)
+            log.info("%s prompt=%d completion=%d ttft=%s duration=%.0fms status=%s", rid, len(ids),
+                     sum(o.completion_tokens for o in last.values()),
+                     "-" if ttft is None else f"{ttft * 1000:.0f}ms", seconds * 1000, status)
+
+    async def collect(self, ids: list[int], params: SamplingParams, rid: str) -> dict[int, RequestOutput]:
+        """The final output of each of the request's samples (the non-streaming responses)."""
+        finals: dict[int, RequestOutput] = {}
+        async for out in self.run(ids, params, rid):
+            if out.finished:
+                finals[out.index] = out
+        return finals
+
+
+def server(request: Request) -> Server:
+    return request.app.state.miaotui
+
+
+def lp_completion(tok, out: RequestOutput) -> dict | None:
+    if not out.logprobs:
+        return None
+    return {"tokens": [tok.token_text(t.token_id) for t in out.logprobs],
+            "token_logprobs": [t.logprob for t in out.logprobs],
+            "top_logprobs": [{tok.token_text(i): v for i, v in t.top.items()} for t in out.logprobs]}
+
+
+def lp_chat(tok, items) -> dict:
+    return {"content": [{"token": tok.token_text(t.token_id), "logprob": t.logprob,
+                         "bytes": list(tok.token_text(t.token_id).encode()),
+                         "top_logprobs": [{"token": tok.token_text(i), "logprob": v,
+                                           "bytes": list(tok.token_text(i).encode())}
+                                          for i, v in t.top.items() if i != t.token_id or len(t.top) == 1]}
+                        for t in items]}
+
+
+@router.get("/", include_in_schema=False)
+async def chat_page():
+    return HTMLResponse((files("miaotui.server") / "static" / "index.html").read_text(encoding="utf-8"))
+
+
+@router.get("/health")
+async def health():
+    return {"status": "ok"}
+
+
+@router.get("/metrics")
+async def prometheus(request: Request):
+    m = server(request).metrics
+    return Response(m.render(), media_type=m.content_type)
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    s = server(request)
+    return {"object": "list", "data": [{"id": s.model_name, "object": "model", "created": 0,
+                                        "owned_by": "miaotui", "max_model_len": s.engine.max_model_len}]}
+
+
+@router.post("/tokenize")
+async def tokenize(req: TokenizeRequest, request: Request):
+    s = server(request)
+    s.check_model(req.model)
+    tok = s.engine.tokenizer
+    if req.messages is not None:
+        ids = tok.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages])
+    else:
+        ids = tok.encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
+    return {"tokens": ids, "count": len(ids), "max_model_len": s.engine.max_model_len}
+
+
+@router.post("/detokenize")
+async def detokenize(req: DetokenizeRequest, request: Request):
+    s = server(request)
+    s.check_model(req.model)
+    bad = [t for t in req.tokens if not 0 <= t < s.engine.vocab_size]
+    if bad:
+        raise APIError(400, f"token id {bad[0]} is outside the vocabulary", param="tokens")
+    return {"prompt": s.engine.tokenizer.decode(req.tokens)}
+
+
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, request: Request):
+    s = server(request)
+    s.check_model(req.model)
+    tok = s.engine.tokenizer
+    ids = tok.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
+    if not ids:
+        raise APIError(400, "prompt is empty", param="prompt")
+    params = req.sampling_params(s.admission.max_tokens(len(ids), req.max_tokens, 16), req.logprobs)
+    s.admission.admit()
+    rid = f"cmpl-{uuid.uuid4().hex[:24]}"
+    base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": s.model_name}
+    prefix = (req.prompt if isinstance(req.prompt, str) else tok.decode(ids)) if req.echo else ""
+
+    def choice(out: RequestOutput, text: str, finished: bool) -> dict:
+        return {"index": out.index, "text": text, "logprobs": lp_completion(tok, out) if finished else None,
+                "finish_reason": out.finish_reason if finished else None}
+
+    if req.stream:
+        echoed: set[int] = set()
+
+        def chunk(out: RequestOutput) -> dict:
+            text = out.delta if out.index in echoed or not prefix else prefix + out.delta
+            echoed.add(out.index)
+            return choice(out, text, out.finished)
+
+        include = bool(req.stream_options and req.stream_options.include_usage)
+        return stream_response(s.run(ids, params, rid), base, chunk, len(ids), include)
+    finals = await s.collect(ids, params, rid)
+    return {**base, "choices": [choice(o, prefix + o.text, True) for _, o in sorted(finals.items())],
+            "usage": usage(len(ids), finals)}
+
+
+@router.post("/v1/chat/completions")
+async def chat(req: ChatRequest, request: Request):
+    s = server(request)
+    s.check_model(req.model)
+    tok = s.engine.tokenizer
+    if not tok.chat_template:
+        raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+    try:
+        ids = tok.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages])
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages") from None
+    top = (req.top_logprobs or 0) if req.logprobs else None
+    params = req.sampling_params(s.admission.max_tokens(len(ids), req.max_completion_tokens or req.max_tokens, None),
+                                 top)
+    s.admission.admit()
+    rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+
+    if req.stream:
+        started: set[int] = set()
+        sent_lp: dict[int, int] = {}
+
+        def chunk(out: RequestOutput) -> dict:
+            delta: dict[str, Any] = {}
+            if out.index not in started:
+                started.add(out.index)
+                delta["role"] = "assistant"
+            if out.delta:
+                delta["content"] = out.delta
+            c: dict[str, Any] = {"index": out.index, "delta": delta,
+                                 "finish_reason": out.finish_reason if out.finished else None}
+            if req.logprobs:
+                n = sent_lp.get(out.index, 0)
+                c["logprobs"] = lp_chat(tok, out.logprobs[n:])
+                sent_lp[out.index] = len(out.logprobs)
+            return c
+
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": s.model_name}
+        include = bool(req.stream_options and req.stream_options.include_usage)
+        return stream_response(s.run(ids, params, rid), base, chunk, len(ids), include)
+    finals = await s.collect(ids, params, rid)
+    return {"id": rid, "object": "chat.completion", "created": created, "model": s.model_name,
+            "choices": [{"index": o.index, "message": {"role": "assistant", "content": o.text},
+                         "logprobs": lp_chat(tok, o.logprobs) if req.logprobs else None,
+                         "finish_reason": o.finish_reason} for _, o in sorted(finals.items())],
+            "usage": usage(len(ids), finals)}

@@ -1,0 +1,38 @@
+"""Server-sent events, shared by completions and chat: one chunk per engine output, then a usage chunk when the
+client asked for it, then `data: [DONE]`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi.responses import StreamingResponse
+
+from miaotui.engine.sequence import RequestOutput
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def usage(prompt_len: int, outs: dict[int, RequestOutput]) -> dict:
+    comp = sum(o.completion_tokens for o in outs.values())
+    return {"prompt_tokens": prompt_len, "completion_tokens": comp, "total_tokens": prompt_len + comp}
+
+
+def stream_response(outputs: AsyncIterator[RequestOutput], base: dict, choice: Callable[[RequestOutput], dict],
+                    prompt_len: int, include_usage: bool) -> StreamingResponse:
+    """`base` (id, object, created, model) on every chunk; `choice(out)` turns an output into its choice."""
+
+    async def events() -> AsyncIterator[str]:
+        finals: dict[int, RequestOutput] = {}
+        async for out in outputs:
+            if out.finished:
+                finals[out.index] = out
+            yield sse({**base, "choices": [choice(out)]})
+        if include_usage:
+            yield sse({**base, "choices": [], "usage": usage(prompt_len, finals)})
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
