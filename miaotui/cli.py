@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from miaotui.config import DEFAULT_MODEL, EngineConfig
+from miaotui.config import DEFAULT_MODEL, QUANTIZATIONS, EngineConfig
 from miaotui.errors import MiaotuiError
 from miaotui.loader.sources import ALIASES
 
@@ -32,9 +32,10 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", type=float, default=None,
                    help="KV cache size: bytes, or a fraction of free memory when <= 1")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
-    g.add_argument("--quantization", "-q", default="auto", choices=["none", "int8", "int4", "auto"],
-                   help="weight-only quantization at load time (default auto: int4 decode kernels beside the "
-                   "dense weights when the file is 4-bit and the model runs in bf16 on the CPU)")
+    g.add_argument("--quantization", "-q", default="auto", choices=list(QUANTIZATIONS),
+                   help="weight format at load time: none (dense), int8, int4, native (the file's own codes: 4-bit "
+                   "blocks as int4, wider ones as int8) or auto (default: native for quantized files on the CPU; "
+                   "int4 decode beside dense bf16 weights for 4-bit files where the CPU has bf16 units)")
     g.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64 or 128")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
                    help="KV cache precision (default auto: the model's dtype; int8 halves a bf16 cache)")
@@ -198,7 +199,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       prefill_tokens=args.prefill_tokens, num_prompts=args.num_prompts, input_len=args.input_len,
                       output_len=args.output_len, concurrency=args.concurrency, serve_requests=args.serve_requests,
                       repeats=args.repeats, scenarios=tuple(args.scenarios.split(",")))
-    bench_main(cfg, args.compare, args.json, args.plot)
+    peers = tuple(args.peers.split(","))
+    unknown = [p for p in peers if p not in ("llama.cpp", "transformers")]
+    if unknown:
+        raise MiaotuiError(f"unknown peer {unknown[0]!r}; use llama.cpp and/or transformers")
+    bench_main(cfg, args.compare, args.json, args.plot, peers)
     return 0
 
 
@@ -337,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="measure decode, prefill, throughput and latency; --compare runs the peers")
     _engine_flags(b)
     b.add_argument("--compare", action="store_true", help="also run llama.cpp and transformers when installed")
+    b.add_argument("--peers", default="llama.cpp,transformers", help="with --compare: which peers to run")
     b.add_argument("--scenarios", default="decode,prefill,throughput,latency,prefix",
                    help="comma-separated subset of decode,prefill,throughput,latency,prefix")
     b.add_argument("--decode-tokens", type=int, default=128)

@@ -50,6 +50,7 @@ class ModelConfig:
 
 DEFAULT_MODEL = "smollm2-135m"
 KV_CACHE_DTYPES = ("auto", "int8")
+QUANTIZATIONS = ("none", "int8", "int4", "native", "auto")  # quant/recipe.py says what each means
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -97,7 +98,7 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory: float | int | None = None  # bytes (int) or a fraction of free memory (float <= 1)
     enable_prefix_caching: bool = True
-    quantization: str = "auto"  # none, int8, int4 (weight-only), auto (int4 decode kernels for 4-bit files)
+    quantization: str = "auto"  # one of QUANTIZATIONS
     group_size: int = 32  # int4 group size along the input dimension
     kv_cache_dtype: str = "auto"  # auto (the model's dtype) or int8 (per-token, per-head scales)
     seed: int = 0
@@ -112,5 +113,7 @@ class EngineConfig:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise MiaotuiError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r}; use one of "
                                f"{', '.join(KV_CACHE_DTYPES)}")
+        if self.quantization not in QUANTIZATIONS:
+            raise MiaotuiError(f"unknown quantization {self.quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise MiaotuiError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")

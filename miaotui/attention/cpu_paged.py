@@ -1,4 +1,4 @@
-"""Decode on the CPU through miaotui's paged-attention kernel (kernels/cpu_ops.cpp): the cache rows are read in
+"""Decode on the CPU through miaotui's paged-attention kernel (kernels/ops.cpp): the cache rows are read in
 place, block by block, with no gather and no mask; the query heads of a kv head share every row they read."""
 
 from __future__ import annotations

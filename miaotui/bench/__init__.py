@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from miaotui.bench.engine_bench import BenchConfig, MiaotuiBench, random_prompts
+from miaotui.config import resolve_dtype
 from miaotui.errors import MiaotuiError
+from miaotui.kernels import describe
 
 
 def _median(fn, repeats: int) -> float:
@@ -109,7 +111,8 @@ def plot(results: dict[str, dict[str, Any]], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(cfg: BenchConfig, compare: bool, json_path: str | None, plot_path: str | None) -> dict[str, Any]:
+def main(cfg: BenchConfig, compare: bool, json_path: str | None, plot_path: str | None,
+         peers: tuple[str, ...] = ("llama.cpp", "transformers")) -> dict[str, Any]:
     from miaotui.bench.peers import LlamaCppBench, TransformersBench
 
     if plot_path:
@@ -120,20 +123,27 @@ def main(cfg: BenchConfig, compare: bool, json_path: str | None, plot_path: str 
     mt = MiaotuiBench(cfg)
     vocab = mt.engine.model_config.vocab_size
     avoid = set(mt.engine.tokenizer.stop_ids)
-    print(f"benchmarking {cfg.model} ({mt.engine.dtype}, {mt.engine.device})", file=sys.stderr)
+    setup = (f"{cfg.model}: {str(mt.engine.dtype).removeprefix('torch.')}, {mt.engine.quantization} weights, "
+             f"{mt.engine.device}; {describe()}")
+    print(f"benchmarking {setup}", file=sys.stderr)
     results = {"miaotui": run_engine(mt, cfg, vocab, avoid)}
+    results["miaotui"]["setup"] = setup
+    fastest = resolve_dtype("auto", mt.engine.device)  # each peer in its fastest dtype for this hardware
     del mt
     gc.collect()
     if compare:
         for peer in (LlamaCppBench, TransformersBench):
+            if peer.name not in peers:
+                continue
             if not peer.available():
                 print(f"{peer.name}: not installed, skipped", file=sys.stderr)
                 continue
             print(f"benchmarking {peer.name}", file=sys.stderr)
-            bench = peer(cfg)
+            bench = peer(cfg, fastest) if peer is TransformersBench else peer(cfg)
             results[bench.name] = run_engine(bench, cfg, vocab, avoid)
             del bench
             gc.collect()
+    print(f"{setup}\n")
     print(format_table(results, cfg))
     if json_path:
         Path(json_path).write_text(json.dumps({"config": asdict(cfg), "results": results}, indent=2, default=str))

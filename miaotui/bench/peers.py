@@ -68,7 +68,9 @@ class TransformersBench:
     def available() -> bool:
         return importlib.util.find_spec("transformers") is not None
 
-    def __init__(self, cfg: BenchConfig, dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, cfg: BenchConfig, dtype: torch.dtype = torch.float32):
+        """`dtype`: the fastest this hardware multiplies natively (the one miaotui's `--dtype auto` picks): bf16
+        where the CPU has bf16 units, else fp32 (torch's bf16 product is emulated there, ~500x slower)."""
         from transformers import AutoModelForCausalLM
 
         files = resolve(cfg.model)

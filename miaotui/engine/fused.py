@@ -1,5 +1,5 @@
 """The fused decode stack, a fast path of the runner: a pure decode step through every block of a model in one C++
-call (kernels/cpu_ops.cpp `LlamaStack`), built from the blocks' own description (`DecoderBlockParts`).
+call (kernels/stack.cpp `LlamaStack`), built from the blocks' own description (`DecoderBlockParts`).
 
 Driven from Python, a decode step's ~15 small ops a block cost more than their arithmetic (module calls and
 per-op dispatch: ~3 ms of a 9 ms SmolLM2 token). The stack runs the modules' own kernels in their order with

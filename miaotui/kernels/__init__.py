@@ -1,13 +1,19 @@
-"""miaotui's own CPU kernels (cpu_ops.cpp, qmatmul.cpp), compiled once per machine on first use.
+"""miaotui's own CPU kernels (ops.cpp, qmatmul.cpp, stack.cpp), compiled once per machine and CPU class on first use.
 
-`cpu_ops()` returns the compiled module, or None where it cannot be built (no C++ compiler, MIAOTUI_KERNELS=0):
-every caller then keeps its plain-torch path, so the kernels change speed, never results beyond rounding.
-The build takes about 40 s here and is cached under ~/.cache/miaotui/kernels (or $MIAOTUI_CACHE/kernels), keyed
-by the source, the flags, the torch installation and the host (the flags include -march=native).
+One build per CPU class, from the same sources with that class's compiler flags (vec.h and qmatmul.cpp pick their
+code from them): `generic` (portable C++, any CPU, ARM included), `avx2` (+ FMA, F16C), `avx512` (+ BW, VL, DQ,
+VNNI) and `amx` (+ the AMX tile unit). The CPU's best class runs; `MIAOTUI_ISA=generic|avx2|avx512|amx` forces a
+lower one (so every class the host can execute is testable on it), `MIAOTUI_KERNELS=0` none at all. `cpu_ops()`
+returns the built module, or None where it cannot be built (no C++ compiler): every caller then keeps its
+plain-torch path, so the kernels change speed, never results beyond rounding.
+
+A build takes about a minute on 2 cores and is cached under ~/.cache/miaotui/kernels (or $MIAOTUI_CACHE/kernels),
+keyed by the sources, the flags, the torch installation, the Python and the host.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -18,47 +24,107 @@ from pathlib import Path
 
 import torch
 
+from miaotui.errors import MiaotuiError
+
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_ops.cpp", "qmatmul.cpp")]
-_FLAGS = ["-O3", "-march=native", "-fopenmp"]  # -fopenmp: at::parallel_for runs serially without it
-_module = None
-_tried = False
+ISAS = ("generic", "avx2", "avx512", "amx")  # lowest to highest
+_X86 = platform.machine() in ("x86_64", "AMD64")
+_AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c"]
+FLAGS = {  # what each class's build may use; -fopenmp: at::parallel_for runs serially without it
+    "generic": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": _AVX512,
+    "amx": _AVX512 + ["-mavx512bf16", "-mavx512vbmi", "-mamx-tile", "-mamx-bf16"],
+}
+_REQUIRES = {  # /proc/cpuinfo flags each class needs
+    "generic": set(),
+    "avx2": {"avx2", "fma", "f16c"},
+    "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma", "f16c"},
+    "amx": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16", "avx512vbmi", "amx_tile",
+            "amx_bf16"},
+}
+_SOURCES = [Path(__file__).with_name(n) for n in ("ops.cpp", "qmatmul.cpp", "stack.cpp", "bindings.cpp")]
+_HEADERS = [Path(__file__).with_name(n) for n in ("ops.h", "stack.h", "vec.h")]
+_modules: dict[str, object | None] = {}
 
 
-def _build_dir() -> Path:
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_isas() -> list[str]:
+    """The classes this CPU can run, lowest first (only `generic` off x86)."""
+    if not _X86:
+        return ["generic"]
+    flags = _cpu_flags()
+    return [isa for isa in ISAS if _REQUIRES[isa] <= flags]
+
+
+def isa() -> str:
+    """The class the kernels run as: the CPU's best, or a lower one MIAOTUI_ISA asks for."""
+    runnable = cpu_isas()
+    forced = os.environ.get("MIAOTUI_ISA")
+    if not forced:
+        return runnable[-1]
+    if forced not in ISAS:
+        raise MiaotuiError(f"MIAOTUI_ISA={forced!r} is not a CPU class; use one of {', '.join(ISAS)}")
+    if forced not in runnable:
+        raise MiaotuiError(f"MIAOTUI_ISA={forced} asks for a class this CPU cannot run (it runs {', '.join(runnable)})")
+    return forced
+
+
+def _build_dir(name: str, flags: list[str]) -> Path:
     """One folder per source, flags, host and torch installation: two virtual environments never rebuild each
     other's kernels in turn (torch's build files name the installation's headers and libraries)."""
-    sources = b"".join(p.read_bytes() for p in _SOURCES)
-    key = hashlib.sha256(sources + " ".join(_FLAGS).encode() + torch.__version__.encode() + torch.__file__.encode()
+    sources = b"".join(p.read_bytes() for p in _SOURCES + _HEADERS)
+    key = hashlib.sha256(sources + " ".join(flags).encode() + torch.__version__.encode() + torch.__file__.encode()
                          + sys.version.encode() + platform.node().encode()).hexdigest()[:16]
     root = Path(os.environ.get("MIAOTUI_CACHE", Path.home() / ".cache" / "miaotui"))
-    path = root / "kernels" / key
+    path = root / "kernels" / f"{name}-{key}"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def cpu_ops():
-    """The compiled kernels, or None (built at most once per process; a failed build warns once)."""
-    global _module, _tried
-    if _tried:
-        return _module
-    _tried = True
-    if os.environ.get("MIAOTUI_KERNELS", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
+def load(cls: str):
+    """The kernels built for class `cls` (once per process; a failed build warns once and gives None)."""
+    if cls in _modules:
+        return _modules[cls]
+    _modules[cls] = None
+    if os.environ.get("MIAOTUI_KERNELS", "1") == "0":
         return None
+    name = f"miaotui_kernels_{cls}"
+    flags = ["-O3", "-fopenmp", *FLAGS[cls]]
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import load as build
 
-        build = _build_dir()
-        if not (build / "miaotui_cpu_ops.so").exists():
-            log.warning("compiling miaotui's CPU kernels (once per machine, under a minute)")
-        _module = load(name="miaotui_cpu_ops", sources=[str(p) for p in _SOURCES], extra_cflags=_FLAGS,
-                       extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
+        folder = _build_dir(name, flags)
+        if not (folder / f"{name}.so").exists():
+            log.warning("compiling miaotui's %s CPU kernels (once per machine, about a minute)", cls)
+        _modules[cls] = build(name=name, sources=[str(p) for p in _SOURCES], extra_cflags=flags,
+                              extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
     except Exception as e:  # no compiler, no ninja, or a build error: plain torch keeps working
-        warnings.warn(f"miaotui's CPU kernels could not be built ({type(e).__name__}: {e}); using plain torch ops",
-                      stacklevel=2)
-        _module = None
-    return _module
+        warnings.warn(f"miaotui's {cls} CPU kernels could not be built ({type(e).__name__}: {e}); using plain "
+                      "torch ops", stacklevel=2)
+    return _modules[cls]
+
+
+_default: list = []
+
+
+def cpu_ops():
+    """The kernels of the class this process runs as, or None."""
+    if not _default:
+        _default.append(None if os.environ.get("MIAOTUI_KERNELS", "1") == "0" else load(isa()))
+    return _default[0]
 
 
 def use_cpu_ops(*tensors: torch.Tensor):
@@ -66,13 +132,12 @@ def use_cpu_ops(*tensors: torch.Tensor):
     for t in tensors:  # a plain loop over `is_cpu`: this runs several times per layer per step
         if not t.is_cpu:
             return None
-    return _module if _tried else cpu_ops()
+    return _default[0] if _default else cpu_ops()
 
 
-def has_vnni() -> bool:
-    """Whether the packed low-bit layout (quant/packed.py) has its integer kernel here."""
-    ops = cpu_ops()
-    return ops is not None and bool(ops.vnni)
+def has_packed() -> bool:
+    """Whether the packed low-bit layout (quant/packed.py) has miaotui's integer kernel here."""
+    return cpu_ops() is not None
 
 
 def has_amx() -> bool:
@@ -80,6 +145,14 @@ def has_amx() -> bool:
     weight widened 16 rows at a time), and every product of a bf16 weight kept in tile order (`TiledWeight`)."""
     ops = cpu_ops()
     return ops is not None and bool(ops.amx)
+
+
+def describe() -> str:
+    """The CPU class and the kernel path this process runs, for logs and benchmarks."""
+    ops = cpu_ops()
+    if ops is None:
+        return f"{isa() if _X86 else 'generic'} CPU, plain torch (miaotui's kernels off)"
+    return f"{isa()} kernels (integer products: {ops.qmatmul_path}{', AMX tiles' if ops.amx else ''})"
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:

@@ -15,20 +15,35 @@
 //
 // From 8 rows on (prefill, batched decode), where the CPU has AMX, the same layout is widened to bf16 instead and
 // multiplied on the tile unit (see "Many rows" below).
+//
+// Each CPU class has its integer kernel for the same layout and the same integer sums: AVX-512 VNNI (`vpdpbusd`:
+// 4 byte products summed per 32-bit lane), AVX2 (`vpmaddubsw` + `vpmaddwd`: the same sums in two steps; 8-bit
+// codes go through the sign trick, as llama.cpp's q8 dot products do), and portable C++ (plain integer loops).
 
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+#include "ops.h"
+#include "vec.h"
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define MIAOTUI_VNNI 1
 #else
 #define MIAOTUI_VNNI 0
+#endif
+#if !MIAOTUI_VNNI && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define MIAOTUI_AVX2 1
+#else
+#define MIAOTUI_AVX2 0
 #endif
 #if MIAOTUI_VNNI && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && \
     defined(__AVX512VBMI__) && defined(__linux__)
@@ -60,64 +75,42 @@ struct QuantX {
 };
 constexpr float RESIDUAL = 256.f;  // a power of two: the two integer sums combine by a shift
 
-#if MIAOTUI_VNNI
-inline __m512 load16f(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16f(const at::BFloat16* p) {
-  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-#endif
-
-// in_scale (S: fp32 or bf16, as the weight stores it) multiplies x first, when given.
+// in_scale (S: fp32 or bf16, as the weight stores it) multiplies x first, when given. W lanes at a time; each class
+// rounds the same way, so the codes are the same on every CPU.
 template <typename T, typename S>
 void quantize_rows(const T* x, const S* in_scale, int64_t M, int64_t K, int64_t group, int8_t* q, int8_t* r,
                    float* d, float* gsum) {
   const int64_t nb = K / QBLOCK, gb = group / QBLOCK;
+  constexpr int NV = QBLOCK / mt::W;
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-    float buf[QBLOCK];
     for (int64_t m = begin; m < end; ++m) {
       for (int64_t b = 0; b < nb; ++b) {
         const T* xb = x + m * K + b * QBLOCK;
-        int8_t* qb = q + m * K + b * QBLOCK;
-        int8_t* rb = r + m * K + b * QBLOCK;
         if (b % gb == 0) gsum[m * (K / group) + b / gb] = 0.f;
-#if MIAOTUI_VNNI
-        {  // the same arithmetic as the scalar loop below, 16 lanes at a time
-          __m512 v[2] = {load16f(xb), load16f(xb + 16)};
-          if (in_scale)
-            for (int h = 0; h < 2; ++h) v[h] = _mm512_mul_ps(v[h], load16f(in_scale + b * QBLOCK + 16 * h));
-          float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
-          const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-          for (int h = 0; h < 2; ++h) {
-            __m512 t = _mm512_mul_ps(v[h], inv);
-            __m512 c = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            __m512 res = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(t, c), _mm512_set1_ps(RESIDUAL)),
-                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            res = _mm512_max_ps(_mm512_min_ps(res, _mm512_set1_ps(127.f)), _mm512_set1_ps(-127.f));
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + 16 * h), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(c)));
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(rb + 16 * h), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(res)));
-          }
-          d[m * nb + b] = amax / 127.f;
-          gsum[m * (K / group) + b / gb] += _mm512_reduce_add_ps(_mm512_add_ps(v[0], v[1]));
-          continue;
+        mt::Vec v[NV];
+        mt::Vec vmax = mt::zero(), vsum = mt::zero();
+        for (int h = 0; h < NV; ++h) {
+          v[h] = mt::load(xb + mt::W * h);
+          if (in_scale) v[h] = v[h] * mt::load(in_scale + b * QBLOCK + mt::W * h);
+          vmax = mt::vmax(vmax, mt::vabs(v[h]));
+          vsum = vsum + v[h];
         }
-#endif
-        float amax = 0.f;
+        const float amax = mt::reduce_max(vmax);
+        const mt::Vec inv = mt::set1(amax > 0.f ? 127.f / amax : 0.f);
+        alignas(64) float cq[QBLOCK], cr[QBLOCK];
+        for (int h = 0; h < NV; ++h) {
+          const mt::Vec t = v[h] * inv;
+          const mt::Vec c = mt::vround(t);
+          const mt::Vec res = mt::vround((t - c) * mt::set1(RESIDUAL));
+          mt::store(cq + mt::W * h, c);
+          mt::store(cr + mt::W * h, mt::vmax(mt::vmin(res, mt::set1(127.f)), mt::set1(-127.f)));
+        }
         for (int64_t i = 0; i < QBLOCK; ++i) {
-          float v = static_cast<float>(xb[i]);
-          if (in_scale) v *= static_cast<float>(in_scale[b * QBLOCK + i]);
-          buf[i] = v;
-          amax = std::max(amax, std::fabs(v));
+          q[m * K + b * QBLOCK + i] = static_cast<int8_t>(cq[i]);
+          r[m * K + b * QBLOCK + i] = static_cast<int8_t>(cr[i]);
         }
-        float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f, sum = 0.f;
-        for (int64_t i = 0; i < QBLOCK; ++i) {
-          float c = std::nearbyint(buf[i] * inv);
-          qb[i] = static_cast<int8_t>(c);
-          rb[i] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint((buf[i] * inv - c) * RESIDUAL))));
-          sum += buf[i];
-        }
-        d[m * nb + b] = scale;
-        gsum[m * (K / group) + b / gb] += sum;
+        d[m * nb + b] = amax / 127.f;
+        gsum[m * (K / group) + b / gb] += mt::reduce_add(vsum);
       }
     }
   });
@@ -219,8 +212,236 @@ void qgemm_rows(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M
 }
 #endif
 
-// Plain C++ (any CPU): the same arithmetic, one output at a time, for the tests to check the VNNI path against
-// (`reference=True`). Without VNNI, packed.py keeps weights in torch's layouts instead: this is too slow to serve.
+#if MIAOTUI_AVX2
+// One block of 16 output rows for MT tokens on AVX2, each 64-byte line as two halves of 8 rows x 4 bytes: `vpmaddubsw`
+// multiplies unsigned codes by signed activation bytes and sums pairs to int16, `vpmaddwd` by ones sums pairs of those
+// to int32 — per row the 4-byte sum `vpdpbusd` gives in one step. Codes enter as 4-bit planes (an 8-bit code as
+// 16 * high + low nibble), so a block's int16 sums cannot overflow (8 x 2 x 15 x 127 < 2^15) and are widened once per
+// block; the integer sums are exactly the VNNI kernel's. Both halves of a line take each activation broadcast.
+template <int Bits, int MT, typename T>
+inline void qgemm_block_avx2(const uint8_t* w, const at::Half* dm, const int8_t* xq, const int8_t* xr,
+                             const float* xd, const float* gs, int64_t K, int64_t group, T* y, int64_t ldy,
+                             int64_t rows) {
+  const int64_t ngroups = K / group, blocks_per_group = group / QBLOCK, nb = K / QBLOCK;
+  constexpr int chunks = Bits == 4 ? 4 : 8;  // 64-byte lines per block of 32 inputs
+  constexpr int planes = Bits == 4 ? 1 : 2;  // int16 sums kept apart per term: 8-bit codes' low and high nibbles
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16);
+  const __m256 unit = _mm256_set1_ps(1.f / RESIDUAL);
+  alignas(32) float acc[MT][16] = {};
+  for (int64_t g = 0; g < ngroups; ++g) {
+    __m256 fd[MT][2];
+    for (int t = 0; t < MT; ++t) fd[t][0] = fd[t][1] = _mm256_setzero_ps();
+    for (int64_t bb = 0; bb < blocks_per_group; ++bb) {
+      const int64_t b = g * blocks_per_group + bb;
+      __m256i qs[MT][2][planes], rs[MT][2][planes];
+      for (int t = 0; t < MT; ++t)
+        for (int h = 0; h < 2; ++h)
+          for (int p = 0; p < planes; ++p) qs[t][h][p] = rs[t][h][p] = _mm256_setzero_si256();
+      for (int c = 0; c < chunks; ++c, w += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(w) + PREFETCH, _MM_HINT_T0);
+        __m256i lo[2], hi[2];
+        for (int h = 0; h < 2; ++h) {
+          const __m256i line = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * h));
+          lo[h] = _mm256_and_si256(line, low4);
+          hi[h] = _mm256_and_si256(_mm256_srli_epi16(line, 4), low4);
+        }
+        for (int t = 0; t < MT; ++t) {
+          if (Bits == 4) {  // byte j: input 8c + j (low nibble) and 8c + j + 4 (high)
+            const int32_t* xp = reinterpret_cast<const int32_t*>(xq + t * K + b * QBLOCK + c * 8);
+            const int32_t* rp = reinterpret_cast<const int32_t*>(xr + t * K + b * QBLOCK + c * 8);
+            const __m256i x0 = _mm256_set1_epi32(xp[0]), x1 = _mm256_set1_epi32(xp[1]);
+            const __m256i r0 = _mm256_set1_epi32(rp[0]), r1 = _mm256_set1_epi32(rp[1]);
+            for (int h = 0; h < 2; ++h) {
+              qs[t][h][0] = _mm256_add_epi16(qs[t][h][0], _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], x0),
+                                                                           _mm256_maddubs_epi16(hi[h], x1)));
+              rs[t][h][0] = _mm256_add_epi16(rs[t][h][0], _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], r0),
+                                                                           _mm256_maddubs_epi16(hi[h], r1)));
+            }
+          } else {  // byte j: input 4c + j
+            const __m256i xv = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(xq + t * K + b * QBLOCK + c * 4));
+            const __m256i rv = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(xr + t * K + b * QBLOCK + c * 4));
+            for (int h = 0; h < 2; ++h) {
+              qs[t][h][0] = _mm256_add_epi16(qs[t][h][0], _mm256_maddubs_epi16(lo[h], xv));
+              rs[t][h][0] = _mm256_add_epi16(rs[t][h][0], _mm256_maddubs_epi16(lo[h], rv));
+              qs[t][h][planes - 1] = _mm256_add_epi16(qs[t][h][planes - 1], _mm256_maddubs_epi16(hi[h], xv));
+              rs[t][h][planes - 1] = _mm256_add_epi16(rs[t][h][planes - 1], _mm256_maddubs_epi16(hi[h], rv));
+            }
+          }
+        }
+      }
+      for (int t = 0; t < MT; ++t) {  // q * 256 + r fits int32: |Σ| <= 32 * 255 * 127 * 257
+        const __m256 scale = _mm256_mul_ps(_mm256_set1_ps(xd[t * nb + b]), unit);
+        for (int h = 0; h < 2; ++h) {
+          __m256i q = _mm256_madd_epi16(qs[t][h][0], ones), r = _mm256_madd_epi16(rs[t][h][0], ones);
+          if (Bits == 8) {
+            q = _mm256_add_epi32(q, _mm256_madd_epi16(qs[t][h][planes - 1], sixteen));
+            r = _mm256_add_epi32(r, _mm256_madd_epi16(rs[t][h][planes - 1], sixteen));
+          }
+          const __m256i both = _mm256_add_epi32(_mm256_slli_epi32(q, 8), r);
+          fd[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(both), scale, fd[t][h]);
+        }
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dm + g * 32 + 8 * h)));
+      const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dm + g * 32 + 16 + 8 * h)));
+      for (int t = 0; t < MT; ++t) {
+        __m256 a = _mm256_fmadd_ps(fd[t][h], dv, _mm256_load_ps(acc[t] + 8 * h));
+        _mm256_store_ps(acc[t] + 8 * h, _mm256_fmadd_ps(mv, _mm256_set1_ps(gs[t * ngroups + g]), a));
+      }
+    }
+  }
+  for (int t = 0; t < MT; ++t) store_row(y + t * ldy, rows, acc[t]);
+}
+
+template <int Bits, typename T>
+void qgemm_rows(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M, int64_t K, int64_t group,
+                int64_t N, T* y, int64_t rb_begin, int64_t rb_end) {
+  const int64_t line_bytes = 16 * K * Bits / 8, ngroups = K / group, nb = K / QBLOCK;
+  constexpr int TILE = 2;
+  for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
+    const uint8_t* wb = w + rb * line_bytes;
+    const at::Half* dmb = dm + rb * ngroups * 32;
+    const int64_t rows = std::min<int64_t>(16, N - rb * 16);
+    int64_t m = 0;
+    for (; m + TILE <= M; m += TILE)
+      qgemm_block_avx2<Bits, TILE>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
+                                   x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows);
+    for (; m < M; ++m)
+      qgemm_block_avx2<Bits, 1>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
+                                x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows);
+  }
+}
+#endif
+
+// Prefill-sized products without VNNI: the weight is dequantized to fp32, a chunk of rows at a time, and multiplied
+// by torch's own fp32 GEMM (MKL / oneDNN). On an AVX2 core a 16-bit integer product and an fp32 FMA both do 16
+// multiply-adds a cycle (measured here: vpmaddwd 1, vfmadd 2 per cycle), and the activations need 16 bits, so the
+// integer path has nothing to gain; the GEMM, tuned for years, reaches 60-80% of that peak where our integer loop
+// reached 30-45%. Dequantizing costs ~4.5 bytes of memory traffic per weight, a few percent of a 512-token product.
+// The result is x @ (d q + m)^T in fp32: the dense model's product on the same weights.
+constexpr int64_t DENSE_MIN_ROWS = 64;
+constexpr int64_t DENSE_CHUNK_ELEMS = 1 << 22;  // rows per chunk: 16 MB of fp32 weights
+
+template <int Bits>
+void dequantize_rows(const uint8_t* w, const at::Half* dm, int64_t K, int64_t group, int64_t rb_begin,
+                     int64_t rb_end, int64_t N, float* out) {
+  const int64_t line_bytes = 16 * K * Bits / 8, ngroups = K / group;
+  constexpr int per_line = Bits == 4 ? 8 : 4;  // inputs per 64-byte line
+  at::parallel_for(rb_begin, rb_end, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> d(16 * ngroups), m(16 * ngroups);
+    for (int64_t rb = b0; rb < b1; ++rb) {
+      const at::Half* dmb = dm + rb * ngroups * 32;
+      for (int64_t g = 0; g < ngroups; ++g)
+        for (int r = 0; r < 16; ++r) {
+          d[r * ngroups + g] = static_cast<float>(dmb[g * 32 + r]);
+          m[r * ngroups + g] = static_cast<float>(dmb[g * 32 + 16 + r]);
+        }
+      const int64_t rows = std::min<int64_t>(16, N - rb * 16);
+      const uint8_t* line = w + rb * line_bytes;
+      float* o = out + (rb - rb_begin) * 16 * K;
+      for (int64_t c = 0; c < K / per_line; ++c, line += 64)
+        for (int r = 0; r < rows; ++r)
+          for (int j = 0; j < 4; ++j) {
+            const uint8_t b = line[r * 4 + j];
+            const int64_t k = c * per_line + j, g = k / group;
+            if (Bits == 4) {
+              o[r * K + k] = static_cast<float>(b & 0x0F) * d[r * ngroups + g] + m[r * ngroups + g];
+              const int64_t g4 = (k + 4) / group;
+              o[r * K + k + 4] = static_cast<float>(b >> 4) * d[r * ngroups + g4] + m[r * ngroups + g4];
+            } else {
+              o[r * K + k] = static_cast<float>(b) * d[r * ngroups + g] + m[r * ngroups + g];
+            }
+          }
+    }
+  });
+}
+
+// y = x @ W^T for M >= DENSE_MIN_ROWS, a chunk of W's rows at a time.
+Tensor dense_qmatmul(const Tensor& x, const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t N,
+                     const Tensor& in_scale) {
+  const int64_t K = x.size(-1), M = x.numel() / K, rblocks = (N + 15) / 16;
+  Tensor xf = x.reshape({M, K}).to(at::kFloat);
+  if (in_scale.defined()) xf = xf.mul(in_scale.to(at::kFloat));
+  Tensor y = at::empty({M, N}, xf.options());
+  const int64_t chunk = std::max<int64_t>(1, DENSE_CHUNK_ELEMS / (16 * K));  // row blocks per chunk
+  Tensor wf = at::empty({std::min(rblocks, chunk) * 16, K}, xf.options());
+  for (int64_t rb = 0; rb < rblocks; rb += chunk) {
+    const int64_t rb_end = std::min(rblocks, rb + chunk), n0 = rb * 16, n = std::min(N, rb_end * 16) - n0;
+    if (bits == 4) dequantize_rows<4>(w.data_ptr<uint8_t>(), dm.data_ptr<at::Half>(), K, group, rb, rb_end, N,
+                                      wf.data_ptr<float>());
+    else dequantize_rows<8>(w.data_ptr<uint8_t>(), dm.data_ptr<at::Half>(), K, group, rb, rb_end, N,
+                            wf.data_ptr<float>());
+    y.narrow(1, n0, n).copy_(at::mm(xf, wf.narrow(0, 0, n).t()));
+  }
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  return y.view(shape).to(x.scalar_type());
+}
+
+#if !MIAOTUI_VNNI && !MIAOTUI_AVX2
+// Portable C++ (ARM, other CPUs): each line's codes unpacked to bytes once, then plain integer loops over the 16
+// rows that the compiler vectorizes; the same integer sums as the VNNI kernel.
+template <int Bits, typename T>
+void qgemm_rows(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M, int64_t K, int64_t group,
+                int64_t N, T* y, int64_t rb_begin, int64_t rb_end) {
+  const int64_t line_bytes = 16 * K * Bits / 8, ngroups = K / group, nb = K / QBLOCK;
+  constexpr int chunks = Bits == 4 ? 4 : 8, per_chunk = QBLOCK / chunks;  // inputs per line
+  std::vector<uint8_t> codes(16 * QBLOCK);  // one block of 32 inputs: [input][row]
+  std::vector<float> acc(16 * M);
+  for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
+    const uint8_t* wb = w + rb * line_bytes;
+    const at::Half* dmb = dm + rb * ngroups * 32;
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t g = 0; g < ngroups; ++g) {
+      float fd[16 * 64];
+      for (int64_t m0 = 0; m0 < M; m0 += 64) {  // tokens in chunks whose fd fits the stack
+        const int64_t mc = std::min<int64_t>(64, M - m0);
+        std::fill(fd, fd + 16 * mc, 0.f);
+        for (int64_t b = g * group / QBLOCK; b < (g + 1) * group / QBLOCK; ++b) {
+          const uint8_t* line = wb + b * chunks * 64;
+          for (int c = 0; c < chunks; ++c)
+            for (int r = 0; r < 16; ++r)
+              for (int j = 0; j < 4; ++j) {
+                const uint8_t byte = line[c * 64 + r * 4 + j];
+                if (Bits == 4) {
+                  codes[(c * per_chunk + j) * 16 + r] = byte & 0x0F;
+                  codes[(c * per_chunk + j + 4) * 16 + r] = byte >> 4;
+                } else {
+                  codes[(c * per_chunk + j) * 16 + r] = byte;
+                }
+              }
+          for (int64_t t = 0; t < mc; ++t) {
+            const int8_t* xq = x.q.data() + (m0 + t) * K + b * QBLOCK;
+            const int8_t* xr = x.r.data() + (m0 + t) * K + b * QBLOCK;
+            int32_t sq[16] = {0}, sr[16] = {0};
+            for (int k = 0; k < QBLOCK; ++k)
+              for (int r = 0; r < 16; ++r) {
+                sq[r] += codes[k * 16 + r] * xq[k];
+                sr[r] += codes[k * 16 + r] * xr[k];
+              }
+            const float unit = x.d[(m0 + t) * nb + b] / RESIDUAL;
+            for (int r = 0; r < 16; ++r) fd[t * 16 + r] += static_cast<float>(sq[r] * 256 + sr[r]) * unit;
+          }
+        }
+        const at::Half* dmg = dmb + g * 32;
+        for (int64_t t = 0; t < mc; ++t) {
+          const float gsum = x.gsum[(m0 + t) * ngroups + g];
+          for (int r = 0; r < 16; ++r) {
+            float& a = acc[(m0 + t) * 16 + r];
+            a += fd[t * 16 + r] * static_cast<float>(dmg[r]);
+            a += static_cast<float>(dmg[16 + r]) * gsum;
+          }
+        }
+      }
+    }
+    const int64_t rows = std::min<int64_t>(16, N - rb * 16);
+    for (int64_t t = 0; t < M; ++t) store_row(y + t * N + rb * 16, rows, acc.data() + t * 16);
+  }
+}
+#endif
+
+// The definition, in plain C++, one output at a time: every class's kernel is tested against it (`reference=True`).
 template <int Bits, typename T>
 void qgemm_rows_ref(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M, int64_t K, int64_t group,
                     int64_t N, T* y, int64_t rb_begin, int64_t rb_end) {
@@ -472,10 +693,10 @@ Tensor amx_rows(const T* x, const S* in_scale, int64_t M, int64_t K) {
             continue;
           }
         }
-        __m512 lo = load16f(src), hi = load16f(src + 16);
+        __m512 lo = mt::load(src).v, hi = mt::load(src + 16).v;
         if (in_scale) {
-          lo = _mm512_mul_ps(lo, load16f(in_scale + k));
-          hi = _mm512_mul_ps(hi, load16f(in_scale + k + 16));
+          lo = _mm512_mul_ps(lo, mt::load(in_scale + k).v);
+          hi = _mm512_mul_ps(hi, mt::load(in_scale + k + 16).v);
         }
         _mm512_storeu_si512(o, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));  // round to nearest even, as at::BFloat16
       }
@@ -487,7 +708,7 @@ Tensor amx_rows(const T* x, const S* in_scale, int64_t M, int64_t K) {
 
 }  // namespace
 
-bool qmatmul_fast() { return MIAOTUI_VNNI; }
+const char* qmatmul_path() { return MIAOTUI_VNNI ? "vnni" : MIAOTUI_AVX2 ? "avx2" : "generic"; }
 
 bool qmatmul_amx() {
 #if MIAOTUI_AMX
@@ -516,6 +737,8 @@ Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits
       in_scale = in_scale.to(at::kFloat);
     TORCH_CHECK(in_scale.numel() == K, "qmatmul: in_scale must have K elements");
   }
+  if (!MIAOTUI_VNNI && !reference && M >= DENSE_MIN_ROWS)  // (VNNI's 64 products per instruction keep the integers)
+    return dense_qmatmul(x, w, dm, bits, group, N, in_scale);
   auto shape = x.sizes().vec();
   shape.back() = N;
   Tensor y = at::empty(shape, x.options());
@@ -541,13 +764,11 @@ Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits
     const uint8_t* wp = w.data_ptr<uint8_t>();
     const at::Half* dp = dm.data_ptr<at::Half>();
     at::parallel_for(0, rblocks, 1, [&](int64_t b0, int64_t b1) {
-#if MIAOTUI_VNNI
       if (!reference) {
         if (bits == 4) qgemm_rows<4>(wp, dp, qx, M, K, group, N, yp, b0, b1);
         else qgemm_rows<8>(wp, dp, qx, M, K, group, N, yp, b0, b1);
         return;
       }
-#endif
       if (bits == 4) qgemm_rows_ref<4>(wp, dp, qx, M, K, group, N, yp, b0, b1);
       else qgemm_rows_ref<8>(wp, dp, qx, M, K, group, N, yp, b0, b1);
     });

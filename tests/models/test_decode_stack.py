@@ -1,4 +1,4 @@
-"""The fused decode step (engine/fused.py over LlamaStack in kernels/cpu_ops.cpp) against the module-by-module
+"""The fused decode step (engine/fused.py over LlamaStack in kernels/stack.cpp) against the module-by-module
 forward it replaces: built from the blocks' own description, it must compute exactly what they compute."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import torch
 
 from miaotui import LLM, SamplingParams
 from miaotui.engine.runner import ModelRunner
-from miaotui.kernels import has_amx, has_vnni
+from miaotui.kernels import has_amx, has_packed
 from tests.models.test_reference import PROMPTS
 
-pytestmark = pytest.mark.skipif(not has_vnni(), reason="needs miaotui's VNNI kernels")
+pytestmark = pytest.mark.skipif(not has_packed(), reason="needs miaotui's kernels")
 REAL_STACK = ModelRunner._decode_stack
 
 

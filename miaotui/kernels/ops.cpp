@@ -1,0 +1,384 @@
+// miaotui's small CPU ops, each fused into one call: RMSNorm, the gated activation, rotary embedding, the argmax of
+// logits rows, and decode attention straight over the paged KV cache.
+//
+// At decode sizes (one to a few tokens of a 576-wide model) every torch op costs microseconds of dispatch and thread
+// wake-up for nanoseconds of work: RMSNorm was five ops, rotary embedding six, the gated activation three, and
+// decode attention a gather, a mask and SDPA per layer. Written once against vec.h, built per CPU class.
+
+#include "ops.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+
+#include <vector>
+
+#include "vec.h"
+
+using at::Tensor;
+using mt::BF16;
+using mt::Vec;
+using mt::W;
+
+namespace {
+
+// Run `fn` (a generic lambda) with scalar_t bound to the tensor's float type: fp32 or bf16, the model dtypes.
+#define DISPATCH_FLOAT(TYPE, NAME, ...)                                          \
+  [&] {                                                                          \
+    if ((TYPE) == at::kFloat) {                                                  \
+      using scalar_t = float;                                                    \
+      return __VA_ARGS__();                                                      \
+    }                                                                            \
+    TORCH_CHECK((TYPE) == at::kBFloat16, NAME, ": float32 or bfloat16 only");    \
+    using scalar_t = BF16;                                                       \
+    return __VA_ARGS__();                                                        \
+  }()
+
+void check_cpu(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// RMSNorm: y = x / sqrt(mean(x^2) + eps) * w, accumulated in fp32, one pass per row.
+template <typename T>
+void rms_norm_impl(const T* x, const T* w, T* y, int64_t rows, int64_t d, float eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * d;
+      Vec acc = mt::zero();
+      int64_t i = 0;
+      for (; i + W <= d; i += W) acc = mt::fmadd(mt::load(xr + i), mt::load(xr + i), acc);
+      float ss = mt::reduce_add(acc);
+      for (; i < d; ++i) ss += mt::to_f(xr[i]) * mt::to_f(xr[i]);
+      const float inv = 1.f / std::sqrt(ss / d + eps);
+      const Vec vinv = mt::set1(inv);
+      i = 0;
+      for (; i + W <= d; i += W) mt::store(y + r * d + i, mt::load(xr + i) * vinv * mt::load(w + i));
+      for (; i < d; ++i) y[r * d + i] = mt::from_f<T>(mt::to_f(xr[i]) * inv * mt::to_f(w[i]));
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Gated activations over a fused [gate | up] row: y = act(gate) * up, the activation rounded to T first, as
+// torch's unfused `act(gate) * up` does.
+template <typename T, bool Gelu>
+void gated_impl(const T* x, T* y, int64_t rows, int64_t d) {
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    const Vec one = mt::set1(1.f);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* g = x + r * 2 * d;
+      const T* u = g + d;
+      T* yr = y + r * d;
+      int64_t i = 0;
+      for (; i + W <= d; i += W) {
+        const Vec a = mt::load(g + i);
+        Vec act;
+        if (Gelu) {  // tanh(z) = 1 - 2 / (1 + e^2z)
+          const Vec z = mt::set1(0.7978845608028654f) * mt::fmadd(mt::set1(0.044715f) * a, a * a, a);
+          const Vec th = one - mt::set1(2.f) / (one + mt::exp(z + z));
+          act = mt::set1(0.5f) * a * (one + th);
+        } else {
+          act = a / (one + mt::exp(mt::zero() - a));
+        }
+        mt::store(yr + i, mt::round_to(yr, act) * mt::load(u + i));
+      }
+      for (; i < d; ++i) {
+        const float a = mt::to_f(g[i]);
+        const float act = Gelu ? 0.5f * a * (1.f + std::tanh(0.7978845608028654f * (a + 0.044715f * a * a * a)))
+                               : a / (1.f + std::exp(-a));
+        yr[i] = mt::from_f<T>(mt::to_f(mt::from_f<T>(act)) * mt::to_f(u[i]));
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Rotary embedding, NEOX layout, in place on x [T, H, D] (rows may be strided, as q|k inside a fused qkv output).
+template <typename T>
+void rope_impl(T* x, int64_t t_stride, int64_t h_stride, const int64_t* pos, const float* cos, const float* sin,
+               int64_t T_, int64_t H, int64_t D) {
+  const int64_t half = D / 2;
+  at::parallel_for(0, T_ * H, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = i / H, h = i % H;
+      T* v = x + t * t_stride + h * h_stride;
+      const float* c = cos + pos[t] * D;
+      const float* s = sin + pos[t] * D;
+      for (int64_t j = 0; j < half; ++j) {
+        const float a = mt::to_f(v[j]), b = mt::to_f(v[j + half]);
+        v[j] = mt::from_f<T>(a * c[j] - b * s[j]);
+        v[j + half] = mt::from_f<T>(b * c[j + half] + a * s[j + half]);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Decode attention: one query token per sequence, straight over the paged cache, no gather, no mask.
+// Work unit = (sequence, kv head): its group of query heads scores every visible key, softmax, weighted values.
+
+// The cache rows a sequence visits are scattered over its blocks, too irregular for the hardware prefetcher: a
+// batch-32 decode step reads ~80 MB of keys and values for SmolLM2, as much as its 4-bit weights. Into L2: perf
+// found the loop waiting on the prefetches themselves when they went to L1 (its few fill buffers full).
+template <typename C>
+inline void prefetch_row(const C* row, int64_t D) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(C)); b += 64) mt::prefetch_l2(p + b);
+}
+
+// scores[g * n + i] = q_g . k(rows[i]) for the G query heads of one kv head, W keys at a time: each key's row is
+// read from memory once for all G heads (later heads find it in L1).
+template <int V, typename C>
+void grouped_scores(const float* q, int64_t G, const C* cache, const int64_t* rows, int64_t n, float* scores) {
+  constexpr int64_t D = W * V;
+  for (int64_t i0 = 0; i0 < n; i0 += W) {
+    const int64_t cnt = std::min<int64_t>(W, n - i0);
+    for (int64_t i = i0 ? i0 + 2 * W : W; i < std::min(n, i0 + 3 * W); ++i) prefetch_row(cache + rows[i] * D, D);
+    for (int64_t g = 0; g < G; ++g) {
+      Vec qv[V], acc[W];
+      for (int v = 0; v < V; ++v) qv[v] = mt::load(q + g * D + W * v);
+      for (int i = 0; i < W; ++i) {
+        acc[i] = mt::zero();
+        if (i < cnt) {
+          const C* row = cache + rows[i0 + i] * D;
+          for (int v = 0; v < V; ++v) acc[i] = mt::fmadd(qv[v], mt::load(row + W * v), acc[i]);
+        }
+      }
+      mt::store_first(scores + g * n + i0, mt::hsum_lanes(acc), static_cast<int>(cnt));
+    }
+  }
+}
+
+// out[g * D ...] = Σ_i p[g * n + i] v(rows[i]) for the G heads, as many heads at a time as keep their accumulators
+// in registers (each value row is read once per such chunk).
+template <int V, typename C>
+void grouped_values(const float* p, int64_t G, const C* cache, const int64_t* rows, int64_t n, float* out) {
+  constexpr int64_t D = W * V;
+  constexpr int64_t CHUNK = V >= W ? 1 : W / V;
+  for (int64_t g0 = 0; g0 < G; g0 += CHUNK) {
+    const int64_t gc = std::min<int64_t>(CHUNK, G - g0);
+    Vec acc[CHUNK][V];
+    for (int64_t g = 0; g < CHUNK; ++g)
+      for (int v = 0; v < V; ++v) acc[g][v] = mt::zero();
+    for (int64_t i = 0; i < n; ++i) {
+      const C* row = cache + rows[i] * D;
+      if (i + 16 < n) prefetch_row(cache + rows[i + 16] * D, D);
+      Vec rv[V];
+      for (int v = 0; v < V; ++v) rv[v] = mt::load(row + W * v);
+      for (int64_t g = 0; g < CHUNK; ++g) {
+        if (g >= gc) break;
+        const Vec pi = mt::set1(p[(g0 + g) * n + i]);
+        for (int v = 0; v < V; ++v) acc[g][v] = mt::fmadd(pi, rv[v], acc[g][v]);
+      }
+    }
+    for (int64_t g = 0; g < gc; ++g)
+      for (int v = 0; v < V; ++v) mt::store(out + (g0 + g) * D + W * v, acc[g][v]);
+  }
+}
+
+// The plain loops (any head size): one query head against one cached key, and a weighted sum of values.
+template <typename C>
+inline float dot_head(const float* q, const C* k, int64_t D) {
+  float dot = 0.f;
+  for (int64_t j = 0; j < D; ++j) dot += q[j] * mt::to_f(k[j]);
+  return dot;
+}
+
+template <typename C>
+inline void weighted_sum(const float* p, const C* cache, const int64_t* rows, int64_t n, int64_t D, float* out) {
+  std::fill(out, out + D, 0.f);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < D; ++j) out[j] += p[i] * mt::to_f(cache[rows[i] * D + j]);
+}
+
+// In place over n scores: softmax, every pass W lanes at a time (a scalar running maximum is a chain of dependent
+// `vmaxss` that perf put at a fifth of the whole attention).
+inline void softmax(float* s, int64_t n) {
+  int64_t i = 0;
+  Vec vmx = mt::set1(-INFINITY);
+  for (; i + W <= n; i += W) vmx = mt::vmax(vmx, mt::load(s + i));
+  float mx = mt::reduce_max(vmx);
+  for (; i < n; ++i) mx = std::max(mx, s[i]);
+  Vec vsum = mt::zero();
+  const Vec vm = mt::set1(mx);
+  for (i = 0; i + W <= n; i += W) {
+    const Vec e = mt::exp(mt::load(s + i) - vm);
+    mt::store(s + i, e);
+    vsum = vsum + e;
+  }
+  float sum = mt::reduce_add(vsum);
+  for (; i < n; ++i) sum += (s[i] = std::exp(s[i] - mx));
+  const float inv = 1.f / sum;
+  const Vec vinv = mt::set1(inv);
+  for (i = 0; i + W <= n; i += W) mt::store(s + i, mt::load(s + i) * vinv);
+  for (; i < n; ++i) s[i] *= inv;
+}
+
+template <int V, typename T, typename C>
+void paged_attention_impl(const T* q, T* out, const C* kc, const C* vc, const T* ks, const T* vs,
+                          const int64_t* tables, int64_t table_width, const int64_t* lens, int64_t B, int64_t Hq,
+                          int64_t Hkv, int64_t D, int64_t BS, float scale, int64_t window) {
+  const int64_t group = Hq / Hkv;
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, p, qf(D), acc(D);
+    std::vector<int64_t> rows;
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t b = unit / Hkv, kvh = unit % Hkv;
+      const int64_t len = lens[b];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t n = len - first;
+      // the cache row of each visible key for this kv head, block by block
+      rows.resize(n);
+      const int64_t* table = tables + b * table_width;
+      for (int64_t blk = first / BS; blk * BS < len; ++blk) {
+        const int64_t t0 = std::max(first, blk * BS), t1 = std::min(len, blk * BS + BS);
+        for (int64_t t = t0; t < t1; ++t) rows[t - first] = ((table[blk] - blk) * BS + t) * Hkv + kvh;
+      }
+      if constexpr (V > 0) {  // the group's query heads share every key and value row they read
+        scores.resize(group * n);
+        qf.resize(group * D);
+        acc.resize(group * D);
+        const int64_t head0 = b * Hq + kvh * group;
+        for (int64_t j = 0; j < group * D; j += W) mt::store(&qf[j], mt::load(q + head0 * D + j) * mt::set1(scale));
+        grouped_scores<V>(qf.data(), group, kc, rows.data(), n, scores.data());
+        for (int64_t g = 0; g < group; ++g) {
+          float* sg = scores.data() + g * n;
+          if (ks)
+            for (int64_t i = 0; i < n; ++i) sg[i] *= mt::to_f(ks[rows[i]]);
+          softmax(sg, n);
+          if (vs)
+            for (int64_t i = 0; i < n; ++i) sg[i] *= mt::to_f(vs[rows[i]]);
+        }
+        grouped_values<V>(scores.data(), group, vc, rows.data(), n, acc.data());
+        for (int64_t j = 0; j < group * D; j += W) mt::store(out + head0 * D + j, mt::load(&acc[j]));
+        continue;
+      }
+      scores.resize(n);
+      p.resize(n);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t head = b * Hq + kvh * group + g;
+        for (int64_t j = 0; j < D; ++j) qf[j] = mt::to_f(q[head * D + j]) * scale;
+        for (int64_t i = 0; i < n; ++i)
+          scores[i] = dot_head(qf.data(), kc + rows[i] * D, D) * (ks ? mt::to_f(ks[rows[i]]) : 1.f);
+        softmax(scores.data(), n);
+        for (int64_t i = 0; i < n; ++i) p[i] = scores[i] * (vs ? mt::to_f(vs[rows[i]]) : 1.f);
+        weighted_sum(p.data(), vc, rows.data(), n, D, acc.data());
+        for (int64_t j = 0; j < D; ++j) out[head * D + j] = mt::from_f<T>(acc[j]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+Tensor rms_norm(const Tensor& x_, const Tensor& w, double eps) {
+  Tensor x = x_.contiguous();
+  check_cpu(w, "weight");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "rms_norm: x and weight dtypes differ");
+  const int64_t d = x.size(-1);
+  Tensor y = at::empty_like(x);
+  DISPATCH_FLOAT(x.scalar_type(), "rms_norm", [&] {
+    rms_norm_impl<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), x.numel() / d,
+                            d, static_cast<float>(eps));
+  });
+  return y;
+}
+
+Tensor gated_act(const Tensor& x_, bool gelu) {
+  Tensor x = x_.contiguous();
+  const int64_t d = x.size(-1) / 2;
+  auto shape = x.sizes().vec();
+  shape.back() = d;
+  Tensor y = at::empty(shape, x.options());
+  DISPATCH_FLOAT(x.scalar_type(), "gated_act", [&] {
+    if (gelu) gated_impl<scalar_t, true>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), x.numel() / (2 * d), d);
+    else gated_impl<scalar_t, false>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), x.numel() / (2 * d), d);
+  });
+  return y;
+}
+
+void rope_(Tensor& x, const Tensor& positions, const Tensor& cos, const Tensor& sin) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "rope: x must be [T, H, D] with contiguous heads");
+  check_cpu(positions, "positions");
+  check_cpu(cos, "cos");
+  check_cpu(sin, "sin");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && cos.scalar_type() == at::kFloat, "rope: dtypes");
+  TORCH_CHECK(cos.dim() == 2 && cos.size(1) == x.size(2) && sin.sizes() == cos.sizes(), "rope: table shapes");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t t = 0; t < positions.numel(); ++t)
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < cos.size(0), "rope: position ", pos[t], " is beyond the angle table");
+  DISPATCH_FLOAT(x.scalar_type(), "rope", [&] {
+    rope_impl<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), pos, cos.data_ptr<float>(),
+                        sin.data_ptr<float>(), x.size(0), x.size(1), x.size(2));
+  });
+}
+
+Tensor paged_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                       const c10::optional<Tensor>& k_scale, const c10::optional<Tensor>& v_scale,
+                       const Tensor& block_tables, const Tensor& context_lens, double scale, int64_t window) {
+  check_cpu(q, "q");
+  check_cpu(k_cache, "k_cache");
+  check_cpu(v_cache, "v_cache");
+  check_cpu(block_tables, "block_tables");
+  check_cpu(context_lens, "context_lens");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
+              "paged_attention: block tables and lengths must be int64");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), BS = k_cache.size(1), Hkv = k_cache.size(2);
+  TORCH_CHECK(Hq % Hkv == 0 && k_cache.size(3) == D, "paged_attention: shapes do not match");
+  Tensor out = at::empty_like(q);
+  const bool int8 = k_cache.scalar_type() == at::kChar;
+  TORCH_CHECK(int8 == k_scale.has_value(), "paged_attention: an int8 cache needs its scales");
+  DISPATCH_FLOAT(q.scalar_type(), "paged_attention", [&] {
+    const scalar_t* ks = int8 ? k_scale->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* vs = int8 ? v_scale->data_ptr<scalar_t>() : nullptr;
+    auto run = [&](auto* kc, auto* vc) {
+      using C = std::remove_pointer_t<decltype(kc)>;
+      auto impl = D == 4 * W ? paged_attention_impl<4, scalar_t, C>
+                : D == 8 * W ? paged_attention_impl<8, scalar_t, C>
+                : D == 16 * W ? paged_attention_impl<16, scalar_t, C>
+                : D == 32 * W ? paged_attention_impl<32, scalar_t, C>
+                              : paged_attention_impl<0, scalar_t, C>;
+      impl(q.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), kc, vc, ks, vs, block_tables.data_ptr<int64_t>(),
+           block_tables.size(1), context_lens.data_ptr<int64_t>(), B, Hq, Hkv, D, BS, static_cast<float>(scale),
+           window);
+    };
+    if (int8) run(k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>());
+    else run(k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+// The index of each row's maximum (the first one, as torch.argmax; NaNs are never chosen): torch's CPU argmax walks
+// a [32, 49152] logits matrix at ~1 ns an element, 1.9 ms of a batch-32 decode step. Two passes over the row (it
+// stays in L2): its maximum W lanes at a time, then the first index that holds it.
+Tensor argmax_rows(const Tensor& x_) {
+  check_cpu(x_, "x");
+  TORCH_CHECK(x_.dim() == 2 && x_.scalar_type() == at::kFloat, "argmax_rows: float32 [rows, n]");
+  Tensor x = x_.contiguous();
+  const int64_t R = x.size(0), n = x.size(1);
+  TORCH_CHECK(n > 0, "argmax_rows: empty rows");
+  Tensor out = at::empty({R}, x.options().dtype(at::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = xp + r * n;
+      Vec vbest = mt::set1(-INFINITY);
+      int64_t i = 0;
+      for (; i + W <= n; i += W) vbest = mt::vmax(mt::load(row + i), vbest);  // a NaN lane keeps the best so far
+      float best = mt::reduce_max(vbest);
+      for (; i < n; ++i)
+        if (row[i] > best) best = row[i];
+      int64_t arg = 0;
+      for (i = 0; i < n; ++i)
+        if (row[i] == best) {
+          arg = i;
+          break;
+        }
+      op[r] = arg;
+    }
+  });
+  return out;
+}

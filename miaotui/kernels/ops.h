@@ -1,0 +1,23 @@
+// The kernels' entry points, shared by the translation units (ops.cpp, qmatmul.cpp, stack.cpp, bindings.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+using at::Tensor;
+
+// ops.cpp
+Tensor rms_norm(const Tensor& x, const Tensor& w, double eps);
+Tensor gated_act(const Tensor& x, bool gelu);
+void rope_(Tensor& x, const Tensor& positions, const Tensor& cos, const Tensor& sin);
+Tensor paged_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                       const c10::optional<Tensor>& k_scale, const c10::optional<Tensor>& v_scale,
+                       const Tensor& block_tables, const Tensor& context_lens, double scale, int64_t window);
+Tensor argmax_rows(const Tensor& x);
+
+// qmatmul.cpp
+const char* qmatmul_path();  // the integer kernel this build runs: "vnni", "avx2" or "generic"
+bool qmatmul_amx();
+Tensor qmatmul(const Tensor& x, const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t N,
+               const c10::optional<Tensor>& in_scale, bool reference);
+Tensor tile_matmul(const Tensor& x, const Tensor& tiles, int64_t N);
