@@ -42,7 +42,8 @@ def smollm2_engine(smollm2_path):
     from miaotui.config import EngineConfig
     from miaotui.engine.engine import Engine
 
-    return Engine(EngineConfig(model=str(smollm2_path), dtype="float32", kv_cache_memory=256 * 2**20))
+    return Engine(EngineConfig(model=str(smollm2_path), dtype="float32", quantization="none",
+                               kv_cache_memory=256 * 2**20))
 
 
 @pytest.fixture(autouse=True)

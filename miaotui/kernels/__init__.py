@@ -7,8 +7,9 @@ lower one (so every class the host can execute is testable on it), `MIAOTUI_KERN
 returns the built module, or None where it cannot be built (no C++ compiler): every caller then keeps its
 plain-torch path, so the kernels change speed, never results beyond rounding.
 
-A build takes about a minute on 2 cores and is cached under ~/.cache/miaotui/kernels (or $MIAOTUI_CACHE/kernels),
-keyed by the sources, the flags, the torch installation, the Python and the host.
+A build takes about half a minute on 2 cores and is cached under $MIAOTUI_HOME/kernels (default
+~/.cache/miaotui/kernels, beside the models), keyed by the sources, the flags, the torch installation, the Python and
+the host.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def _build_dir(name: str, flags: list[str]) -> Path:
     sources = b"".join(p.read_bytes() for p in _SOURCES + _HEADERS)
     key = hashlib.sha256(sources + " ".join(flags).encode() + torch.__version__.encode() + torch.__file__.encode()
                          + sys.version.encode() + platform.node().encode()).hexdigest()[:16]
-    root = Path(os.environ.get("MIAOTUI_CACHE", Path.home() / ".cache" / "miaotui"))
+    root = Path(os.environ.get("MIAOTUI_HOME", Path.home() / ".cache" / "miaotui"))
     path = root / "kernels" / f"{name}-{key}"
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -108,7 +109,7 @@ def load(cls: str):
 
         folder = _build_dir(name, flags)
         if not (folder / f"{name}.so").exists():
-            log.warning("compiling miaotui's %s CPU kernels (once per machine, about a minute)", cls)
+            log.warning("compiling miaotui's %s CPU kernels (once per machine, about half a minute)", cls)
         _modules[cls] = build(name=name, sources=[str(p) for p in _SOURCES], extra_cflags=flags,
                               extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
     except Exception as e:  # no compiler, no ninja, or a build error: plain torch keeps working

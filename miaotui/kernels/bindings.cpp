@@ -21,6 +21,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul", &qmatmul, "x @ W^T for 4/8-bit packed weights, activations quantized to int8 per 32",
         py::arg("x"), py::arg("w"), py::arg("dm"), py::arg("bits"), py::arg("group"), py::arg("n"),
         py::arg("in_scale") = py::none(), py::arg("reference") = false);
+  m.def("pack_blocks", &pack_blocks, "GGUF blocks [N, K] straight into the packed layout: (data, dm, bits)",
+        py::arg("raw"), py::arg("type"), py::arg("n"), py::arg("k"), py::arg("rows") = py::none(),
+        py::arg("bits") = 0);
   m.def("tile_matmul", &tile_matmul, "x @ W^T for a bf16 weight in AMX tile order", py::arg("x"), py::arg("tiles"),
         py::arg("n"));
   py::class_<Proj>(m, "Proj", "a projection's weights as qmatmul and tile_matmul take them", py::module_local())

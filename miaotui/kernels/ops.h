@@ -4,6 +4,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <string>
+#include <tuple>
+
 using at::Tensor;
 
 // ops.cpp
@@ -21,3 +24,5 @@ bool qmatmul_amx();
 Tensor qmatmul(const Tensor& x, const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t N,
                const c10::optional<Tensor>& in_scale, bool reference);
 Tensor tile_matmul(const Tensor& x, const Tensor& tiles, int64_t N);
+std::tuple<Tensor, Tensor, int64_t> pack_blocks(const Tensor& raw, const std::string& type, int64_t N, int64_t K,
+                                                const c10::optional<Tensor>& rows, int64_t out_bits);

@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -340,19 +341,22 @@ void dequantize_rows(const uint8_t* w, const at::Half* dm, int64_t K, int64_t gr
       const int64_t rows = std::min<int64_t>(16, N - rb * 16);
       const uint8_t* line = w + rb * line_bytes;
       float* o = out + (rb - rb_begin) * 16 * K;
-      for (int64_t c = 0; c < K / per_line; ++c, line += 64)
-        for (int r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < K / per_line; ++c, line += 64) {
+        const int64_t k0 = c * per_line, g = k0 / group;  // a line's inputs lie in one group
+        for (int r = 0; r < rows; ++r) {
+          const float dr = d[r * ngroups + g], mr = m[r * ngroups + g];
+          float* orow = o + r * K + k0;
           for (int j = 0; j < 4; ++j) {
             const uint8_t b = line[r * 4 + j];
-            const int64_t k = c * per_line + j, g = k / group;
             if (Bits == 4) {
-              o[r * K + k] = static_cast<float>(b & 0x0F) * d[r * ngroups + g] + m[r * ngroups + g];
-              const int64_t g4 = (k + 4) / group;
-              o[r * K + k + 4] = static_cast<float>(b >> 4) * d[r * ngroups + g4] + m[r * ngroups + g4];
+              orow[j] = static_cast<float>(b & 0x0F) * dr + mr;
+              orow[j + 4] = static_cast<float>(b >> 4) * dr + mr;
             } else {
-              o[r * K + k] = static_cast<float>(b) * d[r * ngroups + g] + m[r * ngroups + g];
+              orow[j] = static_cast<float>(b) * dr + mr;
             }
           }
+        }
+      }
     }
   });
 }
@@ -372,7 +376,8 @@ Tensor dense_qmatmul(const Tensor& x, const Tensor& w, const Tensor& dm, int64_t
                                       wf.data_ptr<float>());
     else dequantize_rows<8>(w.data_ptr<uint8_t>(), dm.data_ptr<at::Half>(), K, group, rb, rb_end, N,
                             wf.data_ptr<float>());
-    y.narrow(1, n0, n).copy_(at::mm(xf, wf.narrow(0, 0, n).t()));
+    if (n == N) at::mm_out(y, xf, wf.narrow(0, 0, n).t());  // one chunk: straight into y, no copy
+    else y.narrow(1, n0, n).copy_(at::mm(xf, wf.narrow(0, 0, n).t()));
   }
   auto shape = x.sizes().vec();
   shape.back() = N;
@@ -706,6 +711,101 @@ Tensor amx_rows(const T* x, const S* in_scale, int64_t M, int64_t K) {
 }
 #endif
 
+// ---------------------------------------------------------------------------------------------------------------
+// GGUF blocks straight into the packed layout, for loading: no float detour, no torch ops per tensor. Each block
+// type decodes one group of 32 weights into unsigned codes with w = d * q + m (the layout's fp16 d and m).
+enum class BlockType { Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K };
+
+inline float f16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
+
+// Group g (of 32 inputs) of one row's blocks -> codes q[32], d, m. Q6_K (sub-blocks of 16 with their own int8
+// scales) has no exact 8-bit form: its group is requantized to 8 bits (255 levels for its 64).
+inline void decode_group(BlockType t, const uint8_t* row, int64_t g, uint8_t* q, float& d, float& m) {
+  switch (t) {
+    case BlockType::Q4_0: case BlockType::Q4_1: {
+      const bool affine = t == BlockType::Q4_1;
+      const uint8_t* b = row + g * (affine ? 20 : 18);
+      d = f16(b);
+      m = affine ? f16(b + 2) : -8.f * d;
+      const uint8_t* qs = b + (affine ? 4 : 2);
+      for (int i = 0; i < 16; ++i) q[i] = qs[i] & 0x0F, q[i + 16] = qs[i] >> 4;
+      return;
+    }
+    case BlockType::Q5_0: case BlockType::Q5_1: {
+      const bool affine = t == BlockType::Q5_1;
+      const uint8_t* b = row + g * (affine ? 24 : 22);
+      d = f16(b);
+      m = affine ? f16(b + 2) : -16.f * d;
+      uint32_t qh;
+      std::memcpy(&qh, b + (affine ? 4 : 2), 4);
+      const uint8_t* qs = b + (affine ? 8 : 6);
+      for (int i = 0; i < 16; ++i) {
+        q[i] = (qs[i] & 0x0F) | (((qh >> i) & 1) << 4);
+        q[i + 16] = (qs[i] >> 4) | (((qh >> (i + 16)) & 1) << 4);
+      }
+      return;
+    }
+    case BlockType::Q8_0: {
+      const uint8_t* b = row + g * 34;
+      d = f16(b);
+      m = -128.f * d;
+      for (int i = 0; i < 32; ++i) q[i] = static_cast<uint8_t>(static_cast<int8_t>(b[2 + i]) + 128);
+      return;
+    }
+    case BlockType::Q4_K: {  // super-block of 256: d, dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
+      const uint8_t* b = row + (g / 8) * 144;
+      const int j = static_cast<int>(g % 8);
+      const uint8_t* sc = b + 4;
+      const int scale = j < 4 ? sc[j] & 63 : (sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4);
+      const int mn = j < 4 ? sc[j + 4] & 63 : (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+      d = f16(b) * static_cast<float>(scale);
+      m = -f16(b + 2) * static_cast<float>(mn);
+      const uint8_t* qs = b + 16 + (j / 2) * 32;
+      for (int i = 0; i < 32; ++i) q[i] = j % 2 ? qs[i] >> 4 : qs[i] & 0x0F;
+      return;
+    }
+    case BlockType::Q6_K: {  // super-block of 256: 128 bytes low nibbles, 64 bytes high bits, 16 int8 scales, d
+      const uint8_t* b = row + (g / 8) * 210;
+      const int j = static_cast<int>(g % 8), half = j / 4, part = j % 4;  // 4 groups of 32 per half of 128
+      const uint8_t* ql = b + half * 64;
+      const uint8_t* qh = b + 128 + half * 32;
+      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192) + half * 8;
+      const float dd = f16(b + 208);
+      float v[32], amax = 0.f;
+      for (int i = 0; i < 32; ++i) {
+        const int low = part < 2 ? ql[part * 32 + i] & 0x0F : ql[(part - 2) * 32 + i] >> 4;
+        const int high = (qh[i] >> (2 * part)) & 3;
+        v[i] = dd * sc[part * 2 + i / 16] * static_cast<float>((low | (high << 4)) - 32);
+        amax = std::max(amax, std::fabs(v[i]));
+      }
+      // the step rounded to fp16 (up, so no code passes 127; at least fp16's smallest normal), then the codes
+      const float step = static_cast<float>(c10::Half(std::max(amax / 127.f, 6.2e-5f) * (1.f + 1.f / 1024)));
+      for (int i = 0; i < 32; ++i)
+        q[i] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(std::max(-127.f, std::min(127.f, v[i] / step)))) + 128);
+      d = step;
+      m = -128.f * step;
+      return;
+    }
+  }
+}
+
+BlockType block_type(const std::string& name, int64_t& block_bytes, int64_t& block_weights, int& bits) {
+  static const struct { const char* name; BlockType t; int64_t bytes, weights; int bits; } types[] = {
+      {"Q4_0", BlockType::Q4_0, 18, 32, 4}, {"Q4_1", BlockType::Q4_1, 20, 32, 4}, {"Q5_0", BlockType::Q5_0, 22, 32, 8},
+      {"Q5_1", BlockType::Q5_1, 24, 32, 8}, {"Q8_0", BlockType::Q8_0, 34, 32, 8}, {"Q4_K", BlockType::Q4_K, 144, 256, 4},
+      {"Q6_K", BlockType::Q6_K, 210, 256, 8}};
+  for (const auto& t : types)
+    if (name == t.name) {
+      block_bytes = t.bytes, block_weights = t.weights, bits = t.bits;
+      return t.t;
+    }
+  TORCH_CHECK(false, "pack_blocks: no packing for block type ", name);
+}
+
 }  // namespace
 
 const char* qmatmul_path() { return MIAOTUI_VNNI ? "vnni" : MIAOTUI_AVX2 ? "avx2" : "generic"; }
@@ -808,4 +908,51 @@ Tensor tile_matmul(const Tensor& x_, const Tensor& tiles, int64_t N) {
   TORCH_CHECK(false, "tile_matmul: built without AMX");
 #endif
   return y;
+}
+
+// The packed layout (data, dm) of a GGUF tensor [N, K] of block type `type` from its raw bytes (rows in file order;
+// output row r is file row rows[r] when a permutation is given), in `out_bits` (0: the type's own; 4-bit types may
+// be written as 8-bit codes). Returns (data, dm, bits).
+std::tuple<Tensor, Tensor, int64_t> pack_blocks(const Tensor& raw, const std::string& type, int64_t N, int64_t K,
+                                                const c10::optional<Tensor>& rows, int64_t out_bits) {
+  int64_t block_bytes, block_weights;
+  int bits;
+  const BlockType t = block_type(type, block_bytes, block_weights, bits);
+  TORCH_CHECK(out_bits == 0 || out_bits >= bits, "pack_blocks: ", type, " needs ", bits, " bits");
+  if (out_bits) bits = static_cast<int>(out_bits);
+  TORCH_CHECK(raw.scalar_type() == at::kByte && raw.is_contiguous() && K % block_weights == 0 &&
+              raw.numel() == N * K / block_weights * block_bytes, "pack_blocks: raw bytes do not match N, K and ", type);
+  TORCH_CHECK(!rows || (rows->scalar_type() == at::kLong && rows->numel() == N), "pack_blocks: one int64 row each");
+  const int64_t rblocks = (N + 15) / 16, ngroups = K / QBLOCK, row_bytes = K / block_weights * block_bytes;
+  Tensor data = at::empty({rblocks, K * bits / 32, 16, 4}, raw.options());
+  Tensor dm = at::empty({rblocks, ngroups, 2, 16}, raw.options().dtype(at::kHalf));
+  const uint8_t* src = raw.data_ptr<uint8_t>();
+  const int64_t* perm = rows ? rows->data_ptr<int64_t>() : nullptr;
+  uint8_t* out = data.data_ptr<uint8_t>();
+  at::Half* dmo = dm.data_ptr<at::Half>();
+  const int64_t lines = K * bits / 32 / ngroups;  // 64-byte lines per group: 4 (4-bit) or 8
+  at::parallel_for(0, rblocks, 1, [&](int64_t b0, int64_t b1) {
+    uint8_t q[16][32];
+    for (int64_t rb = b0; rb < b1; ++rb) {
+      const int rows_here = static_cast<int>(std::min<int64_t>(16, N - rb * 16));
+      const uint8_t* row_ptr[16];
+      for (int r = 0; r < rows_here; ++r) row_ptr[r] = src + (perm ? perm[rb * 16 + r] : rb * 16 + r) * row_bytes;
+      for (int64_t g = 0; g < ngroups; ++g) {  // one group of 16 rows: decode, then write its lines in order
+        at::Half* dmg = dmo + (rb * ngroups + g) * 32;
+        for (int r = 0; r < 16; ++r) {
+          float d = 0.f, m = 0.f;
+          if (r < rows_here) decode_group(t, row_ptr[r], g, q[r], d, m);
+          else std::memset(q[r], 0, 32);  // padding rows: zero codes, zero scales
+          dmg[r] = at::Half(d);
+          dmg[16 + r] = at::Half(m);
+        }
+        uint8_t* o = out + (rb * ngroups + g) * lines * 64;
+        for (int c = 0; c < lines; ++c, o += 64)
+          for (int r = 0; r < 16; ++r)
+            for (int j = 0; j < 4; ++j)
+              o[r * 4 + j] = bits == 4 ? q[r][c * 8 + j] | (q[r][c * 8 + j + 4] << 4) : q[r][c * 4 + j];
+      }
+    }
+  });
+  return {data, dm, bits};
 }

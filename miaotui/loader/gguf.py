@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,9 +11,9 @@ import torch
 
 from miaotui.config import ModelConfig
 from miaotui.errors import ModelFileError
-from miaotui.loader.dequant import SUPPORTED_TYPES, block_codes, dequantize
+from miaotui.loader.dequant import FLOAT_TYPES, SUPPORTED_TYPES, block_codes, dequantize
 from miaotui.loader.gguf_file import GGUFFile
-from miaotui.loader.tensors import FileTensor
+from miaotui.loader.tensors import FileTensor, RawBlocks
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 
@@ -144,8 +145,14 @@ def iter_weights(f: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[str, FileTenso
         def codes(info=info):
             return block_codes(f.raw(info.name), info.qtype, info.shape)
 
-        t = FileTensor(info.shape, _BITS.get(info.qtype.name[:2], 16), values,
-                       codes if name.endswith(_CODED) else None)
+        def blocks(info=info):
+            with warnings.catch_warnings():  # the memory map is read-only; the packer only reads it
+                warnings.simplefilter("ignore", UserWarning)
+                return [RawBlocks(torch.from_numpy(f.raw(info.name)), info.qtype.name, info.shape[0])]
+
+        coded = name.endswith(_CODED)
+        t = FileTensor(info.shape, _BITS.get(info.qtype.name[:2], 16), values, codes if coded else None,
+                       blocks if coded and info.qtype not in FLOAT_TYPES else None)
         if cfg.architecture == "llama" and (".q_proj." in name or ".k_proj." in name):
             heads = cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads
             t = t.map_rows(lambda w, heads=heads: unpermute_rotary(w, heads))

@@ -79,12 +79,29 @@ class GGUFFile:
         self._pos += n
         return s
 
+    def _strings(self, count: int) -> list[str]:
+        """An array of strings (a vocabulary, its merges: 150k of them) in one tight loop."""
+        buf, pos, end = self._buf, self._pos, len(self._buf)
+        length = struct.Struct("<Q").unpack_from
+        out = []
+        for _ in range(count):
+            n = length(buf, pos)[0]
+            pos += 8
+            if pos + n > end:
+                raise ValueError(f"string of {n} bytes runs past the end")
+            out.append(str(buf[pos : pos + n], "utf-8", "replace"))
+            pos += n
+        self._pos = pos
+        return out
+
     def _value(self, vtype: GGUFValueType) -> Any:
         if vtype == GGUFValueType.STRING:
             return self._string()
         if vtype == GGUFValueType.ARRAY:
             etype = GGUFValueType(self._unpack("<I", 4))
             count = self._unpack("<Q", 8)
+            if etype == GGUFValueType.STRING:
+                return self._strings(count)
             if etype in _NUMPY:
                 dt = np.dtype(_NUMPY[etype])
                 end = self._pos + count * dt.itemsize

@@ -37,17 +37,34 @@ class BlockCodes:
                           max(p.bits for p in parts))
 
 
+@dataclass(frozen=True, slots=True)
+class RawBlocks:
+    """A tensor's bytes as the file stores them (GGUF block type `type`, e.g. "Q4_K"), for a packer that reads
+    them directly; output row r is file row rows[r] where the rows were rearranged."""
+
+    data: torch.Tensor  # uint8, the file's bytes (a view of the memory map)
+    type: str
+    num_rows: int
+    rows: torch.Tensor | None = None
+
+
 class FileTensor:
     """One tensor of a checkpoint. `values()` reads (and dequantizes) it at each call, so a caller keeps what it
-    gets; `codes()` gives the file's integer blocks or None; `bits` is how many bits per weight the file spends on
-    it (16 for float files)."""
+    gets; `codes()` gives the file's integer blocks or None; `blocks()` its raw bytes where the file has blocks;
+    `bits` is how many bits per weight the file spends on it (16 for float files)."""
 
     def __init__(self, shape: tuple[int, ...], bits: int, values: Callable[[], torch.Tensor],
-                 codes: Callable[[], BlockCodes | None] | None = None):
+                 codes: Callable[[], BlockCodes | None] | None = None,
+                 blocks: Callable[[], RawBlocks] | None = None):
         self.shape = tuple(shape)
         self.bits = bits
         self._values = values
         self._codes = codes
+        self._blocks = blocks
+
+    def blocks(self) -> list[RawBlocks] | None:
+        """The raw bytes of each part (one part, or those of a fused projection), or None."""
+        return None if self._blocks is None else self._blocks()
 
     @classmethod
     def of(cls, t: torch.Tensor) -> FileTensor:
@@ -61,10 +78,16 @@ class FileTensor:
         return None if self._codes is None else self._codes()
 
     def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> FileTensor:
-        """The same tensor with its rows rearranged by `fn` (values and codes alike), still read lazily."""
-        codes = self._codes
+        """The same tensor with its rows rearranged by `fn` (values, codes and raw rows alike), still read lazily."""
+        codes, blocks = self._codes, self._blocks
+
+        def rearranged() -> list[RawBlocks]:
+            (b,) = blocks()
+            rows = torch.arange(self.shape[0]) if b.rows is None else b.rows
+            return [RawBlocks(b.data, b.type, self.shape[0], fn(rows[:, None]).reshape(-1))]
+
         return FileTensor(self.shape, self.bits, lambda: fn(self._values()),
-                          None if codes is None else lambda: _map(codes(), fn))
+                          None if codes is None else lambda: _map(codes(), fn), None if blocks is None else rearranged)
 
     def transposed(self) -> FileTensor:
         """A float matrix stored [in, out] (GPT-2's Conv1D) as [out, in]."""
@@ -83,8 +106,9 @@ class FileTensor:
             return None if any(c is None for c in each) else BlockCodes.cat(each)
 
         coded = all(p._codes is not None for p in parts)
+        raw = all(p._blocks is not None for p in parts)
         return FileTensor(shape, max(p.bits for p in parts), lambda: torch.cat([p.values() for p in parts]),
-                          codes if coded else None)
+                          codes if coded else None, (lambda: [b for p in parts for b in p.blocks()]) if raw else None)
 
 
 def _map(codes: BlockCodes | None, fn: Callable[[torch.Tensor], torch.Tensor]) -> BlockCodes | None:

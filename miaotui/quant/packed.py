@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from miaotui.kernels import cpu_ops, has_packed
+from miaotui.loader.tensors import RawBlocks
 
+BLOCK_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 8, "Q5_1": 8, "Q8_0": 8, "Q6_K": 8}  # what the packer reads
 
 @dataclass
 class PackedWeight:
@@ -47,6 +49,23 @@ class PackedWeight:
         else:
             data = codes.view(rows // 16, 16, k // 4, 4).permute(0, 2, 1, 3)
         return cls(data.contiguous(), dm, bits, group, (n, k))
+
+    @classmethod
+    def from_blocks(cls, parts: list[RawBlocks] | None, k: int, bits: int | None = None) -> PackedWeight | None:
+        """Straight from a file's raw blocks (one tensor, or the parts of a fused projection), read by the kernels'
+        packer with no float detour: 4-bit types as 4-bit codes, 5- to 8-bit types (and a mix) as 8-bit codes, Q6_K
+        requantized to 8 bits per group of 32. None where the packer cannot (no kernels, another block type, parts
+        not in whole blocks of 16 rows)."""
+        ops = cpu_ops()
+        if ops is None or not parts or k % 32 or any(p.type not in BLOCK_BITS for p in parts):
+            return None
+        if any(p.num_rows % 16 for p in parts[:-1]):
+            return None
+        bits = bits or max(BLOCK_BITS[p.type] for p in parts)
+        packed = [ops.pack_blocks(p.data, p.type, p.num_rows, k, p.rows, bits) for p in parts]
+        data = torch.cat([p[0] for p in packed]) if len(packed) > 1 else packed[0][0]
+        dm = torch.cat([p[1] for p in packed]) if len(packed) > 1 else packed[0][1]
+        return cls(data, dm, bits, 32, (sum(p.num_rows for p in parts), k))
 
     def matmul(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., K] (fp32 or bf16, times in_scale [K] first) @ Wᵀ, in x's dtype."""

@@ -34,6 +34,7 @@ from miaotui.quant.dense import DenseWeight, dense_weight, onednn_bf16
 from miaotui.quant.hybrid import HybridWeight
 from miaotui.quant.int4 import Int4Weight
 from miaotui.quant.int8 import Int8Weight
+from miaotui.quant.packed import PackedWeight
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -125,8 +126,6 @@ def apply(model: nn.Module, quantization: str, group_size: int, dtype: torch.dty
     # (Qwen2.5-0.5B, Q5_0 projections: +5.7% perplexity over bf16, +3.3% with them at 8 bits, for 21 MB).
     def eight_bit(m: Linear) -> bool:
         bits = mats[m].bits
-        if method == "native":
-            return m is head or mats[m].codes is None or mats[m].codes.bits > 4
         return m is head or (method == "int4" and (5 < bits < 16 or (bits == 5 and ".self_attn." in linears[m])))
 
     power: dict[nn.Module, torch.Tensor] = {}
@@ -144,10 +143,10 @@ def apply(model: nn.Module, quantization: str, group_size: int, dtype: torch.dty
         elif method == "hybrid":
             small = int8_format(mat, dtype) if m is head else int4_format(mat, group, dtype)
             m.format = HybridWeight(small, dense_weight(mat.values))
+        elif method == "native":
+            m.format = native_format(mat, dtype, 8 if m is head else None)
         elif method == "int8" or eight_bit(m):
             m.format = int8_format(mat, dtype)
-        elif method == "native":  # 4-bit blocks, at their own group size
-            m.format = Int4Weight.from_codes(mat.codes)
         else:
             m.format = int4_format(mat, group, dtype, power.get(m) if m.activation_aware else None)
         m.parts = {}
@@ -159,6 +158,8 @@ def apply(model: nn.Module, quantization: str, group_size: int, dtype: torch.dty
         model.head = dense_weight(mats[head].values)
     elif method == "hybrid":
         model.head = HybridWeight(int8_format(mats[head], dtype), dense_weight(mats[head].values))
+    elif method == "native":
+        model.head = native_format(mats[head], dtype, 8)
     else:
         model.head = int8_format(mats[head], dtype)
     for e in embeddings:
@@ -194,10 +195,25 @@ def int4_format(mat: Matrix, group: int, dtype: torch.dtype,
     return Int4Weight.from_float(mat.values, group, in_power)
 
 
+def native_format(mat: Matrix, dtype: torch.dtype, bits: int | None = None) -> Int4Weight | Int8Weight:
+    """The file's own codes at their own width (or `bits`): read straight from its blocks by the kernels' packer
+    where it can, else from the codes (and int8 per row from float for block types without 8-bit codes)."""
+    packed = PackedWeight.from_blocks(mat.src.blocks(), mat.shape[1], bits)
+    if packed is not None:
+        return Int4Weight(None, None, 32, packed.shape, fast=packed) if packed.bits == 4 else Int8Weight(None, None,
+                                                                                                         packed)
+    codes = mat.codes
+    if bits is None and codes is not None and codes.bits <= 4:
+        return Int4Weight.from_codes(codes)
+    return int8_format(mat, dtype)
+
+
 def embedding_format(mat: Matrix, method: str, dtype: torch.dtype) -> WeightFormat:
     """An untied embedding table is only ever read a row per token, never multiplied: under int4 it takes 4-bit
     groups of 32 too (Qwen2.5-0.5B's 136M entries: 153 -> 85 MB) where miaotui's kernel layout exists; int8
-    otherwise."""
-    if (method == "int4" or (method == "native" and exact_int4(mat, 32))) and mat.shape[1] % 32 == 0 and has_packed():
+    otherwise; under native, the file's own codes."""
+    if method == "native":
+        return native_format(mat, dtype)
+    if method == "int4" and mat.shape[1] % 32 == 0 and has_packed():
         return int4_format(mat, 32, dtype)
     return int8_format(mat, dtype)

@@ -22,7 +22,10 @@ def loaded(request):
 
 
 def make(loaded, **kw) -> Engine:
+    """Dense fp32 weights: these tests hold the engine's mechanics to exact arithmetic (the low-bit formats'
+    integer kernels round activations to ~15 bits, which moves logprobs by ~1e-4; test_quantize.py checks them)."""
     kw.setdefault("kv_cache_memory", 64 * 2**20)
+    kw.setdefault("quantization", "none")
     return Engine(EngineConfig(model=str(loaded.files.path), dtype="float32", **kw), loaded=loaded)
 
 

@@ -33,7 +33,7 @@ PROMPTS = ["Once upon a time", "The best way to learn programming is", "中国�
 def pair(request):
     """(miaotui fp32 engine, transformers fp32 model) on the same file; freed after the module."""
     path = model_path(request.param)
-    engine = Engine(EngineConfig(model=str(path), dtype="float32", kv_cache_memory=128 * 2**20))
+    engine = Engine(EngineConfig(model=str(path), dtype="float32", quantization="none", kv_cache_memory=128 * 2**20))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                            dtype=torch.float32)
     hf.eval()
