@@ -186,31 +186,6 @@ inline void qgemm_block(const uint8_t* w, const at::Half* dm, const int8_t* xq, 
     store_row(y + t * ldy, rows, out);
   }
 }
-
-template <int Bits, typename T>
-void qgemm_rows(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M, int64_t K, int64_t group,
-                int64_t N, T* y, int64_t rb_begin, int64_t rb_end) {
-  const int64_t line_bytes = 16 * K * Bits / 8, ngroups = K / group, nb = K / QBLOCK;
-  constexpr int TILE = 4;
-  for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
-    const uint8_t* wb = w + rb * line_bytes;
-    const at::Half* dmb = dm + rb * ngroups * 32;
-    const int64_t rows = std::min<int64_t>(16, N - rb * 16);
-    int64_t m = 0;
-    auto args = [&](int64_t m0) {
-      return std::make_tuple(x.q.data() + m0 * K, x.r.data() + m0 * K, x.d.data() + m0 * nb,
-                             x.gsum.data() + m0 * ngroups);
-    };
-    for (; m + TILE <= M; m += TILE) {
-      auto [q, r, d, gs] = args(m);
-      qgemm_block<Bits, TILE>(wb, dmb, q, r, d, gs, K, group, y + m * N + rb * 16, N, rows);
-    }
-    for (; m < M; ++m) {
-      auto [q, r, d, gs] = args(m);
-      qgemm_block<Bits, 1>(wb, dmb, q, r, d, gs, K, group, y + m * N + rb * 16, N, rows);
-    }
-  }
-}
 #endif
 
 #if MIAOTUI_AVX2
@@ -220,9 +195,9 @@ void qgemm_rows(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M
 // 16 * high + low nibble), so a block's int16 sums cannot overflow (8 x 2 x 15 x 127 < 2^15) and are widened once per
 // block; the integer sums are exactly the VNNI kernel's. Both halves of a line take each activation broadcast.
 template <int Bits, int MT, typename T>
-inline void qgemm_block_avx2(const uint8_t* w, const at::Half* dm, const int8_t* xq, const int8_t* xr,
-                             const float* xd, const float* gs, int64_t K, int64_t group, T* y, int64_t ldy,
-                             int64_t rows) {
+inline void qgemm_block(const uint8_t* w, const at::Half* dm, const int8_t* xq, const int8_t* xr,
+                        const float* xd, const float* gs, int64_t K, int64_t group, T* y, int64_t ldy,
+                        int64_t rows) {
   const int64_t ngroups = K / group, blocks_per_group = group / QBLOCK, nb = K / QBLOCK;
   constexpr int chunks = Bits == 4 ? 4 : 8;  // 64-byte lines per block of 32 inputs
   constexpr int planes = Bits == 4 ? 1 : 2;  // int16 sums kept apart per term: 8-bit codes' low and high nibbles
@@ -294,23 +269,26 @@ inline void qgemm_block_avx2(const uint8_t* w, const at::Half* dm, const int8_t*
   }
   for (int t = 0; t < MT; ++t) store_row(y + t * ldy, rows, acc[t]);
 }
+#endif
 
+#if MIAOTUI_VNNI || MIAOTUI_AVX2
+// Row blocks of 16 outputs, the tokens TILE at a time, through this class's block kernel above.
 template <int Bits, typename T>
 void qgemm_rows(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M, int64_t K, int64_t group,
                 int64_t N, T* y, int64_t rb_begin, int64_t rb_end) {
   const int64_t line_bytes = 16 * K * Bits / 8, ngroups = K / group, nb = K / QBLOCK;
-  constexpr int TILE = 2;
+  constexpr int TILE = MIAOTUI_VNNI ? 4 : 2;  // tokens per pass: each line unpacked once for them
   for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
     const uint8_t* wb = w + rb * line_bytes;
     const at::Half* dmb = dm + rb * ngroups * 32;
     const int64_t rows = std::min<int64_t>(16, N - rb * 16);
     int64_t m = 0;
     for (; m + TILE <= M; m += TILE)
-      qgemm_block_avx2<Bits, TILE>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
-                                   x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows);
+      qgemm_block<Bits, TILE>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
+                              x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows);
     for (; m < M; ++m)
-      qgemm_block_avx2<Bits, 1>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
-                                x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows);
+      qgemm_block<Bits, 1>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
+                           x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows);
   }
 }
 #endif
