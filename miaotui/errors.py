@@ -11,3 +11,7 @@ class ModelFileError(MiaotuiError):
 
 class ModelSourceError(MiaotuiError):
     """A model name cannot be resolved to files (unknown alias, failed download)."""
+
+
+class RequestFailed(MiaotuiError):
+    """The engine failed one request (its data broke a step); the engine and the other requests went on."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from miaotui.engine.engine import Engine, EngineStats
 from miaotui.engine.sequence import RequestOutput
+from miaotui.errors import RequestFailed
 from miaotui.sampling import SamplingParams
 from miaotui.tokenizer import Tokenizer
 
@@ -70,6 +71,11 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._post(("abort", request_id))
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine loop is running (the server's /health reads it)."""
+        return self._thread.is_alive()
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -136,10 +142,13 @@ class AsyncEngine:
                 log.exception("engine step failed; aborting the running requests")
                 for rid in list(self.engine.sequences):
                     self.engine.abort(rid)
-                    self._deliver(rid, RuntimeError(f"engine error: {e}"))
+                    self._deliver(rid, RequestFailed(f"engine error: {type(e).__name__}: {e}"))
                 continue
             for out in outputs:
-                self._deliver(out.request_id, out)
+                if out.error is not None:
+                    self._deliver(out.request_id, RequestFailed(out.error))
+                else:
+                    self._deliver(out.request_id, out)
 
     def _deliver(self, request_id: str, item) -> None:
         stream = self._streams.get(request_id)

@@ -156,8 +156,26 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch.empty:
             return []
-        tokens, logprobs = self.runner.run(batch)
-        return [self._output(seq) for seq in self.scheduler.update(batch, tokens, logprobs)]
+        try:
+            tokens, logprobs = self.runner.run(batch)
+        except Exception as e:  # the pass failed: fail this step's requests, keep the engine (and the rest) going
+            log.exception("forward pass failed")
+            for seq in batch.seqs:
+                self.scheduler.fail(seq, e)
+            return self._outputs(batch.seqs)
+        return self._outputs(self.scheduler.update(batch, tokens, logprobs))
+
+    def _outputs(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        """Outputs of the sequences that moved; a failed sample fails its whole request (its siblings too)."""
+        seqs = list(seqs)
+        for seq in [s for s in seqs if s.error is not None]:
+            for sib in self.sequences.get(seq.request_id, []):
+                if not sib.finished:
+                    self.scheduler.finish(sib, "error")
+                    sib.error = seq.error
+                    if all(s is not sib for s in seqs):
+                        seqs.append(sib)
+        return [self._output(seq) for seq in seqs]
 
     def _output(self, seq: Sequence) -> RequestOutput:
         # Hold back text that could be the start of a stop string until we know it is not.
@@ -171,7 +189,7 @@ class Engine:
                 self.sequences.pop(seq.request_id, None)
         return RequestOutput(seq.request_id, seq.index, seq.token_ids[: seq.num_prompt], seq.output_ids,
                              seq.text, delta, seq.finished, seq.finish_reason, seq.logprobs, replace(seq.metrics),
-                             seq.stop_reason)
+                             seq.stop_reason, seq.error)
 
     # -- utilities --------------------------------------------------------------------------------
     @torch.inference_mode()

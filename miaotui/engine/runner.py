@@ -62,6 +62,7 @@ class ModelRunner:
             if self.kv_scale is not None:
                 self.kv_scale[:, :, index] = 0
 
+    @torch.inference_mode()  # the logits are inference tensors: penalties and masks edit them in place
     def run(self, batch: ScheduledBatch) -> tuple[list[int], list[TokenLogprob | None]]:
         """One step: the forward pass over the batch, then a token for each sequence that has caught up."""
         self.zero_blocks(batch.fresh_blocks)

@@ -7,14 +7,17 @@ prefix cache, the sampled token appended and detokenized, the request's times, a
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from miaotui.engine.kv_cache import KVCacheManager
 from miaotui.engine.sequence import Sequence, Status, TokenLogprob
+
+log = logging.getLogger("miaotui")
 
 
 @dataclass(slots=True)
@@ -44,6 +47,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # Called with each sequence and its new token before booking; the soak test injects faults here.
+        self.on_token: Callable[[Sequence, int], None] | None = None
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -130,9 +135,20 @@ class Scheduler:
         for i, token, lp in zip(rows, tokens, logprobs):
             seq = batch.seqs[i]
             seq.metrics.first_token_time = seq.metrics.first_token_time or now
-            self._append(seq, token, lp)
+            try:
+                if self.on_token is not None:
+                    self.on_token(seq, token)
+                self._append(seq, token, lp)
+            except Exception as e:  # this request's data broke its booking (detokenizer, stop check): fail it alone
+                self.fail(seq, e)
             took.append(seq)
         return took
+
+    def fail(self, seq: Sequence, error: BaseException) -> None:
+        """End a sequence because processing it raised; its blocks come back, the other sequences go on."""
+        log.error("request %s failed: %s: %s", seq.request_id, type(error).__name__, error)
+        seq.error = f"{type(error).__name__}: {error}"
+        self.finish(seq, "error")
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         p = seq.params

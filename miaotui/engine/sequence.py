@@ -69,6 +69,7 @@ class Sequence:
     num_cached_prompt: int = 0  # prompt tokens served from the prefix cache
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    error: str | None = None  # why the engine failed this sequence (finish_reason "error")
     text: str = ""
     emitted: int = 0  # characters of `text` already handed to the caller
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -104,6 +105,7 @@ class RequestOutput:
     logprobs: list[TokenLogprob]
     metrics: RequestMetrics
     stop_reason: str | int | None = None
+    error: str | None = None  # set when finish_reason is "error": the request failed, the engine went on
 
     @property
     def prompt_tokens(self) -> int:
