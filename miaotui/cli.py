@@ -6,10 +6,12 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from miaotui.config import DEFAULT_MODEL, QUANTIZATIONS, EngineConfig
 from miaotui.errors import MiaotuiError
@@ -211,7 +213,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from miaotui.engine.async_engine import AsyncEngine
-    from miaotui.server.app import create_app
+    from miaotui.server.app import ServerLimits, create_app
 
     class DrainingServer(uvicorn.Server):
         """SIGTERM/SIGINT stop accepting connections and let in-flight requests finish for the grace period; the
@@ -221,14 +223,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         def capture_signals(self):
             yield
 
+    api_key = _api_key(args)
     engine = AsyncEngine(_engine(args))
+    fault_seed = os.environ.get("MIAOTUI_FAULT_SEED")
+    if fault_seed:  # the soak test's fault injection: requests with this seed fail at their third token
+        engine.engine.scheduler.on_token = _fault_injector(int(fault_seed))
     name = args.served_model_name or engine.engine.loaded.files.name
-    app = create_app(engine, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                     max_waiting=args.max_waiting)
+    limits = ServerLimits(args.max_body_bytes, args.max_waiting, args.max_prompt_tokens, args.max_request_tokens)
+    app = create_app(engine, name, api_key=api_key, limits=limits)
     logging.getLogger("miaotui.server").setLevel(logging.INFO)
-    log.warning("serving %s on http://%s:%d (OpenAI API under /v1)", name, args.host, args.port)
+    log.warning("serving %s on http://%s:%d (OpenAI API under /v1%s)", name, args.host, args.port,
+                ", API key required" if api_key else "")
+    # Idle keep-alive connections close after 5 s, headers are capped at 64 KiB, and connections past the
+    # queue's size are refused with 503 instead of piling up.
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                           timeout_graceful_shutdown=args.grace_period))
+                                           timeout_graceful_shutdown=args.grace_period, timeout_keep_alive=5,
+                                           h11_max_incomplete_event_size=64 * 1024,
+                                           limit_concurrency=engine.max_num_seqs + args.max_waiting + 64))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
     try:
@@ -238,7 +249,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api_key(args: argparse.Namespace) -> str | None:
+    """--api-key-file, else $MIAOTUI_API_KEY, else --api-key (visible to every user in `ps`: prefer the others)."""
+    if args.api_key_file:
+        try:
+            key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise MiaotuiError(f"{args.api_key_file}: cannot read the API key ({e.strerror})") from None
+        if not key:
+            raise MiaotuiError(f"{args.api_key_file}: the API key file is empty")
+        return key
+    return os.environ.get("MIAOTUI_API_KEY") or args.api_key
+
+
+def _fault_injector(seed: int) -> Callable:
+    def inject(seq, token: int) -> None:
+        if seq.params.seed is not None and seq.params.seed == seed and len(seq.output_ids) >= 2:
+            raise RuntimeError(f"injected fault (seed {seed})")
+
+    return inject
+
+
 def cmd_loadtest(args: argparse.Namespace) -> int:
+    if args.soak:
+        from miaotui.bench.soak import SoakConfig, run_soak
+
+        report = run_soak(SoakConfig(args.soak, args.model, args.concurrency, args.max_tokens))
+        print(report.summary())
+        for problem in report.lost[:10]:
+            print("  lost:", problem)
+        return 0 if report.ok else 1
     from miaotui.bench.serve_bench import format_load, run_load
 
     res = asyncio.run(run_load(args.url, args.model, args.requests, args.concurrency, args.max_tokens,
@@ -359,10 +399,16 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (visible in `ps`: "
+                    "prefer --api-key-file or $MIAOTUI_API_KEY)")
+    sv.add_argument("--api-key-file", default=None, help="read the API key from this file")
     sv.add_argument("--served-model-name", default=None, help="model id in the API (default: the model's name)")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     sv.add_argument("--max-waiting", type=int, default=256, help="queue length past which requests get 503")
+    sv.add_argument("--max-prompt-tokens", type=int, default=None, help="longer prompts get 400 (default: the "
+                    "context length)")
+    sv.add_argument("--max-request-tokens", type=int, default=None, help="requests asking for more than this "
+                    "many tokens in all (n × max_tokens) get 400 (default: no limit past the context)")
     sv.add_argument("--grace-period", type=int, default=30, help="seconds in-flight requests get on SIGTERM")
     _engine_flags(sv)
     sv.set_defaults(fn=cmd_serve, verbose=True)
@@ -373,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--concurrency", type=int, default=64)
     lt.add_argument("--max-tokens", type=int, default=32)
     lt.add_argument("--api-key", default=None)
+    lt.add_argument("--soak", type=float, default=None, metavar="MINUTES", help="start a server of --model on "
+                    "loopback and soak it this long with a mixed workload and injected faults (ignores --url)")
     lt.add_argument("--peer", action="store_true", help="a peer without streamed usage (llama-cpp-python's "
                     "server): count streamed chunks instead")
     lt.set_defaults(fn=cmd_loadtest)

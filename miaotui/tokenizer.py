@@ -156,10 +156,18 @@ class Tokenizer:
         folder = Path(folder)
         if not (folder / "tokenizer.json").is_file():
             raise ModelFileError(f"{folder}: no tokenizer.json in the model folder")
-        backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
+            raise ModelFileError(f"{folder / 'tokenizer.json'}: not a valid tokenizer ({_first_line(e)})") from None
         cfg: dict[str, Any] = {}
         if (folder / "tokenizer_config.json").is_file():
-            cfg = json.loads((folder / "tokenizer_config.json").read_text())
+            try:
+                cfg = json.loads((folder / "tokenizer_config.json").read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ModelFileError(f"{folder / 'tokenizer_config.json'}: not valid JSON ({e})") from None
+            if not isinstance(cfg, dict):
+                raise ModelFileError(f"{folder / 'tokenizer_config.json'}: expected a JSON object")
 
         def token_id(key: str) -> int | None:
             value = cfg.get(key)
@@ -235,6 +243,10 @@ class Tokenizer:
 
 
 _TEMPLATES: dict[str, Any] = {}
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
 
 def _raise(message: str) -> None:

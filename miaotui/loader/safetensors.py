@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from miaotui.config import ModelConfig
 from miaotui.errors import ModelFileError
@@ -109,7 +109,7 @@ def iter_weights(folder: Path, cfg: ModelConfig) -> Iterator[tuple[str, FileTens
                     if cfg.architecture == "gemma3" and key.endswith("norm.weight"):
                         w = w.float() + 1.0
                     yield key, FileTensor.of(w)
-        except (OSError, RuntimeError) as e:
+        except (OSError, RuntimeError, SafetensorError) as e:
             if isinstance(e, ModelFileError):
                 raise
-            raise ModelFileError(f"{path}: cannot read safetensors file ({e})") from None
+            raise ModelFileError(f"{path}: cannot read safetensors file ({str(e).splitlines()[0][:200]})") from None

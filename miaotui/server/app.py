@@ -5,8 +5,10 @@ request guard (API key, body size), OpenAI error bodies (errors.py), admission (
 from __future__ import annotations
 
 import hmac
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from miaotui.engine.async_engine import AsyncEngine
 from miaotui.server import errors
@@ -15,26 +17,85 @@ from miaotui.server.errors import error_response
 from miaotui.server.metrics import Metrics
 from miaotui.server.routes import Server, router
 
+OPEN_PATHS = ("/", "/health", "/metrics")  # answered without the API key: the page asks for it itself
 
-def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-               max_waiting: int = 256) -> FastAPI:
+
+@dataclass
+class ServerLimits:
+    """What one request may ask of the server; beyond these it gets a 4xx, never a 5xx."""
+
+    max_body_bytes: int = 1 << 20
+    max_waiting: int = 256  # queued requests past the running batch; more get 503
+    max_prompt_tokens: int | None = None  # default: the context length
+    max_request_tokens: int | None = None  # n × max_tokens; default: n × the context length
+
+
+class BodyLimit:
+    """413 for a body over the limit, whether announced by Content-Length or sent chunked without one: the body
+    is read (up to the limit) before the app sees it, then replayed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await self._refuse(send, length.decode("latin-1"))
+        body, more = [], True
+        size = 0
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # disconnected while sending
+                return
+            body.append(message.get("body", b""))
+            size += len(body[-1])
+            if size > self.max_bytes:
+                return await self._refuse(send, f"more than {self.max_bytes}")
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(body), "more_body": False}
+            return await receive()  # after the body: the disconnect a streaming response watches for
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Send, size: str) -> None:
+        response = error_response(413, f"request body of {size} bytes exceeds the {self.max_bytes}-byte limit",
+                                  "invalid_request_error", code="request_too_large")
+        await response({"type": "http"}, _no_body, send)
+
+
+async def _no_body() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
+               limits: ServerLimits | None = None) -> FastAPI:
+    limits = limits or ServerLimits()
     app = FastAPI(title="miaotui", version="0.1.0")
-    app.state.miaotui = Server(engine, model_name, Admission(engine.max_num_seqs, max_waiting, engine.max_model_len),
+    prompt_cap = min(limits.max_prompt_tokens or engine.max_model_len, engine.max_model_len)
+    app.state.miaotui = Server(engine, model_name,
+                               Admission(engine.max_num_seqs, limits.max_waiting, engine.max_model_len, prompt_cap,
+                                         limits.max_request_tokens),
                                Metrics(engine))
     errors.install(app)
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
+        if api_key and request.url.path not in OPEN_PATHS:
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 return error_response(401, "missing or invalid API key", "authentication_error",
                                       code="invalid_api_key")
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_body_bytes:
-            return error_response(413, f"request body of {length} bytes exceeds the {max_body_bytes}-byte limit",
-                                  "invalid_request_error")
         return await call_next(request)
 
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     app.include_router(router)
     return app

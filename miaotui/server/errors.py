@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+log = logging.getLogger("miaotui.server")
 
 
 class APIError(Exception):
@@ -35,5 +40,21 @@ def install(app: FastAPI) -> None:
             return error_response(400, "malformed JSON body", "invalid_request_error")
         loc = [str(x) for x in first.get("loc", []) if x != "body"]
         param = ".".join(loc) or None
-        return error_response(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}", "invalid_request_error",
-                              param)
+        if first.get("type") == "extra_forbidden":
+            return error_response(400, f"unsupported parameter: {param}", "invalid_request_error", param,
+                                  code="unsupported_parameter")
+        msg = str(first.get("msg", "invalid value"))[:200]
+        return error_response(400, f"{param or 'body'}: {msg}", "invalid_request_error", param)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, e: HTTPException):  # unknown route, wrong method
+        message = f"{request.method} {request.url.path}: {e.detail}"
+        if e.status_code == 404 and not request.url.path.startswith("/v1"):
+            message += " (the OpenAI API is under /v1)"
+        return error_response(e.status_code, message, "invalid_request_error" if e.status_code < 500 else
+                              "server_error", headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, e: Exception):  # a fault of ours, not of the request: logged, 500
+        log.exception("request failed")
+        return error_response(500, f"internal error: {type(e).__name__}", "server_error")

@@ -16,6 +16,7 @@ from fastapi.responses import HTMLResponse, Response
 
 from miaotui.engine.async_engine import AsyncEngine
 from miaotui.engine.sequence import RequestOutput
+from miaotui.errors import RequestFailed
 from miaotui.sampling import SamplingParams
 from miaotui.server.admission import Admission
 from miaotui.server.errors import APIError
@@ -49,9 +50,12 @@ class Server:
                 last[out.index] = out
                 yield out
             status = "ok"
-        except ValueError as e:
+        except ValueError as e:  # the engine refused the request (prompt too long, bad token id)
             status = "error"
             raise APIError(400, str(e)) from None
+        except RequestFailed as e:  # processing it raised; the engine went on
+            status = "error"
+            raise APIError(500, f"the request failed: {e}", "server_error") from None
         finally:
             self.admission.release()
             seconds = time.perf_counter() - start
@@ -97,7 +101,9 @@ async def chat_page():
 
 
 @router.get("/health")
-async def health():
+async def health(request: Request):
+    if not server(request).engine.alive:
+        return Response('{"status": "engine loop stopped"}', status_code=503, media_type="application/json")
     return {"status": "ok"}
 
 
@@ -144,7 +150,12 @@ async def completions(req: CompletionRequest, request: Request):
     ids = tok.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
     if not ids:
         raise APIError(400, "prompt is empty", param="prompt")
-    params = req.sampling_params(s.admission.max_tokens(len(ids), req.max_tokens, 16), req.logprobs)
+    bad = [t for t in ids if not 0 <= t < s.engine.vocab_size]
+    if bad:
+        raise APIError(400, f"prompt token id {bad[0]} is outside the vocabulary (size {s.engine.vocab_size})",
+                       param="prompt")
+    params = req.sampling_params(s.admission.max_tokens(len(ids), req.max_tokens, 16, req.n, "prompt"),
+                                 req.logprobs)
     s.admission.admit()
     rid = f"cmpl-{uuid.uuid4().hex[:24]}"
     base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": s.model_name}
@@ -181,8 +192,8 @@ async def chat(req: ChatRequest, request: Request):
     except ValueError as e:
         raise APIError(400, str(e), param="messages") from None
     top = (req.top_logprobs or 0) if req.logprobs else None
-    params = req.sampling_params(s.admission.max_tokens(len(ids), req.max_completion_tokens or req.max_tokens, None),
-                                 top)
+    params = req.sampling_params(s.admission.max_tokens(len(ids), req.max_completion_tokens or req.max_tokens, None,
+                                                          req.n), top)
     s.admission.admit()
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())

@@ -10,6 +10,7 @@ from typing import Any
 from fastapi.responses import StreamingResponse
 
 from miaotui.engine.sequence import RequestOutput
+from miaotui.server.errors import APIError
 
 
 def sse(obj: Any) -> str:
@@ -27,10 +28,15 @@ def stream_response(outputs: AsyncIterator[RequestOutput], base: dict, choice: C
 
     async def events() -> AsyncIterator[str]:
         finals: dict[int, RequestOutput] = {}
-        async for out in outputs:
-            if out.finished:
-                finals[out.index] = out
-            yield sse({**base, "choices": [choice(out)]})
+        try:
+            async for out in outputs:
+                if out.finished:
+                    finals[out.index] = out
+                yield sse({**base, "choices": [choice(out)]})
+        except APIError as e:  # after the 200 went out: the error travels as an event, then the stream ends
+            yield sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+            yield "data: [DONE]\n\n"
+            return
         if include_usage:
             yield sse({**base, "choices": [], "usage": usage(prompt_len, finals)})
         yield "data: [DONE]\n\n"

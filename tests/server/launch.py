@@ -22,10 +22,17 @@ def start_server(model, *flags: str) -> tuple[subprocess.Popen, str]:
                              str(port), "--kv-cache-memory", str(32 * 2**20), *flags],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
-    for _ in range(300):
+    wait_healthy(proc, base)
+    return proc, base
+
+
+def wait_healthy(proc: subprocess.Popen, base: str, seconds: float = 120) -> None:
+    """Until /health answers 200; kills the process and raises if it exits or takes too long."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
         try:
             if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return proc, base
+                return
         except httpx.HTTPError:
             time.sleep(0.3)
         if proc.poll() is not None:

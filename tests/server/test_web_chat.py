@@ -3,6 +3,7 @@ the server (its KV blocks come back)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 
@@ -68,3 +69,28 @@ def test_stop_aborts_on_the_server(browser_page, page_url):
     while kv_usage(page_url) > 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert kv_usage(page_url) == 0
+
+
+def test_model_output_is_rendered_as_text_never_html(browser_page, page_url):
+    """A model that writes markup must not run script in the page: the answer is shown as text."""
+    page = browser_page
+    page.click("#reset")
+    hostile = '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script>'
+    chunk = json.dumps({"choices": [{"index": 0, "delta": {"role": "assistant", "content": hostile},
+                                     "finish_reason": "stop"}]})
+
+    def fake_model(route):
+        route.fulfill(status=200, headers={"content-type": "text/event-stream"},
+                      body=f"data: {chunk}\n\ndata: [DONE]\n\n")
+
+    page.route("**/v1/chat/completions", fake_model)
+    try:
+        page.fill("#input", "Say something hostile.")
+        page.click("#send")
+        page.wait_for_selector(".msg.assistant[data-state=done]", timeout=60000)
+        page.wait_for_timeout(300)
+        assert page.evaluate("window.pwned") is None
+        assert page.locator(".msg.assistant img").count() == 0
+        assert hostile in page.locator(".msg.assistant").last.text_content()
+    finally:
+        page.unroute("**/v1/chat/completions")
