@@ -136,7 +136,8 @@ def main(cfg: BenchConfig, compare: bool, json_path: str | None, plot_path: str 
             if peer.name not in peers:
                 continue
             if not peer.available():
-                print(f"{peer.name}: not installed, skipped", file=sys.stderr)
+                hint = "pip install llama-cpp-python" if peer is LlamaCppBench else "pip install 'miaotui[bench]'"
+                print(f"{peer.name}: not installed, skipped ({hint})", file=sys.stderr)
                 continue
             print(f"benchmarking {peer.name}", file=sys.stderr)
             bench = peer(cfg, fastest) if peer is TransformersBench else peer(cfg)
