@@ -214,6 +214,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from miaotui.engine.async_engine import AsyncEngine
     from miaotui.server.app import ServerLimits, create_app
+    from miaotui.server.connections import guarded_protocol
 
     class DrainingServer(uvicorn.Server):
         """SIGTERM/SIGINT stop accepting connections and let in-flight requests finish for the grace period; the
@@ -234,12 +235,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.getLogger("miaotui.server").setLevel(logging.INFO)
     log.warning("serving %s on http://%s:%d (OpenAI API under /v1%s)", name, args.host, args.port,
                 ", API key required" if api_key else "")
-    # Idle keep-alive connections close after 5 s, headers are capped at 64 KiB, and connections past the
-    # queue's size are refused with 503 instead of piling up.
-    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+    # Idle keep-alive connections close after 5 s, a request must arrive whole within --read-timeout, headers are
+    # capped at 64 KiB, and connections past the queue's size are refused with 503 instead of piling up.
+    protocol = guarded_protocol(args.read_timeout, max_connections=engine.max_num_seqs + args.max_waiting + 64)
+    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", http=protocol,
                                            timeout_graceful_shutdown=args.grace_period, timeout_keep_alive=5,
-                                           h11_max_incomplete_event_size=64 * 1024,
-                                           limit_concurrency=engine.max_num_seqs + args.max_waiting + 64))
+                                           h11_max_incomplete_event_size=64 * 1024))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
     try:
@@ -405,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--served-model-name", default=None, help="model id in the API (default: the model's name)")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     sv.add_argument("--max-waiting", type=int, default=256, help="queue length past which requests get 503")
+    sv.add_argument("--read-timeout", type=float, default=30.0,
+                    help="seconds a client has to send a whole request (head and body); slower ones get 408")
     sv.add_argument("--max-prompt-tokens", type=int, default=None, help="longer prompts get 400 (default: the "
                     "context length)")
     sv.add_argument("--max-request-tokens", type=int, default=None, help="requests asking for more than this "

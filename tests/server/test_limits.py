@@ -1,13 +1,17 @@
 """Requests a server must refuse with a 4xx and an OpenAI error body, on a real `miaotui serve` (a small context, so
 over-long prompts are cheap): chunked bodies past the limit, prompts past the context, unbounded stop lists,
-unknown or unsupported parameters, unknown routes; the API key from a file; a good request right after each."""
+unknown or unsupported parameters, unknown routes, slow senders, too many connections; the API key from a file; a
+good request right after each."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -26,7 +30,8 @@ def base(smollm2_path, tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "miaotui.cli", "serve", "--model", str(smollm2_path), "--port", str(port),
          "--api-key-file", str(key_file), "--max-model-len", "128", "--max-body-bytes", "100000",
-         "--max-request-tokens", "200", "--kv-cache-memory", str(16 * 2**20), "--dtype", "float32"],
+         "--max-request-tokens", "200", "--kv-cache-memory", str(16 * 2**20), "--dtype", "float32",
+         "--read-timeout", "2", "--max-num-seqs", "4", "--max-waiting", "8"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(proc, url)
@@ -127,3 +132,51 @@ def test_the_key_file_guards_every_route_but_the_page_and_health(base):
         assert r.status_code == 401 and error_of(r)["code"] == "invalid_api_key"
     assert httpx.get(f"{base}/health").status_code == 200
     assert httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+
+def _connect(base: str) -> socket.socket:
+    host, port = base.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("part", ["head", "body"])
+def test_a_slow_sender_is_cut_off_with_408(base, part):
+    """Slowloris: a byte every half second keeps resetting a keep-alive timer, but not the request's deadline."""
+    sock = _connect(base)
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+    sock.sendall(head + (b"\r\n{" if part == "body" else b""))
+    start = time.monotonic()
+    try:
+        for _ in range(20):
+            time.sleep(0.5)
+            sock.sendall(b" " if part == "body" else b"X-Slow: 1\r\n")
+    except OSError:  # the server closed the connection under us
+        pass
+    reply = _read_all(sock)
+    assert time.monotonic() - start < 6, "the slow client held the connection past its deadline"
+    status, _, rest = reply.partition(b"\r\n")
+    assert status.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert "did not arrive" in json.loads(rest.partition(b"\r\n\r\n")[2])["error"]["message"]
+    still_serves(base)
+
+
+def test_connections_past_the_cap_get_an_openai_503(base):
+    idle = [_connect(base) for _ in range(4 + 8 + 64)]  # the cap: max_num_seqs + max_waiting + 64
+    try:
+        time.sleep(0.3)
+        extra = _connect(base)
+        reply = _read_all(extra)
+        assert reply.startswith(b"HTTP/1.1 503"), reply[:200]
+        assert json.loads(reply.partition(b"\r\n\r\n")[2])["error"]["type"] == "server_error"
+    finally:
+        for sock in idle:
+            sock.close()
+    time.sleep(0.3)
+    still_serves(base)
