@@ -37,6 +37,30 @@ class ModelConfig:
     quantization_group: int | None = None  # and its int4 group size
     layer_types: list[str] | None = None  # per layer "sliding_attention" or "full_attention", where explicit
 
+    def check(self) -> None:
+        """ValueError naming the first value no real model has: what a corrupt or forged file would make the model
+        builder allocate or divide by. The bounds are far above today's largest models."""
+        sizes = {"vocab_size": 1 << 22, "hidden_size": 1 << 17, "intermediate_size": 1 << 19, "num_layers": 1024,
+                 "num_heads": 1024, "num_kv_heads": 1024, "head_dim": 4096, "max_position": 1 << 24}
+        for name, most in sizes.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= most:
+                raise ValueError(f"{name} is {value!r} (must be a whole number from 1 to {most})")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"{self.num_heads} attention heads do not split into {self.num_kv_heads} KV groups")
+        for name in ("norm_eps", "rope_theta", "rope_local_theta", "query_pre_attn_scalar"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int | float) and 0 <= value < float("inf")):
+                raise ValueError(f"{name} is {value!r} (must be a finite non-negative number)")
+        if self.rope_theta <= 0 or (self.query_pre_attn_scalar is not None and self.query_pre_attn_scalar <= 0):
+            raise ValueError("rope_theta and query_pre_attn_scalar must be positive")
+        for name in ("sliding_window", "sliding_window_pattern"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value > 0):
+                raise ValueError(f"{name} is {value!r} (must be a positive whole number)")
+        if self.layer_types is not None and len(self.layer_types) != self.num_layers:
+            raise ValueError(f"layer_types lists {len(self.layer_types)} layers for {self.num_layers}")
+
     def is_sliding(self, layer: int) -> bool:
         """Whether `layer` uses the sliding window (Gemma 3 alternates five local, one global)."""
         if self.sliding_window is None:

@@ -134,17 +134,21 @@ class Tokenizer:
         tokens = meta.get("tokenizer.ggml.tokens")
         if tokens is None:
             raise ModelFileError(f"{path}: the GGUF file carries no tokenizer vocabulary")
-        types = meta.get("tokenizer.ggml.token_type")
-        types = None if types is None else [int(t) for t in types]
-        if kind == "gpt2":
-            backend = _build_byte_level(tokens, meta.get("tokenizer.ggml.merges", []),
-                                        meta.get("tokenizer.ggml.pre", "default"))
-        elif kind == "llama":
-            unk_id = meta.get("tokenizer.ggml.unknown_token_id")
-            backend = _build_sentencepiece(tokens, tokens[unk_id] if unk_id is not None else "<unk>")
-        else:
+        if kind not in ("gpt2", "llama"):
             raise ModelFileError(f"{path}: unsupported tokenizer model {kind!r} (supported: gpt2, llama)")
-        _add_special(backend, tokens, types, byte_level=kind == "gpt2")
+        try:
+            types = meta.get("tokenizer.ggml.token_type")
+            types = None if types is None else [int(t) for t in types]
+            if kind == "gpt2":
+                backend = _build_byte_level(tokens, meta.get("tokenizer.ggml.merges", []),
+                                            meta.get("tokenizer.ggml.pre", "default"))
+            else:
+                unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+                backend = _build_sentencepiece(tokens, tokens[unk_id] if unk_id is not None else "<unk>")
+            _add_special(backend, tokens, types, byte_level=kind == "gpt2")
+        except Exception as e:  # the tokenizers library raises bare Exception on a bad vocabulary or merge list
+            first_line = (str(e).splitlines() or [type(e).__name__])[0]
+            raise ModelFileError(f"{path}: corrupt tokenizer in the GGUF metadata ({first_line})") from None
         bos = meta.get("tokenizer.ggml.bos_token_id")
         eos = meta.get("tokenizer.ggml.eos_token_id")
         add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama"))

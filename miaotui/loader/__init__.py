@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -32,11 +33,19 @@ def read_model(files: ModelFiles) -> tuple[ModelConfig, Tokenizer, Iterator[tupl
     """Config, tokenizer and the checkpoint's tensors (unread), checking what can be checked before allocating."""
     if files.kind == "gguf":
         f = GGUFFile(files.path)
-        cfg = gguf.read_config(f)
         gguf.check_tensor_types(f)
+        cfg = _checked(gguf.read_config(f), f.path)
         return cfg, Tokenizer.from_gguf(f.metadata, f.path), gguf.iter_weights(f, cfg)
-    cfg = safetensors.read_config(files.path)
+    cfg = _checked(safetensors.read_config(files.path), files.path / "config.json")
     return cfg, Tokenizer.from_folder(files.path), safetensors.iter_weights(files.path, cfg)
+
+
+def _checked(cfg: ModelConfig, path: Path | str) -> ModelConfig:
+    try:
+        cfg.check()
+    except ValueError as e:
+        raise ModelFileError(f"{path}: implausible model hyper-parameters: {e}") from None
+    return cfg
 
 
 def load(source: str | ModelFiles | None, device: torch.device | str = "cpu",

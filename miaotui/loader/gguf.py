@@ -80,6 +80,16 @@ def read_config(f: GGUFFile) -> ModelConfig:
         ffn = int(key("feed_forward_length"))
     except TypeError:
         raise ModelFileError(f"{f.path}: GGUF metadata lacks the {arch} hyper-parameters") from None
+    try:
+        return _config(f, arch, key, hidden, n_heads, n_layers, ffn)
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError) as e:
+        raise ModelFileError(f"{f.path}: bad {arch} hyper-parameters in the GGUF metadata ({e})") from None
+
+
+def _config(f: GGUFFile, arch: str, key, hidden: int, n_heads: int, n_layers: int, ffn: int) -> ModelConfig:
+    blocks = {int(m.group(1)) for name in f.tensors if (m := _BLOCK.fullmatch(name))}
+    if len(blocks) != n_layers or blocks and (min(blocks), max(blocks)) != (0, n_layers - 1):  # not 0..n-1
+        raise ValueError(f"block_count is {n_layers} but the file holds blocks {_span(blocks)}")
     n_kv = int(key("attention.head_count_kv", n_heads))
     head_dim = int(key("attention.key_length", key("rope.dimension_count", hidden // n_heads)))
     vocab = key("vocab_size")
@@ -115,6 +125,10 @@ def read_config(f: GGUFFile) -> ModelConfig:
         cfg.rope_local_theta = 10000.0  # llama.cpp and transformers both fix the local layers' theta
         cfg.query_pre_attn_scalar = float(head_dim)
     return cfg
+
+
+def _span(blocks: set[int]) -> str:
+    return f"{min(blocks)}..{max(blocks)} ({len(blocks)} of them)" if blocks else "none"
 
 
 def check_tensor_types(f: GGUFFile) -> None:

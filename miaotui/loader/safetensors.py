@@ -22,10 +22,18 @@ def read_config(folder: Path) -> ModelConfig:
         raw = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ModelFileError(f"{folder / 'config.json'}: cannot read the model config ({e})") from None
-    model_type = raw.get("model_type")
-    if model_type not in _TYPES:
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if not isinstance(model_type, str) or model_type not in _TYPES:
         raise ModelFileError(f"{folder}: unsupported model_type {model_type!r} (supported: {', '.join(_TYPES)})")
-    arch = _TYPES[model_type]
+    try:
+        return _config(raw, _TYPES[model_type], folder)
+    except KeyError as e:
+        raise ModelFileError(f"{folder / 'config.json'}: the model config lacks {e}") from None
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+        raise ModelFileError(f"{folder / 'config.json'}: bad value in the model config ({e})") from None
+
+
+def _config(raw: dict, arch: str, folder: Path) -> ModelConfig:
     if arch == "gpt2":
         e = raw["n_embd"]
         return ModelConfig(

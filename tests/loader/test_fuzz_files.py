@@ -12,6 +12,7 @@ import os
 import resource
 import signal
 import struct
+import tracemalloc
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,15 +45,17 @@ def _tokens() -> tuple[list[str], list[str]]:
     return symbols + ["he", "ll", "hell", "hello", "<s>", "</s>"], merges
 
 
-def tiny_llama(path: Path) -> Path:
-    """A complete 2-layer llama GGUF (tokenizer, chat template, F32 / F16 / Q8_0 tensors) of ~60 KB."""
-    tokens, merges = _tokens()
+def tiny_llama(path: Path, heads: int = 4, merges: list[str] | None = None, block_count: int = 2) -> Path:
+    """A complete 2-layer llama GGUF (tokenizer, chat template, F32 / F16 / Q8_0 tensors) of ~40 KB; the
+    arguments forge its metadata."""
+    tokens, good_merges = _tokens()
+    merges = good_merges if merges is None else merges
     vocab, hidden, ffn, layers = len(tokens), 32, 64, 2
     w = GGUFWriter(str(path), "llama")
-    w.add_block_count(layers)
+    w.add_block_count(block_count)
     w.add_embedding_length(hidden)
     w.add_feed_forward_length(ffn)
-    w.add_head_count(4)
+    w.add_head_count(heads)
     w.add_head_count_kv(2)
     w.add_context_length(128)
     w.add_layer_norm_rms_eps(1e-5)
@@ -120,6 +123,30 @@ def max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@contextmanager
+def address_space_headroom(extra_bytes: int):
+    """Caps this process's address space at what it maps now plus `extra_bytes`, so an allocation a forged count
+    asks for fails at once (and fails the test) even where the kernel would overcommit it without touching a page."""
+    mapped = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + extra_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@contextmanager
+def traced_peak(record: list[int]):
+    """Appends the peak of Python and numpy allocations made inside the block."""
+    tracemalloc.reset_peak()
+    before = tracemalloc.get_traced_memory()[0]
+    try:
+        yield
+    finally:
+        record.append(tracemalloc.get_traced_memory()[1] - before)
+
+
 def check_loads_or_refuses(path: Path, kind: str = "gguf") -> None:
     """Loads, or raises MiaotuiError with one line that names the file; nothing else, within 20 s."""
     try:
@@ -136,6 +163,20 @@ def test_the_seed_file_loads_and_generates(seed_file, tmp_path):
     path.write_bytes(seed_file[0])
     loaded = load(ModelFiles("gguf", path, path.name))
     assert loaded.config.num_layers == 2 and loaded.tokenizer.encode("hello", add_special_tokens=False)
+
+
+@pytest.mark.parametrize("forged, expected", [
+    ({"heads": 0}, "bad llama hyper-parameters"),  # divided by before PR "fuzz: ..." (ZeroDivisionError)
+    ({"heads": 3}, "do not split"),
+    ({"block_count": 2**31}, "block_count is 2147483648 but the file holds blocks 0..1"),
+    ({"merges": ["h"]}, "corrupt tokenizer"),  # a merge without its pair (a TypeError from tokenizers)
+    ({"merges": ["x y"]}, "corrupt tokenizer"),  # a merge of tokens not in the vocabulary
+])
+def test_forged_metadata_found_by_fuzzing_is_refused(tmp_path, forged, expected):
+    path = tiny_llama(tmp_path / "forged.gguf", **forged)
+    with pytest.raises(MiaotuiError) as e:
+        load(ModelFiles("gguf", path, path.name))
+    assert str(path) in str(e.value) and expected in str(e.value), str(e.value)
 
 
 @st.composite
@@ -160,24 +201,43 @@ def test_mutated_gguf_files(seed_file, tmp_path):
     data, header_end = seed_file
     rss_before = max_rss_mb()
     path = tmp_path / "fuzzed.gguf"
-    seen = {"loaded": 0, "refused": 0}
+    peaks: dict[str, list[int]] = {"loaded": [], "refused": []}  # per file: the most held at once in Python
+    # and numpy objects while loading it
 
     @FUZZ
     @given(mutations(data, header_end))
     def run(mutated: bytes):
         path.write_bytes(mutated)
+        peak: list[int] = []
         try:
-            with time_limit(20):
+            with time_limit(20), traced_peak(peak):
                 load(ModelFiles("gguf", path, path.name))
-            seen["loaded"] += 1
+            peaks["loaded"] += peak
         except MiaotuiError as e:
             assert str(path) in str(e) and "\n" not in str(e), str(e)
-            seen["refused"] += 1
+            peaks["refused"] += peak
 
-    run()
-    print(f"mutated GGUF files: {seen}")
-    assert seen["refused"] > 0 and seen["loaded"] > 0
-    # No forged count may make the loader allocate more than a little beyond what loading the model needs.
+    tracemalloc.start()
+    try:
+        path.write_bytes(data)
+        seed_peak: list[int] = []
+        for _ in range(2):  # the second load, once imports and caches are warm, is the reference
+            with traced_peak(seed_peak):
+                load(ModelFiles("gguf", path, path.name))
+        with address_space_headroom(2 << 30):  # a forged count asking for gigabytes raises, not overcommits
+            run()
+    finally:
+        tracemalloc.stop()
+    largest = {k: max(v, default=0) for k, v in peaks.items()}
+    print(f"mutated GGUF files of {len(data)} bytes: {len(peaks['loaded'])} loaded, {len(peaks['refused'])} "
+          f"refused; largest traced peak {largest} bytes (the intact file: {seed_peak[-1]})")
+    assert peaks["refused"] and peaks["loaded"]
+    # A forged count or length makes the loader parse at most what the file holds before refusing it: gguf's
+    # reader spends a few Python objects per element parsed (~5x the bytes), never what the count asks for,
+    assert largest["refused"] <= 8 * len(data), f"a refused {len(data)}-byte file held {largest['refused']} bytes"
+    # a file that loads holds no more than the intact one does,
+    assert largest["loaded"] <= 1.25 * seed_peak[-1], f"{largest['loaded']} bytes against {seed_peak[-1]}"
+    # and, counting torch's allocations too, peak memory grows by little more than loading the model needs.
     assert max_rss_mb() - rss_before < 256, f"peak memory grew by {max_rss_mb() - rss_before:.0f} MB"
 
 
