@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -98,12 +99,16 @@ class _Server:
     def start(self) -> None:
         cmd = [sys.executable, "-m", "miaotui.cli", "serve", "--model", self.cfg.model, "--port", str(self.port),
                "--max-model-len", "1024", "--kv-cache-memory", str(self.cfg.kv_cache_memory), "--grace-period", "20"]
+        # The server's log goes to a file: a pipe nobody drains fills after ~64 KiB of request lines and then
+        # blocks the server's event loop on its next log write (the 30-minute soak found this).
+        self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(cmd, env={**os.environ, "MIAOTUI_FAULT_SEED": str(FAULT_SEED)},
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise MiaotuiError(f"the server exited while starting: {self.proc.stderr.read()[-2000:]}")
+                self.log.seek(0)
+                raise MiaotuiError(f"the server exited while starting: {self.log.read()[-2000:]}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
                     return

@@ -47,7 +47,14 @@ PLAUSIBLE = {
         st.booleans(), st.integers(-1, 30)), "top_logprobs": st.integers(-1, 30), "echo": st.booleans(),
     "presence_penalty": NUMBERS, "frequency_penalty": NUMBERS, "repetition_penalty": NUMBERS,
     "ignore_eos": st.booleans(), "model": TEXT, "user": TEXT, "tokens": st.lists(st.integers(-(2**40), 2**40)),
-    "add_special_tokens": st.booleans(), "logit_bias": JSON, "response_format": JSON, "tools": JSON,
+    "add_special_tokens": st.booleans(), "tools": JSON,
+    "logit_bias": st.dictionaries(st.one_of(st.integers(-5, 60000).map(str), TEXT), NUMBERS, max_size=3),
+    "response_format": st.one_of(st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "x"])}),
+                                 st.fixed_dictionaries({"type": st.just("json_schema"), "json_schema":
+                                                        st.fixed_dictionaries({"name": TEXT, "schema": JSON})})),
+    "structured_outputs": st.dictionaries(st.sampled_from(["json", "regex", "choice", "grammar", "json_object"]),
+                                          JSON, max_size=2),
+    "guided_regex": TEXT, "guided_choice": st.lists(TEXT, max_size=3), "guided_grammar": TEXT, "guided_json": JSON,
 }
 ENDPOINTS = ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]
 
@@ -76,7 +83,7 @@ def base(smollm2_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "miaotui.cli", "serve", "--model", str(smollm2_path), "--port", str(port),
          "--max-model-len", "64", "--max-request-tokens", "64", "--kv-cache-memory", str(16 * 2**20),
-         "--dtype", "float32"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+         "--dtype", "float32"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # a pipe would fill
     url = f"http://127.0.0.1:{port}"
     wait_healthy(proc, url)
     yield url

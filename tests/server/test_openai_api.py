@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -23,11 +24,12 @@ KEY = "test-key-123"
 @pytest.fixture(scope="module")
 def server(smollm2_path):
     port = free_port()
+    log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "miaotui.cli", "serve", "--model", str(smollm2_path), "--port", str(port),
          "--api-key", KEY, "--served-model-name", "smollm2", "--max-body-bytes", "200000",
          "--kv-cache-memory", str(64 * 2**20), "--threads", "2", "--dtype", "float32"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=log, stderr=subprocess.STDOUT, text=True)  # a file: a pipe nobody drains would block the server
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -37,7 +39,8 @@ def server(smollm2_path):
         except httpx.HTTPError:
             time.sleep(0.3)
         if proc.poll() is not None:
-            pytest.fail(proc.stdout.read())
+            log.seek(0)
+            pytest.fail(log.read())
     yield base
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
