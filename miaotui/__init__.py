@@ -4,9 +4,9 @@ import logging
 
 from miaotui.engine.sequence import RequestOutput
 from miaotui.llm import LLM
-from miaotui.sampling import SamplingParams
+from miaotui.sampling import SamplingParams, StructuredOutput
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "RequestOutput", "SamplingParams", "StructuredOutput"]
 __version__ = "0.1.0"
 
 # Like vLLM, say what the engine decided (KV cache size, load time) on stderr; the CLI sets the level.

@@ -15,3 +15,11 @@ class ModelSourceError(MiaotuiError):
 
 class RequestFailed(MiaotuiError):
     """The engine failed one request (its data broke a step); the engine and the other requests went on."""
+
+
+class GrammarError(MiaotuiError, ValueError):
+    """A structured-output constraint that does not compile (bad schema, regex or grammar, or too slow to)."""
+
+    def __init__(self, message: str, param: str = "structured_output"):
+        super().__init__(message)
+        self.param = param

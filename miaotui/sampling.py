@@ -2,7 +2,40 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class StructuredOutput:
+    """A constraint on the output, exactly one of: a JSON schema (`json`, a dict or its JSON text), any JSON object
+    (`json_object`), a regular expression, a choice among fixed strings, or a Lark grammar (llguidance's dialect,
+    which also takes plain EBNF-style rules). The names follow vLLM's `structured_outputs`."""
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "json_object", "regex", "choice", "grammar") if getattr(self, name)]
+        if len(given) != 1:
+            raise ValueError(f"structured output takes exactly one of json, json_object, regex, choice, grammar; "
+                             f"got {', '.join(given) or 'none'}")
+        if self.choice is not None and not all(isinstance(c, str) and c for c in self.choice):
+            raise ValueError("structured output choices must be non-empty strings")
+
+    @property
+    def kind(self) -> str:
+        return next(n for n in ("json", "json_object", "regex", "choice", "grammar") if getattr(self, n))
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What the compiled grammar is cached under."""
+        value: Any = getattr(self, self.kind)
+        return self.kind, value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
 @dataclass(slots=True)
@@ -22,6 +55,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives to return with each sampled token's logprob
     skip_special_tokens: bool = True
+    structured_output: StructuredOutput | None = None
+    logit_bias: dict[int, float] | None = None  # token id → added to its logit, in [-100, 100] as in OpenAI's API
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -39,6 +74,10 @@ class SamplingParams:
             ("n", self.n >= 1, "must be at least 1"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
         ]
+        if self.logit_bias:
+            checks.append(("logit_bias", all(isinstance(t, int) and t >= 0 and -100 <= b <= 100
+                                             for t, b in self.logit_bias.items()),
+                           "maps token ids to biases in [-100, 100]"))
         for name, ok, rule in checks:
             if not ok:
                 raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")

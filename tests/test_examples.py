@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -48,3 +49,11 @@ def test_through_the_server(example, smollm2_path):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_extract_json_gives_a_valid_record_per_summary(smollm2_path):
+    lines = run("extract_json.py", "--count", "2", "--max-tokens", "200").splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        record = json.loads(line)["record"]
+        assert set(record) == {"subject", "kind", "year", "country", "keywords"}, record

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from miaotui.engine.engine import Engine, EngineStats
 from miaotui.engine.sequence import RequestOutput
 from miaotui.errors import RequestFailed
-from miaotui.sampling import SamplingParams
+from miaotui.sampling import SamplingParams, StructuredOutput
 from miaotui.tokenizer import Tokenizer
 
 log = logging.getLogger("miaotui")
@@ -71,6 +71,11 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._post(("abort", request_id))
+
+    async def compile_constraint(self, spec: StructuredOutput) -> None:
+        """Compile an output constraint off the engine loop (GrammarError if it does not compile in time); the
+        engine then finds it cached when the request arrives."""
+        await self.engine.grammars.compile_async(spec)
 
     @property
     def alive(self) -> bool:

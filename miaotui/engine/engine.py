@@ -16,6 +16,7 @@ from miaotui.engine.kv_cache import KVCacheManager
 from miaotui.engine.runner import ModelRunner, kv_bytes_per_token, prefill_once
 from miaotui.engine.scheduler import Scheduler
 from miaotui.engine.sequence import RequestOutput, Sequence, Status
+from miaotui.engine.structured import GrammarMask, Grammars
 from miaotui.errors import MiaotuiError
 from miaotui.loader import LoadedModel, load
 from miaotui.quant import recipe
@@ -81,6 +82,8 @@ class Engine:
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.dtype, self.device, config.kv_cache_dtype)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
                                    self.tokenizer.stop_ids)
+        self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size)
+        self.runner.sampler.processors.append(GrammarMask(self.grammars))
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sequences: dict[str, list[Sequence]] = {}
         self._ids = itertools.count()
@@ -125,9 +128,14 @@ class Engine:
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary "
                              f"(size {self.model_config.vocab_size})")
+        bias = [t for t in params.logit_bias or () if t >= self.model_config.vocab_size]
+        if bias:
+            raise ValueError(f"logit_bias token id {bias[0]} is outside the vocabulary "
+                             f"(size {self.model_config.vocab_size})")
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
+        constraint = params.structured_output
         seqs = []
         for i in range(params.n):
             gen = self.generator
@@ -135,7 +143,8 @@ class Engine:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
             seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), params,
                            IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
-                           priority=priority, generator=gen, index=i, parent=seqs[0] if seqs else None)
+                           priority=priority, generator=gen, index=i, parent=seqs[0] if seqs else None,
+                           matcher=None if constraint is None else self.grammars.compile(constraint))
             self.scheduler.add(seq)
             seqs.append(seq)
         self.sequences[request_id] = seqs

@@ -67,11 +67,12 @@ class ModelRunner:
         """One step: the forward pass over the batch, then a token for each sequence that has caught up."""
         self.zero_blocks(batch.fresh_blocks)
         rows = batch.sampled
+        sampled = [batch.seqs[i] for i in rows]
+        sampling = self.sampler.prepare(sampled, self.device)  # before the pass: grammar masks compute alongside it
         logits = self.forward(batch.seqs, batch.num_tokens)
         if len(rows) != len(logits):  # in a pure decode step every row samples: no copy of the [B, vocab] logits
             logits = logits[rows]
-        sampled = [batch.seqs[i] for i in rows]
-        return self.sampler.sample(logits, self.sampler.prepare(sampled, self.device))
+        return self.sampler.sample(logits, sampling)
 
     def _inputs(self, seqs: list[Sequence], num_tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor,
                                                                           AttentionMetadata]:

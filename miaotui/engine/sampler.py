@@ -79,9 +79,33 @@ class Penalties:
         return logits
 
 
+@dataclass(slots=True)
+class _BiasArgs:
+    rows: torch.Tensor
+    ids: torch.Tensor
+    biases: torch.Tensor
+
+
+class LogitBias:
+    """OpenAI's logit_bias: a per-request amount added to chosen tokens' logits (-100 bans, +100 forces)."""
+
+    def prepare(self, seqs: list[Sequence], device: torch.device) -> _BiasArgs | None:
+        entries = [(i, t, b) for i, s in enumerate(seqs) if s.params.logit_bias for t, b in s.params.logit_bias.items()]
+        if not entries:
+            return None
+        rows, ids, biases = zip(*entries)
+        return _BiasArgs(torch.tensor(rows, device=device), torch.tensor(ids, device=device),
+                         torch.tensor(biases, dtype=torch.float32, device=device))
+
+    def __call__(self, logits: torch.Tensor, a: _BiasArgs) -> torch.Tensor:
+        logits[a.rows, a.ids] += a.biases.to(logits.dtype)
+        return logits
+
+
 class Sampler:
     def __init__(self, processors: list[LogitsProcessor] | None = None):
-        self.processors: list[LogitsProcessor] = [Penalties(), *(processors or [])]
+        # Penalties and biases first; a grammar mask (appended by the engine) last, so nothing revives a banned token.
+        self.processors: list[LogitsProcessor] = [Penalties(), LogitBias(), *(processors or [])]
 
     def prepare(self, seqs: list[Sequence], device: torch.device) -> SamplingBatch:
         """The step's arguments as tensors, from the requests it samples for."""

@@ -155,6 +155,8 @@ class Scheduler:
         seq.token_ids.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
+        if seq.matcher is not None and not seq.matcher.consume_token(token):
+            raise RuntimeError(f"token {token} broke the output constraint: {seq.matcher.get_error()}")
         if (not p.ignore_eos and token in self.stop_ids) or token in p.stop_token_ids:
             return self.finish(seq, "stop", token)
         before = len(seq.text)
@@ -165,6 +167,8 @@ class Scheduler:
             if cut != -1:
                 seq.text = seq.text[:cut]
                 return self.finish(seq, "stop", s)
+        if seq.matcher is not None and seq.matcher.is_stopped():  # the constraint is complete and allows no more
+            return self.finish(seq, "stop")
         if (p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
             return self.finish(seq, "length")
 

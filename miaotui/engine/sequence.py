@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -76,6 +77,7 @@ class Sequence:
     generator: torch.Generator | None = None
     index: int = 0  # which of the request's n samples
     parent: Sequence | None = None  # sample 0 of the request, whose prompt blocks the other samples share
+    matcher: Any = None  # llguidance's LLMatcher of a constrained request, advanced with every token it takes
 
     @property
     def output_ids(self) -> list[int]:

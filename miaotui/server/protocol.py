@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from miaotui.sampling import SamplingParams
+from miaotui.sampling import SamplingParams, StructuredOutput
 
 MAX_STOP = 16  # stop strings per request (OpenAI takes 4; agents' clients often send a few more)
 MAX_STOP_CHARS = 256
@@ -23,7 +24,29 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _Sampling(_Strict):
+class JSONSchemaFormat(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs` (the same fields as its older `guided_*` parameters)."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
+class GenerationRequest(_Strict):
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_INT)
     temperature: float = Field(default=1.0, ge=0, le=2)
@@ -41,9 +64,14 @@ class _Sampling(_Strict):
     min_p: float = Field(default=0.0, ge=0, le=1)
     repetition_penalty: float = Field(default=1.0, gt=0, le=100)
     ignore_eos: bool = False
-    # OpenAI fields taken only where they ask for nothing (the structured-output work gives them meaning)
     logit_bias: dict[str, float] | None = None
-    response_format: dict | None = None
+    response_format: ResponseFormat | None = None
+    # vLLM's structured outputs, in its current and its older spelling
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -58,36 +86,71 @@ class _Sampling(_Strict):
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, v: dict | None):
-        if v:
-            raise ValueError("logit_bias is not supported yet")
+    def _token_biases(cls, v: dict[str, float] | None):
+        for key, bias in (v or {}).items():
+            if not key.isdigit() or int(key) > MAX_INT:
+                raise ValueError(f"keys must be token ids, got {key[:40]!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases must be in [-100, 100], got {bias}")
+        if v and len(v) > 1024:
+            raise ValueError(f"at most 1024 biased tokens, got {len(v)}")
         return v
 
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, v: dict | None):
-        if v and v != {"type": "text"}:
-            raise ValueError(f"response_format {v.get('type')!r} is not supported yet (only 'text')")
-        return v
+    def constraint(self) -> tuple[StructuredOutput, str] | None:
+        """The requested output constraint and the parameter that asked for it (ValueError if several do)."""
+        found: list[tuple[StructuredOutput, str]] = []
+        f = self.response_format
+        if f is not None and f.type == "json_object":
+            found.append((StructuredOutput(json_object=True), "response_format"))
+        elif f is not None and f.type == "json_schema":
+            if f.json_schema is None or f.json_schema.schema_ is None:
+                raise ValueError("response_format: json_schema needs {'name': ..., 'schema': {...}}")
+            found.append((StructuredOutput(json=f.json_schema.schema_), "response_format"))
+        if self.structured_outputs is not None:
+            so = self.structured_outputs
+            found.append((StructuredOutput(json=so.json_, json_object=bool(so.json_object), regex=so.regex,
+                                           choice=so.choice, grammar=so.grammar), "structured_outputs"))
+        for name, field in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                            ("guided_grammar", "grammar")):
+            value = getattr(self, name)
+            if value is not None:
+                found.append((StructuredOutput(**{field: value}), name))
+        if len(found) > 1:
+            raise ValueError(f"only one output constraint per request, got {', '.join(p for _, p in found)}")
+        return found[0] if found else None
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                              seed=self.seed, n=self.n, stop=stop, ignore_eos=self.ignore_eos, logprobs=logprobs)
+                              seed=self.seed, n=self.n, stop=stop, ignore_eos=self.ignore_eos, logprobs=logprobs,
+                              logit_bias={int(k): b for k, b in self.logit_bias.items()} if self.logit_bias else None)
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(GenerationRequest):
     prompt: str | list[int]
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
+
+
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict] | None = ""
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool's answer to that call
 
     @field_validator("content")
     @classmethod
@@ -103,29 +166,66 @@ class ChatMessage(_Strict):
             return "".join(part["text"] for part in self.content)
         return self.content or ""
 
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it: tool-call arguments as objects (templates serialize them)."""
+        msg: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _json_or_text(c.function.arguments)}} for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            msg["name"] = self.name
+        return msg
 
-class ChatRequest(_Sampling):
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+class FunctionDef(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class ChatRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
-    parallel_tool_calls: bool | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, v: list | None):
-        if v:
-            raise ValueError("tools are not supported yet")
-        return v
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, v: str | dict | None):
-        if v not in (None, "none", "auto"):
-            raise ValueError("tool_choice is not supported yet (no tools)")
-        return v
+    def tool_choice_resolved(self) -> str | dict:
+        """tool_choice with OpenAI's default ("auto" with tools, else "none"); ValueError if it cannot be met."""
+        choice = self.tool_choice or ("auto" if self.tools else "none")
+        if choice != "none" and not self.tools:
+            raise ValueError(f"tool_choice {choice if isinstance(choice, str) else 'function'!r} needs tools")
+        if isinstance(choice, NamedToolChoice):
+            if choice.function.name not in {t.function.name for t in self.tools or ()}:
+                raise ValueError(f"tool_choice names {choice.function.name!r}, which is not among the tools")
+            return choice.model_dump()
+        return choice
 
 
 class TokenizeRequest(_Strict):

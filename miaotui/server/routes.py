@@ -16,13 +16,15 @@ from fastapi.responses import HTMLResponse, Response
 
 from miaotui.engine.async_engine import AsyncEngine
 from miaotui.engine.sequence import RequestOutput
-from miaotui.errors import RequestFailed
-from miaotui.sampling import SamplingParams
+from miaotui.errors import GrammarError, RequestFailed
+from miaotui.sampling import SamplingParams, StructuredOutput
 from miaotui.server.admission import Admission
 from miaotui.server.errors import APIError
 from miaotui.server.metrics import Metrics
-from miaotui.server.protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from miaotui.server.protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, GenerationRequest,
+                                     TokenizeRequest)
 from miaotui.server.streaming import stream_response, usage
+from miaotui.server.tools import ToolCallStream, parse, tags_are_tokens, tool_grammar
 
 log = logging.getLogger("miaotui.server")
 router = APIRouter()
@@ -39,6 +41,29 @@ class Server:
         if name is not None and name not in (self.model_name, self.engine.model_name):
             raise APIError(404, f"model {name!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
+
+    async def constrain(self, req: GenerationRequest, params: SamplingParams,
+                        tools: tuple[StructuredOutput, str] | None = None) -> None:
+        """The request's output constraint (`tools`: the one its tool_choice implies), compiled before it is
+        admitted: a bad one is a 400 naming its parameter (streamed requests too, since no response has started)."""
+        bad = [t for t in params.logit_bias or () if t >= self.engine.vocab_size]
+        if bad:
+            raise APIError(400, f"logit_bias: token id {bad[0]} is outside the vocabulary", param="logit_bias")
+        try:
+            found = req.constraint()
+        except ValueError as e:
+            raise APIError(400, str(e), code="invalid_constraint") from None
+        if found is not None and tools is not None:
+            raise APIError(400, f"{found[1]} cannot be combined with tool calls (tool_choice {tools[1]!r})",
+                           param=found[1], code="invalid_constraint")
+        found = found or (tools and (tools[0], "tool_choice"))
+        if found is None:
+            return
+        params.structured_output, param = found
+        try:
+            await self.engine.compile_constraint(params.structured_output)
+        except GrammarError as e:
+            raise APIError(400, f"{param}: {e}", param=param, code="invalid_constraint") from None
 
     async def run(self, ids: list[int], params: SamplingParams, rid: str) -> AsyncIterator[RequestOutput]:
         """Generate for an admitted request; logs it, records its metrics and releases its admission."""
@@ -156,6 +181,7 @@ async def completions(req: CompletionRequest, request: Request):
                        param="prompt")
     params = req.sampling_params(s.admission.max_tokens(len(ids), req.max_tokens, 16, req.n, "prompt"),
                                  req.logprobs)
+    await s.constrain(req, params)
     s.admission.admit()
     rid = f"cmpl-{uuid.uuid4().hex[:24]}"
     base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": s.model_name}
@@ -188,12 +214,24 @@ async def chat(req: ChatRequest, request: Request):
     if not tok.chat_template:
         raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
     try:
-        ids = tok.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages])
+        tool_choice = req.tool_choice_resolved()
+    except ValueError as e:
+        raise APIError(400, str(e), param="tool_choice") from None
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if tool_choice != "none" else None
+    if tools and "tools" not in tok.chat_template:
+        raise APIError(400, "this model's chat template does not take tools", param="tools")
+    try:
+        ids = tok.encode_chat([m.for_template() for m in req.messages], tools=tools)
     except ValueError as e:
         raise APIError(400, str(e), param="messages") from None
     top = (req.top_logprobs or 0) if req.logprobs else None
     params = req.sampling_params(s.admission.max_tokens(len(ids), req.max_completion_tokens or req.max_tokens, None,
                                                           req.n), top)
+    grammar = tool_grammar(tools, tool_choice, req.parallel_tool_calls, tags_are_tokens(tok)) if tools else None
+    if tools:
+        params.skip_special_tokens = False  # the tags may be special tokens: the parser must see them
+    await s.constrain(req, params, (grammar, tool_choice if isinstance(tool_choice, str) else "function")
+                      if grammar else None)
     s.admission.admit()
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
@@ -201,16 +239,24 @@ async def chat(req: ChatRequest, request: Request):
     if req.stream:
         started: set[int] = set()
         sent_lp: dict[int, int] = {}
+        calls: dict[int, ToolCallStream] = {}
 
         def chunk(out: RequestOutput) -> dict:
             delta: dict[str, Any] = {}
             if out.index not in started:
                 started.add(out.index)
                 delta["role"] = "assistant"
-            if out.delta:
-                delta["content"] = out.delta
-            c: dict[str, Any] = {"index": out.index, "delta": delta,
-                                 "finish_reason": out.finish_reason if out.finished else None}
+            text, call_deltas = out.delta, []
+            if tools:
+                text, call_deltas = calls.setdefault(out.index, ToolCallStream()).feed(out.delta, out.finished)
+            if text:
+                delta["content"] = text
+            if call_deltas:
+                delta["tool_calls"] = call_deltas
+            finish = out.finish_reason if out.finished else None
+            if finish and tools and calls[out.index].calls:
+                finish = "tool_calls"
+            c: dict[str, Any] = {"index": out.index, "delta": delta, "finish_reason": finish}
             if req.logprobs:
                 n = sent_lp.get(out.index, 0)
                 c["logprobs"] = lp_chat(tok, out.logprobs[n:])
@@ -221,8 +267,17 @@ async def chat(req: ChatRequest, request: Request):
         include = bool(req.stream_options and req.stream_options.include_usage)
         return stream_response(s.run(ids, params, rid), base, chunk, len(ids), include)
     finals = await s.collect(ids, params, rid)
-    return {"id": rid, "object": "chat.completion", "created": created, "model": s.model_name,
-            "choices": [{"index": o.index, "message": {"role": "assistant", "content": o.text},
-                         "logprobs": lp_chat(tok, o.logprobs) if req.logprobs else None,
-                         "finish_reason": o.finish_reason} for _, o in sorted(finals.items())],
+
+    def message(o: RequestOutput) -> tuple[dict, str | None]:
+        content, tool_calls = parse(o.text) if tools else (o.text, [])
+        if not tool_calls:
+            return {"role": "assistant", "content": content}, o.finish_reason
+        return {"role": "assistant", "content": content, "tool_calls": tool_calls}, "tool_calls"
+
+    choices = []
+    for _, o in sorted(finals.items()):
+        msg, finish = message(o)
+        choices.append({"index": o.index, "message": msg, "logprobs": lp_chat(tok, o.logprobs) if req.logprobs
+                        else None, "finish_reason": finish})
+    return {"id": rid, "object": "chat.completion", "created": created, "model": s.model_name, "choices": choices,
             "usage": usage(len(ids), finals)}

@@ -1,0 +1,132 @@
+"""Tool calling on a live `miaotui serve` of Qwen2.5-Coder-0.5B-Instruct (its chat template renders tools), driven
+by the official openai client: required and named calls always parse and follow the tool's schema, streamed and
+non-streamed responses carry the same calls, no tag leaks into content, tool results go back through the template,
+and bad tool choices get a 400 naming the parameter."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import httpx
+import pytest
+
+from tests.conftest import model_path
+from tests.server.launch import start_server
+
+openai = pytest.importorskip("openai")
+jsonschema = pytest.importorskip("jsonschema")
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                      "parameters": {"type": "object", "properties": {
+                                          "city": {"type": "string"},
+                                          "unit": {"enum": ["celsius", "fahrenheit"]}},
+                                          "required": ["city"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "add", "description": "Add two numbers",
+                                      "parameters": {"type": "object", "properties": {
+                                          "a": {"type": "number"}, "b": {"type": "number"}},
+                                          "required": ["a", "b"], "additionalProperties": False}}},
+]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+QUESTIONS = ["What's the weather like in Paris today?", "What is 17 plus 25?", "Is it raining in Tokyo?",
+             "Add 3.5 and 4."]
+
+
+@pytest.fixture(scope="module")
+def base():
+    proc, url = start_server(model_path("qwen2.5-coder-0.5b"), "--max-model-len", "2048", "--served-model-name", "m")
+    yield url
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+
+
+@pytest.fixture
+def client(base):
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+
+
+def valid_calls(calls) -> list[tuple[str, dict]]:
+    out = []
+    for call in calls:
+        args = json.loads(call.function.arguments)
+        jsonschema.validate(args, SCHEMAS[call.function.name])
+        assert call.id and call.type == "function"
+        out.append((call.function.name, args))
+    return out
+
+
+def test_required_calls_always_parse_and_validate(client):
+    for i, question in enumerate(QUESTIONS):
+        r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": question}], tools=TOOLS,
+                                           tool_choice="required", temperature=1.0, seed=i, max_tokens=120)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        assert valid_calls(choice.message.tool_calls)
+        assert "<tool_call>" not in (choice.message.content or "")
+
+
+def test_streamed_calls_equal_the_non_streamed_ones(client):
+    kw = {"model": "m", "messages": [{"role": "user", "content": QUESTIONS[1]}], "tools": TOOLS,
+          "tool_choice": "required", "temperature": 0, "max_tokens": 120}
+    whole = valid_calls(client.chat.completions.create(**kw).choices[0].message.tool_calls)
+    calls: dict[int, dict] = {}
+    content, finish = "", None
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for d in delta.tool_calls or []:
+            call = calls.setdefault(d.index, {"name": "", "arguments": ""})
+            call["name"] += d.function.name or "" if d.function else ""
+            call["arguments"] += d.function.arguments or "" if d.function else ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and "<tool_call>" not in content
+    assert [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())] == whole
+
+
+def test_a_named_function_is_the_one_called(client):
+    r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": QUESTIONS[0]}], tools=TOOLS,
+                                       tool_choice={"type": "function", "function": {"name": "add"}},
+                                       parallel_tool_calls=False, max_tokens=120, temperature=0)
+    calls = valid_calls(r.choices[0].message.tool_calls)
+    assert [name for name, _ in calls] == ["add"]
+
+
+def test_auto_and_a_tool_result_round_trip(client):
+    messages = [{"role": "user", "content": QUESTIONS[0]}]
+    r = client.chat.completions.create(model="m", messages=messages, tools=TOOLS, max_tokens=120, temperature=0)
+    msg = r.choices[0].message
+    assert "<tool_call>" not in (msg.content or "")
+    if msg.tool_calls:
+        valid_calls(msg.tool_calls)
+        messages += [msg.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": msg.tool_calls[0].id, "content": '{"temperature": 21}'}]
+        r = client.chat.completions.create(model="m", messages=messages, tools=TOOLS, tool_choice="none",
+                                           max_tokens=40, temperature=0)
+        assert r.choices[0].message.content and not r.choices[0].message.tool_calls
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"tool_choice": "required"}, "tool_choice"),  # no tools
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+])
+def test_bad_tool_requests_get_400(base, body, param):
+    r = httpx.post(f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                         "max_tokens": 4, **body}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.text
+
+
+def test_the_tool_agent_example_runs(base):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    examples = Path(__file__).parents[2] / "examples"
+    r = subprocess.run([sys.executable, "tool_agent.py", "--server", base, "--model", "m", "--max-tokens", "100"],
+                       capture_output=True, text=True, timeout=600, cwd=examples, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
