@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence as Seq
+from dataclasses import replace
 from typing import Any
 
 from tqdm import tqdm
@@ -11,6 +12,7 @@ from tqdm import tqdm
 from miaotui.config import DEFAULT_MODEL, EngineConfig
 from miaotui.engine.engine import Engine
 from miaotui.engine.sequence import RequestOutput
+from miaotui.engine.tools import parse, tags_are_tokens, tool_grammar
 from miaotui.sampling import SamplingParams
 
 Prompt = str | list[int]
@@ -33,11 +35,29 @@ class LLM:
 
     def chat(self, conversations: list[Message] | list[list[Message]],
              params: SamplingParams | Seq[SamplingParams] | None = None, use_tqdm: bool = True,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, tools: list[dict] | None = None,
+             tool_choice: str | dict = "auto") -> list[RequestOutput]:
+        """Chat turns through the model's template. With `tools` (OpenAI's function format) the template renders
+        them, `tool_choice` ("auto", "required", "none" or {"type": "function", "function": {"name": ...}}) is
+        enforced as on the server, and each output carries the parsed `tool_calls` with its prose as `text`."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]  # type: ignore[list-item]
-        ids = [self.tokenizer.encode_chat(c, add_generation_prompt) for c in conversations]  # type: ignore[arg-type]
-        return self._run(ids, params, use_tqdm)
+        rendered = tools if tools and tool_choice != "none" else None
+        if rendered and "tools" not in (self.tokenizer.chat_template or ""):
+            raise ValueError("this model's chat template does not take tools")
+        ids = [self.tokenizer.encode_chat(c, add_generation_prompt, tools=rendered)  # type: ignore[arg-type]
+               for c in conversations]
+        if not rendered:
+            return self._run(ids, params, use_tqdm)
+        grammar = tool_grammar(rendered, tool_choice, True, tags_are_tokens(self.tokenizer))
+        plist = [params] * len(ids) if params is None or isinstance(params, SamplingParams) else list(params)
+        plist = [replace(p or SamplingParams(), structured_output=grammar, skip_special_tokens=False) for p in plist]
+        outs = self._run(ids, plist, use_tqdm)
+        for out in outs:
+            content, calls = parse(out.text)
+            if calls:
+                out.text, out.tool_calls, out.finish_reason = content or "", calls, "tool_calls"
+        return outs
 
     def _run(self, prompts: list[list[int]], params, use_tqdm: bool) -> list[RequestOutput]:
         if params is None or isinstance(params, SamplingParams):

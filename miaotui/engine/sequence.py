@@ -108,6 +108,7 @@ class RequestOutput:
     metrics: RequestMetrics
     stop_reason: str | int | None = None
     error: str | None = None  # set when finish_reason is "error": the request failed, the engine went on
+    tool_calls: list[dict] | None = None  # LLM.chat with tools: the calls parsed out of the text (OpenAI's shape)
 
     @property
     def prompt_tokens(self) -> int:

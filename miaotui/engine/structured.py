@@ -1,10 +1,13 @@
 """Structured output: JSON schemas, regular expressions, choice lists and Lark grammars compiled by llguidance
 against the model's tokenizer, and applied each step as a bitmask of the tokens each constrained row may take.
 
-Why llguidance: it builds its token trie from the tokenizer's own JSON in about a second, compiles a typical schema
-in about a millisecond with no per-schema precomputation over the vocabulary, computes a row's mask in tens of
-microseconds off the GIL, and bounds its own work (parser limits), so a hostile grammar cannot stall the engine.
-xgrammar, the other choice, precomputes per-schema token tables (milliseconds to seconds) and is weaker on regex.
+Why llguidance and not xgrammar (both measured on an AVX2 EPYC, 2 cores, on our three tokenizers, walking
+the tokens of a valid document: scripts/compare_grammar_engines.py): llguidance compiles a typical schema in 1.0-1.9 ms (p50) where xgrammar
+takes 12-66 ms, because xgrammar precomputes per-schema token tables; xgrammar's masks are faster (~0.005 ms against
+0.03-0.06 ms p50 per row), but both are small beside a decode step of 5-50 ms, while compile time is paid by every
+new schema an agent sends. llguidance's Lark dialect with inline JSON schemas also makes tool-call grammars one
+rule, it bounds its own work (parser limits) so a hostile grammar cannot stall the engine, and it pulls in no
+further packages (xgrammar brings triton).
 
 The compiled grammars are cached by their text; compiling runs on a worker thread with a time limit, so a server
 compiles before it admits a request and the engine loop never waits on a compiler. Each request gets its own matcher

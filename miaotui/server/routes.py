@@ -24,7 +24,7 @@ from miaotui.server.metrics import Metrics
 from miaotui.server.protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, GenerationRequest,
                                      TokenizeRequest)
 from miaotui.server.streaming import stream_response, usage
-from miaotui.server.tools import ToolCallStream, parse, tags_are_tokens, tool_grammar
+from miaotui.engine.tools import ToolCallStream, parse, tags_are_tokens, tool_grammar
 
 log = logging.getLogger("miaotui.server")
 router = APIRouter()

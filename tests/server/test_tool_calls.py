@@ -130,3 +130,16 @@ def test_the_tool_agent_example_runs(base):
                        capture_output=True, text=True, timeout=600, cwd=examples, check=False)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
+
+
+def test_python_api_tool_calls():
+    from miaotui import LLM, SamplingParams
+
+    llm = LLM(str(model_path("qwen2.5-coder-0.5b")), max_model_len=2048)
+    outs = llm.chat([[{"role": "user", "content": q}] for q in QUESTIONS[:2]],
+                    SamplingParams(temperature=0, max_tokens=120), tools=TOOLS, tool_choice="required",
+                    use_tqdm=False)
+    for out in outs:
+        assert out.finish_reason == "tool_calls" and "<tool_call>" not in out.text
+        for call in out.tool_calls:
+            jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMAS[call["function"]["name"]])
