@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -242,8 +243,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", http=protocol,
                                            timeout_graceful_shutdown=args.grace_period, timeout_keep_alive=5,
                                            h11_max_incomplete_event_size=64 * 1024))
+    def drain(*_) -> None:
+        """Stop accepting; requests still running shortly before the grace period ends get a 503 with an OpenAI
+        body (uvicorn would cancel them with a bare 500)."""
+        if not server.should_exit:
+            server.should_exit = True
+            timer = threading.Timer(max(0.0, args.grace_period - 2), engine.fail_all, ("grace period over",))
+            timer.daemon = True
+            timer.start()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
+        signal.signal(sig, drain)
     try:
         asyncio.run(server.serve())
     finally:

@@ -17,6 +17,10 @@ class RequestFailed(MiaotuiError):
     """The engine failed one request (its data broke a step); the engine and the other requests went on."""
 
 
+class ShuttingDown(RequestFailed):
+    """The server's grace period ran out before this request finished; the client may retry elsewhere."""
+
+
 class GrammarError(MiaotuiError, ValueError):
     """A structured-output constraint that does not compile (bad schema, regex or grammar, or too slow to)."""
 

@@ -248,9 +248,22 @@ async def _metric(client: httpx.AsyncClient, url: str, name: str) -> float:
 async def _soak(cfg: SoakConfig, server: _Server, report: SoakReport) -> None:
     work = _Workload(cfg, server.url, report)
     limits = httpx.Limits(max_connections=cfg.concurrency + 4)
+    warm_seconds = min(60.0, cfg.minutes * 6)  # a tenth of the run, at most a minute
+
+    async def warm_up(first_id: int) -> None:
+        """The full mix at full concurrency until the server's memory reaches its working set (largest batch,
+        longest prompts, preemption), so the RSS baseline is not a half-warm process."""
+        stop = time.monotonic() + warm_seconds
+        ids = iter(range(first_id, first_id - 10**6, -1))
+
+        async def worker() -> None:
+            while time.monotonic() < stop:
+                await work.one(client, next(ids))
+
+        await asyncio.gather(*(worker() for _ in range(cfg.concurrency)))
+
     async with httpx.AsyncClient(timeout=cfg.request_timeout, limits=limits) as client:
-        warm = [asyncio.create_task(work.one(client, -k)) for k in range(1, 9)]
-        await asyncio.gather(*warm)
+        await warm_up(-1)
         report.counts.clear()
         report.rss_warm_mb = server.rss_mb()
         start = time.monotonic()
@@ -281,8 +294,7 @@ async def _soak(cfg: SoakConfig, server: _Server, report: SoakReport) -> None:
             await asyncio.to_thread(server.start)
             report.restarts += 1
             work.serving.set()
-            warm = [asyncio.create_task(work.one(client, -k)) for k in range(100, 108)]
-            await asyncio.gather(*warm)
+            await asyncio.sleep(warm_seconds)  # the soak's own workers warm the new process up
             report.rss_warm_mb = server.rss_mb()  # the process that runs to the end
 
         await asyncio.gather(*(worker() for _ in range(cfg.concurrency)), scraper(), restarter())

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from miaotui.engine.engine import Engine, EngineStats
 from miaotui.engine.sequence import RequestOutput
-from miaotui.errors import RequestFailed
+from miaotui.errors import RequestFailed, ShuttingDown
 from miaotui.sampling import SamplingParams, StructuredOutput
 from miaotui.tokenizer import Tokenizer
 
@@ -71,6 +71,11 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._post(("abort", request_id))
+
+    def fail_all(self, reason: str) -> None:
+        """End every request now with ShuttingDown (a draining server whose grace period is running out), so each
+        client gets an answer it can act on rather than a connection cut mid-request. Safe from any thread."""
+        self._post(("fail_all", reason))
 
     async def compile_constraint(self, spec: StructuredOutput) -> None:
         """Compile an output constraint off the engine loop (GrammarError if it does not compile in time); the
@@ -131,6 +136,10 @@ class AsyncEngine:
                     result = e
                 loop = done.get_loop()
                 loop.call_soon_threadsafe(_resolve, done, result)
+            elif cmd[0] == "fail_all":
+                for rid in list(self.engine.sequences):
+                    self.engine.abort(rid)
+                    self._deliver(rid, ShuttingDown(cmd[1]))
             else:
                 self.engine.abort(cmd[1])
 

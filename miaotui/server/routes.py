@@ -16,7 +16,7 @@ from fastapi.responses import HTMLResponse, Response
 
 from miaotui.engine.async_engine import AsyncEngine
 from miaotui.engine.sequence import RequestOutput
-from miaotui.errors import GrammarError, RequestFailed
+from miaotui.errors import GrammarError, RequestFailed, ShuttingDown
 from miaotui.sampling import SamplingParams, StructuredOutput
 from miaotui.server.admission import Admission
 from miaotui.server.errors import APIError
@@ -78,6 +78,10 @@ class Server:
         except ValueError as e:  # the engine refused the request (prompt too long, bad token id)
             status = "error"
             raise APIError(400, str(e)) from None
+        except ShuttingDown as e:
+            status = "error"
+            raise APIError(503, f"the server is shutting down: {e}", "server_error", code="server_shutting_down",
+                           headers={"Retry-After": "1"}) from None
         except RequestFailed as e:  # processing it raised; the engine went on
             status = "error"
             raise APIError(500, f"the request failed: {e}", "server_error") from None

@@ -57,3 +57,31 @@ def test_sigterm_drains_in_flight_stream_then_exits_0(smollm2_path):
             last = json.loads(line[6:])
     assert done and chunks == 60 and last["choices"][0]["finish_reason"] == "length"
     assert proc.wait(timeout=60) == 0
+
+
+def test_requests_past_the_grace_period_get_an_openai_503(smollm2_path):
+    """A request that cannot finish before the grace period ends is answered 503 with an OpenAI body (or an error
+    event on a stream) instead of being cut off by uvicorn's bare 500; the process still exits 0."""
+    proc, base = start_server(smollm2_path, "--grace-period", "3", "--max-model-len", "8192")
+    results: dict[str, object] = {}
+    long = {"prompt": "Tell me a very long story.", "max_tokens": 6000, "ignore_eos": True}
+
+    def plain():
+        results["plain"] = httpx.post(f"{base}/v1/completions", json=long, timeout=120)
+
+    def streamed():
+        with httpx.stream("POST", f"{base}/v1/completions", json={**long, "stream": True}, timeout=120) as r:
+            results["stream"] = [line for line in r.iter_lines() if line.startswith("data: ")]
+
+    threads = [threading.Thread(target=plain), threading.Thread(target=streamed)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(timeout=60)
+    assert proc.wait(timeout=60) == 0
+    r = results["plain"]
+    assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutting_down", r.text
+    events = results["stream"]
+    assert events[-1] == "data: [DONE]" and "server_shutting_down" in events[-2], events[-3:]
