@@ -36,7 +36,7 @@ from miaotui.errors import MiaotuiError
 FAULT_SEED = 4242
 KINDS = ("stream", "plain", "chat", "n2", "long", "prefix", "disconnect", "fault")
 # How a request may end; anything else is a finding. `fault_completed` (an injected fault not seen) fails the soak.
-OUTCOMES = ("completed", "disconnected", "fault_seen", "refused_503", "fault_completed")
+OUTCOMES = ("completed", "disconnected", "fault_seen", "refused_503", "fault_completed", "shutdown_seen")
 
 
 @dataclass
@@ -198,7 +198,11 @@ class _Workload:
                     continue
                 event = json.loads(line[6:])
                 if "error" in event:
-                    return "fault_seen" if kind == "fault" else f"error event {event['error']['message']}"
+                    if kind == "fault":
+                        return "fault_seen"
+                    if event["error"].get("code") == "server_shutting_down":  # the restart's grace period ran out
+                        return "shutdown_seen"
+                    return f"error event {event['error']['message']}"
                 chunks += len(event["choices"])
                 reasons += [c["finish_reason"] for c in event["choices"] if c["finish_reason"]]
                 usage = event.get("usage") or usage
