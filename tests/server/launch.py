@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import httpx
 
@@ -39,3 +41,11 @@ def wait_healthy(proc: subprocess.Popen, base: str, seconds: float = 120) -> Non
             break
     proc.kill()
     raise RuntimeError("miaotui serve did not start")
+
+
+def serving(model, *flags: str) -> Iterator[str]:
+    """For a module fixture (`yield from serving(...)`): a server on `--served-model-name m`; it must stop cleanly."""
+    proc, url = start_server(model, "--served-model-name", "m", *flags)
+    yield url
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 
 import httpx
 import pytest
 
 from tests.engine.test_structured import PERSON, SMALL
-from tests.server.launch import start_server
+from tests.server.launch import serving
 
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
@@ -20,10 +19,7 @@ jsonschema = pytest.importorskip("jsonschema")
 
 @pytest.fixture(scope="module")
 def base(smollm2_path):
-    proc, url = start_server(smollm2_path, "--dtype", "float32", "--served-model-name", "m")
-    yield url
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0
+    yield from serving(smollm2_path, "--dtype", "float32")
 
 
 @pytest.fixture

@@ -6,13 +6,12 @@ and bad tool choices get a 400 naming the parameter."""
 from __future__ import annotations
 
 import json
-import signal
 
 import httpx
 import pytest
 
 from tests.conftest import model_path
-from tests.server.launch import start_server
+from tests.server.launch import serving
 
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
@@ -35,10 +34,7 @@ QUESTIONS = ["What's the weather like in Paris today?", "What is 17 plus 25?", "
 
 @pytest.fixture(scope="module")
 def base():
-    proc, url = start_server(model_path("qwen2.5-coder-0.5b"), "--max-model-len", "2048", "--served-model-name", "m")
-    yield url
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0
+    yield from serving(model_path("qwen2.5-coder-0.5b"), "--max-model-len", "2048")
 
 
 @pytest.fixture
