@@ -44,6 +44,8 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
                    help="KV cache precision (default auto: the model's dtype; int8 halves a bf16 cache)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling")
+    g.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template (file or text) in "
+                   "place of the model's own")
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -67,7 +69,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         kv_cache_memory=kv, enable_prefix_caching=not args.no_prefix_caching, threads=args.threads,
                         seed=args.seed, quantization=args.quantization, group_size=args.group_size,
-                        kv_cache_dtype=args.kv_cache_dtype)
+                        kv_cache_dtype=args.kv_cache_dtype, chat_template=args.chat_template)
 
 
 def _engine(args: argparse.Namespace):

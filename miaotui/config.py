@@ -127,6 +127,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # auto (the model's dtype) or int8 (per-token, per-head scales)
     seed: int = 0
     threads: int | None = None
+    chat_template: str | None = None  # a Jinja file or template text in place of the model's own
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):

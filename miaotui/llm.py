@@ -12,7 +12,7 @@ from tqdm import tqdm
 from miaotui.config import DEFAULT_MODEL, EngineConfig
 from miaotui.engine.engine import Engine
 from miaotui.engine.sequence import RequestOutput
-from miaotui.engine.tools import parse, tags_are_tokens, tool_grammar
+from miaotui.engine.tools import syntax_for
 from miaotui.sampling import SamplingParams
 
 Prompt = str | list[int]
@@ -49,12 +49,13 @@ class LLM:
                for c in conversations]
         if not rendered:
             return self._run(ids, params, use_tqdm)
-        grammar = tool_grammar(rendered, tool_choice, True, tags_are_tokens(self.tokenizer))
+        syntax = syntax_for(self.tokenizer)
+        grammar = syntax.grammar(rendered, tool_choice, True)
         plist = [params] * len(ids) if params is None or isinstance(params, SamplingParams) else list(params)
         plist = [replace(p or SamplingParams(), structured_output=grammar, skip_special_tokens=False) for p in plist]
         outs = self._run(ids, plist, use_tqdm)
         for out in outs:
-            content, calls = parse(out.text)
+            content, calls = syntax.parse(out.text)
             if calls:
                 out.text, out.tool_calls, out.finish_reason = content or "", calls, "tool_calls"
         return outs

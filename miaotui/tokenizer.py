@@ -9,10 +9,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from jinja2 import TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
 
-from miaotui.errors import ModelFileError
+from miaotui.errors import MiaotuiError, ModelFileError
 
 # Pre-tokenizer split patterns by GGUF `tokenizer.ggml.pre`, as llama.cpp applies them.
 _LLAMA3_SPLIT = (
@@ -247,6 +248,21 @@ class Tokenizer:
 
 
 _TEMPLATES: dict[str, Any] = {}
+
+
+def chat_template_from(value: str) -> str:
+    """A chat template given in place of the model's (`--chat-template`, as in vLLM): a Jinja file's path, or the
+    template itself; checked for syntax here, so a typo is an error at start and not at the first request."""
+    path = Path(value).expanduser()
+    is_text = "{{" in value or "{%" in value
+    if not is_text and not path.is_file():
+        raise MiaotuiError(f"chat template {value!r}: no such file (give a Jinja file or the template text)")
+    text, name = (value, "the chat template") if is_text else (path.read_text(), str(path))
+    try:
+        _compile(text)
+    except TemplateSyntaxError as e:
+        raise MiaotuiError(f"{name}: line {e.lineno}: {e.message}") from None
+    return text
 
 
 def _first_line(e: BaseException) -> str:

@@ -22,7 +22,7 @@ from miaotui.loader import LoadedModel, load
 from miaotui.quant import recipe
 from miaotui.quant.calibrate import calibration_ids, input_power
 from miaotui.sampling import SamplingParams
-from miaotui.tokenizer import IncrementalDetokenizer
+from miaotui.tokenizer import IncrementalDetokenizer, chat_template_from
 
 log = logging.getLogger("miaotui")
 MAX_DEFAULT_CONTEXT = 8192
@@ -59,6 +59,8 @@ class Engine:
         self.loaded = loaded or load(config.model, self.device, self.dtype)
         self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
+        if config.chat_template:
+            self.tokenizer = replace(self.tokenizer, chat_template=chat_template_from(config.chat_template))
         model = self.loaded.model
         self.quantization = recipe.apply(model, config.quantization, config.group_size, self.dtype, self.device,
                                          calibrate=self._calibrate)

@@ -1,20 +1,29 @@
-"""Tool calling in the Hermes / Qwen syntax the chat templates of Qwen2.5 (and many others) teach their models:
+"""Tool calling in the two syntaxes chat templates teach their models.
+
+Hermes / Qwen (Qwen2.5's template and many others) wrap each call in tags:
 
     <tool_call>
     {"name": "get_weather", "arguments": {"city": "Paris"}}
     </tool_call>
 
-The tools are rendered by the model's own chat template. `tool_choice` "required" or a named function constrain the
-output with a grammar (llguidance's Lark with inline JSON schemas: the name is one of the tools', the arguments
-follow that tool's parameter schema); "auto" constrains a reply that starts a call and leaves prose free. The text
-is parsed into OpenAI's `tool_calls` after generation, or while streaming by `ToolCallStream`, which holds back any
-text that may be the start of a tag, so no tag ever reaches `content`."""
+Llama 3.x style templates ask for the bare JSON object as the whole reply, `parameters` for the arguments, several
+calls separated by `;`, optionally after a `<|python_tag|>` token:
+
+    {"name": "get_weather", "parameters": {"city": "Paris"}}
+
+`syntax_for` picks the one the model's template uses. The tools are rendered by that template. `tool_choice`
+"required" or a named function constrain the whole reply with a grammar (llguidance's Lark with inline JSON schemas:
+the name is one of the tools', the arguments follow that tool's parameter schema); "auto" leaves prose free and
+switches the grammar on where a call starts. The text is parsed into OpenAI's `tool_calls` after generation, or while
+streaming by the syntax's stream, which holds back any text that may belong to a call, so no call syntax ever
+reaches `content`."""
 
 from __future__ import annotations
 
 import json
 import re
 import uuid
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,40 +32,69 @@ from miaotui.sampling import StructuredOutput
 from miaotui.tokenizer import Tokenizer
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+PYTHON_TAG = "<|python_tag|>"
 _CALL = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*" + re.escape(CLOSE), re.DOTALL)
 
-
-def tags_are_tokens(tokenizer: Tokenizer) -> bool:
-    """Whether the tags are tokens of their own (Qwen2.5's are): the grammar then names those tokens."""
-    return any(t.content == OPEN for t in tokenizer.backend.get_added_tokens_decoder().values())
+Deltas = list[dict[str, Any]]
 
 
-def tool_grammar(tools: list[dict], choice: str | dict, parallel: bool, tag_tokens: bool) -> StructuredOutput | None:
-    """The constraint for a tool_choice: None for "none"; calls only for "required" or a named function; for
-    "auto", free prose (not starting with a tag) or calls."""
-    if choice == "none":
-        return None
-    open_, close = (OPEN, CLOSE) if tag_tokens else (f'"{OPEN}"', f'"{CLOSE}"')
+class ToolStream(ABC):
+    """Streamed text in, content deltas and OpenAI tool-call deltas (`index`, `id`, `function.name`, then the
+    arguments) out."""
+
+    calls: list[dict]
+
+    @abstractmethod
+    def feed(self, delta: str, final: bool = False) -> tuple[str, Deltas]: ...
+
+    def _emit(self, call: dict) -> Deltas:
+        index = len(self.calls)
+        self.calls.append(call)
+        return [{"index": index, "id": call["id"], "type": "function",
+                 "function": {"name": call["function"]["name"], "arguments": ""}},
+                {"index": index, "function": {"arguments": call["function"]["arguments"]}}]
+
+
+class ToolSyntax(ABC):
+    """How one family of chat templates writes tool calls: the grammar that enforces a tool_choice, the parser of a
+    finished reply and the parser of a streamed one."""
+
+    @abstractmethod
+    def grammar(self, tools: list[dict], choice: str | dict, parallel: bool) -> StructuredOutput | None:
+        """The constraint for a tool_choice: None for "none"."""
+
+    @abstractmethod
+    def parse(self, text: str) -> tuple[str | None, list[dict]]:
+        """The reply's prose (None if there is none) and its tool calls."""
+
+    @abstractmethod
+    def stream(self) -> ToolStream: ...
+
+
+def syntax_for(tokenizer: Tokenizer) -> ToolSyntax:
+    """The syntax the model's chat template teaches: Hermes tags if the template names them, else Llama's JSON."""
+    template = tokenizer.chat_template or ""
+    specials = {t.content for t in tokenizer.backend.get_added_tokens_decoder().values()}
+    if OPEN in template:
+        return HermesSyntax(tag_tokens=OPEN in specials)
+    return JsonSyntax(key="parameters" if '"parameters"' in template else "arguments",
+                      python_tag=PYTHON_TAG in specials)
+
+
+def _call_schema(tools: list[dict], choice: str | dict, key: str) -> str:
+    """One JSON schema for a call to any of the allowed tools: a oneOf over the tools, each with its name as a const
+    and its parameter schema under `key`."""
     named = choice["function"]["name"] if isinstance(choice, dict) else None
     options = [t["function"] for t in tools if named is None or t["function"]["name"] == named]
     schema = {"oneOf": [{"type": "object", "properties": {
-        "name": {"const": f["name"]}, "arguments": f.get("parameters") or {"type": "object"}},
-        "required": ["name", "arguments"], "additionalProperties": False} for f in options],
+        "name": {"const": f["name"]}, key: f.get("parameters") or {"type": "object"}},
+        "required": ["name", key], "additionalProperties": False} for f in options],
         "x-guidance": {"whitespace_pattern": JSON_WHITESPACE}}
-    calls = "call+" if parallel else "call"
-    lark = (f"start: {calls}\n"
-            f'call: {open_} "\\n" %json {json.dumps(schema)} "\\n" {close} "\\n"?\n')
-    if choice == "auto":
-        lark = lark.replace("start:", "start: TEXT |", 1) + "TEXT: /[^<](.|\\n)*/\n"
-    return StructuredOutput(grammar=lark)
+    return json.dumps(schema)
 
 
-def _call(body: str) -> dict | None:
-    """One OpenAI tool call from the JSON between the tags, or None if it is not a call."""
-    try:
-        obj = json.loads(body)
-    except json.JSONDecodeError:
-        return None
+def _call(obj: Any) -> dict | None:
+    """One OpenAI tool call from a parsed call object, or None if it is not one."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
@@ -64,30 +102,62 @@ def _call(body: str) -> dict | None:
             "function": {"name": obj["name"], "arguments": args if isinstance(args, str) else json.dumps(args)}}
 
 
-def parse(text: str) -> tuple[str | None, list[dict]]:
-    """The reply's prose (None if there is none) and its tool calls."""
-    calls = [c for m in _CALL.finditer(text) if (c := _call(m.group(1))) is not None]
-    if not calls:
-        return text, []
-    content = _CALL.sub("", text).strip()
-    return content or None, calls
+def _loads(body: str) -> Any:
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError:
+        return None
+
+
+@dataclass(frozen=True)
+class HermesSyntax(ToolSyntax):
+    """`<tool_call>` JSON `</tool_call>`; the tags are tokens of their own in Qwen2.5's vocabulary, and a grammar
+    must then name the tokens (text lexemes never produce special tokens)."""
+
+    tag_tokens: bool = True
+
+    def grammar(self, tools: list[dict], choice: str | dict, parallel: bool) -> StructuredOutput | None:
+        if choice == "none":
+            return None
+        open_, close = (OPEN, CLOSE) if self.tag_tokens else (f'"{OPEN}"', f'"{CLOSE}"')
+        rules = (f'call: {open_} body\n'
+                 f'body: "\\n" %json {_call_schema(tools, choice, "arguments")} "\\n" {close} "\\n"?\n')
+        more = "call*" if parallel else ""
+        if choice != "auto":
+            return StructuredOutput(grammar=f"start: call {more}\n" + rules)
+        # auto: free prose, or prose followed by calls. The prose lexeme cannot produce a tag token, so the tag ends
+        # it; written as text, a lazy lexeme ends at the first tag instead.
+        if self.tag_tokens:
+            start = f"start: TEXT | TEXT? call {more}\n"
+        else:
+            start = f"start: TEXT | prose_open body {more}\nprose_open[lazy]: /(.|\\n)*{re.escape(OPEN)}/\n"
+        return StructuredOutput(grammar=start + rules + "TEXT: /(.|\\n)+/\n")
+
+    def parse(self, text: str) -> tuple[str | None, list[dict]]:
+        calls = [c for m in _CALL.finditer(text) if (c := _call(_loads(m.group(1)))) is not None]
+        if not calls:
+            return text, []
+        content = _CALL.sub("", text).strip()
+        return content or None, calls
+
+    def stream(self) -> ToolStream:
+        return HermesStream()
 
 
 @dataclass
-class ToolCallStream:
-    """Turns streamed text into content deltas and tool-call deltas (`index`, `id`, `function.name`, then the
-    arguments), holding back text that may be the start of a tag."""
+class HermesStream(ToolStream):
+    """Holds back text that may be the start of a tag, and each call until its closing tag."""
 
     pending: str = ""  # text not yet sent: a possible tag start, or an open call
     calls: list[dict] = field(default_factory=list)
 
-    def feed(self, delta: str, final: bool = False) -> tuple[str, list[dict[str, Any]]]:
+    def feed(self, delta: str, final: bool = False) -> tuple[str, Deltas]:
         self.pending += delta
         content, deltas = "", []
         while self.pending:
             start = self.pending.find(OPEN)
             if start == -1:
-                keep = 0 if final else _tag_prefix(self.pending)
+                keep = 0 if final else _tag_prefix(self.pending, OPEN)
                 content += self.pending[: len(self.pending) - keep]
                 self.pending = self.pending[len(self.pending) - keep:]
                 break
@@ -99,23 +169,84 @@ class ToolCallStream:
                     content += self.pending
                     self.pending = ""
                 break
-            call = _call(self.pending[start + len(OPEN): end].strip())
+            call = _call(_loads(self.pending[start + len(OPEN): end].strip()))
             self.pending = self.pending[end + len(CLOSE):].lstrip("\n")
-            if call is None:
-                continue
-            index = len(self.calls)
-            self.calls.append(call)
-            deltas.append({"index": index, "id": call["id"], "type": "function",
-                           "function": {"name": call["function"]["name"], "arguments": ""}})
-            deltas.append({"index": index, "function": {"arguments": call["function"]["arguments"]}})
+            if call is not None:
+                deltas += self._emit(call)
         if self.calls and not content.strip():  # the line breaks between and after calls
             content = ""
         return content, deltas
 
 
-def _tag_prefix(text: str) -> int:
-    """Length of the longest end of `text` that begins the open tag."""
-    for n in range(min(len(OPEN) - 1, len(text)), 0, -1):
-        if OPEN.startswith(text[-n:]):
+@dataclass(frozen=True)
+class JsonSyntax(ToolSyntax):
+    """The reply is the call: a JSON object with `name` and `key` (Llama 3.x: `parameters`), several separated by
+    `;`, optionally after Llama's `<|python_tag|>` token. A reply that does not start with `{` is prose."""
+
+    key: str = "parameters"
+    python_tag: bool = False
+
+    def grammar(self, tools: list[dict], choice: str | dict, parallel: bool) -> StructuredOutput | None:
+        if choice == "none":
+            return None
+        more = '(";" " "? call)*' if parallel else ""
+        tag = f"{PYTHON_TAG}? " if self.python_tag else ""
+        rules = f"calls: {tag}call {more}\ncall: %json {_call_schema(tools, choice, self.key)}\n"
+        if choice != "auto":
+            return StructuredOutput(grammar="start: calls\n" + rules)
+        return StructuredOutput(grammar="start: TEXT | calls\n" + rules + "TEXT: /[^{](.|\\n)*/\n")
+
+    def parse(self, text: str) -> tuple[str | None, list[dict]]:
+        body = text.strip().removeprefix(PYTHON_TAG).lstrip()
+        if not body.startswith("{"):
+            return text, []
+        decoder, calls, at = json.JSONDecoder(), [], 0
+        while at < len(body):
+            try:
+                obj, at = decoder.raw_decode(body, at)
+            except json.JSONDecodeError:
+                return text, []
+            if (call := _call(obj)) is None:
+                return text, []
+            calls.append(call)
+            while at < len(body) and body[at] in "; \n\t":
+                at += 1
+        return None, calls
+
+    def stream(self) -> ToolStream:
+        return JsonStream(self)
+
+
+@dataclass
+class JsonStream(ToolStream):
+    """Prose streams as it comes; a reply that starts like a call is held to the end and parsed whole."""
+
+    syntax: JsonSyntax
+    pending: str = ""
+    holding: bool | None = None  # None until the reply's first visible characters decide
+    calls: list[dict] = field(default_factory=list)
+
+    def feed(self, delta: str, final: bool = False) -> tuple[str, Deltas]:
+        self.pending += delta
+        if self.holding is None:
+            head = self.pending.lstrip()
+            if head.startswith(("{", PYTHON_TAG)):
+                self.holding = True
+            elif head and not PYTHON_TAG.startswith(head):
+                self.holding = False
+        if self.holding is False or (final and self.holding is None):
+            content, self.pending = self.pending, ""
+            return content, []
+        if not final:
+            return "", []
+        content, calls = self.syntax.parse(self.pending)
+        self.pending = ""
+        return content or "", [d for call in calls for d in self._emit(call)]
+
+
+def _tag_prefix(text: str, tag: str) -> int:
+    """Length of the longest end of `text` that begins `tag`."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-n:]):
             return n
     return 0

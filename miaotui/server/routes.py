@@ -24,7 +24,7 @@ from miaotui.server.metrics import Metrics
 from miaotui.server.protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, GenerationRequest,
                                      TokenizeRequest)
 from miaotui.server.streaming import stream_response, usage
-from miaotui.engine.tools import ToolCallStream, parse, tags_are_tokens, tool_grammar
+from miaotui.engine.tools import ToolStream, syntax_for
 
 log = logging.getLogger("miaotui.server")
 router = APIRouter()
@@ -231,7 +231,8 @@ async def chat(req: ChatRequest, request: Request):
     top = (req.top_logprobs or 0) if req.logprobs else None
     params = req.sampling_params(s.admission.max_tokens(len(ids), req.max_completion_tokens or req.max_tokens, None,
                                                           req.n), top)
-    grammar = tool_grammar(tools, tool_choice, req.parallel_tool_calls, tags_are_tokens(tok)) if tools else None
+    syntax = syntax_for(tok)
+    grammar = syntax.grammar(tools, tool_choice, req.parallel_tool_calls) if tools else None
     if tools:
         params.skip_special_tokens = False  # the tags may be special tokens: the parser must see them
     await s.constrain(req, params, (grammar, tool_choice if isinstance(tool_choice, str) else "function")
@@ -243,7 +244,7 @@ async def chat(req: ChatRequest, request: Request):
     if req.stream:
         started: set[int] = set()
         sent_lp: dict[int, int] = {}
-        calls: dict[int, ToolCallStream] = {}
+        calls: dict[int, ToolStream] = {}
 
         def chunk(out: RequestOutput) -> dict:
             delta: dict[str, Any] = {}
@@ -252,7 +253,7 @@ async def chat(req: ChatRequest, request: Request):
                 delta["role"] = "assistant"
             text, call_deltas = out.delta, []
             if tools:
-                text, call_deltas = calls.setdefault(out.index, ToolCallStream()).feed(out.delta, out.finished)
+                text, call_deltas = calls.setdefault(out.index, syntax.stream()).feed(out.delta, out.finished)
             if text:
                 delta["content"] = text
             if call_deltas:
@@ -273,7 +274,7 @@ async def chat(req: ChatRequest, request: Request):
     finals = await s.collect(ids, params, rid)
 
     def message(o: RequestOutput) -> tuple[dict, str | None]:
-        content, tool_calls = parse(o.text) if tools else (o.text, [])
+        content, tool_calls = syntax.parse(o.text) if tools else (o.text, [])
         if not tool_calls:
             return {"role": "assistant", "content": content}, o.finish_reason
         return {"role": "assistant", "content": content, "tool_calls": tool_calls}, "tool_calls"

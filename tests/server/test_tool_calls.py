@@ -139,3 +139,34 @@ def test_python_api_tool_calls():
         assert out.finish_reason == "tool_calls" and "<tool_call>" not in out.text
         for call in out.tool_calls:
             jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMAS[call["function"]["name"]])
+
+
+@pytest.fixture(scope="module")
+def llama_style_base(tmp_path_factory):
+    """SmolLM2 served with a Llama-style template (`--chat-template`): calls are bare JSON with "parameters"."""
+    from tests.engine.test_tools import LLAMA_STYLE
+
+    path = tmp_path_factory.mktemp("template") / "llama_style.jinja"
+    path.write_text(LLAMA_STYLE)
+    yield from serving(model_path("smollm2-135m"), "--chat-template", str(path))
+
+
+def test_json_form_calls_stream_as_they_return(llama_style_base):
+    client = openai.OpenAI(base_url=f"{llama_style_base}/v1", api_key="unused")
+    kw = {"model": "m", "messages": [{"role": "user", "content": QUESTIONS[1]}], "tools": TOOLS,
+          "tool_choice": "required", "temperature": 0, "max_tokens": 80}
+    choice = client.chat.completions.create(**kw).choices[0]
+    assert choice.finish_reason == "tool_calls" and not choice.message.content
+    whole = valid_calls(choice.message.tool_calls)
+    calls: dict[int, dict] = {}
+    content, finish = "", None
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for d in delta.tool_calls or []:
+            call = calls.setdefault(d.index, {"name": "", "arguments": ""})
+            call["name"] += d.function.name or ""
+            call["arguments"] += d.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and content == ""
+    assert [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())] == whole
