@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -44,6 +45,9 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
                    help="KV cache precision (default auto: the model's dtype; int8 halves a bf16 cache)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling")
+    g.add_argument("--speculative-config", default=None, metavar="JSON", type=_json_object,
+                   help='speculative decoding, as in vLLM: \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+                   "(methods ngram, suffix, draft_model with \"model\"; off by default)")
     g.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template (file or text) in "
                    "place of the model's own")
 
@@ -60,6 +64,16 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--verbose", "-v", action="store_true", help="print load time, KV cache size and tokens/s")
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The engine's configuration from the engine flags, for every command that runs one."""
     kv = args.kv_cache_memory
@@ -69,7 +83,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         kv_cache_memory=kv, enable_prefix_caching=not args.no_prefix_caching, threads=args.threads,
                         seed=args.seed, quantization=args.quantization, group_size=args.group_size,
-                        kv_cache_dtype=args.kv_cache_dtype, chat_template=args.chat_template)
+                        kv_cache_dtype=args.kv_cache_dtype, chat_template=args.chat_template,
+                        speculative=args.speculative_config)
 
 
 def _engine(args: argparse.Namespace):

@@ -109,6 +109,49 @@ def _cpu_has_bf16() -> bool:
         return False
 
 
+SPECULATIVE_METHODS = ("ngram", "suffix", "draft_model")
+
+
+@dataclass(slots=True)
+class SpeculativeConfig:
+    """Speculative decoding, in vLLM's shape (`--speculative-config '{"method": "ngram", ...}'`): a proposer guesses
+    up to `num_speculative_tokens` tokens, one forward pass of the model checks them all."""
+
+    method: str = "ngram"  # one of SPECULATIVE_METHODS
+    num_speculative_tokens: int = 4  # the most proposed per step (k adapts below it to each request's acceptance)
+    prompt_lookup_max: int = 4  # ngram / suffix: the longest suffix of the text looked up
+    prompt_lookup_min: int = 1  # and the shortest
+    model: str | None = None  # draft_model: a model with the same vocabulary
+    disable_by_batch_size: int = 4  # no speculation in steps with more running requests than this
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise MiaotuiError(f"unknown speculative method {self.method!r}; use one of "
+                               f"{', '.join(SPECULATIVE_METHODS)}")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise MiaotuiError(f"num_speculative_tokens must be from 1 to 16, got {self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max <= 64:
+            raise MiaotuiError("need 1 <= prompt_lookup_min <= prompt_lookup_max <= 64, got "
+                               f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+        if (self.method == "draft_model") != (self.model is not None):
+            raise MiaotuiError("a draft model is given with method draft_model, and only then")
+        if self.disable_by_batch_size < 1:
+            raise MiaotuiError(f"disable_by_batch_size must be at least 1, got {self.disable_by_batch_size}")
+
+    @classmethod
+    def parse(cls, value: SpeculativeConfig | dict | None) -> SpeculativeConfig | None:
+        """From `LLM(speculative={...})` or the CLI's JSON; unknown keys are refused, never dropped."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if not isinstance(value, dict):
+            raise MiaotuiError(f"speculative config must be a mapping, got {type(value).__name__}")
+        unknown = set(value) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise MiaotuiError(f"unknown speculative config key(s) {', '.join(sorted(unknown))}; known: "
+                               f"{', '.join(cls.__dataclass_fields__)}")
+        return cls(**value)
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """Everything the engine needs, from CLI flags, `LLM(...)` keywords or the server's options alike."""
@@ -128,6 +171,7 @@ class EngineConfig:
     seed: int = 0
     threads: int | None = None
     chat_template: str | None = None  # a Jinja file or template text in place of the model's own
+    speculative: SpeculativeConfig | dict | None = None  # speculative decoding (off by default)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -140,5 +184,6 @@ class EngineConfig:
                                f"{', '.join(KV_CACHE_DTYPES)}")
         if self.quantization not in QUANTIZATIONS:
             raise MiaotuiError(f"unknown quantization {self.quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
+        self.speculative = SpeculativeConfig.parse(self.speculative)
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise MiaotuiError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")

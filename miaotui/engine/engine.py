@@ -16,6 +16,7 @@ from miaotui.engine.kv_cache import KVCacheManager
 from miaotui.engine.runner import ModelRunner, kv_bytes_per_token, prefill_once
 from miaotui.engine.scheduler import Scheduler
 from miaotui.engine.sequence import RequestOutput, Sequence, Status
+from miaotui.engine.speculative import Speculator, build_proposer
 from miaotui.engine.structured import GrammarMask, Grammars
 from miaotui.errors import MiaotuiError
 from miaotui.loader import LoadedModel, load
@@ -86,6 +87,8 @@ class Engine:
                                    self.tokenizer.stop_ids)
         self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size)
         self.runner.sampler.processors.append(GrammarMask(self.grammars))
+        spec = config.speculative
+        self.speculator = None if spec is None else Speculator(spec, build_proposer(spec, self), self.max_model_len)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sequences: dict[str, list[Sequence]] = {}
         self._ids = itertools.count()
@@ -157,6 +160,8 @@ class Engine:
         for seq in self.sequences.pop(request_id, []):
             if not seq.finished:
                 self.scheduler.finish(seq, "abort")
+                if self.speculator is not None:
+                    self.speculator.release(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -164,6 +169,8 @@ class Engine:
     # -- the step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model and sample, book the results; the outputs of the requests that got a token."""
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         batch = self.scheduler.schedule()
         if batch.empty:
             return []
@@ -195,6 +202,8 @@ class Engine:
         delta = seq.text[seq.emitted : visible] if visible > seq.emitted else ""
         seq.emitted += len(delta)
         if seq.finished:
+            if self.speculator is not None:
+                self.speculator.release(seq)
             group = self.sequences.get(seq.request_id, [])
             if all(s.finished for s in group):
                 self.sequences.pop(seq.request_id, None)

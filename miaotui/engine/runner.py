@@ -6,6 +6,8 @@ them to the model explicitly, and picks the fast path where one applies (the fus
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from miaotui.attention import select_backend
@@ -14,7 +16,7 @@ from miaotui.config import ModelConfig
 from miaotui.engine import fused
 from miaotui.engine.sampler import Sampler
 from miaotui.engine.scheduler import ScheduledBatch
-from miaotui.engine.sequence import Sequence, TokenLogprob
+from miaotui.engine.sequence import Position, Sequence, TokenLogprob
 from miaotui.models.base import CausalLM
 from miaotui.sampling import SamplingParams
 
@@ -63,48 +65,64 @@ class ModelRunner:
                 self.kv_scale[:, :, index] = 0
 
     @torch.inference_mode()  # the logits are inference tensors: penalties and masks edit them in place
-    def run(self, batch: ScheduledBatch) -> tuple[list[int], list[TokenLogprob | None]]:
-        """One step: the forward pass over the batch, then a token for each sequence that has caught up."""
+    def run(self, batch: ScheduledBatch) -> tuple[list[list[int]], list[list[TokenLogprob | None]]]:
+        """One step: the forward pass over the batch, then new tokens for each sequence that has caught up — one,
+        or with proposals (speculative decoding) the proposals the model agrees with and one more."""
         self.zero_blocks(batch.fresh_blocks)
         rows = batch.sampled
-        sampled = [batch.seqs[i] for i in rows]
-        sampling = self.sampler.prepare(sampled, self.device)  # before the pass: grammar masks compute alongside it
-        logits = self.forward(batch.seqs, batch.num_tokens)
-        if len(rows) != len(logits):  # in a pure decode step every row samples: no copy of the [B, vocab] logits
-            logits = logits[rows]
+        # before the pass: grammar masks compute alongside it
+        sampling = self.sampler.prepare([v for i in rows for v in Position.of(batch.seqs[i])], self.device,
+                                        [batch.seqs[i].draft for i in rows])
+        logits = self.forward(batch.seqs, batch.num_tokens)  # one row per query row: proposals are rows of their own
+        first = list(itertools.accumulate((len(s.draft) + 1 for s in batch.seqs), initial=0))
+        pick = [first[i] + j for i in rows for j in range(len(batch.seqs[i].draft) + 1)]
+        if len(pick) != len(logits):  # in a pure decode step every row samples: no copy of the [B, vocab] logits
+            logits = logits[pick]
         return self.sampler.sample(logits, sampling)
 
     def _inputs(self, seqs: list[Sequence], num_tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor,
                                                                           AttentionMetadata]:
+        """Token ids, positions and attention metadata. A sequence's chunk is one query row; a sequence with
+        proposals gives each of its tokens a decode row of its own over the cache up to it (the same causal
+        attention), which keeps the step on the decode path and its fused stack."""
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         query_start = [0]
-        context_lens = []
+        context_lens: list[int] = []
+        tables: list[list[int]] = []
         bs = self.block_size
         for seq, n in zip(seqs, num_tokens):
-            start = seq.num_computed
-            ids.extend(seq.token_ids[start : start + n])
+            start, table = seq.num_computed, seq.block_table
+            if seq.draft:
+                ids.append(seq.token_ids[start])
+                ids.extend(seq.draft)
+                for p in range(start, start + n):
+                    query_start.append(query_start[-1] + 1)
+                    context_lens.append(p + 1)
+                    tables.append(table)
+            else:
+                ids.extend(seq.token_ids[start : start + n])
+                query_start.append(query_start[-1] + n)
+                context_lens.append(start + n)
+                tables.append(table)
             positions.extend(range(start, start + n))
-            table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            query_start.append(query_start[-1] + n)
-            context_lens.append(start + n)
-        width = max(len(s.block_table) for s in seqs)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
         dev = self.device
         meta = self.backend.prepare(query_start, context_lens, torch.tensor(slots, dtype=torch.long, device=dev),
-                                    torch.tensor(tables, dtype=torch.long, device=dev), bs, self.windows, self.dtype)
+                                    torch.tensor(padded, dtype=torch.long, device=dev), bs, self.windows, self.dtype)
         return torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(positions, device=dev), meta
 
     @torch.inference_mode()
     def forward(self, seqs: list[Sequence], num_tokens: list[int], all_logits: bool = False) -> torch.Tensor:
-        """One forward pass. Returns float32 logits of each sequence's last token [B, V], or of every token."""
+        """One forward pass. Returns float32 logits of each query row's last token [rows, V], or of every token."""
         ids, positions, meta = self._inputs(seqs, num_tokens)
         longest = max(meta.context_lens)
         if longest > self.positions_ready:
             self.positions_ready = self.model.reserve_positions(longest)
-        stack = self._decode_stack(meta, len(seqs))
+        stack = self._decode_stack(meta, meta.num_seqs)
         if stack is not None:
             hidden = self.model.norm(stack.decode(self.model.embed(ids, positions), positions, meta))
         else:

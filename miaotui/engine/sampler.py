@@ -1,5 +1,5 @@
-"""Sampling, vectorised over the batch: logits processors (penalties first; grammar masks or a speculative verifier
-plug in the same way), temperature, top-k, top-p, min-p, seeded draws, logprobs.
+"""Sampling, vectorised over the batch: logits processors (penalties first; grammar masks plug in the same way),
+temperature, top-k, top-p, min-p, seeded draws, logprobs, and the check of speculative proposals.
 
 The runner prepares a step's arguments as tensors once (`prepare`); the sampler itself sees tensors only. A request
 with a seed draws its noise from its own generator, so its tokens do not depend on what else is in the batch.
@@ -40,6 +40,7 @@ class SamplingBatch:
     generators: list[torch.Generator | None]
     logprobs: list[int | None]  # top alternatives to return per row (None: no logprobs)
     processors: list[tuple[LogitsProcessor, Any]] = field(default_factory=list)
+    drafts: list[list[int]] | None = None  # per sequence, its proposed tokens; its rows are len(draft) + 1
 
 
 @dataclass(slots=True)
@@ -107,8 +108,10 @@ class Sampler:
         # Penalties and biases first; a grammar mask (appended by the engine) last, so nothing revives a banned token.
         self.processors: list[LogitsProcessor] = [Penalties(), LogitBias(), *(processors or [])]
 
-    def prepare(self, seqs: list[Sequence], device: torch.device) -> SamplingBatch:
-        """The step's arguments as tensors, from the requests it samples for."""
+    def prepare(self, seqs: list[Sequence], device: torch.device,
+                drafts: list[list[int]] | None = None) -> SamplingBatch:
+        """The step's arguments as tensors, from the requests it samples for: one row each, or with `drafts`
+        (speculative decoding) one row per scored position (`Position.of`)."""
         params = [s.params for s in seqs]
         greedy = [p.greedy for p in params]
         all_greedy = all(greedy)
@@ -126,35 +129,75 @@ class Sampler:
             min_p=col([p.min_p for p in params]) if min_p else None,
             generators=[s.generator for s in seqs], logprobs=[p.logprobs for p in params],
             processors=[(proc, args) for proc in self.processors
-                        if (args := proc.prepare(seqs, device)) is not None])
+                        if (args := proc.prepare(seqs, device)) is not None],
+            drafts=drafts if drafts and any(drafts) else None)
 
-    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple[list[int], list[TokenLogprob | None]]:
-        """logits [B, V] (float32), one row per sequence → one token id per sequence (and its logprobs)."""
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple[list[list[int]],
+                                                                           list[list[TokenLogprob | None]]]:
+        """logits [rows, V] (float32) → each sequence's new tokens (and their logprobs): one token, or where it
+        has proposals, the proposals its own draws agree with and the first draw that differs (or one more).
+
+        Checking a proposal by drawing the token as plain decoding would and comparing is exact rejection
+        sampling for a proposer that names one token (Leviathan et al. with a one-hot draft): the proposal is
+        kept with probability p(proposal), and a rejection leaves p without it. Draws are made position by
+        position and stop at the first rejection, so a seeded request consumes its generator exactly as plain
+        decoding does and its tokens are the same."""
         want_logprobs = any(n is not None for n in batch.logprobs)
         raw_logprobs = logits.log_softmax(dim=-1) if want_logprobs else None
         for proc, args in batch.processors:
             logits = proc(logits, args)
         chosen = argmax(logits)
+        probs = None
         if not batch.all_greedy:
             probs = _filter(logits / batch.temperatures[:, None], batch).softmax(dim=-1)
-            noise = torch.empty_like(probs)
-            for i, gen in enumerate(batch.generators):
-                noise[i].exponential_(generator=gen)
-            chosen = torch.where(batch.greedy, chosen, argmax(probs / noise))
-        ids = chosen.tolist()
-        logprobs: list[TokenLogprob | None] = [None] * len(ids)
-        if raw_logprobs is not None:
-            for i, n in enumerate(batch.logprobs):
-                if n is None:
-                    continue
-                row = raw_logprobs[i]
-                top = {}
-                if n > 0:
-                    vals, idx = row.topk(n)
-                    top = dict(zip(idx.tolist(), vals.tolist()))
-                top[ids[i]] = float(row[ids[i]])
-                logprobs[i] = TokenLogprob(ids[i], float(row[ids[i]]), top)
-        return ids, logprobs
+        if batch.drafts is None:
+            if probs is not None:
+                noise = torch.empty_like(probs)
+                for i, gen in enumerate(batch.generators):
+                    noise[i].exponential_(generator=gen)
+                chosen = torch.where(batch.greedy, chosen, argmax(probs / noise))
+            groups = [[t] for t in chosen.tolist()]
+            rows = [[i] for i in range(len(groups))]
+        else:
+            groups, rows = self._verify(chosen.tolist(), probs, batch)
+        logprobs = [[self._logprob(raw_logprobs, batch, r, t) for r, t in zip(rs, ts)]
+                    for rs, ts in zip(rows, groups)]
+        return groups, logprobs
+
+    @staticmethod
+    def _verify(greedy_ids: list[int], probs: torch.Tensor | None,
+                batch: SamplingBatch) -> tuple[list[list[int]], list[list[int]]]:
+        """Per sequence: draw position by position until a draw differs from the proposal."""
+        greedy = batch.greedy.tolist()
+        groups, rows, r = [], [], 0
+        for draft in batch.drafts or ():
+            taken, used = [], []
+            for j in range(len(draft) + 1):
+                t = greedy_ids[r + j]
+                if not greedy[r + j]:
+                    noise = torch.empty_like(probs[r + j]).exponential_(generator=batch.generators[r + j])
+                    t = int(argmax((probs[r + j] / noise)[None])[0])
+                taken.append(t)
+                used.append(r + j)
+                if j == len(draft) or t != draft[j]:
+                    break
+            groups.append(taken)
+            rows.append(used)
+            r += len(draft) + 1
+        return groups, rows
+
+    @staticmethod
+    def _logprob(raw: torch.Tensor | None, batch: SamplingBatch, r: int, token: int) -> TokenLogprob | None:
+        n = batch.logprobs[r]
+        if raw is None or n is None:
+            return None
+        row = raw[r]
+        top = {}
+        if n > 0:
+            vals, idx = row.topk(n)
+            top = dict(zip(idx.tolist(), vals.tolist()))
+        top[token] = float(row[token])
+        return TokenLogprob(token, float(row[token]), top)
 
 
 def _filter(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -23,7 +23,7 @@ log = logging.getLogger("miaotui")
 @dataclass(slots=True)
 class ScheduledBatch:
     seqs: list[Sequence]
-    num_tokens: list[int]  # tokens to compute for each sequence in this step
+    num_tokens: list[int]  # tokens to compute for each sequence in this step (its proposals included)
     fresh_blocks: list[int] = field(default_factory=list)  # never written before: zeroed before the pass
 
     @property
@@ -32,8 +32,9 @@ class ScheduledBatch:
 
     @property
     def sampled(self) -> list[int]:
-        """Rows whose sequence catches up this step: each gets one new token."""
-        return [i for i, (s, n) in enumerate(zip(self.seqs, self.num_tokens)) if s.num_computed + n == s.num_tokens]
+        """Rows whose sequence catches up this step: each gets one new token (or more, with proposals)."""
+        return [i for i, (s, n) in enumerate(zip(self.seqs, self.num_tokens))
+                if s.num_computed + n - len(s.draft) == s.num_tokens]
 
 
 class Scheduler:
@@ -66,7 +67,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = seq.num_tokens - seq.num_computed
+            if seq.draft and (n + len(seq.draft) > budget or not self.kv.can_allocate(
+                    seq, seq.num_computed + n + len(seq.draft))):
+                seq.draft = []  # proposals go first when the step is short of room
+            n = min(n + len(seq.draft), budget)
             while not self.kv.can_allocate(seq, seq.num_computed + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -116,31 +121,46 @@ class Scheduler:
         self.running.remove(seq)
         self.kv.release(seq)
         seq.num_computed = 0
+        seq.draft = []
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     # -- booking a step's results ---------------------------------------------------------------
-    def update(self, batch: ScheduledBatch, tokens: list[int],
-               logprobs: list[TokenLogprob | None]) -> list[Sequence]:
+    def update(self, batch: ScheduledBatch, tokens: list[list[int]],
+               logprobs: list[list[TokenLogprob | None]]) -> list[Sequence]:
         """After the forward pass: every scheduled sequence has its tokens computed (and its full blocks offered
-        to the prefix cache); those in `batch.sampled` take their new token (in that order), which may finish
-        them. Returns the sequences that took a token."""
+        to the prefix cache); those in `batch.sampled` take their new tokens (in that order), which may finish
+        them. A sequence with proposals took the ones the model agreed with and one more: the cache holds the
+        agreed ones; the others' entries lie past `num_computed` and are overwritten later. Returns the sequences
+        that took tokens."""
         rows = batch.sampled
         for seq, n in zip(batch.seqs, batch.num_tokens):
-            seq.num_computed += n
+            seq.num_computed += n - len(seq.draft)
             self.kv.commit(seq)
         now = time.monotonic()
         took = []
-        for i, token, lp in zip(rows, tokens, logprobs):
+        for i, new, lps in zip(rows, tokens, logprobs):
             seq = batch.seqs[i]
             seq.metrics.first_token_time = seq.metrics.first_token_time or now
+            if seq.draft:
+                seq.metrics.proposed_tokens += len(seq.draft)
+                seq.metrics.accepted_tokens += len(new) - 1
+                seq.metrics.verify_steps += 1
+            seq.draft = []
             try:
-                if self.on_token is not None:
-                    self.on_token(seq, token)
-                self._append(seq, token, lp)
+                for j, (token, lp) in enumerate(zip(new, lps)):
+                    if j:  # a proposal the model agreed with: computed in this pass
+                        seq.num_computed += 1
+                    if self.on_token is not None:
+                        self.on_token(seq, token)
+                    self._append(seq, token, lp)
+                    if seq.finished:
+                        break
             except Exception as e:  # this request's data broke its booking (detokenizer, stop check): fail it alone
                 self.fail(seq, e)
+            if not seq.finished and len(new) > 1:
+                self.kv.commit(seq)
             took.append(seq)
         return took
 

@@ -35,6 +35,9 @@ class RequestMetrics:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+    proposed_tokens: int = 0  # speculative decoding: tokens proposed for this request and checked
+    accepted_tokens: int = 0  # of which the model agreed with
+    verify_steps: int = 0  # steps that checked proposals
 
     @property
     def ttft(self) -> float | None:
@@ -78,6 +81,8 @@ class Sequence:
     index: int = 0  # which of the request's n samples
     parent: Sequence | None = None  # sample 0 of the request, whose prompt blocks the other samples share
     matcher: Any = None  # llguidance's LLMatcher of a constrained request, advanced with every token it takes
+    draft: list[int] = field(default_factory=list)  # tokens proposed for this step (speculative decoding)
+    spec: Any = None  # the speculator's per-request state (its adaptive k)
 
     @property
     def output_ids(self) -> list[int]:
@@ -90,6 +95,34 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+
+@dataclass(slots=True)
+class Position:
+    """A sequence as it would be after taking the first `j` of its proposed tokens: what the sampler and its
+    processors read (penalties the tokens, a grammar mask the matcher's state) to score that position."""
+
+    params: SamplingParams
+    token_ids: list[int]
+    num_prompt: int
+    generator: torch.Generator | None
+    matcher: Any = None
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt :]
+
+    @classmethod
+    def of(cls, seq: Sequence) -> list[Position | Sequence]:
+        """The sequence itself, then one position per proposed token."""
+        views: list[Position | Sequence] = [seq]
+        for j in range(1, len(seq.draft) + 1):
+            matcher = None
+            if seq.matcher is not None:
+                matcher = seq.matcher.deep_copy()
+                matcher.consume_tokens(seq.draft[:j])
+            views.append(cls(seq.params, seq.token_ids + seq.draft[:j], seq.num_prompt, seq.generator, matcher))
+        return views
 
 
 @dataclass(slots=True)

@@ -105,13 +105,13 @@ def test_update_books_a_step(smollm2_path):
     batch = sched.schedule()
     assert batch.sampled == [0, 1, 2]
     paris, dot = tok.encode(" Paris"), tok.encode(".")
-    took = sched.update(batch, [paris[0]] * 3, [None] * 3)
+    took = sched.update(batch, [[paris[0]]] * 3, [[None]] * 3)
     assert took == [eos, length, stop] and all(s.num_computed == s.num_prompt for s in took)
     assert stop.finished and stop.finish_reason == "stop" and stop.stop_reason == "Par" and stop.text == " "
     assert eos.text == length.text == " Paris" and eos.metrics.first_token_time is not None
     batch = sched.schedule()
     assert [s.request_id for s in batch.seqs] == ["eos", "length"] and batch.num_tokens == [1, 1]
-    sched.update(batch, [next(iter(tok.stop_ids)), dot[0]], [None, None])
+    sched.update(batch, [[next(iter(tok.stop_ids))], [dot[0]]], [[None], [None]])
     assert eos.finish_reason == "stop" and eos.text == " Paris"  # the stop token itself is not text
     assert length.finish_reason == "length" and length.text == " Paris."
     assert not sched.has_work() and kv.num_free_blocks == kv.num_blocks

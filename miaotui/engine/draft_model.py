@@ -1,0 +1,89 @@
+"""The draft-model proposer: a small model of the same vocabulary (Qwen2.5-Coder-0.5B for the 1.5B) runs k greedy
+steps per round on its own runner and paged cache. Each request has a shadow sequence there; after the model has
+checked the proposals, the shadow keeps the cache entries of the tokens both agree on and recomputes from there."""
+
+from __future__ import annotations
+
+import logging
+
+from miaotui.config import SpeculativeConfig
+from miaotui.engine.kv_cache import KVCacheManager
+from miaotui.engine.runner import ModelRunner, kv_bytes_per_token
+from miaotui.engine.sequence import Sequence, Status
+from miaotui.engine.speculative import Proposer
+from miaotui.errors import MiaotuiError
+from miaotui.kernels import argmax
+from miaotui.loader import load
+from miaotui.quant import recipe
+from miaotui.sampling import SamplingParams
+
+log = logging.getLogger("miaotui")
+
+
+class DraftModelProposer(Proposer):
+    def __init__(self, config: SpeculativeConfig, engine):
+        loaded = load(config.model, engine.device, engine.dtype)
+        if loaded.tokenizer.backend.get_vocab() != engine.tokenizer.backend.get_vocab():
+            raise MiaotuiError(f"draft model {config.model!r} has another vocabulary than {engine.loaded.files.name!r}"
+                               "; a draft model must share the model's tokenizer")
+        recipe.apply(loaded.model, engine.config.quantization, engine.config.group_size, engine.dtype, engine.device)
+        block_size = engine.config.block_size
+        # room for the requests that speculate, never more tokens than the model's own cache holds
+        tokens = min((config.disable_by_batch_size + 1) * engine.max_model_len, engine.kv.num_blocks * block_size)
+        num_blocks = -(-tokens // block_size) + 1
+        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=False)
+        self.runner = ModelRunner(loaded.model, num_blocks, block_size, engine.dtype, engine.device)
+        self.shadows: dict[int, Sequence] = {}  # id(target sequence) -> its sequence in the draft's cache
+        log.info("draft model %s: %d KV blocks (%.0f MiB)", loaded.files.name, num_blocks,
+                 num_blocks * block_size * kv_bytes_per_token(loaded.config, engine.dtype) / 2**20)
+
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
+        shadows = [self._shadow(s) for s in seqs]
+        drafts: list[list[int]] = [[] for _ in seqs]
+        active = list(range(len(seqs)))
+        for step in range(max(ks)):
+            active = [i for i in active if ks[i] > step and self._room(shadows[i])]
+            if not active:
+                break
+            rows = [shadows[i] for i in active]
+            logits = self.runner.forward(rows, [sh.num_tokens - sh.num_computed for sh in rows])
+            for i, sh, token in zip(active, rows, argmax(logits).tolist()):
+                sh.num_computed = sh.num_tokens
+                sh.token_ids.append(token)
+                drafts[i].append(token)
+        return drafts
+
+    def release(self, seq: Sequence) -> None:
+        shadow = self.shadows.pop(id(seq), None)
+        if shadow is not None:
+            self.kv.release(shadow)
+
+    def _shadow(self, seq: Sequence) -> Sequence:
+        """The request's shadow with the target's tokens: its cache kept as far as both texts agree."""
+        shadow = self.shadows.get(id(seq))
+        if shadow is None:
+            shadow = Sequence(seq.request_id, [], 0, SamplingParams(max_tokens=1), None,  # type: ignore[arg-type]
+                              status=Status.RUNNING)
+            self.shadows[id(seq)] = shadow
+        old, new = shadow.token_ids, seq.token_ids
+        same = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
+        shadow.num_computed = min(shadow.num_computed, same, len(new) - 1)
+        shadow.token_ids = list(new)
+        return shadow
+
+    def _room(self, shadow: Sequence) -> bool:
+        """Blocks for the shadow's tokens; when the cache is full, shadows of other requests give theirs up."""
+        need = shadow.num_tokens
+        for other in list(self.shadows.values()):
+            if self.kv.can_allocate(shadow, need):
+                break
+            if other is not shadow and other.block_table:
+                self.kv.release(other)
+                other.num_computed = 0
+        if not self.kv.can_allocate(shadow, need):
+            return False
+        self.kv.allocate(shadow, need)
+        self.runner.zero_blocks(self.kv.fresh)
+        self.kv.fresh = []
+        return True
+

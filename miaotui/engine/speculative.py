@@ -1,0 +1,198 @@
+"""Speculative decoding: a proposer guesses each request's next tokens; the next step scores them all in one pass
+of the model (each proposal a decode row of its own, runner.py) and keeps those the request's own draws agree with,
+plus one more (sampler.py), so the output is the one plain decoding gives, several tokens per pass of the weights.
+
+Proposers behind one interface: prompt lookup ("ngram": the latest earlier occurrence of the text's last n
+tokens, continued), suffix decoding ("suffix": the most frequent continuation of the longest matching context in
+this request and in recent outputs of others), and a small draft model of the same vocabulary ("draft_model",
+draft_model.py). The `Speculator` decides per step and per request how many to ask for: k follows the request's
+recent acceptance (a request whose proposals keep failing backs off), and a step with more running requests than
+`disable_by_batch_size` speculates not at all, since a full batch already reads each weight for many tokens.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from miaotui.config import SpeculativeConfig
+from miaotui.engine.sequence import Sequence
+
+MAX_BACKOFF = 64  # steps a request whose proposals keep failing waits, at most, before it tries again
+
+
+class Proposer(ABC):
+    """Guesses the tokens that follow each sequence's text (up to its k); may return fewer, or none."""
+
+    @abstractmethod
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]: ...
+
+    def release(self, seq: Sequence) -> None:
+        """The sequence has finished: drop what was kept for it (and learn from its output)."""
+
+
+def prompt_lookup(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> list[int]:
+    """The k tokens after the latest earlier occurrence of the text's last n tokens, longest n first."""
+    size = len(tokens)
+    for n in range(min(max_n, size - 1), min_n - 1, -1):
+        windows = sliding_window_view(tokens[: size - 1], n)  # every earlier n-gram that has a continuation
+        hits = np.flatnonzero((windows == tokens[size - n:]).all(axis=1))
+        if len(hits):
+            start = int(hits[-1]) + n
+            return tokens[start : start + k].tolist()
+    return []
+
+
+class NgramProposer(Proposer):
+    """Prompt lookup: answers that copy spans of their prompt (summaries, QA over a passage, code edits)."""
+
+    def __init__(self, config: SpeculativeConfig):
+        self.min_n, self.max_n = config.prompt_lookup_min, config.prompt_lookup_max
+
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
+        return [prompt_lookup(np.asarray(s.token_ids), self.min_n, self.max_n, k) for s, k in zip(seqs, ks)]
+
+
+class ContextIndex:
+    """Counts of the token that followed each context of `min_n`..`max_n` tokens."""
+
+    def __init__(self, min_n: int, max_n: int):
+        self.min_n, self.max_n = min_n, max_n
+        self.next: dict[tuple[int, ...], dict[int, int]] = {}
+
+    def add(self, tokens: list[int], start: int, sign: int = 1) -> None:
+        """Count (or with sign -1 forget) the continuations at positions start.. of `tokens`."""
+        for p in range(max(start, self.min_n), len(tokens)):
+            for n in range(self.min_n, min(self.max_n, p) + 1):
+                counts = self.next.setdefault(tuple(tokens[p - n : p]), {})
+                counts[tokens[p]] = counts.get(tokens[p], 0) + sign
+                if counts[tokens[p]] <= 0:
+                    del counts[tokens[p]]
+                    if not counts:
+                        del self.next[tuple(tokens[p - n : p])]
+
+    def best(self, context: list[int]) -> tuple[int, int] | None:
+        """(length of the longest known context, its most frequent continuation)."""
+        for n in range(min(self.max_n, len(context)), self.min_n - 1, -1):
+            counts = self.next.get(tuple(context[-n:]))
+            if counts:
+                return n, max(counts.items(), key=lambda kv: kv[1])[0]
+        return None
+
+
+class SuffixProposer(Proposer):
+    """Suffix decoding's idea over bounded contexts: an index of this request's tokens and one of the last
+    `HISTORY` finished outputs; each guessed token is the most frequent continuation of the longest matching
+    context (the request's own first), so repeated structure across requests (agents' JSON, code) is found."""
+
+    HISTORY = 256
+
+    def __init__(self, config: SpeculativeConfig):
+        self.min_n, self.max_n = config.prompt_lookup_min, config.prompt_lookup_max
+        self.shared = ContextIndex(self.min_n, self.max_n)
+        self.outputs: deque[list[int]] = deque()
+        self.own: dict[int, tuple[ContextIndex, list[int]]] = {}  # id(seq) -> its index, [tokens indexed so far]
+
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
+        out = []
+        for seq, k in zip(seqs, ks):
+            index, seen = self.own.setdefault(id(seq), (ContextIndex(self.min_n, self.max_n), [0]))
+            index.add(seq.token_ids, seen[0])
+            seen[0] = len(seq.token_ids)
+            context, guess = list(seq.token_ids), []
+            for _ in range(k):
+                found = index.best(context) or self.shared.best(context)
+                if found is None:
+                    break
+                guess.append(found[1])
+                context.append(found[1])
+            out.append(guess)
+        return out
+
+    def release(self, seq: Sequence) -> None:
+        self.own.pop(id(seq), None)
+        if seq.finish_reason in ("stop", "length") and seq.output_ids:
+            output = list(seq.output_ids)
+            self.shared.add(output, 0)
+            self.outputs.append(output)
+            if len(self.outputs) > self.HISTORY:
+                self.shared.add(self.outputs.popleft(), 0, sign=-1)
+
+
+@dataclass(slots=True)
+class _Adaptive:
+    """A request's recent acceptance and the k it earns."""
+
+    k: int
+    rate: float = 1.0  # moving average of accepted / proposed
+    seen: tuple[int, int] = (0, 0)  # proposed, accepted as of the last look
+    wait: int = 0  # steps left before it proposes again
+    backoff: int = 1
+
+
+class Speculator:
+    """Sets each running request's proposals (`seq.draft`) before a step is scheduled."""
+
+    def __init__(self, config: SpeculativeConfig, proposer: Proposer, max_model_len: int):
+        self.config, self.proposer, self.max_model_len = config, proposer, max_model_len
+
+    def propose(self, running: list[Sequence]) -> None:
+        if len(running) > self.config.disable_by_batch_size:
+            return
+        ready, ks = [], []
+        for seq in running:
+            if seq.num_computed != seq.num_tokens - 1 or seq.finished:  # still in its prompt
+                continue
+            k = self._k(seq)
+            p = seq.params
+            if p.max_tokens is not None:
+                k = min(k, p.max_tokens - len(seq.output_ids) - 1)
+            k = min(k, self.max_model_len - seq.num_tokens - 1)
+            if k > 0:
+                ready.append(seq)
+                ks.append(k)
+        if not ready:
+            return
+        for seq, draft in zip(ready, self.proposer.propose(ready, ks)):
+            if draft and seq.matcher is not None:  # only what the output constraint allows
+                draft = draft[: seq.matcher.validate_tokens(draft)]
+            seq.draft = draft
+
+    def release(self, seq: Sequence) -> None:
+        self.proposer.release(seq)
+
+    def _k(self, seq: Sequence) -> int:
+        """k from the request's acceptance: all of it while most proposals hold, fewer as they fail, and none
+        for a while (doubling) when nearly none hold."""
+        top = self.config.num_speculative_tokens
+        state = seq.spec = seq.spec or _Adaptive(top)
+        m = seq.metrics
+        proposed, accepted = m.proposed_tokens - state.seen[0], m.accepted_tokens - state.seen[1]
+        state.seen = (m.proposed_tokens, m.accepted_tokens)
+        if proposed:
+            state.rate = 0.5 * state.rate + 0.5 * accepted / proposed
+            if state.rate < 0.1:
+                state.wait, state.backoff = state.backoff, min(2 * state.backoff, MAX_BACKOFF)
+                state.rate = 0.3  # after the wait, try again with a short guess
+            elif state.rate >= 0.5:
+                state.backoff = 1
+        if state.wait:
+            state.wait -= 1
+            return 0
+        if state.rate >= 0.5:
+            return top
+        return max(1, top // 2) if state.rate >= 0.25 else 1
+
+
+def build_proposer(config: SpeculativeConfig, engine) -> Proposer:
+    if config.method == "ngram":
+        return NgramProposer(config)
+    if config.method == "suffix":
+        return SuffixProposer(config)
+    from miaotui.engine.draft_model import DraftModelProposer
+
+    return DraftModelProposer(config, engine)

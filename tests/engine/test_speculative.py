@@ -1,0 +1,182 @@
+"""Speculative decoding: with every method, greedy and seeded outputs are token for token those of plain decoding
+(three real models, stop strings, max_tokens, logprobs, an output constraint, preemption, n > 1); the check of a
+proposal keeps the target distribution (a statistical test on the sampler); prefix-cache hashes cover accepted
+tokens only; k adapts and a full batch does not speculate; bad configurations are refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from miaotui import LLM, SamplingParams, StructuredOutput
+from miaotui.config import SpeculativeConfig
+from miaotui.engine.sampler import Sampler
+from miaotui.engine.sequence import Sequence
+from miaotui.engine.speculative import ContextIndex, Speculator, prompt_lookup
+from miaotui.errors import MiaotuiError
+from tests.conftest import model_path
+
+PASSAGE = ("The Amazon River in South America is the largest river by discharge volume of water in the world, "
+           "and the disputed longest river system in the world in comparison to the Nile. The headwaters of the "
+           "Apurimac River on Nevado Mismi had been considered for nearly a century as the Amazon basin's most "
+           "distant source.")
+PROMPTS = [
+    f"{PASSAGE}\n\nCopy the first sentence of the text above.\n{PASSAGE[:40]}",
+    f"{PASSAGE}\n\nQuestion: Which river is the largest by discharge volume?\nAnswer:",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Once upon a time",
+]
+SPECS = [{"method": "ngram", "num_speculative_tokens": 4},
+         {"method": "suffix", "num_speculative_tokens": 3, "prompt_lookup_max": 3}]
+
+
+def llm(alias: str, speculative=None, **kw) -> LLM:
+    """fp32 on every CPU class, so both sides of a comparison run the same kernels."""
+    return LLM(str(model_path(alias)), speculative=speculative, kv_cache_memory=kw.pop("kv", 64 * 2**20),
+               dtype="float32", max_model_len=1024, **kw)
+
+
+def run(model: LLM, params, prompts=PROMPTS):
+    return model.generate(prompts, params, use_tqdm=False)
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return llm("smollm2-135m")
+
+
+@pytest.mark.parametrize("spec", [*SPECS, {"method": "draft_model", "model": "smollm2-135m"}],
+                         ids=["ngram", "suffix", "draft_model"])
+def test_greedy_and_seeded_outputs_are_those_of_plain_decoding(plain, spec):
+    model = llm("smollm2-135m", spec)
+    greedy = [SamplingParams(temperature=0, max_tokens=48, logprobs=2) for _ in PROMPTS]
+    greedy[1] = SamplingParams(temperature=0, max_tokens=48, stop=["\n"])
+    seeded = [SamplingParams(temperature=0.8, top_p=0.95, seed=i, max_tokens=40) for i in range(len(PROMPTS))]
+    for params in (greedy, seeded):
+        ours, theirs = run(model, params), run(plain, params)
+        for a, b in zip(ours, theirs):
+            assert a.token_ids == b.token_ids and a.text == b.text and a.finish_reason == b.finish_reason
+            for x, y in zip(a.logprobs, b.logprobs):
+                assert x.token_id == y.token_id and x.logprob == pytest.approx(y.logprob, abs=5e-3)
+                assert x.top.keys() == y.top.keys()
+    copy = run(model, SamplingParams(temperature=0, max_tokens=48), PROMPTS[:1])[0].metrics
+    assert copy.verify_steps and copy.accepted_tokens >= copy.proposed_tokens / 2  # the copy task is taken in runs
+
+
+@pytest.mark.parametrize("alias", ["gemma3-270m", "qwen2.5-coder-0.5b"])
+def test_greedy_outputs_match_on_the_other_models(alias):
+    params = SamplingParams(temperature=0, max_tokens=32)
+    theirs = run(llm(alias), params, PROMPTS[:3])
+    ours = run(llm(alias, SPECS[0]), params, PROMPTS[:3])
+    assert [o.token_ids for o in ours] == [o.token_ids for o in theirs]
+    assert sum(o.metrics.accepted_tokens for o in ours) > 0
+
+
+def test_constrained_n2_and_preempted_requests_are_unchanged(plain):
+    schema = {"type": "object", "properties": {"river": {"type": "string", "maxLength": 30},
+                                               "largest": {"type": "boolean"}},
+              "required": ["river", "largest"], "additionalProperties": False}
+    params = [SamplingParams(temperature=0, max_tokens=60, structured_output=StructuredOutput(json=schema)),
+              SamplingParams(temperature=0.7, seed=5, n=2, max_tokens=30),
+              SamplingParams(temperature=0, max_tokens=60)]
+    prompts = [PROMPTS[1] + " As JSON:", PROMPTS[0], PROMPTS[0]]
+    small = llm("smollm2-135m", SPECS[0], kv=320 * 2 * 30 * 3 * 64 * 4)  # 320 tokens of SmolLM2's fp32 cache
+    ours, theirs = run(small, params, prompts), run(plain, params, prompts)
+    assert [o.token_ids for o in ours] == [o.token_ids for o in theirs]
+    json.loads(ours[0].text)
+    assert small.engine.scheduler.num_preemptions > 0
+
+
+def test_the_check_keeps_the_target_distribution():
+    """One proposal (token 1) over a 5-token vocabulary: the first token must follow p0, and after an accepted
+    proposal the second must follow p1 (chi-square, 20,000 draws)."""
+    p0 = torch.tensor([0.1, 0.4, 0.2, 0.2, 0.1])
+    p1 = torch.tensor([0.3, 0.1, 0.1, 0.2, 0.3])
+    logits = torch.stack([p0.log(), p1.log()])
+    sampler = Sampler()
+    seq = Sequence("s", [0], 1, SamplingParams(temperature=1.0), None, generator=torch.Generator().manual_seed(1),
+                   draft=[1])
+    batch = sampler.prepare([seq, seq], torch.device("cpu"), [[1]])
+    first, second = np.zeros(5), np.zeros(5)
+    for _ in range(20000):
+        tokens = sampler.sample(logits.clone(), batch)[0][0]
+        first[tokens[0]] += 1
+        if len(tokens) == 2:
+            assert tokens[0] == 1
+            second[tokens[1]] += 1
+    chi2 = lambda counts, p: float((((counts - counts.sum() * p.numpy()) ** 2) / (counts.sum() * p.numpy())).sum())
+    assert chi2(first, p0) < 18.5 and chi2(second, p1) < 18.5  # 4 degrees of freedom, p = 0.001
+    assert first[1] == second.sum()  # the second token exists exactly when the proposal was accepted
+
+
+def test_prefix_cache_holds_accepted_tokens_only(plain):
+    model = llm("smollm2-135m", SPECS[0])
+    out = run(model, SamplingParams(temperature=0, max_tokens=64), PROMPTS[:1])[0]
+    text = out.prompt_token_ids + out.token_ids
+    blocks = {tuple(text[i:i + 16]) for i in range(0, len(text) - 15, 16)}
+    cached = {t for t in model.engine.kv.block_tokens if t is not None}
+    assert cached and cached <= blocks  # no block holds a proposal the model turned down
+    again = run(model, SamplingParams(temperature=0, max_tokens=16), [text])[0]
+    assert again.token_ids == run(plain, SamplingParams(temperature=0, max_tokens=16), [text])[0].token_ids
+    assert model.engine.kv.prefix_hits > 0
+
+
+def test_k_adapts_and_a_full_batch_does_not_speculate():
+    config = SpeculativeConfig(num_speculative_tokens=6, disable_by_batch_size=2)
+
+    class Fixed:
+        def propose(self, seqs, ks):
+            return [[7] * k for k in ks]
+
+        def release(self, seq):
+            pass
+
+    spec = Speculator(config, Fixed(), max_model_len=1000)
+    seq = Sequence("a", [1, 2, 3], 3, SamplingParams(max_tokens=100), None)
+    seq.num_computed = 2
+    spec.propose([seq])
+    assert len(seq.draft) == 6
+    ks = []
+    for _ in range(12):  # every proposal fails: k shrinks to 1, then the request waits
+        seq.metrics.proposed_tokens += len(seq.draft)
+        seq.draft = []
+        spec.propose([seq])
+        ks.append(len(seq.draft))
+    assert ks[1] < 6 and 0 in ks
+    seq.draft = []
+    others = [Sequence(str(i), [1, 2], 2, SamplingParams(), None, num_computed=1) for i in range(3)]
+    spec.propose(others)
+    assert not any(s.draft for s in others)
+    near_end = Sequence("b", [1, 2, 3], 2, SamplingParams(max_tokens=3), None, num_computed=2)
+    spec.propose([near_end])
+    assert len(near_end.draft) == 1  # one output token so far, three allowed: one proposal and the last token
+
+
+def test_lookup_and_suffix_index():
+    assert prompt_lookup(np.array([5, 6, 7, 8, 1, 5, 6]), 1, 3, 3) == [7, 8, 1]
+    assert prompt_lookup(np.array([1, 2, 3]), 1, 2, 2) == []
+    index = ContextIndex(1, 2)
+    index.add([1, 2, 3, 1, 2, 4, 1, 2, 4], 0)
+    assert index.best([9, 1, 2]) == (2, 4)
+    index.add([1, 2, 3, 1, 2, 4, 1, 2, 4], 0, sign=-1)
+    assert index.next == {}
+
+
+@pytest.mark.parametrize("value, match", [
+    ({"method": "eagle"}, "unknown speculative method"),
+    ({"method": "ngram", "k": 3}, "unknown speculative config key"),
+    ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+    ({"method": "draft_model"}, "draft model"),
+    ({"method": "ngram", "prompt_lookup_min": 5, "prompt_lookup_max": 2}, "prompt_lookup_min"),
+])
+def test_bad_configs_are_refused(value, match):
+    with pytest.raises(MiaotuiError, match=match):
+        SpeculativeConfig.parse(value)
+
+
+def test_a_draft_model_of_another_vocabulary_is_refused():
+    with pytest.raises(MiaotuiError, match="another vocabulary"):
+        llm("smollm2-135m", {"method": "draft_model", "model": str(model_path("gemma3-270m"))})
