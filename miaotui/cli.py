@@ -413,7 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compare", action="store_true", help="also run llama.cpp and transformers when installed")
     b.add_argument("--peers", default="llama.cpp,transformers", help="with --compare: which peers to run")
     b.add_argument("--scenarios", default="decode,prefill,throughput,latency,prefix",
-                   help="comma-separated subset of decode,prefill,throughput,latency,prefix")
+                   help="comma-separated subset of decode,prefill,throughput,latency,prefix,speculative "
+                   "(speculative: plain vs --speculative-config, ngram by default, on summarization, QA, code "
+                   "editing and chat)")
     b.add_argument("--decode-tokens", type=int, default=128)
     b.add_argument("--prefill-tokens", type=int, default=512)
     b.add_argument("--num-prompts", type=int, default=32)

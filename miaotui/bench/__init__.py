@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from miaotui.bench.engine_bench import BenchConfig, MiaotuiBench, random_prompts
+from miaotui.bench.spec_bench import format_speculative, run_speculative
 from miaotui.config import resolve_dtype
 from miaotui.errors import MiaotuiError
 from miaotui.kernels import describe
@@ -47,6 +48,8 @@ def run_engine(bench, cfg: BenchConfig, vocab: int, avoid: set[int]) -> dict[str
         if "prefix" in cfg.scenarios:
             prefix = random_prompts(vocab, 1, 1000, cfg.seed + 4, avoid)[0]
             res["prefix"] = bench.prefix_reuse(prefix, random_prompts(vocab, 2, 16, cfg.seed + 5, avoid))
+        if "speculative" in cfg.scenarios:
+            res["speculative"] = run_speculative(bench.engine, None)
         res["peak_rss_mb"] = _peak_rss_mb()
     return res
 
@@ -89,6 +92,8 @@ def format_table(results: dict[str, dict[str, Any]], cfg: BenchConfig) -> str:
         p = m["prefix"]
         lines.append(f"prefix reuse (1,000-token shared prefix): TTFT cold {p['cold_ttft_ms']:.0f} ms, "
                      f"warm {p['warm_ttft_ms']:.0f} ms")
+    if "speculative" in m:
+        lines.append(format_speculative(m["speculative"]))
     if "peak_rss_mb" in m:
         lines.append(f"miaotui peak resident memory: {m['peak_rss_mb']:.0f} MB")
     return "\n".join(lines)

@@ -10,7 +10,7 @@ from miaotui.config import SpeculativeConfig
 from miaotui.engine.kv_cache import KVCacheManager
 from miaotui.engine.runner import ModelRunner, kv_bytes_per_token
 from miaotui.engine.sequence import Sequence, Status
-from miaotui.engine.speculative import Proposer
+from miaotui.engine.speculative import Proposer, pass_seconds
 from miaotui.errors import MiaotuiError
 from miaotui.kernels import argmax
 from miaotui.loader import load
@@ -52,6 +52,11 @@ class DraftModelProposer(Proposer):
                 sh.token_ids.append(token)
                 drafts[i].append(token)
         return drafts
+
+    def cost(self, engine) -> float:
+        """A draft step (one row) over a plain step of the model."""
+        draft, target = pass_seconds(self.runner, self.kv, 0)[0], pass_seconds(engine.runner, engine.kv, 0)[0]
+        return draft / target if target else 1.0
 
     def release(self, seq: Sequence) -> None:
         shadow = self.shadows.pop(id(seq), None)

@@ -16,7 +16,7 @@ from miaotui.engine.kv_cache import KVCacheManager
 from miaotui.engine.runner import ModelRunner, kv_bytes_per_token, prefill_once
 from miaotui.engine.scheduler import Scheduler
 from miaotui.engine.sequence import RequestOutput, Sequence, Status
-from miaotui.engine.speculative import Speculator, build_proposer
+from miaotui.engine.speculative import Speculator, build_proposer, row_cost
 from miaotui.engine.structured import GrammarMask, Grammars
 from miaotui.errors import MiaotuiError
 from miaotui.loader import LoadedModel, load
@@ -88,7 +88,13 @@ class Engine:
         self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size)
         self.runner.sampler.processors.append(GrammarMask(self.grammars))
         spec = config.speculative
-        self.speculator = None if spec is None else Speculator(spec, build_proposer(spec, self), self.max_model_len)
+        self.speculator = None
+        if spec is not None:
+            proposer = build_proposer(spec, self)
+            cost = row_cost(self.runner, self.kv, spec.num_speculative_tokens) + proposer.cost(self)
+            self.speculator = Speculator(spec, proposer, self.max_model_len, cost)
+            log.info("speculative decoding: %s, k <= %d; one more scored row costs %.2f of a step", spec.method,
+                     spec.num_speculative_tokens, cost)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sequences: dict[str, list[Sequence]] = {}
         self._ids = itertools.count()

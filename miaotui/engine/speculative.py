@@ -5,13 +5,16 @@ plus one more (sampler.py), so the output is the one plain decoding gives, sever
 Proposers behind one interface: prompt lookup ("ngram": the latest earlier occurrence of the text's last n
 tokens, continued), suffix decoding ("suffix": the most frequent continuation of the longest matching context in
 this request and in recent outputs of others), and a small draft model of the same vocabulary ("draft_model",
-draft_model.py). The `Speculator` decides per step and per request how many to ask for: k follows the request's
-recent acceptance (a request whose proposals keep failing backs off), and a step with more running requests than
+draft_model.py). The `Speculator` decides per step and per request how many to ask for: the k that gives the most
+tokens per unit of step time, from the request's recent acceptance and what a scored row costs on this machine
+(measured at start); none, for a while, where no k pays. A step with more running requests than
 `disable_by_batch_size` speculates not at all, since a full batch already reads each weight for many tokens.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass
@@ -20,7 +23,10 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from miaotui.config import SpeculativeConfig
+from miaotui.engine.kv_cache import KVCacheManager
+from miaotui.engine.runner import ModelRunner
 from miaotui.engine.sequence import Sequence
+from miaotui.sampling import SamplingParams
 
 MAX_BACKOFF = 64  # steps a request whose proposals keep failing waits, at most, before it tries again
 
@@ -33,6 +39,10 @@ class Proposer(ABC):
 
     def release(self, seq: Sequence) -> None:
         """The sequence has finished: drop what was kept for it (and learn from its output)."""
+
+    def cost(self, engine) -> float:
+        """What proposing one token costs, as a fraction of the model's plain step (lookups: nothing)."""
+        return 0.0
 
 
 def prompt_lookup(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> list[int]:
@@ -125,20 +135,37 @@ class SuffixProposer(Proposer):
 
 @dataclass(slots=True)
 class _Adaptive:
-    """A request's recent acceptance and the k it earns."""
+    """A request's recent acceptance: decayed counts of accepted proposals and of rejections."""
 
-    k: int
-    rate: float = 1.0  # moving average of accepted / proposed
+    accepted: float = 3.0  # a prior of 60% per proposal
+    rejected: float = 2.0
     seen: tuple[int, int] = (0, 0)  # proposed, accepted as of the last look
     wait: int = 0  # steps left before it proposes again
     backoff: int = 1
 
 
-class Speculator:
-    """Sets each running request's proposals (`seq.draft`) before a step is scheduled."""
+def best_k(rate: float, row_cost: float, top: int) -> int:
+    """The k with the most tokens per unit of step time: a step taking k proposals yields 1 + a + ... + a^k tokens
+    (each proposal holds with probability a, given the ones before it held) and costs 1 + row_cost * k plain steps.
+    0 where no k beats a plain step."""
+    a = min(rate, 0.99)
+    best, value = 0, 1.0
+    for k in range(1, top + 1):
+        v = (1 - a ** (k + 1)) / (1 - a) / (1 + row_cost * k)
+        if v > value * 1.02:  # a clear gain, not noise
+            best, value = k, v
+    return best
 
-    def __init__(self, config: SpeculativeConfig, proposer: Proposer, max_model_len: int):
+
+class Speculator:
+    """Sets each running request's proposals (`seq.draft`) before a step is scheduled. `row_cost` is what one
+    more scored row adds to a step, relative to a plain step (measured on the machine at start, `row_cost`):
+    on a CPU whose products are compute-bound at a few rows (AVX2) it is large and only well-accepted proposals
+    pay; where extra rows ride along with the weight reads (VNNI, AMX, GPUs) it is small."""
+
+    def __init__(self, config: SpeculativeConfig, proposer: Proposer, max_model_len: int, row_cost: float = 0.1):
         self.config, self.proposer, self.max_model_len = config, proposer, max_model_len
+        self.row_cost = row_cost
 
     def propose(self, running: list[Sequence]) -> None:
         if len(running) > self.config.disable_by_batch_size:
@@ -166,26 +193,59 @@ class Speculator:
         self.proposer.release(seq)
 
     def _k(self, seq: Sequence) -> int:
-        """k from the request's acceptance: all of it while most proposals hold, fewer as they fail, and none
-        for a while (doubling) when nearly none hold."""
-        top = self.config.num_speculative_tokens
-        state = seq.spec = seq.spec or _Adaptive(top)
+        """k from the request's acceptance and the cost of a row (`best_k`); a request for which no k pays waits
+        (1, 2, 4 ... steps) and then tries one proposal, to learn whether its text has become predictable."""
+        state = seq.spec = seq.spec or _Adaptive()
         m = seq.metrics
         proposed, accepted = m.proposed_tokens - state.seen[0], m.accepted_tokens - state.seen[1]
         state.seen = (m.proposed_tokens, m.accepted_tokens)
         if proposed:
-            state.rate = 0.5 * state.rate + 0.5 * accepted / proposed
-            if state.rate < 0.1:
-                state.wait, state.backoff = state.backoff, min(2 * state.backoff, MAX_BACKOFF)
-                state.rate = 0.3  # after the wait, try again with a short guess
-            elif state.rate >= 0.5:
-                state.backoff = 1
+            state.accepted = 0.7 * state.accepted + accepted
+            state.rejected = 0.7 * state.rejected + (accepted < proposed)
         if state.wait:
             state.wait -= 1
             return 0
-        if state.rate >= 0.5:
-            return top
-        return max(1, top // 2) if state.rate >= 0.25 else 1
+        k = best_k(state.accepted / (state.accepted + state.rejected), self.row_cost,
+                   self.config.num_speculative_tokens)
+        if k == 0:
+            state.wait, state.backoff = state.backoff, min(2 * state.backoff, MAX_BACKOFF)
+            return 1
+        state.backoff = 1
+        return k
+
+
+def pass_seconds(runner: ModelRunner, kv: KVCacheManager, rows: int) -> tuple[float, float]:
+    """Medians of a few forward passes over a scratch sequence in free blocks of the cache: one decode row, and
+    one plus `rows` more; (0, 0) where the cache has no room."""
+    seq = Sequence("timing", [1] * 64, 64, SamplingParams(max_tokens=1), None)  # type: ignore[arg-type]
+    if not kv.can_allocate(seq, 64 + rows):
+        return 0.0, 0.0
+    kv.allocate(seq, 64 + rows)
+    runner.zero_blocks(kv.fresh)
+    kv.fresh = []
+    try:
+        runner.forward([seq], [63])
+        seq.num_computed = 63
+
+        def timed(draft: list[int]) -> float:
+            seq.draft = draft
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
+                runner.forward([seq], [1 + len(draft)])
+                times.append(time.perf_counter() - start)
+            return statistics.median(times)
+
+        return timed([]), timed([1] * rows)
+    finally:
+        seq.draft = []
+        kv.release(seq)
+
+
+def row_cost(runner: ModelRunner, kv: KVCacheManager, rows: int) -> float:
+    """What one more decode row of a sequence adds to its one-row pass, as a fraction of it."""
+    one, more = pass_seconds(runner, kv, rows)
+    return max(0.0, (more - one) / (rows * one)) if one else 0.5
 
 
 def build_proposer(config: SpeculativeConfig, engine) -> Proposer:

@@ -28,6 +28,15 @@ class Metrics:
         self.tpot = Histogram("miaotui_time_per_output_token_seconds", "Time per output token", registry=r,
                               buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28))
         self.e2e = Histogram("miaotui_e2e_request_latency_seconds", "End-to-end request latency", registry=r)
+        # speculative decoding, as vLLM names them
+        self.spec_drafts = Counter("miaotui_spec_decode_num_drafts", "Steps that checked proposals", registry=r)
+        self.spec_draft_tokens = Counter("miaotui_spec_decode_num_draft_tokens", "Proposed tokens checked",
+                                         registry=r)
+        self.spec_accepted = Counter("miaotui_spec_decode_num_accepted_tokens", "Proposed tokens accepted",
+                                     registry=r)
+        self.spec_length = Histogram("miaotui_spec_decode_mean_accepted_length", "Per request: tokens per checking "
+                                     "step (accepted proposals + 1)", registry=r,
+                                     buckets=(1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 12, 17))
 
     def record(self, prompt_tokens: int, finals: list[RequestOutput], seconds: float) -> None:
         """A finished (or aborted) request: its tokens, end-to-end time, and each sample's engine timings."""
@@ -39,6 +48,12 @@ class Metrics:
                 self.ttft.observe(o.metrics.ttft)
             if o.completion_tokens > 1 and o.metrics.decode_time is not None:
                 self.tpot.observe(o.metrics.decode_time / (o.completion_tokens - 1))
+            m = o.metrics
+            if m.verify_steps:
+                self.spec_drafts.inc(m.verify_steps)
+                self.spec_draft_tokens.inc(m.proposed_tokens)
+                self.spec_accepted.inc(m.accepted_tokens)
+                self.spec_length.observe(1 + m.accepted_tokens / m.verify_steps)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
