@@ -133,6 +133,7 @@ def _write(s: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    params = _params(args)  # a bad value fails before the model loads
     engine = _engine(args)
     tok = engine.tokenizer
     if tok.chat_template and not args.raw:
@@ -142,12 +143,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         ids = tok.encode(args.prompt)
         if not args.raw:
             _write(args.prompt)
-    _stream(engine, ids, _params(args), _write)
+    _stream(engine, ids, params, _write)
     _write("\n")
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    params = _params(args)
     engine = _engine(args)
     tok = engine.tokenizer
     if not tok.chat_template:
@@ -177,7 +179,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             history.pop()
             print(f"(the conversation is too long for the {engine.max_model_len}-token context; /reset it)")
             continue
-        answer, _, _ = _stream(engine, ids, _params(args), _write)
+        answer, _, _ = _stream(engine, ids, params, _write)
         _write("\n")
         history.append({"role": "assistant", "content": answer})
 
@@ -249,7 +251,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if fault_seed:  # the soak test's fault injection: requests with this seed fail at their third token
         engine.engine.scheduler.on_token = _fault_injector(int(fault_seed))
     name = args.served_model_name or engine.engine.loaded.files.name
-    limits = ServerLimits(args.max_body_bytes, args.max_waiting, args.max_prompt_tokens, args.max_request_tokens)
+    origins = tuple(o.strip() for o in (args.allowed_origins or "").split(",") if o.strip())
+    limits = ServerLimits(args.max_body_bytes, args.max_waiting, args.max_prompt_tokens, args.max_request_tokens,
+                          origins, args.protect_metrics)
     app = create_app(engine, name, api_key=api_key, limits=limits)
     logging.getLogger("miaotui.server").setLevel(logging.INFO)
     log.warning("serving %s on http://%s:%d (OpenAI API under /v1%s)", name, args.host, args.port,
@@ -433,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (visible in `ps`: "
                     "prefer --api-key-file or $MIAOTUI_API_KEY)")
     sv.add_argument("--api-key-file", default=None, help="read the API key from this file")
+    sv.add_argument("--allowed-origins", default=None, metavar="ORIGINS",
+                    help="browser origins allowed to call the API (CORS), comma-separated, or '*' (default none)")
+    sv.add_argument("--protect-metrics", action="store_true", help="/metrics asks for the API key too")
     sv.add_argument("--served-model-name", default=None, help="model id in the API (default: the model's name)")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     sv.add_argument("--max-waiting", type=int, default=256, help="queue length past which requests get 503")

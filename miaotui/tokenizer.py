@@ -239,9 +239,19 @@ class Tokenizer:
             bos_token=self._text(self.bos_id), eos_token=self._text(self.eos_id), **kwargs,
         )
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs) -> list[int]:
-        """Token ids of a conversation, as transformers' `apply_chat_template(tokenize=True)` gives them."""
-        return self.encode(self.render_chat(messages, add_generation_prompt, **kwargs), add_special_tokens=False)
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, **kwargs) -> list[int]:
+        """Token ids of a conversation, as transformers' `apply_chat_template(tokenize=True)` gives them; with
+        `continue_final_message` the text ends inside the last (assistant) message, for the model to continue it."""
+        text = self.render_chat(messages, add_generation_prompt, **kwargs)
+        if continue_final_message:
+            final = messages[-1].get("content")
+            final = final if isinstance(final, str) else ""
+            end = text.rfind(final.strip()) if final.strip() else -1
+            if end == -1:
+                raise ValueError("continue_final_message: the chat template does not show the final message's text")
+            text = text[: end + len(final.strip())]
+        return self.encode(text, add_special_tokens=False)
 
     def _text(self, token_id: int | None) -> str:
         return "" if token_id is None else self.backend.id_to_token(token_id) or ""

@@ -106,6 +106,10 @@ class AsyncEngine:
         return self.engine.max_model_len
 
     @property
+    def quantization(self) -> str:
+        return self.engine.quantization
+
+    @property
     def max_num_seqs(self) -> int:
         return self.engine.config.max_num_seqs
 

@@ -215,7 +215,7 @@ class Engine:
                 self.sequences.pop(seq.request_id, None)
         return RequestOutput(seq.request_id, seq.index, seq.token_ids[: seq.num_prompt], seq.output_ids,
                              seq.text, delta, seq.finished, seq.finish_reason, seq.logprobs, replace(seq.metrics),
-                             seq.stop_reason, seq.error)
+                             seq.stop_reason, seq.error, cached_tokens=seq.num_cached_prompt)
 
     # -- utilities --------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -142,6 +142,7 @@ class RequestOutput:
     stop_reason: str | int | None = None
     error: str | None = None  # set when finish_reason is "error": the request failed, the engine went on
     tool_calls: list[dict] | None = None  # LLM.chat with tools: the calls parsed out of the text (OpenAI's shape)
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
     @property
     def prompt_tokens(self) -> int:

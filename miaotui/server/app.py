@@ -8,6 +8,7 @@ import hmac
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from miaotui.engine.async_engine import AsyncEngine
@@ -28,6 +29,8 @@ class ServerLimits:
     max_waiting: int = 256  # queued requests past the running batch; more get 503
     max_prompt_tokens: int | None = None  # default: the context length
     max_request_tokens: int | None = None  # n × max_tokens; default: n × the context length
+    allowed_origins: tuple[str, ...] = ()  # browser origins (CORS) that may call the API; "*" for any
+    protect_metrics: bool = False  # /metrics asks for the API key too
 
 
 class BodyLimit:
@@ -86,10 +89,11 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                                          limits.max_request_tokens),
                                Metrics(engine))
     errors.install(app)
+    open_paths = tuple(p for p in OPEN_PATHS if not (limits.protect_metrics and p == "/metrics"))
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
-        if api_key and request.url.path not in OPEN_PATHS:
+        if api_key and request.url.path not in open_paths:
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 return error_response(401, "missing or invalid API key", "authentication_error",
@@ -97,5 +101,8 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         return await call_next(request)
 
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    if limits.allowed_origins:  # outermost: a preflight is answered before authentication, as browsers need
+        app.add_middleware(CORSMiddleware, allow_origins=list(limits.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], max_age=600)
     app.include_router(router)
     return app

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from miaotui.sampling import SamplingParams, StructuredOutput
 
@@ -59,6 +59,7 @@ class GenerationRequest(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    service_tier: Literal["auto", "default"] | None = None  # one tier here; "flex", "priority" are refused
     # vLLM's extras
     top_k: int = Field(default=0, ge=-1, le=MAX_INT)
     min_p: float = Field(default=0.0, ge=0, le=1)
@@ -215,6 +216,10 @@ class ChatRequest(GenerationRequest):
     tools: list[Tool] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    # vLLM's chat-template controls
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def tool_choice_resolved(self) -> str | dict:
         """tool_choice with OpenAI's default ("auto" with tools, else "none"); ValueError if it cannot be met."""
@@ -231,8 +236,16 @@ class ChatRequest(GenerationRequest):
 class TokenizeRequest(_Strict):
     model: str | None = None
     prompt: str | None = None
+    content: str | None = None  # llama.cpp's name for the prompt
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        given = [n for n in ("prompt", "content", "messages") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of prompt, content or messages, not {' and '.join(given)}")
+        return self
 
 
 class DetokenizeRequest(_Strict):

@@ -3,6 +3,7 @@ web chat page. Each reads the server's state (`Server`, on app.state) and the en
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
@@ -28,6 +29,8 @@ from miaotui.engine.tools import ToolStream, syntax_for
 
 log = logging.getLogger("miaotui.server")
 router = APIRouter()
+# what a chat template is rendered with by the server: chat_template_kwargs may not replace these
+RESERVED_TEMPLATE_NAMES = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
 
 
 @dataclass
@@ -36,6 +39,15 @@ class Server:
     model_name: str
     admission: Admission
     metrics: Metrics
+
+    @property
+    def fingerprint(self) -> str:
+        """OpenAI's system_fingerprint: changes when the model, its weights' format or miaotui's version does."""
+        from miaotui import __version__
+
+        e = self.engine
+        key = f"{__version__}/{e.model_name}/{e.quantization}/{e.max_model_len}"
+        return "fp_" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in (self.model_name, self.engine.model_name):
@@ -142,6 +154,7 @@ async def prometheus(request: Request):
     return Response(m.render(), media_type=m.content_type)
 
 
+@router.get("/models", include_in_schema=False)
 @router.get("/v1/models")
 async def models(request: Request):
     s = server(request)
@@ -157,7 +170,8 @@ async def tokenize(req: TokenizeRequest, request: Request):
     if req.messages is not None:
         ids = tok.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages])
     else:
-        ids = tok.encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
+        text = req.prompt if req.prompt is not None else req.content  # `content`: llama.cpp's name for it
+        ids = tok.encode(text or "", add_special_tokens=req.add_special_tokens)
     return {"tokens": ids, "count": len(ids), "max_model_len": s.engine.max_model_len}
 
 
@@ -171,6 +185,7 @@ async def detokenize(req: DetokenizeRequest, request: Request):
     return {"prompt": s.engine.tokenizer.decode(req.tokens)}
 
 
+@router.post("/completions", include_in_schema=False)  # served without /v1 too, as llama.cpp and others do
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request):
     s = server(request)
@@ -188,7 +203,8 @@ async def completions(req: CompletionRequest, request: Request):
     await s.constrain(req, params)
     s.admission.admit()
     rid = f"cmpl-{uuid.uuid4().hex[:24]}"
-    base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": s.model_name}
+    base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": s.model_name,
+            "system_fingerprint": s.fingerprint}
     prefix = (req.prompt if isinstance(req.prompt, str) else tok.decode(ids)) if req.echo else ""
 
     def choice(out: RequestOutput, text: str, finished: bool) -> dict:
@@ -210,6 +226,7 @@ async def completions(req: CompletionRequest, request: Request):
             "usage": usage(len(ids), finals)}
 
 
+@router.post("/chat/completions", include_in_schema=False)
 @router.post("/v1/chat/completions")
 async def chat(req: ChatRequest, request: Request):
     s = server(request)
@@ -224,8 +241,18 @@ async def chat(req: ChatRequest, request: Request):
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if tool_choice != "none" else None
     if tools and "tools" not in tok.chat_template:
         raise APIError(400, "this model's chat template does not take tools", param="tools")
+    if req.continue_final_message and req.add_generation_prompt:
+        raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true (set "
+                       "add_generation_prompt to false to continue the final message)", param="continue_final_message")
+    if req.continue_final_message and req.messages[-1].role != "assistant":
+        raise APIError(400, "continue_final_message needs an assistant message last", param="continue_final_message")
+    extra = req.chat_template_kwargs or {}
+    reserved = sorted(set(extra) & RESERVED_TEMPLATE_NAMES)
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs cannot set {', '.join(reserved)}", param="chat_template_kwargs")
     try:
-        ids = tok.encode_chat([m.for_template() for m in req.messages], tools=tools)
+        ids = tok.encode_chat([m.for_template() for m in req.messages], req.add_generation_prompt,
+                              req.continue_final_message, tools=tools, **extra)
     except ValueError as e:
         raise APIError(400, str(e), param="messages") from None
     top = (req.top_logprobs or 0) if req.logprobs else None
@@ -246,29 +273,37 @@ async def chat(req: ChatRequest, request: Request):
         sent_lp: dict[int, int] = {}
         calls: dict[int, ToolStream] = {}
 
-        def chunk(out: RequestOutput) -> dict:
-            delta: dict[str, Any] = {}
+        def chunk(out: RequestOutput) -> list[dict]:
+            """OpenAI's shape: a role-only first chunk, content (and tool-call) chunks, a last chunk with only the
+            finish reason."""
+            made = []
             if out.index not in started:
                 started.add(out.index)
-                delta["role"] = "assistant"
+                made.append({"index": out.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None})
             text, call_deltas = out.delta, []
             if tools:
                 text, call_deltas = calls.setdefault(out.index, syntax.stream()).feed(out.delta, out.finished)
+            delta: dict[str, Any] = {}
             if text:
                 delta["content"] = text
             if call_deltas:
                 delta["tool_calls"] = call_deltas
-            finish = out.finish_reason if out.finished else None
-            if finish and tools and calls[out.index].calls:
-                finish = "tool_calls"
-            c: dict[str, Any] = {"index": out.index, "delta": delta, "finish_reason": finish}
-            if req.logprobs:
-                n = sent_lp.get(out.index, 0)
-                c["logprobs"] = lp_chat(tok, out.logprobs[n:])
+            lp = None
+            if req.logprobs and len(out.logprobs) > sent_lp.get(out.index, 0):
+                lp = lp_chat(tok, out.logprobs[sent_lp.get(out.index, 0):])
                 sent_lp[out.index] = len(out.logprobs)
-            return c
+            if delta or lp:
+                made.append({"index": out.index, "delta": delta, "logprobs": lp, "finish_reason": None})
+            if out.finished:
+                finish = out.finish_reason
+                if tools and calls[out.index].calls:
+                    finish = "tool_calls"
+                made.append({"index": out.index, "delta": {}, "logprobs": None, "finish_reason": finish})
+            return made
 
-        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": s.model_name}
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": s.model_name,
+                "system_fingerprint": s.fingerprint}
         include = bool(req.stream_options and req.stream_options.include_usage)
         return stream_response(s.run(ids, params, rid), base, chunk, len(ids), include)
     finals = await s.collect(ids, params, rid)
@@ -284,5 +319,5 @@ async def chat(req: ChatRequest, request: Request):
         msg, finish = message(o)
         choices.append({"index": o.index, "message": msg, "logprobs": lp_chat(tok, o.logprobs) if req.logprobs
                         else None, "finish_reason": finish})
-    return {"id": rid, "object": "chat.completion", "created": created, "model": s.model_name, "choices": choices,
-            "usage": usage(len(ids), finals)}
+    return {"id": rid, "object": "chat.completion", "created": created, "model": s.model_name,
+            "system_fingerprint": s.fingerprint, "choices": choices, "usage": usage(len(ids), finals)}

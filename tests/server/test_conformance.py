@@ -1,0 +1,170 @@
+"""OpenAI's exact shapes and the server's edges on a live `miaotui serve` (an API key, an allowed browser origin,
+/metrics protected): system_fingerprint, the role-only first chunk and the finish-only last chunk, cached prompt
+tokens in usage, routes without /v1, OpenAI error bodies for 404/405, service_tier, CORS preflight before
+authentication (and from a page on another origin in a real Chromium), authentication on every route that computes,
+vLLM's chat-template controls, llama.cpp's /tokenize `content`."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import shutil
+import threading
+
+import httpx
+import pytest
+
+from tests.conftest import model_path
+from tests.server.launch import free_port, serving
+
+openai = pytest.importorskip("openai")
+KEY = "conformance-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+PAGE_PORT = free_port()
+ORIGIN = f"http://127.0.0.1:{PAGE_PORT}"
+LONG = "The history of the printing press begins in the fifteenth century. " * 8
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    key_file = tmp_path_factory.mktemp("key") / "key"
+    key_file.write_text(KEY)
+    yield from serving(model_path("smollm2-135m"), "--api-key-file", str(key_file), "--allowed-origins", ORIGIN,
+                       "--protect-metrics", "--dtype", "float32")
+
+
+@pytest.fixture
+def client(base):
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=KEY)
+
+
+def chat(base, path="/v1/chat/completions", **body):
+    body = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8, "temperature": 0, **body}
+    return httpx.post(f"{base}{path}", json=body, headers=AUTH, timeout=120)
+
+
+def test_chat_stream_has_openai_shape(client):
+    kw = {"model": "m", "messages": [{"role": "user", "content": "Name a color."}], "max_tokens": 12,
+          "temperature": 0}
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    assert whole.system_fingerprint and whole.system_fingerprint.startswith("fp_")
+    assert {c.system_fingerprint for c in chunks} == {whole.system_fingerprint}
+    first, last = chunks[0].choices[0], chunks[-1].choices[0]
+    assert first.delta.role == "assistant" and first.delta.content == "" and first.finish_reason is None
+    assert last.finish_reason == whole.choices[0].finish_reason and last.delta.content is None
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+
+
+def test_usage_counts_cached_prompt_tokens(client):
+    kw = {"model": "m", "prompt": LONG, "max_tokens": 4, "temperature": 0}
+    client.completions.create(**kw)
+    again = client.completions.create(**kw)
+    assert again.usage.prompt_tokens_details.cached_tokens >= 64
+    streamed = list(client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": LONG}], max_tokens=4, stream=True,
+        stream_options={"include_usage": True}))
+    streamed = list(client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": LONG}], max_tokens=4, stream=True,
+        stream_options={"include_usage": True}))
+    assert streamed[-1].usage.prompt_tokens_details.cached_tokens >= 64
+    assert streamed[-1].usage.completion_tokens_details.reasoning_tokens == 0
+
+
+def test_routes_without_v1_and_openai_error_bodies(base):
+    assert chat(base, "/chat/completions").status_code == 200
+    r = httpx.post(f"{base}/completions", json={"prompt": "Hi", "max_tokens": 2}, headers=AUTH, timeout=60)
+    assert r.status_code == 200 and r.json()["object"] == "text_completion"
+    assert httpx.get(f"{base}/models", headers=AUTH).json()["data"][0]["id"] == "m"
+    for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405)):
+        r = httpx.request(method, f"{base}{path}", headers=AUTH)
+        assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_service_tier(base):
+    assert chat(base, service_tier="auto").status_code == 200
+    r = chat(base, service_tier="flex")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "service_tier"
+
+
+def test_cors_preflight_is_answered_before_authentication(base):
+    pre = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "authorization,content-type"}
+    r = httpx.options(f"{base}/v1/chat/completions", headers=pre)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+    r = httpx.options(f"{base}/v1/chat/completions", headers={**pre, "Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in r.headers
+    r = chat(base)
+    assert r.status_code == 200
+    r = httpx.post(f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]},
+                   headers={"Origin": ORIGIN})
+    assert r.status_code == 401 and r.headers["access-control-allow-origin"] == ORIGIN  # the page can read why
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("POST", "/tokenize", {"prompt": "hi"}), ("POST", "/detokenize", {"tokens": [1]}),
+    ("POST", "/v1/completions", {"prompt": "hi"}), ("POST", "/chat/completions", {"messages": []}),
+    ("GET", "/v1/models", None), ("GET", "/metrics", None)])
+def test_every_route_that_computes_asks_for_the_key(base, method, path, body):
+    r = httpx.request(method, f"{base}{path}", json=body)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{base}/health").status_code == 200
+    assert httpx.get(f"{base}/metrics", headers=AUTH).status_code == 200
+
+
+def test_chat_template_controls(base):
+    messages = [{"role": "user", "content": "Count to five."}, {"role": "assistant", "content": "One, two,"}]
+    go_on = chat(base, messages=messages, add_generation_prompt=False, continue_final_message=True)
+    fresh = chat(base, messages=messages)
+    assert go_on.status_code == 200 and fresh.status_code == 200
+    assert go_on.json()["usage"]["prompt_tokens"] < fresh.json()["usage"]["prompt_tokens"]
+    for body, param in [({"messages": messages, "continue_final_message": True}, "continue_final_message"),
+                        ({"continue_final_message": True, "add_generation_prompt": False}, "continue_final_message"),
+                        ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs")]:
+        r = chat(base, **body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert chat(base, chat_template_kwargs={"enable_thinking": False}).status_code == 200
+
+
+def test_tokenize_takes_llama_cpp_content(base):
+    by_prompt = httpx.post(f"{base}/tokenize", json={"prompt": "Hello world"}, headers=AUTH).json()
+    by_content = httpx.post(f"{base}/tokenize", json={"content": "Hello world"}, headers=AUTH).json()
+    assert by_content["tokens"] == by_prompt["tokens"] and by_prompt["tokens"]
+    r = httpx.post(f"{base}/tokenize", json={"prompt": "a", "content": "b"}, headers=AUTH)
+    assert r.status_code == 400
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_a_page_on_another_origin_calls_the_api_in_a_real_browser(base, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    (tmp_path / "index.html").write_text("<!doctype html><title>app</title>")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    page_server = http.server.ThreadingHTTPServer(("127.0.0.1", PAGE_PORT), handler)
+    threading.Thread(target=page_server.serve_forever, daemon=True).start()
+    script = """async ([url, key]) => {
+        try {
+            const r = await fetch(url + '/v1/chat/completions', {method: 'POST', headers: {
+                'Authorization': 'Bearer ' + key, 'Content-Type': 'application/json'},
+                body: JSON.stringify({messages: [{role: 'user', content: 'Hi'}], max_tokens: 4})});
+            return JSON.stringify({status: r.status, body: await r.json()});
+        } catch (e) { return JSON.stringify({error: String(e)}); }
+    }"""
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox",
+                                                                        "--disable-gpu"])
+            page = browser.new_page()
+            page.goto(f"{ORIGIN}/index.html")
+            allowed = json.loads(page.evaluate(script, [base, KEY]))
+            page.goto(f"http://localhost:{PAGE_PORT}/index.html")  # another origin: not allowed
+            refused = json.loads(page.evaluate(script, [base, KEY]))
+            browser.close()
+    finally:
+        page_server.shutdown()
+    assert allowed["status"] == 200 and allowed["body"]["choices"][0]["message"]["content"] is not None
+    assert "error" in refused  # the browser blocks the response
