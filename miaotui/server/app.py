@@ -16,6 +16,7 @@ from miaotui.server import errors
 from miaotui.server.admission import Admission
 from miaotui.server.errors import error_response
 from miaotui.server.metrics import Metrics
+from miaotui.server.responses import router as responses_router
 from miaotui.server.routes import Server, router
 
 OPEN_PATHS = ("/", "/health", "/metrics")  # answered without the API key: the page asks for it itself
@@ -105,4 +106,5 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         app.add_middleware(CORSMiddleware, allow_origins=list(limits.allowed_origins), allow_methods=["*"],
                            allow_headers=["*"], max_age=600)
     app.include_router(router)
+    app.include_router(responses_router)
     return app

@@ -4,6 +4,7 @@ web chat page. Each reads the server's state (`Server`, on app.state) and the en
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import logging
 import time
 import uuid
@@ -17,15 +18,20 @@ from fastapi.responses import HTMLResponse, Response
 
 from miaotui.engine.async_engine import AsyncEngine
 from miaotui.engine.sequence import RequestOutput
+from miaotui.engine.tools import ToolStream, ToolSyntax, syntax_for
 from miaotui.errors import GrammarError, RequestFailed, ShuttingDown
 from miaotui.sampling import SamplingParams, StructuredOutput
 from miaotui.server.admission import Admission
 from miaotui.server.errors import APIError
 from miaotui.server.metrics import Metrics
-from miaotui.server.protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, GenerationRequest,
-                                     TokenizeRequest)
+from miaotui.server.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    GenerationRequest,
+    TokenizeRequest,
+)
 from miaotui.server.streaming import stream_response, usage
-from miaotui.engine.tools import ToolStream, syntax_for
 
 log = logging.getLogger("miaotui.server")
 router = APIRouter()
@@ -43,10 +49,8 @@ class Server:
     @property
     def fingerprint(self) -> str:
         """OpenAI's system_fingerprint: changes when the model, its weights' format or miaotui's version does."""
-        from miaotui import __version__
-
         e = self.engine
-        key = f"{__version__}/{e.model_name}/{e.quantization}/{e.max_model_len}"
+        key = f"{_version()}/{e.model_name}/{e.quantization}/{e.max_model_len}"
         return "fp_" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
     def check_model(self, name: str | None) -> None:
@@ -113,6 +117,13 @@ class Server:
             if out.finished:
                 finals[out.index] = out
         return finals
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("miaotui")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree without installing
+        return "source"
 
 
 def server(request: Request) -> Server:
@@ -226,10 +237,20 @@ async def completions(req: CompletionRequest, request: Request):
             "usage": usage(len(ids), finals)}
 
 
-@router.post("/chat/completions", include_in_schema=False)
-@router.post("/v1/chat/completions")
-async def chat(req: ChatRequest, request: Request):
-    s = server(request)
+@dataclass
+class ChatJob:
+    """A chat request made ready to run: its prompt ids, sampling parameters (constraint compiled), and the tools
+    with the syntax that parses their calls (tools None when tool_choice is "none")."""
+
+    ids: list[int]
+    params: SamplingParams
+    tools: list[dict] | None
+    syntax: ToolSyntax
+
+
+async def prepare_chat(s: Server, req: ChatRequest) -> ChatJob:
+    """Everything a chat request needs before admission, shared by chat completions and the Responses API; every
+    problem is a 400 naming its parameter."""
     s.check_model(req.model)
     tok = s.engine.tokenizer
     if not tok.chat_template:
@@ -264,6 +285,15 @@ async def chat(req: ChatRequest, request: Request):
         params.skip_special_tokens = False  # the tags may be special tokens: the parser must see them
     await s.constrain(req, params, (grammar, tool_choice if isinstance(tool_choice, str) else "function")
                       if grammar else None)
+    return ChatJob(ids, params, tools, syntax)
+
+
+@router.post("/chat/completions", include_in_schema=False)
+@router.post("/v1/chat/completions")
+async def chat(req: ChatRequest, request: Request):
+    s = server(request)
+    job = await prepare_chat(s, req)
+    ids, params, tools, syntax, tok = job.ids, job.params, job.tools, job.syntax, s.engine.tokenizer
     s.admission.admit()
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())

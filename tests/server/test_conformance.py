@@ -168,3 +168,35 @@ def test_a_page_on_another_origin_calls_the_api_in_a_real_browser(base, tmp_path
         page_server.shutdown()
     assert allowed["status"] == 200 and allowed["body"]["choices"][0]["message"]["content"] is not None
     assert "error" in refused  # the browser blocks the response
+
+
+def test_responses_api_plain_streamed_and_continued(client):
+    first = client.responses.create(model="m", input="Name three fruits.", instructions="Answer briefly.",
+                                    max_output_tokens=24, temperature=0)
+    assert first.status in ("completed", "incomplete") and first.output_text
+    assert first.usage.input_tokens > 0 and first.usage.output_tokens > 0
+    with client.responses.stream(model="m", input="Name three fruits.", instructions="Answer briefly.",
+                                 max_output_tokens=24, temperature=0) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text == first.output_text
+    follow = client.responses.create(model="m", input="And three vegetables?", previous_response_id=first.id,
+                                     max_output_tokens=8, temperature=0)
+    fresh = client.responses.create(model="m", input="And three vegetables?", max_output_tokens=8, temperature=0)
+    assert follow.usage.input_tokens > fresh.usage.input_tokens + first.usage.output_tokens - 2
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+
+
+def test_responses_structured_output_and_bad_requests(base, client):
+    schema = {"type": "object", "properties": {"fruit": {"enum": ["apple", "pear", "plum"]}},
+              "required": ["fruit"], "additionalProperties": False}
+    r = client.responses.create(model="m", input="A fruit as JSON.", max_output_tokens=40, temperature=0,
+                                text={"format": {"type": "json_schema", "name": "fruit", "schema": schema}})
+    assert r.status == "completed" and json.loads(r.output_text)["fruit"] in ("apple", "pear", "plum")
+    for body, param in [({"input": "x", "previous_response_id": "resp_nope"}, "previous_response_id"),
+                        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+                         "input.0.content"),
+                        ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
+                        ({"input": "x", "reasoning": {"effort": "high"}}, "reasoning")]:
+        resp = httpx.post(f"{base}/v1/responses", json=body, headers=AUTH, timeout=60)
+        assert resp.status_code in (400, 404) and resp.json()["error"]["param"] == param, resp.text

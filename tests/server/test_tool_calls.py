@@ -170,3 +170,24 @@ def test_json_form_calls_stream_as_they_return(llama_style_base):
         finish = chunk.choices[0].finish_reason or finish
     assert finish == "tool_calls" and content == ""
     assert [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())] == whole
+
+
+def test_responses_api_function_calls_streamed_and_round_trip(client):
+    tools = [{"type": "function", **t["function"]} for t in TOOLS]
+    kw = {"model": "m", "input": QUESTIONS[1], "tools": tools, "tool_choice": "required", "temperature": 0,
+          "max_output_tokens": 120}
+    r = client.responses.create(**kw)
+    calls = [i for i in r.output if i.type == "function_call"]
+    assert calls and all(i.call_id for i in calls)
+    for c in calls:
+        jsonschema.validate(json.loads(c.arguments), SCHEMAS[c.name])
+    with client.responses.stream(**kw) as stream:
+        events = [e.type for e in stream]
+        final = stream.get_final_response()
+    assert "response.function_call_arguments.done" in events and events[-1] == "response.completed"
+    assert [(i.name, json.loads(i.arguments)) for i in final.output if i.type == "function_call"] == \
+        [(c.name, json.loads(c.arguments)) for c in calls]
+    back = [{"type": "function_call_output", "call_id": c.call_id, "output": "42"} for c in calls]
+    answer = client.responses.create(model="m", input=back, previous_response_id=r.id, tools=tools,
+                                     tool_choice="none", max_output_tokens=30, temperature=0)
+    assert answer.output_text and all(i.type == "message" for i in answer.output)
