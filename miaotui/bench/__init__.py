@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from miaotui.bench.engine_bench import BenchConfig, MiaotuiBench, random_prompts
-from miaotui.bench.spec_bench import format_speculative, run_speculative
+from miaotui.bench.spec_bench import format_llama_cpp_lookup, format_speculative, run_llama_cpp_lookup, run_speculative
 from miaotui.config import resolve_dtype
 from miaotui.errors import MiaotuiError
 from miaotui.kernels import describe
@@ -49,7 +49,7 @@ def run_engine(bench, cfg: BenchConfig, vocab: int, avoid: set[int]) -> dict[str
             prefix = random_prompts(vocab, 1, 1000, cfg.seed + 4, avoid)[0]
             res["prefix"] = bench.prefix_reuse(prefix, random_prompts(vocab, 2, 16, cfg.seed + 5, avoid))
         if "speculative" in cfg.scenarios:
-            res["speculative"] = run_speculative(bench.engine, None)
+            res["speculative"] = run_speculative(bench.engine, None, cfg.output_len, cfg.num_prompts)
         res["peak_rss_mb"] = _peak_rss_mb()
     return res
 
@@ -94,6 +94,8 @@ def format_table(results: dict[str, dict[str, Any]], cfg: BenchConfig) -> str:
                      f"warm {p['warm_ttft_ms']:.0f} ms")
     if "speculative" in m:
         lines.append(format_speculative(m["speculative"]))
+    if "speculative_llama_cpp" in m:
+        lines.append(format_llama_cpp_lookup(m["speculative_llama_cpp"]))
     if "peak_rss_mb" in m:
         lines.append(f"miaotui peak resident memory: {m['peak_rss_mb']:.0f} MB")
     return "\n".join(lines)
@@ -134,6 +136,10 @@ def main(cfg: BenchConfig, compare: bool, json_path: str | None, plot_path: str 
     results = {"miaotui": run_engine(mt, cfg, vocab, avoid)}
     results["miaotui"]["setup"] = setup
     fastest = resolve_dtype("auto", mt.engine.device)  # each peer in its fastest dtype for this hardware
+    if compare and "speculative" in cfg.scenarios and "llama.cpp" in peers and LlamaCppBench.available():
+        print("benchmarking llama.cpp's prompt lookup", file=sys.stderr)  # its method nearest ours: ngram
+        k = results["miaotui"]["speculative"]["k"]
+        results["miaotui"]["speculative_llama_cpp"] = run_llama_cpp_lookup(mt.engine, k, cfg.output_len)
     del mt
     gc.collect()
     if compare:

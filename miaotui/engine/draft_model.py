@@ -4,6 +4,7 @@ checked the proposals, the shadow keeps the cache entries of the tokens both agr
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 from miaotui.config import SpeculativeConfig
@@ -18,6 +19,7 @@ from miaotui.quant import recipe
 from miaotui.sampling import SamplingParams
 
 log = logging.getLogger("miaotui")
+CATCH_UP_ROWS = 16  # a shadow this many tokens behind or fewer catches up as decode rows
 
 
 class DraftModelProposer(Proposer):
@@ -46,8 +48,17 @@ class DraftModelProposer(Proposer):
             if not active:
                 break
             rows = [shadows[i] for i in active]
-            logits = self.runner.forward(rows, [sh.num_tokens - sh.num_computed for sh in rows])
-            for i, sh, token in zip(active, rows, argmax(logits).tolist()):
+            for sh in rows:  # a short catch-up (the tokens the model took last step) as decode rows: the fast path
+                behind = sh.num_tokens - sh.num_computed
+                if 1 < behind <= CATCH_UP_ROWS:
+                    sh.draft = sh.token_ids[sh.num_computed + 1:]
+                    del sh.token_ids[sh.num_computed + 1:]
+            logits = self.runner.forward(rows, [len(sh.draft) + 1 if sh.draft else sh.num_tokens - sh.num_computed
+                                                for sh in rows])
+            last = list(itertools.accumulate((len(sh.draft) + 1 for sh in rows)))
+            for i, sh, token in zip(active, rows, argmax(logits[[n - 1 for n in last]]).tolist()):
+                sh.token_ids.extend(sh.draft)
+                sh.draft = []
                 sh.num_computed = sh.num_tokens
                 sh.token_ids.append(token)
                 drafts[i].append(token)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 import psutil
 import torch
 
-from miaotui.config import EngineConfig, resolve_device, resolve_dtype
+from miaotui.config import EngineConfig, SpeculativeConfig, resolve_device, resolve_dtype
 from miaotui.engine.kv_cache import KVCacheManager
 from miaotui.engine.runner import ModelRunner, kv_bytes_per_token, prefill_once
 from miaotui.engine.scheduler import Scheduler
@@ -87,14 +87,7 @@ class Engine:
                                    self.tokenizer.stop_ids)
         self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size)
         self.runner.sampler.processors.append(GrammarMask(self.grammars))
-        spec = config.speculative
-        self.speculator = None
-        if spec is not None:
-            proposer = build_proposer(spec, self)
-            cost = row_cost(self.runner, self.kv, spec.num_speculative_tokens) + proposer.cost(self)
-            self.speculator = Speculator(spec, proposer, self.max_model_len, cost)
-            log.info("speculative decoding: %s, k <= %d; one more scored row costs %.2f of a step", spec.method,
-                     spec.num_speculative_tokens, cost)
+        self.speculator = None if config.speculative is None else self.build_speculator(config.speculative)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sequences: dict[str, list[Sequence]] = {}
         self._ids = itertools.count()
@@ -102,6 +95,14 @@ class Engine:
         log.info("KV cache: %d blocks of %d tokens (%.0f MiB, %d tokens, %s)", num_blocks, config.block_size,
                  num_blocks * config.block_size * per_token / 2**20, num_blocks * config.block_size,
                  "int8" if config.kv_cache_dtype == "int8" else str(self.dtype).removeprefix("torch."))
+
+    def build_speculator(self, spec: SpeculativeConfig) -> Speculator:
+        """The proposer, and the cost of a scored row on this machine (what the adaptive k weighs)."""
+        proposer = build_proposer(spec, self)
+        cost = row_cost(self.runner, self.kv, spec.num_speculative_tokens) + proposer.cost(self)
+        log.info("speculative decoding: %s, k <= %d; one more scored row costs %.2f of a step", spec.method,
+                 spec.num_speculative_tokens, cost)
+        return Speculator(spec, proposer, self.max_model_len, cost)
 
     def _calibrate(self) -> dict:
         """Input statistics of every Linear over calibration text, for activation-aware int4."""

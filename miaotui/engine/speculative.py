@@ -25,6 +25,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from miaotui.config import SpeculativeConfig
 from miaotui.engine.kv_cache import KVCacheManager
 from miaotui.engine.runner import ModelRunner
+from miaotui.engine.scheduler import ScheduledBatch
 from miaotui.engine.sequence import Sequence
 from miaotui.sampling import SamplingParams
 
@@ -152,7 +153,7 @@ def best_k(rate: float, row_cost: float, top: int) -> int:
     best, value = 0, 1.0
     for k in range(1, top + 1):
         v = (1 - a ** (k + 1)) / (1 - a) / (1 + row_cost * k)
-        if v > value * 1.02:  # a clear gain, not noise
+        if v > value * 1.05:  # a clear gain, not noise
             best, value = k, v
     return best
 
@@ -215,8 +216,8 @@ class Speculator:
 
 
 def pass_seconds(runner: ModelRunner, kv: KVCacheManager, rows: int) -> tuple[float, float]:
-    """Medians of a few forward passes over a scratch sequence in free blocks of the cache: one decode row, and
-    one plus `rows` more; (0, 0) where the cache has no room."""
+    """Medians of a few steps (forward pass and sampling) over a scratch sequence in free blocks of the cache: one
+    decode row, and one plus `rows` more; (0, 0) where the cache has no room."""
     seq = Sequence("timing", [1] * 64, 64, SamplingParams(max_tokens=1), None)  # type: ignore[arg-type]
     if not kv.can_allocate(seq, 64 + rows):
         return 0.0, 0.0
@@ -232,7 +233,7 @@ def pass_seconds(runner: ModelRunner, kv: KVCacheManager, rows: int) -> tuple[fl
             times = []
             for _ in range(5):
                 start = time.perf_counter()
-                runner.forward([seq], [1 + len(draft)])
+                runner.run(ScheduledBatch([seq], [1 + len(draft)]))
                 times.append(time.perf_counter() - start)
             return statistics.median(times)
 
