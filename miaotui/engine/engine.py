@@ -102,7 +102,11 @@ class Engine:
         cost = row_cost(self.runner, self.kv, spec.num_speculative_tokens) + proposer.cost(self)
         log.info("speculative decoding: %s, k <= %d; one more scored row costs %.2f of a step", spec.method,
                  spec.num_speculative_tokens, cost)
-        return Speculator(spec, proposer, self.max_model_len, cost)
+        speculator = Speculator(spec, proposer, self.max_model_len, cost)
+        if not speculator.pays:
+            log.warning("speculative decoding stays off: on this machine a proposed token costs %.2f of a step, "
+                        "more than even proposals that always hold can save", cost)
+        return speculator
 
     def _calibrate(self) -> dict:
         """Input statistics of every Linear over calibration text, for activation-aware int4."""

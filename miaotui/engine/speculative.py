@@ -167,9 +167,11 @@ class Speculator:
     def __init__(self, config: SpeculativeConfig, proposer: Proposer, max_model_len: int, row_cost: float = 0.1):
         self.config, self.proposer, self.max_model_len = config, proposer, max_model_len
         self.row_cost = row_cost
+        # where a proposal costs about a step, not even proposals that always hold pay: speculation stays off
+        self.pays = best_k(0.99, row_cost, config.num_speculative_tokens) > 0
 
     def propose(self, running: list[Sequence]) -> None:
-        if len(running) > self.config.disable_by_batch_size:
+        if not self.pays or len(running) > self.config.disable_by_batch_size:
             return
         ready, ks = [], []
         for seq in running:

@@ -34,9 +34,13 @@ SPECS = [{"method": "ngram", "num_speculative_tokens": 4},
 
 
 def llm(alias: str, speculative=None, **kw) -> LLM:
-    """fp32 on every CPU class, so both sides of a comparison run the same kernels."""
-    return LLM(str(model_path(alias)), speculative=speculative, kv_cache_memory=kw.pop("kv", 64 * 2**20),
-               dtype="float32", max_model_len=1024, **kw)
+    """fp32 on every CPU class, so both sides of a comparison run the same kernels. Speculation is priced as on
+    a machine where rows are cheap, so these tests exercise it whatever this CPU's row cost."""
+    model = LLM(str(model_path(alias)), speculative=speculative, kv_cache_memory=kw.pop("kv", 64 * 2**20),
+                dtype="float32", max_model_len=1024, **kw)
+    if speculative is not None:
+        model.engine.speculator.row_cost, model.engine.speculator.pays = 0.05, True
+    return model
 
 
 def run(model: LLM, params, prompts=PROMPTS):
@@ -160,6 +164,10 @@ def test_k_weighs_acceptance_against_the_cost_of_a_row():
     assert best_k(0.86, 0.55, 4) in (1, 2)  # compute-bound rows (AVX2): a short guess
     assert best_k(0.3, 0.55, 4) == 0  # nothing pays: plain decoding
     assert best_k(0.3, 0.02, 4) >= 1
+    never = Speculator(SpeculativeConfig(num_speculative_tokens=4), None, 1000, row_cost=1.2)
+    seq = Sequence("a", [1, 2, 3], 3, SamplingParams(max_tokens=100), None, num_computed=2)
+    never.propose([seq])
+    assert not never.pays and seq.draft == []
 
 
 def test_lookup_and_suffix_index():
