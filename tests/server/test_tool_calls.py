@@ -52,6 +52,21 @@ def valid_calls(calls) -> list[tuple[str, dict]]:
     return out
 
 
+def streamed(client, kw: dict) -> tuple[str, str | None, list[tuple[str, dict]]]:
+    """A streamed chat completion put back together: its content, finish reason and (name, arguments) calls."""
+    calls: dict[int, dict] = {}
+    content, finish = "", None
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for d in delta.tool_calls or []:
+            call = calls.setdefault(d.index, {"name": "", "arguments": ""})
+            call["name"] += d.function.name or "" if d.function else ""
+            call["arguments"] += d.function.arguments or "" if d.function else ""
+        finish = chunk.choices[0].finish_reason or finish
+    return content, finish, [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())]
+
+
 def test_required_calls_always_parse_and_validate(client):
     for i, question in enumerate(QUESTIONS):
         r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": question}], tools=TOOLS,
@@ -66,18 +81,9 @@ def test_streamed_calls_equal_the_non_streamed_ones(client):
     kw = {"model": "m", "messages": [{"role": "user", "content": QUESTIONS[1]}], "tools": TOOLS,
           "tool_choice": "required", "temperature": 0, "max_tokens": 120}
     whole = valid_calls(client.chat.completions.create(**kw).choices[0].message.tool_calls)
-    calls: dict[int, dict] = {}
-    content, finish = "", None
-    for chunk in client.chat.completions.create(**kw, stream=True):
-        delta = chunk.choices[0].delta
-        content += delta.content or ""
-        for d in delta.tool_calls or []:
-            call = calls.setdefault(d.index, {"name": "", "arguments": ""})
-            call["name"] += d.function.name or "" if d.function else ""
-            call["arguments"] += d.function.arguments or "" if d.function else ""
-        finish = chunk.choices[0].finish_reason or finish
+    content, finish, calls = streamed(client, kw)
     assert finish == "tool_calls" and "<tool_call>" not in content
-    assert [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())] == whole
+    assert calls == whole
 
 
 def test_a_named_function_is_the_one_called(client):
@@ -158,18 +164,9 @@ def test_json_form_calls_stream_as_they_return(llama_style_base):
     choice = client.chat.completions.create(**kw).choices[0]
     assert choice.finish_reason == "tool_calls" and not choice.message.content
     whole = valid_calls(choice.message.tool_calls)
-    calls: dict[int, dict] = {}
-    content, finish = "", None
-    for chunk in client.chat.completions.create(**kw, stream=True):
-        delta = chunk.choices[0].delta
-        content += delta.content or ""
-        for d in delta.tool_calls or []:
-            call = calls.setdefault(d.index, {"name": "", "arguments": ""})
-            call["name"] += d.function.name or ""
-            call["arguments"] += d.function.arguments or ""
-        finish = chunk.choices[0].finish_reason or finish
+    content, finish, calls = streamed(client, kw)
     assert finish == "tool_calls" and content == ""
-    assert [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())] == whole
+    assert calls == whole
 
 
 def test_responses_api_function_calls_streamed_and_round_trip(client):
