@@ -239,7 +239,8 @@ def pass_seconds(runner: ModelRunner, kv: KVCacheManager, rows: int) -> tuple[fl
                 times.append(time.perf_counter() - start)
             return statistics.median(times)
 
-        return timed([]), timed([1] * rows)
+        one = timed([])
+        return one, timed([1] * rows) if rows else one
     finally:
         seq.draft = []
         kv.release(seq)

@@ -3,6 +3,7 @@ web chat page. Each reads the server's state (`Server`, on app.state) and the en
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import logging
@@ -24,13 +25,8 @@ from miaotui.sampling import SamplingParams, StructuredOutput
 from miaotui.server.admission import Admission
 from miaotui.server.errors import APIError
 from miaotui.server.metrics import Metrics
-from miaotui.server.protocol import (
-    ChatRequest,
-    CompletionRequest,
-    DetokenizeRequest,
-    GenerationRequest,
-    TokenizeRequest,
-)
+from miaotui.server.protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, GenerationRequest,
+                                     TokenizeRequest)
 from miaotui.server.streaming import stream_response, usage
 
 log = logging.getLogger("miaotui.server")
@@ -46,9 +42,10 @@ class Server:
     admission: Admission
     metrics: Metrics
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
-        """OpenAI's system_fingerprint: changes when the model, its weights' format or miaotui's version does."""
+        """OpenAI's system_fingerprint: changes when the model, its weights' format or miaotui's version does
+        (worked out once: reading the package's version touches the disk)."""
         e = self.engine
         key = f"{_version()}/{e.model_name}/{e.quantization}/{e.max_model_len}"
         return "fp_" + hashlib.sha256(key.encode()).hexdigest()[:10]
