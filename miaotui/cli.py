@@ -217,6 +217,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from miaotui.bench import main as bench_main
     from miaotui.bench.engine_bench import BenchConfig
 
+    scenarios = args.scenarios.split(",")
+    if "embeddings" in scenarios:
+        if scenarios != ["embeddings"]:
+            raise MiaotuiError("the embeddings scenario runs alone (it takes an embedding model)")
+        from miaotui.bench.embed_bench import format_embeddings, run_embeddings
+
+        res = run_embeddings(args.model, args.compare, repeats=args.repeats, dtype=args.dtype, threads=args.threads)
+        print(format_embeddings(res))
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=2))
+        return 0
+
     cfg = BenchConfig(engine=engine_config(args), decode_tokens=args.decode_tokens,
                       prefill_tokens=args.prefill_tokens, num_prompts=args.num_prompts, input_len=args.input_len,
                       output_len=args.output_len, concurrency=args.concurrency, serve_requests=args.serve_requests,
@@ -254,7 +266,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     origins = tuple(o.strip() for o in (args.allowed_origins or "").split(",") if o.strip())
     limits = ServerLimits(args.max_body_bytes, args.max_waiting, args.max_prompt_tokens, args.max_request_tokens,
                           origins, args.protect_metrics)
-    app = create_app(engine, name, api_key=api_key, limits=limits)
+    embeddings = None
+    if args.embedding_model:
+        from miaotui.engine.embedder import Embedder
+        from miaotui.server.embeddings import EmbeddingService
+
+        embedder = Embedder(args.embedding_model, device=args.device, dtype=args.dtype, threads=args.threads)
+        embeddings = EmbeddingService(embedder, embedder.model_name)
+    app = create_app(engine, name, api_key=api_key, limits=limits, embeddings=embeddings)
     logging.getLogger("miaotui.server").setLevel(logging.INFO)
     log.warning("serving %s on http://%s:%d (OpenAI API under /v1%s)", name, args.host, args.port,
                 ", API key required" if api_key else "")
@@ -419,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--scenarios", default="decode,prefill,throughput,latency,prefix",
                    help="comma-separated subset of decode,prefill,throughput,latency,prefix,speculative "
                    "(speculative: plain vs --speculative-config, ngram by default, on summarization, QA, code "
-                   "editing and chat)")
+                   "editing and chat; embeddings: alone, with an embedding model, against sentence-transformers)")
     b.add_argument("--decode-tokens", type=int, default=128)
     b.add_argument("--prefill-tokens", type=int, default=512)
     b.add_argument("--num-prompts", type=int, default=32)
@@ -441,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="browser origins allowed to call the API (CORS), comma-separated, or '*' (default none)")
     sv.add_argument("--protect-metrics", action="store_true", help="/metrics asks for the API key too")
     sv.add_argument("--served-model-name", default=None, help="model id in the API (default: the model's name)")
+    sv.add_argument("--embedding-model", default=None, metavar="MODEL", help="also serve /v1/embeddings with this "
+                    "encoder (alias, .gguf or folder; e.g. all-minilm-l6-v2, nomic-embed-text-v1.5)")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     sv.add_argument("--max-waiting", type=int, default=256, help="queue length past which requests get 503")
     sv.add_argument("--read-timeout", type=float, default=30.0,

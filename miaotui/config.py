@@ -72,6 +72,43 @@ class ModelConfig:
         return (layer + 1) % self.sliding_window_pattern != 0
 
 
+@dataclass(slots=True)
+class EncoderConfig:
+    """A bidirectional text encoder for embeddings (BERT, nomic-bert), from config.json or GGUF metadata alike."""
+
+    architecture: str  # "bert" (learned positions, GELU, biases) or "nomic-bert" (rotary, SwiGLU, no biases)
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    max_position: int = 512
+    type_vocab_size: int = 2
+    norm_eps: float = 1e-12
+    rope_theta: float = 10000.0
+    pooling: str = "mean"  # "mean" or "cls", what sentence-transformers' Pooling module says
+    normalize: bool = True  # unit-length embeddings, as sentence-transformers' Normalize module and llama.cpp do
+    matryoshka: tuple[int, ...] = ()  # truncations the model was trained for (`dimensions`), smallest first
+    name: str = ""
+
+    @property
+    def rotary(self) -> bool:
+        return self.architecture == "nomic-bert"
+
+    def check(self) -> None:
+        """ValueError naming the first value no real encoder has (a corrupt or forged file)."""
+        sizes = {"vocab_size": 1 << 22, "hidden_size": 1 << 15, "intermediate_size": 1 << 17, "num_layers": 256,
+                 "num_heads": 256, "max_position": 1 << 20, "type_vocab_size": 1 << 10}
+        for name, most in sizes.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= most:
+                raise ValueError(f"{name} is {value!r} (must be a whole number from 1 to {most})")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden size {self.hidden_size} does not split into {self.num_heads} heads")
+        if self.pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling {self.pooling!r} is not supported (mean or cls)")
+
+
 DEFAULT_MODEL = "smollm2-135m"
 KV_CACHE_DTYPES = ("auto", "int8")
 QUANTIZATIONS = ("none", "int8", "int4", "native", "auto")  # quant/recipe.py says what each means

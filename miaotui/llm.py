@@ -10,24 +10,53 @@ from typing import Any
 from tqdm import tqdm
 
 from miaotui.config import DEFAULT_MODEL, EngineConfig
+from miaotui.engine.embedder import Embedder, EmbeddingOutput
 from miaotui.engine.engine import Engine
 from miaotui.engine.sequence import RequestOutput
 from miaotui.engine.tools import syntax_for
+from miaotui.errors import MiaotuiError
+from miaotui.loader.encoder import is_encoder
+from miaotui.loader.sources import resolve
 from miaotui.sampling import SamplingParams
 
 Prompt = str | list[int]
 Message = dict[str, Any]
 
 
+_EMBEDDER_OPTIONS = ("device", "dtype", "threads", "max_batch_tokens")
+
+
 class LLM:
+    """A language model (`generate`, `chat`) or an embedding model (`embed`), whichever the files hold."""
+
     def __init__(self, model: str | None = None, **kwargs: Any):
-        self.engine = Engine(EngineConfig(model=model or DEFAULT_MODEL, **kwargs))
+        model = model or DEFAULT_MODEL
+        self.embedder: Embedder | None = None
+        if is_encoder(resolve(model)):
+            unknown = sorted(set(kwargs) - set(_EMBEDDER_OPTIONS))
+            if unknown:
+                raise MiaotuiError(f"{model} is an embedding model: {unknown[0]!r} does not apply to it (it takes "
+                                   f"{', '.join(_EMBEDDER_OPTIONS)})")
+            self.embedder = Embedder(model, **kwargs)
+            return
+        self.engine = Engine(EngineConfig(model=model, **kwargs))
         self.tokenizer = self.engine.tokenizer
+
+    def embed(self, inputs: str | Seq[str], dimensions: int | None = None,
+              truncate: int | None = None) -> list[EmbeddingOutput]:
+        """One unit-length vector per text (`.embedding`, `.prompt_tokens`), in input order; `dimensions` cuts
+        Matryoshka models' vectors shorter, `truncate` cuts inputs to that many tokens (-1: the model's limit)
+        instead of refusing inputs longer than the model takes."""
+        if self.embedder is None:
+            raise MiaotuiError("this is a language model; embed with an embedding model, e.g. "
+                               "LLM('all-minilm-l6-v2').embed(...)")
+        return self.embedder.embed([inputs] if isinstance(inputs, str) else list(inputs), dimensions, truncate)
 
     def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Run every prompt to completion with continuous batching; outputs come back in prompt order (n per
         prompt when `n` > 1)."""
+        self._generative()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
@@ -40,6 +69,7 @@ class LLM:
         """Chat turns through the model's template. With `tools` (OpenAI's function format) the template renders
         them, `tool_choice` ("auto", "required", "none" or {"type": "function", "function": {"name": ...}}) is
         enforced as on the server, and each output carries the parsed `tool_calls` with its prose as `text`."""
+        self._generative()
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]  # type: ignore[list-item]
         rendered = tools if tools and tool_choice != "none" else None
@@ -59,6 +89,10 @@ class LLM:
             if calls:
                 out.text, out.tool_calls, out.finish_reason = content or "", calls, "tool_calls"
         return outs
+
+    def _generative(self) -> None:
+        if self.embedder is not None:
+            raise MiaotuiError(f"{self.embedder.model_name} is an embedding model: use LLM.embed()")
 
     def _run(self, prompts: list[list[int]], params, use_tqdm: bool) -> list[RequestOutput]:
         if params is None or isinstance(params, SamplingParams):

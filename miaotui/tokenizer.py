@@ -102,6 +102,22 @@ def _build_sentencepiece(tokens: list[str], unk: str) -> HFTokenizer:
     return tok
 
 
+def wordpiece_from_gguf(tokens: list[str], unk: str = "[UNK]") -> HFTokenizer:
+    """BERT's uncased WordPiece from a GGUF vocabulary (encoders). llama.cpp's converter marks word starts with "▁"
+    and drops the "##" of continuations; undone here, the vocabulary is BERT's own again."""
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        if t.startswith("[") and t.endswith("]"):
+            vocab[t] = i
+        else:
+            vocab[t[1:] if t.startswith("\u2581") else "##" + t] = i
+    tok = HFTokenizer(models.WordPiece(vocab=vocab, unk_token=unk, max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    return tok
+
+
 def _add_special(tok: HFTokenizer, tokens: list[str], types: list[int] | None, byte_level: bool) -> None:
     """Control tokens stay whole and are special; user-defined ones stay whole but are plain text."""
     if types is None:

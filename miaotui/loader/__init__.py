@@ -12,6 +12,7 @@ import torch
 from miaotui.config import ModelConfig
 from miaotui.errors import ModelFileError
 from miaotui.loader import gguf, safetensors
+from miaotui.loader.encoder import is_encoder
 from miaotui.loader.gguf_file import GGUFFile
 from miaotui.loader.sources import ModelFiles, resolve
 from miaotui.loader.tensors import FileTensor
@@ -31,6 +32,9 @@ class LoadedModel:
 
 def read_model(files: ModelFiles) -> tuple[ModelConfig, Tokenizer, Iterator[tuple[str, FileTensor]]]:
     """Config, tokenizer and the checkpoint's tensors (unread), checking what can be checked before allocating."""
+    if is_encoder(files):
+        raise ModelFileError(f"{files.path}: {files.name} is an embedding model, not a language model: embed with "
+                             "LLM(...).embed() or serve it with `miaotui serve --embedding-model`")
     if files.kind == "gguf":
         f = GGUFFile(files.path)
         gguf.check_tensor_types(f)

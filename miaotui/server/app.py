@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from miaotui.engine.async_engine import AsyncEngine
 from miaotui.server import errors
 from miaotui.server.admission import Admission
+from miaotui.server.embeddings import EmbeddingService, router as embeddings_router
 from miaotui.server.errors import error_response
 from miaotui.server.metrics import Metrics
 from miaotui.server.responses import router as responses_router
@@ -81,7 +82,7 @@ async def _no_body() -> Message:
 
 
 def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
-               limits: ServerLimits | None = None) -> FastAPI:
+               limits: ServerLimits | None = None, embeddings: EmbeddingService | None = None) -> FastAPI:
     limits = limits or ServerLimits()
     app = FastAPI(title="miaotui", version="0.1.0")
     prompt_cap = min(limits.max_prompt_tokens or engine.max_model_len, engine.max_model_len)
@@ -89,6 +90,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                                Admission(engine.max_num_seqs, limits.max_waiting, engine.max_model_len, prompt_cap,
                                          limits.max_request_tokens),
                                Metrics(engine))
+    app.state.embeddings = embeddings
     errors.install(app)
     open_paths = tuple(p for p in OPEN_PATHS if not (limits.protect_metrics and p == "/metrics"))
 
@@ -107,4 +109,5 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                            allow_headers=["*"], max_age=600)
     app.include_router(router)
     app.include_router(responses_router)
+    app.include_router(embeddings_router)
     return app

@@ -251,3 +251,32 @@ class TokenizeRequest(_Strict):
 class DetokenizeRequest(_Strict):
     model: str | None = None
     tokens: list[int]
+
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on inputs per request
+
+
+class EmbeddingRequest(_Strict):
+    """OpenAI's embeddings request; `truncate_prompt_tokens` is vLLM's (cut inputs past N tokens, -1: the model's
+    limit) — without it an input longer than the model takes is a 400, as OpenAI answers."""
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
+
+    @field_validator("input")
+    @classmethod
+    def _bounded(cls, v):
+        items = [v] if isinstance(v, str) or (v and isinstance(v[0], int)) else v
+        if not items:
+            raise ValueError("input must not be empty")
+        if len(items) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request, got {len(items)}")
+        return v
+
+    def inputs(self) -> list[str] | list[list[int]]:
+        v = self.input
+        return [v] if isinstance(v, str) or isinstance(v[0], int) else v  # type: ignore[return-value]

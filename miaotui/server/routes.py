@@ -166,8 +166,12 @@ async def prometheus(request: Request):
 @router.get("/v1/models")
 async def models(request: Request):
     s = server(request)
-    return {"object": "list", "data": [{"id": s.model_name, "object": "model", "created": 0,
-                                        "owned_by": "miaotui", "max_model_len": s.engine.max_model_len}]}
+    data = [{"id": s.model_name, "object": "model", "created": 0, "owned_by": "miaotui",
+             "max_model_len": s.engine.max_model_len}]
+    if (e := request.app.state.embeddings) is not None:
+        data.append({"id": e.name, "object": "model", "created": 0, "owned_by": "miaotui",
+                     "max_model_len": e.embedder.max_tokens, "dimensions": e.embedder.dimensions})
+    return {"object": "list", "data": data}
 
 
 @router.post("/tokenize")

@@ -104,6 +104,7 @@ def test_cors_preflight_is_answered_before_authentication(base):
 @pytest.mark.parametrize("method, path, body", [
     ("POST", "/tokenize", {"prompt": "hi"}), ("POST", "/detokenize", {"tokens": [1]}),
     ("POST", "/v1/completions", {"prompt": "hi"}), ("POST", "/chat/completions", {"messages": []}),
+    ("POST", "/v1/responses", {"input": "hi"}), ("POST", "/v1/embeddings", {"input": "hi"}),
     ("GET", "/v1/models", None), ("GET", "/metrics", None)])
 def test_every_route_that_computes_asks_for_the_key(base, method, path, body):
     r = httpx.request(method, f"{base}{path}", json=body)
