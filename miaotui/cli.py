@@ -262,10 +262,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     fault_seed = os.environ.get("MIAOTUI_FAULT_SEED")
     if fault_seed:  # the soak test's fault injection: requests with this seed fail at their third token
         engine.engine.scheduler.on_token = _fault_injector(int(fault_seed))
-    name = args.served_model_name or engine.engine.loaded.files.name
+    names = args.served_model_name or [engine.engine.loaded.files.name]
     origins = tuple(o.strip() for o in (args.allowed_origins or "").split(",") if o.strip())
+    if args.default_max_tokens is not None and args.default_max_tokens < 1:
+        raise MiaotuiError(f"--default-max-tokens must be at least 1, got {args.default_max_tokens}")
     limits = ServerLimits(args.max_body_bytes, args.max_waiting, args.max_prompt_tokens, args.max_request_tokens,
-                          origins, args.protect_metrics)
+                          origins, args.protect_metrics, args.default_max_tokens)
     embeddings = None
     if args.embedding_model:
         from miaotui.engine.embedder import Embedder
@@ -273,7 +275,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         embedder = Embedder(args.embedding_model, device=args.device, dtype=args.dtype, threads=args.threads)
         embeddings = EmbeddingService(embedder, embedder.model_name)
-    app = create_app(engine, name, api_key=api_key, limits=limits, embeddings=embeddings)
+    name = names[0]
+    app = create_app(engine, name, api_key=api_key, limits=limits, embeddings=embeddings, aliases=tuple(names[1:]))
     logging.getLogger("miaotui.server").setLevel(logging.INFO)
     log.warning("serving %s on http://%s:%d (OpenAI API under /v1%s)", name, args.host, args.port,
                 ", API key required" if api_key else "")
@@ -457,9 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "prefer --api-key-file or $MIAOTUI_API_KEY)")
     sv.add_argument("--api-key-file", default=None, help="read the API key from this file")
     sv.add_argument("--allowed-origins", default=None, metavar="ORIGINS",
-                    help="browser origins allowed to call the API (CORS), comma-separated, or '*' (default none)")
+                    help="browser origins allowed to call the API (CORS), comma-separated; 'localhost' for pages on this "
+                    "machine (any port), '*' for any (default none)")
     sv.add_argument("--protect-metrics", action="store_true", help="/metrics asks for the API key too")
-    sv.add_argument("--served-model-name", default=None, help="model id in the API (default: the model's name)")
+    sv.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME", help="model id in the API "
+                    "(default: the model's name); more names: the model answers to each of them too")
     sv.add_argument("--embedding-model", default=None, metavar="MODEL", help="also serve /v1/embeddings with this "
                     "encoder (alias, .gguf or folder; e.g. all-minilm-l6-v2, nomic-embed-text-v1.5)")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
@@ -470,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "context length)")
     sv.add_argument("--max-request-tokens", type=int, default=None, help="requests asking for more than this "
                     "many tokens in all (n × max_tokens) get 400 (default: no limit past the context)")
+    sv.add_argument("--default-max-tokens", type=int, default=None, metavar="N", help="max_tokens for requests "
+                    "that set none (default: 16 on /v1/completions as OpenAI's, the rest of the context on chat)")
     sv.add_argument("--grace-period", type=int, default=30, help="seconds in-flight requests get on SIGTERM")
     _engine_flags(sv)
     sv.set_defaults(fn=cmd_serve, verbose=True)

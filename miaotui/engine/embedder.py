@@ -68,7 +68,7 @@ class Embedder:
                 raise MiaotuiError(f"input {i} is empty")
             if len(seq) > limit:
                 if truncate is None:
-                    raise MiaotuiError(f"input {i} has {len(seq)} tokens, more than the {self.max_tokens} "
+                    raise MiaotuiError(f"input {i} is too large: {len(seq)} tokens, more than the {self.max_tokens} "
                                        f"{self.model_name} takes (truncate_prompt_tokens cuts it)")
                 ids[i] = seq[: limit - 1] + seq[-1:]  # keep the closing [SEP]
             if max(seq) >= self.config.vocab_size or min(seq) < 0:

@@ -21,6 +21,7 @@ from miaotui.server.responses import router as responses_router
 from miaotui.server.routes import Server, router
 
 OPEN_PATHS = ("/", "/health", "/metrics")  # answered without the API key: the page asks for it itself
+LOOPBACK_ORIGIN = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"  # `--allowed-origins localhost`: any port
 
 
 @dataclass
@@ -31,8 +32,11 @@ class ServerLimits:
     max_waiting: int = 256  # queued requests past the running batch; more get 503
     max_prompt_tokens: int | None = None  # default: the context length
     max_request_tokens: int | None = None  # n × max_tokens; default: n × the context length
-    allowed_origins: tuple[str, ...] = ()  # browser origins (CORS) that may call the API; "*" for any
+    allowed_origins: tuple[str, ...] = ()  # browser origins (CORS) that may call the API; "*" for any,
+    # "localhost" for pages served from this machine on any port
     protect_metrics: bool = False  # /metrics asks for the API key too
+    default_max_tokens: int | None = None  # for requests without max_tokens (default: 16 on completions, as
+    # OpenAI's; the rest of the context on chat)
 
 
 class BodyLimit:
@@ -82,14 +86,15 @@ async def _no_body() -> Message:
 
 
 def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
-               limits: ServerLimits | None = None, embeddings: EmbeddingService | None = None) -> FastAPI:
+               limits: ServerLimits | None = None, embeddings: EmbeddingService | None = None,
+               aliases: tuple[str, ...] = ()) -> FastAPI:
     limits = limits or ServerLimits()
     app = FastAPI(title="miaotui", version="0.1.0")
     prompt_cap = min(limits.max_prompt_tokens or engine.max_model_len, engine.max_model_len)
     app.state.miaotui = Server(engine, model_name,
                                Admission(engine.max_num_seqs, limits.max_waiting, engine.max_model_len, prompt_cap,
-                                         limits.max_request_tokens),
-                               Metrics(engine))
+                                         limits.max_request_tokens, limits.default_max_tokens),
+                               Metrics(engine), aliases)
     app.state.embeddings = embeddings
     errors.install(app)
     open_paths = tuple(p for p in OPEN_PATHS if not (limits.protect_metrics and p == "/metrics"))
@@ -105,8 +110,9 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     if limits.allowed_origins:  # outermost: a preflight is answered before authentication, as browsers need
-        app.add_middleware(CORSMiddleware, allow_origins=list(limits.allowed_origins), allow_methods=["*"],
-                           allow_headers=["*"], max_age=600)
+        exact = [o for o in limits.allowed_origins if o != "localhost"]
+        app.add_middleware(CORSMiddleware, allow_origins=exact, allow_methods=["*"], allow_headers=["*"], max_age=600,
+                           allow_origin_regex=LOOPBACK_ORIGIN if "localhost" in limits.allowed_origins else None)
     app.include_router(router)
     app.include_router(responses_router)
     app.include_router(embeddings_router)

@@ -238,14 +238,20 @@ class TokenizeRequest(_Strict):
     prompt: str | None = None
     content: str | None = None  # llama.cpp's name for the prompt
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: bool | None = None  # default True (vLLM's)
+    add_special: bool | None = None  # llama.cpp's name for it
 
     @model_validator(mode="after")
     def _one_input(self):
         given = [n for n in ("prompt", "content", "messages") if getattr(self, n) is not None]
         if len(given) > 1:
             raise ValueError(f"give one of prompt, content or messages, not {' and '.join(given)}")
+        if self.add_special is not None and self.add_special_tokens is not None:
+            raise ValueError("give add_special_tokens or llama.cpp's add_special, not both")
         return self
+
+    def special(self) -> bool:
+        return next((v for v in (self.add_special_tokens, self.add_special) if v is not None), True)
 
 
 class DetokenizeRequest(_Strict):

@@ -187,7 +187,7 @@ async def create_response(req: ResponsesRequest, request: Request):
     job = await prepare_chat(s, _chat_request(req, messages))
     s.admission.admit()
     rid = f"resp_{uuid.uuid4().hex[:24]}"
-    base = {"id": rid, "object": "response", "created_at": int(time.time()), "model": s.model_name,
+    base = {"id": rid, "object": "response", "created_at": int(time.time()), "model": job.model,
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
             "temperature": req.temperature, "top_p": req.top_p, "tools": req.tools or [],
             "tool_choice": req.tool_choice or ("auto" if req.tools else "none"),

@@ -41,6 +41,7 @@ class Server:
     model_name: str
     admission: Admission
     metrics: Metrics
+    aliases: tuple[str, ...] = ()  # more names the model answers to (vLLM's --served-model-name A B ...)
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -50,10 +51,14 @@ class Server:
         key = f"{_version()}/{e.model_name}/{e.quantization}/{e.max_model_len}"
         return "fp_" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name not in (self.model_name, self.engine.model_name):
+    def check_model(self, name: str | None) -> str:
+        """The name responses report: the one the request used, if the model answers to it (else 404)."""
+        if name is None:
+            return self.model_name
+        if name not in (self.model_name, self.engine.model_name, *self.aliases):
             raise APIError(404, f"model {name!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
+        return name
 
     async def constrain(self, req: GenerationRequest, params: SamplingParams,
                         tools: tuple[StructuredOutput, str] | None = None) -> None:
@@ -166,8 +171,8 @@ async def prometheus(request: Request):
 @router.get("/v1/models")
 async def models(request: Request):
     s = server(request)
-    data = [{"id": s.model_name, "object": "model", "created": 0, "owned_by": "miaotui",
-             "max_model_len": s.engine.max_model_len}]
+    data = [{"id": name, "object": "model", "created": 0, "owned_by": "miaotui",
+             "max_model_len": s.engine.max_model_len} for name in (s.model_name, *s.aliases)]
     if (e := request.app.state.embeddings) is not None:
         data.append({"id": e.name, "object": "model", "created": 0, "owned_by": "miaotui",
                      "max_model_len": e.embedder.max_tokens, "dimensions": e.embedder.dimensions})
@@ -183,7 +188,7 @@ async def tokenize(req: TokenizeRequest, request: Request):
         ids = tok.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages])
     else:
         text = req.prompt if req.prompt is not None else req.content  # `content`: llama.cpp's name for it
-        ids = tok.encode(text or "", add_special_tokens=req.add_special_tokens)
+        ids = tok.encode(text or "", add_special_tokens=req.special())
     return {"tokens": ids, "count": len(ids), "max_model_len": s.engine.max_model_len}
 
 
@@ -194,14 +199,15 @@ async def detokenize(req: DetokenizeRequest, request: Request):
     bad = [t for t in req.tokens if not 0 <= t < s.engine.vocab_size]
     if bad:
         raise APIError(400, f"token id {bad[0]} is outside the vocabulary", param="tokens")
-    return {"prompt": s.engine.tokenizer.decode(req.tokens)}
+    text = s.engine.tokenizer.decode(req.tokens)
+    return {"prompt": text, "content": text}  # vLLM's name and llama.cpp's
 
 
 @router.post("/completions", include_in_schema=False)  # served without /v1 too, as llama.cpp and others do
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request):
     s = server(request)
-    s.check_model(req.model)
+    model = s.check_model(req.model)
     tok = s.engine.tokenizer
     ids = tok.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
     if not ids:
@@ -215,7 +221,7 @@ async def completions(req: CompletionRequest, request: Request):
     await s.constrain(req, params)
     s.admission.admit()
     rid = f"cmpl-{uuid.uuid4().hex[:24]}"
-    base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": s.model_name,
+    base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": s.fingerprint}
     prefix = (req.prompt if isinstance(req.prompt, str) else tok.decode(ids)) if req.echo else ""
 
@@ -247,12 +253,13 @@ class ChatJob:
     params: SamplingParams
     tools: list[dict] | None
     syntax: ToolSyntax
+    model: str  # the name to report
 
 
 async def prepare_chat(s: Server, req: ChatRequest) -> ChatJob:
     """Everything a chat request needs before admission, shared by chat completions and the Responses API; every
     problem is a 400 naming its parameter."""
-    s.check_model(req.model)
+    model = s.check_model(req.model)
     tok = s.engine.tokenizer
     if not tok.chat_template:
         raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
@@ -286,7 +293,7 @@ async def prepare_chat(s: Server, req: ChatRequest) -> ChatJob:
         params.skip_special_tokens = False  # the tags may be special tokens: the parser must see them
     await s.constrain(req, params, (grammar, tool_choice if isinstance(tool_choice, str) else "function")
                       if grammar else None)
-    return ChatJob(ids, params, tools, syntax)
+    return ChatJob(ids, params, tools, syntax, model)
 
 
 @router.post("/chat/completions", include_in_schema=False)
@@ -333,7 +340,7 @@ async def chat(req: ChatRequest, request: Request):
                 made.append({"index": out.index, "delta": {}, "logprobs": None, "finish_reason": finish})
             return made
 
-        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": s.model_name,
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": job.model,
                 "system_fingerprint": s.fingerprint}
         include = bool(req.stream_options and req.stream_options.include_usage)
         return stream_response(s.run(ids, params, rid), base, chunk, len(ids), include)
@@ -350,5 +357,5 @@ async def chat(req: ChatRequest, request: Request):
         msg, finish = message(o)
         choices.append({"index": o.index, "message": msg, "logprobs": lp_chat(tok, o.logprobs) if req.logprobs
                         else None, "finish_reason": finish})
-    return {"id": rid, "object": "chat.completion", "created": created, "model": s.model_name,
+    return {"id": rid, "object": "chat.completion", "created": created, "model": job.model,
             "system_fingerprint": s.fingerprint, "choices": choices, "usage": usage(len(ids), finals)}

@@ -30,8 +30,9 @@ LONG = "The history of the printing press begins in the fifteenth century. " * 8
 def base(tmp_path_factory):
     key_file = tmp_path_factory.mktemp("key") / "key"
     key_file.write_text(KEY)
-    yield from serving(model_path("smollm2-135m"), "--api-key-file", str(key_file), "--allowed-origins", ORIGIN,
-                       "--protect-metrics", "--dtype", "float32")
+    yield from serving(model_path("smollm2-135m"), "--api-key-file", str(key_file), "--allowed-origins",
+                       f"{ORIGIN},localhost", "--protect-metrics", "--dtype", "float32",
+                       "--served-model-name", "m", "gpt-4o-mini")
 
 
 @pytest.fixture
@@ -133,6 +134,36 @@ def test_tokenize_takes_llama_cpp_content(base):
     assert by_content["tokens"] == by_prompt["tokens"] and by_prompt["tokens"]
     r = httpx.post(f"{base}/tokenize", json={"prompt": "a", "content": "b"}, headers=AUTH)
     assert r.status_code == 400
+    back = httpx.post(f"{base}/detokenize", json={"tokens": by_prompt["tokens"]}, headers=AUTH).json()
+    assert back["prompt"] == back["content"] == "Hello world"  # vLLM's key and llama.cpp's
+    for special in (True, False):  # llama.cpp's add_special means vLLM's add_special_tokens
+        ours = httpx.post(f"{base}/tokenize", json={"prompt": "<|im_start|>hi", "add_special_tokens": special},
+                          headers=AUTH).json()
+        theirs = httpx.post(f"{base}/tokenize", json={"content": "<|im_start|>hi", "add_special": special},
+                            headers=AUTH).json()
+        assert ours["tokens"] == theirs["tokens"]
+    r = httpx.post(f"{base}/tokenize", json={"prompt": "a", "add_special": True, "add_special_tokens": True},
+                   headers=AUTH)
+    assert r.status_code == 400
+
+
+def test_the_model_answers_to_each_served_name(base):
+    ids = [m["id"] for m in httpx.get(f"{base}/v1/models", headers=AUTH).json()["data"]]
+    assert ids == ["m", "gpt-4o-mini"]
+    for name in ids:
+        r = chat(base, model=name)
+        assert r.status_code == 200 and r.json()["model"] == name  # the name the client used
+    assert chat(base, model="gpt-5").status_code == 404
+
+
+def test_localhost_origins_are_any_loopback_page(base):
+    pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    for origin in ("http://localhost:5173", "http://127.0.0.1:3000", "http://[::1]:8080", "http://localhost"):
+        r = httpx.options(f"{base}/v1/chat/completions", headers={**pre, "Origin": origin})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
+    for origin in ("http://localhost.evil.com", "http://notlocalhost", "https://example.com"):
+        r = httpx.options(f"{base}/v1/chat/completions", headers={**pre, "Origin": origin})
+        assert "access-control-allow-origin" not in r.headers
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

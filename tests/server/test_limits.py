@@ -179,3 +179,13 @@ def test_connections_past_the_cap_get_an_openai_503(base):
             sock.close()
     time.sleep(0.3)
     still_serves(base)
+
+
+def test_the_operators_default_max_tokens_applies_only_when_a_request_sets_none():
+    from miaotui.server.admission import Admission
+
+    plain, capped = Admission(4, 8, 128), Admission(4, 8, 128, default_max_tokens=7)
+    assert plain.max_tokens(20, None, 16) == 16 and plain.max_tokens(20, None, None) == 108
+    assert capped.max_tokens(20, None, 16) == 7 and capped.max_tokens(20, None, None) == 7
+    assert capped.max_tokens(20, 30, None) == 30  # a request's own max_tokens wins
+    assert capped.max_tokens(125, None, None) == 3  # never past the context
