@@ -9,6 +9,14 @@ import torch
 from miaotui.errors import MiaotuiError
 
 
+def _check_sizes(cfg: object, sizes: dict[str, int]) -> None:
+    """ValueError naming the first of `cfg`'s sizes that is not a whole number from 1 to its bound."""
+    for name, most in sizes.items():
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= most:
+            raise ValueError(f"{name} is {value!r} (must be a whole number from 1 to {most})")
+
+
 @dataclass(slots=True)
 class ModelConfig:
     """Architecture hyper-parameters, whatever format the model came in (GGUF metadata or config.json)."""
@@ -40,12 +48,9 @@ class ModelConfig:
     def check(self) -> None:
         """ValueError naming the first value no real model has: what a corrupt or forged file would make the model
         builder allocate or divide by. The bounds are far above today's largest models."""
-        sizes = {"vocab_size": 1 << 22, "hidden_size": 1 << 17, "intermediate_size": 1 << 19, "num_layers": 1024,
-                 "num_heads": 1024, "num_kv_heads": 1024, "head_dim": 4096, "max_position": 1 << 24}
-        for name, most in sizes.items():
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= most:
-                raise ValueError(f"{name} is {value!r} (must be a whole number from 1 to {most})")
+        _check_sizes(self, {"vocab_size": 1 << 22, "hidden_size": 1 << 17, "intermediate_size": 1 << 19,
+                            "num_layers": 1024, "num_heads": 1024, "num_kv_heads": 1024, "head_dim": 4096,
+                            "max_position": 1 << 24})
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"{self.num_heads} attention heads do not split into {self.num_kv_heads} KV groups")
         for name in ("norm_eps", "rope_theta", "rope_local_theta", "query_pre_attn_scalar"):
@@ -97,12 +102,8 @@ class EncoderConfig:
 
     def check(self) -> None:
         """ValueError naming the first value no real encoder has (a corrupt or forged file)."""
-        sizes = {"vocab_size": 1 << 22, "hidden_size": 1 << 15, "intermediate_size": 1 << 17, "num_layers": 256,
-                 "num_heads": 256, "max_position": 1 << 20, "type_vocab_size": 1 << 10}
-        for name, most in sizes.items():
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= most:
-                raise ValueError(f"{name} is {value!r} (must be a whole number from 1 to {most})")
+        _check_sizes(self, {"vocab_size": 1 << 22, "hidden_size": 1 << 15, "intermediate_size": 1 << 17,
+                            "num_layers": 256, "num_heads": 256, "max_position": 1 << 20, "type_vocab_size": 1 << 10})
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden size {self.hidden_size} does not split into {self.num_heads} heads")
         if self.pooling not in ("mean", "cls"):
