@@ -9,6 +9,10 @@ class ModelFileError(MiaotuiError):
     """A model file is missing, truncated, corrupt or of a kind we cannot run."""
 
 
+class EncoderModelError(ModelFileError):
+    """The files hold an embedding model (an encoder) where a language model was asked for."""
+
+
 class ModelSourceError(MiaotuiError):
     """A model name cannot be resolved to files (unknown alias, failed download)."""
 

@@ -14,9 +14,7 @@ from miaotui.engine.embedder import Embedder, EmbeddingOutput
 from miaotui.engine.engine import Engine
 from miaotui.engine.sequence import RequestOutput
 from miaotui.engine.tools import syntax_for
-from miaotui.errors import MiaotuiError
-from miaotui.loader.encoder import is_encoder
-from miaotui.loader.sources import resolve
+from miaotui.errors import EncoderModelError, MiaotuiError
 from miaotui.sampling import SamplingParams
 
 Prompt = str | list[int]
@@ -32,15 +30,23 @@ class LLM:
     def __init__(self, model: str | None = None, **kwargs: Any):
         model = model or DEFAULT_MODEL
         self.embedder: Embedder | None = None
-        if is_encoder(resolve(model)):
-            unknown = sorted(set(kwargs) - set(_EMBEDDER_OPTIONS))
-            if unknown:
-                raise MiaotuiError(f"{model} is an embedding model: {unknown[0]!r} does not apply to it (it takes "
-                                   f"{', '.join(_EMBEDDER_OPTIONS)})")
-            self.embedder = Embedder(model, **kwargs)
+        if "max_batch_tokens" in kwargs:  # an embedding-only option: no language model is tried
+            self.embedder = self._embedder(model, kwargs)
             return
-        self.engine = Engine(EngineConfig(model=model, **kwargs))
+        try:
+            self.engine = Engine(EngineConfig(model=model, **kwargs))
+        except EncoderModelError:  # the loader found an encoder where it read the file's metadata
+            self.embedder = self._embedder(model, kwargs)
+            return
         self.tokenizer = self.engine.tokenizer
+
+    @staticmethod
+    def _embedder(model: str, kwargs: dict[str, Any]) -> Embedder:
+        unknown = sorted(set(kwargs) - set(_EMBEDDER_OPTIONS))
+        if unknown:
+            raise MiaotuiError(f"{model} is an embedding model: {unknown[0]!r} does not apply to it (it takes "
+                               f"{', '.join(_EMBEDDER_OPTIONS)})")
+        return Embedder(model, **kwargs)
 
     def embed(self, inputs: str | Seq[str], dimensions: int | None = None,
               truncate: int | None = None) -> list[EmbeddingOutput]:

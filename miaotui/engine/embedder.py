@@ -96,10 +96,10 @@ class Embedder:
             starts = torch.tensor([0, *lengths[:-1]], device=self.device).cumsum(0)
             pooled = hidden[starts]
         else:  # mean over each sequence's tokens
-            seg = torch.repeat_interleave(torch.arange(len(batch), device=self.device),
-                                          torch.tensor(lengths, device=self.device))
+            counts = torch.tensor(lengths, device=self.device)
+            seg = torch.repeat_interleave(torch.arange(len(batch), device=self.device), counts)
             pooled = torch.zeros(len(batch), hidden.shape[1], device=self.device).index_add_(0, seg, hidden)
-            pooled /= torch.tensor(lengths, device=self.device, dtype=pooled.dtype)[:, None]
+            pooled /= counts[:, None]
         if dimensions is not None and self.config.matryoshka:
             # the recipe Matryoshka models are trained with: layer-normalize, cut, then unit length
             pooled = F.layer_norm(pooled, (pooled.shape[1],))[:, :dimensions]

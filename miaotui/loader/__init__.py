@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from miaotui.config import ModelConfig
-from miaotui.errors import ModelFileError
+from miaotui.errors import EncoderModelError, ModelFileError
 from miaotui.loader import gguf, safetensors
-from miaotui.loader.encoder import is_encoder
+from miaotui.loader.encoder import GGUF_ARCHITECTURES, is_encoder
 from miaotui.loader.gguf_file import GGUFFile
 from miaotui.loader.sources import ModelFiles, resolve
 from miaotui.loader.tensors import FileTensor
@@ -32,16 +32,22 @@ class LoadedModel:
 
 def read_model(files: ModelFiles) -> tuple[ModelConfig, Tokenizer, Iterator[tuple[str, FileTensor]]]:
     """Config, tokenizer and the checkpoint's tensors (unread), checking what can be checked before allocating."""
-    if is_encoder(files):
-        raise ModelFileError(f"{files.path}: {files.name} is an embedding model, not a language model: embed with "
-                             "LLM(...).embed() or serve it with `miaotui serve --embedding-model`")
     if files.kind == "gguf":
         f = GGUFFile(files.path)
+        if f.get("general.architecture") in GGUF_ARCHITECTURES:
+            raise _encoder(files)
         gguf.check_tensor_types(f)
         cfg = _checked(gguf.read_config(f), f.path)
         return cfg, Tokenizer.from_gguf(f.metadata, f.path), gguf.iter_weights(f, cfg)
+    if is_encoder(files):  # reads config.json only
+        raise _encoder(files)
     cfg = _checked(safetensors.read_config(files.path), files.path / "config.json")
     return cfg, Tokenizer.from_folder(files.path), safetensors.iter_weights(files.path, cfg)
+
+
+def _encoder(files: ModelFiles) -> EncoderModelError:
+    return EncoderModelError(f"{files.path}: {files.name} is an embedding model, not a language model: embed with "
+                             "LLM(...).embed() or serve it with `miaotui serve --embedding-model`")
 
 
 def _checked(cfg: ModelConfig, path: Path | str) -> ModelConfig:
