@@ -64,9 +64,11 @@ def _byte_level_pre_tokenizer(pre: str) -> tuple[Any, Any]:
 def _build_byte_level(tokens: list[str], merges: list[str], pre: str) -> HFTokenizer:
     alphabet = set(_bytes_to_unicode().values())
     spell = _bytes_to_unicode()
-    vocab = {
-        t if set(t) <= alphabet else "".join(spell[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)
-    }
+    if set("".join(tokens)) <= alphabet:  # llama.cpp's converters store them spelled already: one check, not 150k
+        vocab = dict(zip(tokens, range(len(tokens))))
+    else:
+        vocab = {t if set(t) <= alphabet else "".join(spell[b] for b in t.encode("utf-8")): i
+                 for i, t in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
     tok.normalizer, tok.pre_tokenizer = _byte_level_pre_tokenizer(pre)
@@ -123,12 +125,11 @@ def _add_special(tok: HFTokenizer, tokens: list[str], types: list[int] | None, b
     if types is None:
         return
     alphabet = set(_bytes_to_unicode().values()) if byte_level else None
-    vocab = tok.get_vocab()
     control = [AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types)
                if ty == _CONTROL and (alphabet is None or set(t) <= alphabet)]
-    tok.add_special_tokens(control)
     user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types)
-            if ty == _USER_DEFINED and t in vocab]
+            if ty == _USER_DEFINED and tok.token_to_id(t) is not None]  # (get_vocab: 0.3 s for a 150k vocabulary)
+    tok.add_special_tokens(control)
     if user:
         tok.add_tokens(user)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
@@ -105,10 +106,17 @@ def load(cls: str):
     name = f"miaotui_kernels_{cls}"
     flags = ["-O3", "-fopenmp", *FLAGS[cls]]
     try:
-        from torch.utils.cpp_extension import load as build
-
         folder = _build_dir(name, flags)
-        if not (folder / f"{name}.so").exists():
+        built = folder / f"{name}.so"
+        if built.exists():  # the folder's key names its sources and flags: import it as it is
+            try:
+                _modules[cls] = _import(name, built)
+                return _modules[cls]
+            except ImportError:  # a build cut short: let torch build it again
+                pass
+        from torch.utils.cpp_extension import load as build  # (imports setuptools: ~0.2 s a process)
+
+        if not built.exists():
             log.warning("compiling miaotui's %s CPU kernels (once per machine, about half a minute)", cls)
         _modules[cls] = build(name=name, sources=[str(p) for p in _SOURCES], extra_cflags=flags,
                               extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
@@ -116,6 +124,13 @@ def load(cls: str):
         warnings.warn(f"miaotui's {cls} CPU kernels could not be built ({type(e).__name__}: {e}); using plain "
                       "torch ops", stacklevel=2)
     return _modules[cls]
+
+
+def _import(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 _default: list = []

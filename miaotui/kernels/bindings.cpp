@@ -23,7 +23,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("in_scale") = py::none(), py::arg("reference") = false);
   m.def("pack_blocks", &pack_blocks, "GGUF blocks [N, K] straight into the packed layout: (data, dm, bits)",
         py::arg("raw"), py::arg("type"), py::arg("n"), py::arg("k"), py::arg("rows") = py::none(),
-        py::arg("bits") = 0);
+        py::arg("bits") = 0, py::arg("data_out") = py::none(), py::arg("dm_out") = py::none());
   m.def("tile_matmul", &tile_matmul, "x @ W^T for a bf16 weight in AMX tile order", py::arg("x"), py::arg("tiles"),
         py::arg("n"));
   py::class_<Proj>(m, "Proj", "a projection's weights as qmatmul and tile_matmul take them", py::module_local())

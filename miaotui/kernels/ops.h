@@ -25,4 +25,6 @@ Tensor qmatmul(const Tensor& x, const Tensor& w, const Tensor& dm, int64_t bits,
                const c10::optional<Tensor>& in_scale, bool reference);
 Tensor tile_matmul(const Tensor& x, const Tensor& tiles, int64_t N);
 std::tuple<Tensor, Tensor, int64_t> pack_blocks(const Tensor& raw, const std::string& type, int64_t N, int64_t K,
-                                                const c10::optional<Tensor>& rows, int64_t out_bits);
+                                                const c10::optional<Tensor>& rows, int64_t out_bits,
+                                                const c10::optional<Tensor>& data_out,
+                                                const c10::optional<Tensor>& dm_out);

@@ -768,17 +768,26 @@ inline void decode_group(BlockType t, const uint8_t* row, int64_t g, uint8_t* q,
       const uint8_t* qh = b + 128 + half * 32;
       const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192) + half * 8;
       const float dd = f16(b + 208);
-      float v[32], amax = 0.f;
-      for (int i = 0; i < 32; ++i) {
-        const int low = part < 2 ? ql[part * 32 + i] & 0x0F : ql[(part - 2) * 32 + i] >> 4;
-        const int high = (qh[i] >> (2 * part)) & 3;
-        v[i] = dd * sc[part * 2 + i / 16] * static_cast<float>((low | (high << 4)) - 32);
-        amax = std::max(amax, std::fabs(v[i]));
+      // Decoded a vector at a time (the scalar loop held a 1.5B model's load at ~250 M weights/s); the same
+      // arithmetic in the same order as one weight at a time, so the codes do not change.
+      const uint8_t* qlp = ql + (part & 1) * 32;
+      const int shift = (part >> 1) * 4, hshift = 2 * part;
+      alignas(64) float v[32], c[32];
+      for (int h = 0; h < 2; ++h) {
+        const float s = dd * sc[part * 2 + h];
+        for (int i = 16 * h; i < 16 * h + 16; ++i)
+          v[i] = s * static_cast<float>((((qlp[i] >> shift) & 0x0F) | (((qh[i] >> hshift) & 3) << 4)) - 32);
       }
+      constexpr int NV = 32 / mt::W;
+      mt::Vec vmax = mt::zero();
+      for (int h = 0; h < NV; ++h) vmax = mt::vmax(vmax, mt::vabs(mt::load(v + mt::W * h)));
+      const float amax = mt::reduce_max(vmax);
       // the step rounded to fp16 (up, so no code passes 127; at least fp16's smallest normal), then the codes
       const float step = static_cast<float>(c10::Half(std::max(amax / 127.f, 6.2e-5f) * (1.f + 1.f / 1024)));
-      for (int i = 0; i < 32; ++i)
-        q[i] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(std::max(-127.f, std::min(127.f, v[i] / step)))) + 128);
+      const mt::Vec vs = mt::set1(step), top = mt::set1(127.f), bottom = mt::set1(-127.f);
+      for (int h = 0; h < NV; ++h)
+        mt::store(c + mt::W * h, mt::vround(mt::vmax(bottom, mt::vmin(top, mt::load(v + mt::W * h) / vs))));
+      for (int i = 0; i < 32; ++i) q[i] = static_cast<uint8_t>(static_cast<int>(c[i]) + 128);
       d = step;
       m = -128.f * step;
       return;
@@ -905,9 +914,12 @@ Tensor tile_matmul(const Tensor& x_, const Tensor& tiles, int64_t N) {
 
 // The packed layout (data, dm) of a GGUF tensor [N, K] of block type `type` from its raw bytes (rows in file order;
 // output row r is file row rows[r] when a permutation is given), in `out_bits` (0: the type's own; 4-bit types may
-// be written as 8-bit codes). Returns (data, dm, bits).
+// be written as 8-bit codes). Written into data_out / dm_out when given (row blocks of a fused projection's
+// layout: its parts land in place, no concatenation), else into new tensors. Returns (data, dm, bits).
 std::tuple<Tensor, Tensor, int64_t> pack_blocks(const Tensor& raw, const std::string& type, int64_t N, int64_t K,
-                                                const c10::optional<Tensor>& rows, int64_t out_bits) {
+                                                const c10::optional<Tensor>& rows, int64_t out_bits,
+                                                const c10::optional<Tensor>& data_out,
+                                                const c10::optional<Tensor>& dm_out) {
   int64_t block_bytes, block_weights;
   int bits;
   const BlockType t = block_type(type, block_bytes, block_weights, bits);
@@ -917,8 +929,12 @@ std::tuple<Tensor, Tensor, int64_t> pack_blocks(const Tensor& raw, const std::st
               raw.numel() == N * K / block_weights * block_bytes, "pack_blocks: raw bytes do not match N, K and ", type);
   TORCH_CHECK(!rows || (rows->scalar_type() == at::kLong && rows->numel() == N), "pack_blocks: one int64 row each");
   const int64_t rblocks = (N + 15) / 16, ngroups = K / QBLOCK, row_bytes = K / block_weights * block_bytes;
-  Tensor data = at::empty({rblocks, K * bits / 32, 16, 4}, raw.options());
-  Tensor dm = at::empty({rblocks, ngroups, 2, 16}, raw.options().dtype(at::kHalf));
+  TORCH_CHECK(data_out.has_value() == dm_out.has_value(), "pack_blocks: give both outputs or neither");
+  Tensor data = data_out ? *data_out : at::empty({rblocks, K * bits / 32, 16, 4}, raw.options());
+  Tensor dm = dm_out ? *dm_out : at::empty({rblocks, ngroups, 2, 16}, raw.options().dtype(at::kHalf));
+  TORCH_CHECK(data.scalar_type() == at::kByte && data.is_contiguous() && data.numel() == rblocks * 16 * K * bits / 8 &&
+              dm.scalar_type() == at::kHalf && dm.is_contiguous() && dm.numel() == rblocks * ngroups * 32,
+              "pack_blocks: outputs do not match N, K and the bits");
   const uint8_t* src = raw.data_ptr<uint8_t>();
   const int64_t* perm = rows ? rows->data_ptr<int64_t>() : nullptr;
   uint8_t* out = data.data_ptr<uint8_t>();
@@ -941,9 +957,16 @@ std::tuple<Tensor, Tensor, int64_t> pack_blocks(const Tensor& raw, const std::st
         }
         uint8_t* o = out + (rb * ngroups + g) * lines * 64;
         for (int c = 0; c < lines; ++c, o += 64)
-          for (int r = 0; r < 16; ++r)
-            for (int j = 0; j < 4; ++j)
-              o[r * 4 + j] = bits == 4 ? q[r][c * 8 + j] | (q[r][c * 8 + j + 4] << 4) : q[r][c * 4 + j];
+          for (int r = 0; r < 16; ++r) {
+            if (bits == 8) {
+              std::memcpy(o + r * 4, q[r] + c * 4, 4);
+              continue;
+            }
+            uint64_t eight;  // the line's 8 codes of this row (each < 16): inputs j and j + 4 share byte j
+            std::memcpy(&eight, q[r] + c * 8, 8);
+            const uint32_t word = static_cast<uint32_t>(eight) | (static_cast<uint32_t>(eight >> 32) << 4);
+            std::memcpy(o + r * 4, &word, 4);
+          }
       }
     }
   });

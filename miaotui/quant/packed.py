@@ -62,10 +62,17 @@ class PackedWeight:
         if any(p.num_rows % 16 for p in parts[:-1]):
             return None
         bits = bits or max(BLOCK_BITS[p.type] for p in parts)
-        packed = [ops.pack_blocks(p.data, p.type, p.num_rows, k, p.rows, bits) for p in parts]
-        data = torch.cat([p[0] for p in packed]) if len(packed) > 1 else packed[0][0]
-        dm = torch.cat([p[1] for p in packed]) if len(packed) > 1 else packed[0][1]
-        return cls(data, dm, bits, 32, (sum(p.num_rows for p in parts), k))
+        n = sum(p.num_rows for p in parts)
+        blocks = -(-n // 16)
+        data = torch.empty(blocks, k * bits // 32, 16, 4, dtype=torch.uint8)
+        dm = torch.empty(blocks, k // 32, 2, 16, dtype=torch.float16)
+        start = 0  # in row blocks: every part but the last holds whole blocks of 16 rows
+        for p in parts:
+            size = -(-p.num_rows // 16)
+            ops.pack_blocks(p.data, p.type, p.num_rows, k, p.rows, bits, data[start:start + size],
+                            dm[start:start + size])
+            start += size
+        return cls(data, dm, bits, 32, (n, k))
 
     def matmul(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., K] (fp32 or bf16, times in_scale [K] first) @ Wᵀ, in x's dtype."""

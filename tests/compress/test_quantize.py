@@ -280,3 +280,26 @@ def test_blocks_pack_straight_into_the_kernel_layout(smollm2_path, gemma3_path):
             ref = PackedWeight.pack(codes.q, codes.d, codes.m, packed.bits)
             assert torch.equal(packed.data, ref.data) and torch.equal(packed.dm, ref.dm), name
     assert {k for k, _ in seen} >= {"Q4_1", "Q4_K", "Q5_0", "Q8_0", "Q6_K"} and ("Q4_1", True) in seen
+
+
+def test_parts_of_a_fused_projection_pack_in_place(gemma3_path):
+    """A fused projection's parts (q, k, v; gate, up) pack straight into their rows of one layout: the same bytes
+    as each part packed alone and concatenated, block types mixed (Gemma's first layer: Q5_0 q and k, Q8_0 v)."""
+    from miaotui.kernels import has_packed
+    from miaotui.loader.gguf import iter_weights, read_config
+    from miaotui.loader.gguf_file import GGUFFile
+    from miaotui.quant.packed import PackedWeight
+
+    if not has_packed():
+        pytest.skip("miaotui's kernels are not built here")
+    f = GGUFFile(gemma3_path)
+    weights = dict(iter_weights(f, read_config(f)))
+    names = [f"model.layers.0.self_attn.{p}_proj.weight" for p in ("q", "k", "v")]
+    parts = [b for n in names for b in weights[n].blocks()]
+    assert len({p.type for p in parts}) > 1, "the test wants mixed block types"
+    k = weights[names[0]].shape[1]
+    fused = PackedWeight.from_blocks(parts, k, 8)
+    alone = [PackedWeight.from_blocks([p], k, 8) for p in parts]
+    assert fused.shape == (sum(p.num_rows for p in parts), k)
+    assert torch.equal(fused.data, torch.cat([a.data for a in alone]))
+    assert torch.equal(fused.dm, torch.cat([a.dm for a in alone]))
