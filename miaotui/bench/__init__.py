@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from miaotui.bench.energy import EnergyMeter
 from miaotui.bench.engine_bench import BenchConfig, MiaotuiBench, random_prompts
 from miaotui.bench.spec_bench import format_llama_cpp_lookup, format_speculative, run_llama_cpp_lookup, run_speculative
 from miaotui.config import resolve_dtype
@@ -27,20 +28,28 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_engine(bench, cfg: BenchConfig, vocab: int, avoid: set[int]) -> dict[str, Any]:
-    """The scenarios every engine supports; `latency` and `prefix` are miaotui's alone (peers lack batching)."""
+def run_engine(bench, cfg: BenchConfig, vocab: int, avoid: set[int], meter: EnergyMeter) -> dict[str, Any]:
+    """The scenarios every engine supports; `latency` and `prefix` are miaotui's alone (peers lack batching).
+    Each of decode, prefill and throughput also gets its joules per token over all its timed runs (the decode
+    runs' short prompts included), from `meter`."""
     res: dict[str, Any] = {"load_s": bench.load_seconds}
     decode_prompt = random_prompts(vocab, 1, 32, cfg.seed, avoid)[0]
     if "decode" in cfg.scenarios:
         bench.decode(decode_prompt, 8)  # warm-up
+        span = meter.start()
         res["decode_tok_s"] = _median(lambda: bench.decode(decode_prompt, cfg.decode_tokens), cfg.repeats)
+        res["decode_j_tok"] = meter.stop(span).joules / (cfg.decode_tokens * cfg.repeats)
     if "prefill" in cfg.scenarios:
         prompts = random_prompts(vocab, cfg.repeats + 1, cfg.prefill_tokens, cfg.seed + 1, avoid)
         bench.prefill(prompts[-1])  # warm-up
+        span = meter.start()
         res["prefill_tok_s"] = statistics.median(bench.prefill(p) for p in prompts[: cfg.repeats])
+        res["prefill_j_tok"] = meter.stop(span).joules / (cfg.prefill_tokens * cfg.repeats)
     if "throughput" in cfg.scenarios:
         prompts = random_prompts(vocab, cfg.num_prompts, cfg.input_len, cfg.seed + 2, avoid)
+        span = meter.start()
         res["throughput_tok_s"] = bench.throughput(prompts, cfg.output_len)
+        res["throughput_j_tok"] = meter.stop(span).joules / (cfg.num_prompts * cfg.output_len)
     if isinstance(bench, MiaotuiBench):
         if "latency" in cfg.scenarios:
             prompts = random_prompts(vocab, cfg.serve_requests, cfg.input_len, cfg.seed + 3, avoid)
@@ -55,7 +64,10 @@ def run_engine(bench, cfg: BenchConfig, vocab: int, avoid: set[int]) -> dict[str
 
 
 METRICS = [("load_s", "load time (s)", False), ("decode_tok_s", "decode, 1 stream (tok/s)", True),
-           ("prefill_tok_s", "prefill (tok/s)", True), ("throughput_tok_s", "batched output (tok/s)", True)]
+           ("prefill_tok_s", "prefill (tok/s)", True), ("throughput_tok_s", "batched output (tok/s)", True),
+           ("decode_j_tok", "energy, decode (J per generated token)", False),
+           ("prefill_j_tok", "energy, prefill (J per prompt token)", False),
+           ("throughput_j_tok", "energy, batched (J per generated token)", False)]
 
 
 def format_table(results: dict[str, dict[str, Any]], cfg: BenchConfig) -> str:
@@ -70,7 +82,8 @@ def format_table(results: dict[str, dict[str, Any]], cfg: BenchConfig) -> str:
         if key == "throughput_tok_s":
             label = f"{cfg.num_prompts} × ({cfg.input_len} in, {cfg.output_len} out) (tok/s)"
         vals = [results[n].get(key) for n in names]
-        row = [label] + [f"{v:,.1f}" if v is not None else "-" for v in vals]
+        digits = 3 if key.endswith("_j_tok") else 1
+        row = [label] + [f"{v:,.{digits}f}" if v is not None else "-" for v in vals]
         for v in vals[1:]:
             if v and vals[0]:
                 ratio = vals[0] / v if higher_better else v / vals[0]
@@ -82,6 +95,8 @@ def format_table(results: dict[str, dict[str, Any]], cfg: BenchConfig) -> str:
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     m = results["miaotui"]
+    if "energy_method" in m:
+        lines.append(f"energy: {m['energy_method']}")
     if "latency" in m:
         lat = m["latency"]
         lines.append(f"\nmiaotui serving latency, {cfg.serve_requests} requests at concurrency {cfg.concurrency} "
@@ -133,8 +148,10 @@ def main(cfg: BenchConfig, compare: bool, json_path: str | None, plot_path: str 
     setup = (f"{cfg.model}: {str(mt.engine.dtype).removeprefix('torch.')}, {mt.engine.quantization} weights, "
              f"{mt.engine.device}; {describe()}")
     print(f"benchmarking {setup}", file=sys.stderr)
-    results = {"miaotui": run_engine(mt, cfg, vocab, avoid)}
+    meter = EnergyMeter(str(mt.engine.device))
+    results = {"miaotui": run_engine(mt, cfg, vocab, avoid, meter)}
     results["miaotui"]["setup"] = setup
+    results["miaotui"]["energy_method"] = meter.method
     fastest = resolve_dtype("auto", mt.engine.device)  # each peer in its fastest dtype for this hardware
     if compare and "speculative" in cfg.scenarios and "llama.cpp" in peers and LlamaCppBench.available():
         print("benchmarking llama.cpp's prompt lookup", file=sys.stderr)  # its method nearest ours: ngram
@@ -152,7 +169,7 @@ def main(cfg: BenchConfig, compare: bool, json_path: str | None, plot_path: str 
                 continue
             print(f"benchmarking {peer.name}", file=sys.stderr)
             bench = peer(cfg, fastest) if peer is TransformersBench else peer(cfg)
-            results[bench.name] = run_engine(bench, cfg, vocab, avoid)
+            results[bench.name] = run_engine(bench, cfg, vocab, avoid, meter)
             del bench
             gc.collect()
     print(f"{setup}\n")
