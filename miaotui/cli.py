@@ -351,6 +351,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.what == "compression":
         return _compression_table(args)
+    if args.what == "tasks":
+        return _tasks(args)
     if args.model_arg:
         args.model = args.model_arg
     text = Path(args.text).read_text(encoding="utf-8") if args.text else default_text()
@@ -373,6 +375,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise MiaotuiError("--compare needs llama-cpp-python (pip install llama-cpp-python)") from None
         print(f"llama.cpp  {peer:.4f} on the same tokens in {time.perf_counter() - start:.1f} s: miaotui/llama.cpp "
               f"= {ppl / peer:.4f} ({(ppl / peer - 1) * 100:+.2f}%)")
+    return 0
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from miaotui.eval import tasks
+    from miaotui.llm import LLM
+
+    if args.model_arg:
+        args.model = args.model_arg
+    names = args.tasks.split(",") if args.tasks else list(tasks.TASKS)
+    tasks.check(names)
+    cfg = engine_config(args)
+    llm = LLM(cfg.model, **{f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "model"})
+    results = tasks.run(llm, names, args.limit)
+    print(f"{cfg.model}: {llm.engine.quantization} weights, {str(llm.engine.dtype).removeprefix('torch.')}, "
+          f"greedy, first {args.limit} items of each task\n")
+    print(tasks.format_results(results))
     return 0
 
 
@@ -492,9 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--peer", action="store_true", help="a peer without streamed usage (llama-cpp-python's "
                     "server): count streamed chunks instead")
     lt.set_defaults(fn=cmd_loadtest)
-    ev = sub.add_parser("eval", help="quality measurements: eval ppl MODEL [--text FILE]; eval compression "
-                        "(the README's table of every compression setting)")
-    ev.add_argument("what", choices=["ppl", "compression"])
+    ev = sub.add_parser("eval", help="quality measurements: eval ppl MODEL [--text FILE]; eval tasks MODEL "
+                        "[--tasks ...] [--limit N]; eval compression (the README's table of every compression "
+                        "setting)")
+    ev.add_argument("what", choices=["ppl", "tasks", "compression"])
     ev.add_argument("model_arg", nargs="?", metavar="MODEL", help="same as --model")
     ev.add_argument("--text", default=None, help="text file (default: a text that ships with Python)")
     ev.add_argument("--ctx", type=int, default=512)
@@ -506,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "real ones)")
     ev.add_argument("--settings", default=None, help="compression table: comma-separated settings (default all)")
     ev.add_argument("--json", default=None, help="compression table: also write the rows as JSON here")
+    ev.add_argument("--tasks", default=None, help="eval tasks: comma-separated (default all: translate-zh-en, "
+                    "translate-en-zh, wiki-describe)")
+    ev.add_argument("--limit", type=int, default=100, help="eval tasks: the first N items of each (default 100)")
     _engine_flags(ev)
     ev.set_defaults(fn=cmd_eval, verbose=False)
     cp = sub.add_parser("compress", help="prune and/or quantize a model into a new model folder")

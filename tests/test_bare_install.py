@@ -67,3 +67,6 @@ def test_loadtest_and_peers_fail_in_one_line(bare, smollm2_path):
             "--decode-tokens", "4", "--repeats", "1")
     assert "Traceback" not in r.stderr, r.stderr
     assert "pip install" in r.stdout + r.stderr
+    r = run(bare, "eval", "tasks", "-m", str(smollm2_path), "--tasks", "translate-zh-en", "--limit", "1")
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert "pip install 'miaotui[eval]'" in r.stderr, r.stderr
