@@ -391,9 +391,19 @@ def _tasks(args: argparse.Namespace) -> int:
     cfg = engine_config(args)
     llm = LLM(cfg.model, **{f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "model"})
     results = tasks.run(llm, names, args.limit)
+    peer = None
+    if args.compare:
+        files = llm.engine.loaded.files
+        if files.kind != "gguf":
+            raise MiaotuiError("--compare runs llama.cpp, which needs a GGUF model")
+        print("the same prompts through llama.cpp", file=sys.stderr)
+        try:
+            peer = tasks.run_llama_cpp(str(files.path), llm.tokenizer, names, args.limit)
+        except ImportError:
+            raise MiaotuiError("--compare needs llama-cpp-python (pip install llama-cpp-python)") from None
     print(f"{cfg.model}: {llm.engine.quantization} weights, {str(llm.engine.dtype).removeprefix('torch.')}, "
           f"greedy, first {args.limit} items of each task\n")
-    print(tasks.format_results(results))
+    print(tasks.format_results(results, peer))
     return 0
 
 
@@ -523,13 +533,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--method", default="llamacpp", choices=["llamacpp", "sliding"])
     ev.add_argument("--chunks", type=int, default=None, help="score at most this many windows (compression "
                     "table: default 8)")
-    ev.add_argument("--compare", action="store_true", help="eval ppl: also score the same tokens with llama.cpp")
+    ev.add_argument("--compare", action="store_true", help="eval ppl / tasks: also score the same tokens or prompts "
+                    "with llama.cpp")
     ev.add_argument("--models", default=None, help="compression table: comma-separated models (default: the three "
                     "real ones)")
     ev.add_argument("--settings", default=None, help="compression table: comma-separated settings (default all)")
     ev.add_argument("--json", default=None, help="compression table: also write the rows as JSON here")
     ev.add_argument("--tasks", default=None, help="eval tasks: comma-separated (default all: translate-zh-en, "
-                    "translate-en-zh, wiki-describe)")
+                    "translate-en-zh, wiki-describe, humaneval)")
     ev.add_argument("--limit", type=int, default=100, help="eval tasks: the first N items of each (default 100)")
     _engine_flags(ev)
     ev.set_defaults(fn=cmd_eval, verbose=False)

@@ -59,3 +59,37 @@ def test_a_model_without_a_chat_template_gets_plain_prompts(gemma3_path):
     assert not llm.tokenizer.chat_template  # this file is the base model
     [result] = tasks.run(llm, ["wiki-describe"], limit=2, use_tqdm=False)
     assert result.items == 2 and result.generated_tokens > 0
+
+
+def test_llama_cpp_scores_the_same_prompts(smollm2_path):
+    """--compare: llama.cpp is given miaotui's prompt ids and stop tokens; on a task both engines answer alike."""
+    pytest.importorskip("llama_cpp")
+    from miaotui import LLM
+
+    llm = LLM(str(smollm2_path), kv_cache_memory=64 * 2**20)
+    ours = tasks.run(llm, ["wiki-describe"], limit=3, use_tqdm=False)
+    peer = tasks.run_llama_cpp(str(smollm2_path), llm.tokenizer, ["wiki-describe"], limit=3)
+    assert peer[0].items == 3 and peer[0].generated_tokens > 0 and peer[0].score > 10  # real answers
+    assert abs(ours[0].score - peer[0].score) < 35  # three items: a different answer moves F1 by up to 33
+    assert "| llama.cpp | miaotui - llama.cpp |" in tasks.format_results(ours, peer)
+
+
+def test_humaneval_scores_canonical_solutions_and_refuses_wrong_ones():
+    """The data set's own solutions pass (as a completion after the prompt, and as a whole function in a chat
+    answer's code block); a wrong body fails."""
+    import gzip
+    import json
+
+    from miaotui.loader.sources import data_file
+
+    with gzip.open(data_file(*tasks.HUMANEVAL), "rt") as f:
+        problems = [json.loads(line) for _, line in zip(range(3), f)]
+    items = tasks.TASKS["humaneval"].items(3)
+    refs = [it.reference for it in items]
+    assert [json.loads(r)["entry_point"] for r in refs] == [p["entry_point"] for p in problems]
+    completions = [tasks.code_answer(p["canonical_solution"]) for p in problems]
+    assert tasks.pass_at_1(completions, refs) == 100.0
+    chat = [tasks.code_answer(f"Here it is:\n```python\n{p['prompt']}{p['canonical_solution']}```\nDone.")
+            for p in problems]
+    assert tasks.pass_at_1(chat, refs) == 100.0
+    assert tasks.pass_at_1(["    return None\n"] * 3, refs) == 0.0
