@@ -15,6 +15,7 @@ from typing import Any
 from miaotui.bench.energy import EnergyMeter
 from miaotui.bench.engine_bench import BenchConfig, MiaotuiBench, random_prompts
 from miaotui.bench.spec_bench import format_llama_cpp_lookup, format_speculative, run_llama_cpp_lookup, run_speculative
+from miaotui.bench.table import markdown_table
 from miaotui.config import resolve_dtype
 from miaotui.errors import MiaotuiError
 from miaotui.kernels import describe
@@ -91,9 +92,7 @@ def format_table(results: dict[str, dict[str, Any]], cfg: BenchConfig) -> str:
             else:
                 row.append("-")
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines = markdown_table(rows)
     m = results["miaotui"]
     if "energy_method" in m:
         lines.append(f"energy: {m['energy_method']}")

@@ -23,6 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
+from miaotui.bench.table import markdown_table
 from miaotui.errors import MiaotuiError
 from miaotui.loader.sources import data_file
 from miaotui.sampling import SamplingParams
@@ -238,7 +239,4 @@ def format_results(results: list[TaskResult], peer: list[TaskResult] | None = No
         if peer:
             row += (f"{peer[i].score:.1f}", f"{r.score - peer[i].score:+.1f}")
         rows.append(row)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return "\n".join(markdown_table(rows))
