@@ -1,5 +1,5 @@
 """Run model-written code apart from the evaluating process: a fresh `python -I` in a temporary directory with an
-empty environment, CPU-time, memory, file-size and process limits, a wall-clock limit, and an audit hook
+empty environment, CPU-time, memory and file-size limits, a wall-clock limit, and an audit hook
 (PEP 578, which cannot be removed once set) that refuses writes outside that directory, network connections and
 new processes. It stops accidents and careless code, as HumanEval's own harness asks for; it is not a boundary
 against code written to escape (run untrusted evaluations in a container or VM as well).
