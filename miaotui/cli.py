@@ -390,7 +390,8 @@ def _tasks(args: argparse.Namespace) -> int:
     tasks.check(names)
     cfg = engine_config(args)
     llm = LLM(cfg.model, **{f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "model"})
-    results = tasks.run(llm, names, args.limit)
+    limit = args.limit or 100
+    results = tasks.run(llm, names, limit)
     peer = None
     if args.compare:
         files = llm.engine.loaded.files
@@ -398,11 +399,11 @@ def _tasks(args: argparse.Namespace) -> int:
             raise MiaotuiError("--compare runs llama.cpp, which needs a GGUF model")
         print("the same prompts through llama.cpp", file=sys.stderr)
         try:
-            peer = tasks.run_llama_cpp(str(files.path), llm.tokenizer, names, args.limit)
+            peer = tasks.run_llama_cpp(str(files.path), llm.tokenizer, names, limit)
         except ImportError:
             raise MiaotuiError("--compare needs llama-cpp-python (pip install llama-cpp-python)") from None
     print(f"{cfg.model}: {llm.engine.quantization} weights, {str(llm.engine.dtype).removeprefix('torch.')}, "
-          f"greedy, first {args.limit} items of each task\n")
+          f"greedy, first {limit} items of each task\n")
     print(tasks.format_results(results, peer))
     return 0
 
@@ -410,15 +411,22 @@ def _tasks(args: argparse.Namespace) -> int:
 def _compression_table(args: argparse.Namespace) -> int:
     import json
 
-    from miaotui.eval import compression
+    from miaotui.bench import require_matplotlib
+    from miaotui.eval import compression, tasks
 
     models = args.models.split(",") if args.models else list(compression.MODELS)
     settings = args.settings.split(",") if args.settings else list(compression.SETTINGS)
     unknown = [s for s in settings if s not in compression.SETTINGS]
     if unknown:
         raise MiaotuiError(f"unknown setting {unknown[0]!r}; use {', '.join(compression.SETTINGS)}")
-    rows = compression.run(models, settings, chunks=args.chunks or 8)
+    names = [] if args.tasks == "none" else args.tasks.split(",") if args.tasks else list(tasks.TASKS)
+    tasks.check(names)
+    if args.plot:
+        require_matplotlib()  # before a long run, not after it
+    rows = compression.run(models, settings, chunks=args.chunks or 8, tasks=names, limit=args.limit or 20)
     print(compression.format_table(rows))
+    if args.plot:
+        compression.plot(rows, args.plot)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
@@ -539,9 +547,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "real ones)")
     ev.add_argument("--settings", default=None, help="compression table: comma-separated settings (default all)")
     ev.add_argument("--json", default=None, help="compression table: also write the rows as JSON here")
-    ev.add_argument("--tasks", default=None, help="eval tasks: comma-separated (default all: translate-zh-en, "
-                    "translate-en-zh, wiki-describe, humaneval)")
-    ev.add_argument("--limit", type=int, default=100, help="eval tasks: the first N items of each (default 100)")
+    ev.add_argument("--plot", default=None, metavar="FILE.png", help="compression table: draw each accuracy "
+                    "measure against decode tok/s and weight bytes (matplotlib)")
+    ev.add_argument("--tasks", default=None, help="eval tasks and the compression table: comma-separated (default "
+                    "all: translate-zh-en, translate-en-zh, wiki-describe, humaneval; compression: 'none' for no "
+                    "task columns)")
+    ev.add_argument("--limit", type=int, default=None, help="the first N items of each task (default: 100 for eval "
+                    "tasks, 20 per setting for the compression table)")
     _engine_flags(ev)
     ev.set_defaults(fn=cmd_eval, verbose=False)
     cp = sub.add_parser("compress", help="prune and/or quantize a model into a new model folder")

@@ -40,6 +40,13 @@ class LLM:
             return
         self.tokenizer = self.engine.tokenizer
 
+    @classmethod
+    def from_engine(cls, engine: Engine) -> LLM:
+        """The API over an engine built elsewhere (the benchmarks build theirs from a whole `EngineConfig`)."""
+        llm = cls.__new__(cls)
+        llm.embedder, llm.engine, llm.tokenizer = None, engine, engine.tokenizer
+        return llm
+
     @staticmethod
     def _embedder(model: str, kwargs: dict[str, Any]) -> Embedder:
         unknown = sorted(set(kwargs) - set(_EMBEDDER_OPTIONS))

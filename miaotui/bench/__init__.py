@@ -115,6 +115,13 @@ def format_table(results: dict[str, dict[str, Any]], cfg: BenchConfig) -> str:
     return "\n".join(lines)
 
 
+def require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise MiaotuiError("--plot needs matplotlib: pip install 'miaotui[bench]'") from None
+
+
 def plot(results: dict[str, dict[str, Any]], path: str) -> None:
     import matplotlib
 
@@ -137,10 +144,7 @@ def main(cfg: BenchConfig, compare: bool, json_path: str | None, plot_path: str 
     from miaotui.bench.peers import LlamaCppBench, TransformersBench
 
     if plot_path:
-        try:
-            import matplotlib  # noqa: F401  (fail before a long run, not after it)
-        except ImportError:
-            raise MiaotuiError("--plot needs matplotlib: pip install 'miaotui[bench]'") from None
+        require_matplotlib()  # before a long run, not after it
     mt = MiaotuiBench(cfg)
     vocab = mt.engine.model_config.vocab_size
     avoid = set(mt.engine.tokenizer.stop_ids)
