@@ -81,6 +81,27 @@ class BodyLimit:
         await response({"type": "http"}, _no_body, send)
 
 
+class CanonicalHeaderNames:
+    """Response header names in their usual spelling (`Content-Type`, `Access-Control-Allow-Origin`), as most
+    servers write them. Names are case-insensitive in HTTP, but clients that copy headers into a plain dict look
+    them up by that spelling (llama.cpp's server tests do); Starlette writes them in lower case."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_canonical(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [(b"-".join(w.capitalize() for w in name.split(b"-")), value)
+                                                  for name, value in message.get("headers", [])]}
+            await send(message)
+
+        await self.app(scope, receive, send_canonical)
+
+
 async def _no_body() -> Message:
     return {"type": "http.disconnect"}
 
@@ -113,6 +134,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         exact = [o for o in limits.allowed_origins if o != "localhost"]
         app.add_middleware(CORSMiddleware, allow_origins=exact, allow_methods=["*"], allow_headers=["*"], max_age=600,
                            allow_origin_regex=LOOPBACK_ORIGIN if "localhost" in limits.allowed_origins else None)
+    app.add_middleware(CanonicalHeaderNames)
     app.include_router(router)
     app.include_router(responses_router)
     app.include_router(embeddings_router)

@@ -166,6 +166,7 @@ def test_localhost_origins_are_any_loopback_page(loopback):
     for origin in ("http://localhost:5173", "http://127.0.0.1:3000", "http://[::1]:8080", "http://localhost"):
         r = httpx.options(f"{loopback}/v1/chat/completions", headers={**pre, "Origin": origin})
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
+        assert (b"Access-Control-Allow-Origin", origin.encode()) in r.headers.raw  # spelled as most servers do
     for origin in ("http://localhost.evil.com", "http://notlocalhost", "https://example.com"):
         r = httpx.options(f"{loopback}/v1/chat/completions", headers={**pre, "Origin": origin})
         assert "access-control-allow-origin" not in r.headers
