@@ -59,7 +59,7 @@ def measure(model: str, quantization: str, kv_cache_dtype: str, chunks: int, dec
     base = proc.memory_info().rss
     bench = MiaotuiBench(BenchConfig(EngineConfig(
         model=model, dtype="auto", device="cpu", quantization=quantization, kv_cache_dtype=kv_cache_dtype,
-        kv_cache_memory=64 * 2**20, max_model_len=2048)))
+        kv_cache_memory=256 * 2**20, max_model_len=2048)))
     engine = bench.engine
     ids = engine.tokenizer.encode(default_text())
     ppl, scored = perplexity(engine, ids, 512, "llamacpp", chunks)
