@@ -4,6 +4,7 @@ request guard (API key, body size), OpenAI error bodies (errors.py), admission (
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from dataclasses import dataclass
 
@@ -14,7 +15,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from miaotui.engine.async_engine import AsyncEngine
 from miaotui.server import errors
 from miaotui.server.admission import Admission
-from miaotui.server.embeddings import EmbeddingService, router as embeddings_router
+from miaotui.server.embeddings import EmbeddingService
+from miaotui.server.embeddings import router as embeddings_router
 from miaotui.server.errors import error_response
 from miaotui.server.metrics import Metrics
 from miaotui.server.responses import router as responses_router
@@ -102,6 +104,34 @@ class CanonicalHeaderNames:
         await self.app(scope, receive, send_canonical)
 
 
+class AnswerWhenCancelled:
+    """A request still running when uvicorn's grace period ends is cancelled, and uvicorn answers it with a bare
+    text/plain 500. The drain timer fails running requests with a 503 first, but an engine step that outlasts the
+    margin (a starved CPU) can miss it: this answers such a request with the same OpenAI 503 instead."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except asyncio.CancelledError:
+            if started:  # mid-stream: nothing to answer with; the connection closes
+                raise
+            response = error_response(503, "the server is shutting down: grace period over", "server_error",
+                                      code="server_shutting_down", headers={"Retry-After": "1"})
+            await response(scope, receive, send)
+
+
 async def _no_body() -> Message:
     return {"type": "http.disconnect"}
 
@@ -129,6 +159,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                                       code="invalid_api_key")
         return await call_next(request)
 
+    app.add_middleware(AnswerWhenCancelled)  # inside CORS and header spelling, so its 503 gets both
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     if limits.allowed_origins:  # outermost: a preflight is answered before authentication, as browsers need
         exact = [o for o in limits.allowed_origins if o != "localhost"]

@@ -85,3 +85,40 @@ def test_requests_past_the_grace_period_get_an_openai_503(smollm2_path):
     assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutting_down", r.text
     events = results["stream"]
     assert events[-1] == "data: [DONE]" and "server_shutting_down" in events[-2], events[-3:]
+
+
+def test_a_request_uvicorn_cancels_gets_an_openai_503_not_a_bare_500():
+    """When the drain timer misses a request (its engine step outlasts the margin on a starved CPU) uvicorn cancels
+    it at the end of the grace period: the answer is still the OpenAI 503, not uvicorn's text/plain 500."""
+    import asyncio
+    import socket
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from miaotui.server.app import AnswerWhenCancelled
+
+    async def stuck(_request):
+        await asyncio.sleep(3600)
+
+    app = AnswerWhenCancelled(Starlette(routes=[Route("/stuck", stuck, methods=["POST"])]))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="critical", timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    result: dict[str, httpx.Response] = {}
+    client = threading.Thread(target=lambda: result.setdefault(
+        "r", httpx.post(f"http://127.0.0.1:{port}/stuck", json={}, timeout=30)))
+    client.start()
+    time.sleep(0.5)
+    server.should_exit = True
+    client.join(timeout=30)
+    thread.join(timeout=30)
+    r = result["r"]
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "server_shutting_down" and r.headers["retry-after"] == "1"
