@@ -50,6 +50,8 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
                    "(methods ngram, suffix, draft_model with \"model\"; off by default)")
     g.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template (file or text) in "
                    "place of the model's own")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N", help="split every layer over "
+                   "N processes (torch.distributed: gloo on CPU, NCCL on CUDA), each with cores / N threads")
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -84,7 +86,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         kv_cache_memory=kv, enable_prefix_caching=not args.no_prefix_caching, threads=args.threads,
                         seed=args.seed, quantization=args.quantization, group_size=args.group_size,
                         kv_cache_dtype=args.kv_cache_dtype, chat_template=args.chat_template,
-                        speculative=args.speculative_config)
+                        speculative=args.speculative_config, tensor_parallel_size=args.tensor_parallel_size)
 
 
 def _engine(args: argparse.Namespace):
@@ -257,12 +259,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
             yield
 
     api_key = _api_key(args)
-    engine = AsyncEngine(_engine(args))
-    engine.engine.grammars.warm_up()  # the tokenizer's trie for structured output, built while the server starts
-    fault_seed = os.environ.get("MIAOTUI_FAULT_SEED")
-    if fault_seed:  # the soak test's fault injection: requests with this seed fail at their third token
-        engine.engine.scheduler.on_token = _fault_injector(int(fault_seed))
-    names = args.served_model_name or [engine.engine.loaded.files.name]
+    if args.replicas is not None or args.ray_address is not None:
+        from miaotui.cluster.replicas import ClusterConfig, start_replicas
+
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # while starting: stop Ray's processes too
+        engine = start_replicas(engine_config(args), ClusterConfig(args.replicas or 1, args.ray_address,
+                                                                   args.routing))
+    else:
+        engine = AsyncEngine(_engine(args))
+        engine.engine.grammars.warm_up()  # the tokenizer's trie for structured output, built while starting
+        fault_seed = os.environ.get("MIAOTUI_FAULT_SEED")
+        if fault_seed:  # the soak test's fault injection: requests with this seed fail at their third token
+            engine.engine.scheduler.on_token = _fault_injector(int(fault_seed))
+    names = args.served_model_name or [engine.model_name]
     origins = tuple(o.strip() for o in (args.allowed_origins or "").split(",") if o.strip())
     if args.default_max_tokens is not None and args.default_max_tokens < 1:
         raise MiaotuiError(f"--default-max-tokens must be at least 1, got {args.default_max_tokens}")
@@ -326,6 +335,18 @@ def _fault_injector(seed: int) -> Callable:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
+    if args.scale_out:
+        from miaotui.bench.cluster_bench import format_scale_out, run_scale_out
+
+        n, c, mt = args.requests or 200, args.concurrency or 16, args.max_tokens or 8
+        rows = run_scale_out(args.model, n, c, mt)
+        print(format_scale_out(rows, args.model, n, c, 8))
+        for r in rows:
+            if r["first_error"]:
+                print(f"  {r['setup']}: {r['errors']} errors, the first: {r['first_error']}")
+        return 0 if not any(r["errors"] for r in rows) else 1
+    args.requests, args.concurrency = args.requests or 200, args.concurrency or 64
+    args.max_tokens = args.max_tokens or 32
     if args.soak:
         from miaotui.bench.soak import SoakConfig, run_soak
 
@@ -517,17 +538,26 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--default-max-tokens", type=int, default=None, metavar="N", help="max_tokens for requests "
                     "that set none (default: 16 on /v1/completions as OpenAI's, the rest of the context on chat)")
     sv.add_argument("--grace-period", type=int, default=30, help="seconds in-flight requests get on SIGTERM")
+    sv.add_argument("--replicas", type=int, default=None, metavar="N", help="run N engine replicas on Ray Serve "
+                    "behind this server, each with its share of the cores (needs miaotui[cluster])")
+    sv.add_argument("--ray-address", default=None, metavar="ADDR", help="with --replicas: join this Ray cluster "
+                    "('auto': the one `ray start` made here) instead of starting a local Ray")
+    sv.add_argument("--routing", choices=["prefix", "pow2"], default="prefix", help="with --replicas: send a "
+                    "request to the replica holding its prompt's prefix (default), or Ray Serve's power of two")
     _engine_flags(sv)
     sv.set_defaults(fn=cmd_serve, verbose=True)
     lt = sub.add_parser("loadtest", help="bounded streaming load test of a running server (loopback only)")
     lt.add_argument("--url", default="http://127.0.0.1:8000")
     lt.add_argument("--model", default=DEFAULT_MODEL, help="model id the server serves")
-    lt.add_argument("--requests", type=int, default=200)
-    lt.add_argument("--concurrency", type=int, default=64)
-    lt.add_argument("--max-tokens", type=int, default=32)
+    lt.add_argument("--requests", type=int, default=None, help="default 200")
+    lt.add_argument("--concurrency", type=int, default=None, help="default 64 (16 with --scale-out)")
+    lt.add_argument("--max-tokens", type=int, default=None, help="default 32 (8 with --scale-out)")
     lt.add_argument("--api-key", default=None)
     lt.add_argument("--soak", type=float, default=None, metavar="MINUTES", help="start a server of --model on "
                     "loopback and soak it this long with a mixed workload and injected faults (ignores --url)")
+    lt.add_argument("--scale-out", action="store_true", help="start servers of --model (one process; 1 replica on "
+                    "Ray; 2 with prefix routing; 2 with power-of-two routing) and run the same shared-system-prompt "
+                    "load on each: prefix-cache hit rate and throughput side by side (ignores --url)")
     lt.add_argument("--peer", action="store_true", help="a peer without streamed usage (llama-cpp-python's "
                     "server): count streamed chunks instead")
     lt.set_defaults(fn=cmd_loadtest)

@@ -210,9 +210,10 @@ class EngineConfig:
     threads: int | None = None
     chat_template: str | None = None  # a Jinja file or template text in place of the model's own
     speculative: SpeculativeConfig | dict | None = None  # speculative decoding (off by default)
+    tensor_parallel_size: int = 1  # processes each holding 1/N of every layer (engine/tensor_parallel.py)
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise MiaotuiError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 1:

@@ -9,14 +9,62 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import httpx
+import psutil
 
 from miaotui.bench.engine_bench import percentiles
 from miaotui.errors import MiaotuiError
+
+
+class ServerProcess:
+    """A `miaotui serve` child process on a free loopback port; start() again after stop() reuses the port."""
+
+    def __init__(self, model: str, flags: list[str], env: dict[str, str] | None = None, start_timeout: float = 300):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.model, self.flags, self.env, self.start_timeout = model, flags, env or {}, start_timeout
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "miaotui.cli", "serve", "--model", self.model, "--port", str(self.port),
+               *self.flags]
+        # The server's log goes to a file: a pipe nobody drains fills after ~64 KiB of request lines and then
+        # blocks the server's event loop on its next log write (the 30-minute soak found this).
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **self.env}, stdout=subprocess.DEVNULL, stderr=self.log,
+                                     text=True)
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise MiaotuiError(f"the server exited while starting: {self.log.read()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.proc.kill()
+        raise MiaotuiError(f"the server did not start within {self.start_timeout:.0f} s")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=120)
+
+    def rss_mb(self) -> float:
+        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
 
 
 @dataclass
@@ -74,14 +122,16 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max
 
 
 async def run_load(base_url: str, model: str, requests: int = 200, concurrency: int = 64, max_tokens: int = 32,
-                   api_key: str | None = None, timeout: float = 600, require_usage: bool = True) -> LoadResult:
+                   api_key: str | None = None, timeout: float = 600, require_usage: bool = True,
+                   prompts: list[str] | None = None) -> LoadResult:
+    """`requests` short distinct prompts (or these `prompts`), `concurrency` at a time."""
     host = urlparse(base_url).hostname or ""
     if host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
         raise MiaotuiError(f"the load test only targets loopback addresses, not {host!r}")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     res = LoadResult()
     sem = asyncio.Semaphore(concurrency)
-    prompts = [f"Request {i}: write a short note about the number {i}." for i in range(requests)]
+    prompts = prompts or [f"Request {i}: write a short note about the number {i}." for i in range(requests)]
 
     async def guarded(client, prompt):
         async with sem:

@@ -15,23 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import re
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 import httpx
-import psutil
 
+from miaotui.bench.serve_bench import ServerProcess
 from miaotui.config import DEFAULT_MODEL
-from miaotui.errors import MiaotuiError
 
 FAULT_SEED = 4242
 KINDS = ("stream", "plain", "chat", "n2", "long", "prefix", "disconnect", "fault")
@@ -80,48 +73,6 @@ class SoakReport:
                 f"{self.rss_warm_mb:.0f} → {self.rss_end_mb:.0f} MB ({self.rss_drift:+.1%}); restarts "
                 f"{self.restarts}; /metrics scrapes {self.scrapes}; engine loop "
                 f"{'alive' if self.loop_alive else 'DEAD'} → {'PASS' if self.ok else 'FAIL'}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Server:
-    """A `miaotui serve` child process with the fault hook armed."""
-
-    def __init__(self, cfg: SoakConfig):
-        self.cfg, self.port = cfg, _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        cmd = [sys.executable, "-m", "miaotui.cli", "serve", "--model", self.cfg.model, "--port", str(self.port),
-               "--max-model-len", "1024", "--kv-cache-memory", str(self.cfg.kv_cache_memory), "--grace-period", "20"]
-        # The server's log goes to a file: a pipe nobody drains fills after ~64 KiB of request lines and then
-        # blocks the server's event loop on its next log write (the 30-minute soak found this).
-        self.log = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen(cmd, env={**os.environ, "MIAOTUI_FAULT_SEED": str(FAULT_SEED)},
-                                     stdout=subprocess.DEVNULL, stderr=self.log, text=True)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise MiaotuiError(f"the server exited while starting: {self.log.read()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        raise MiaotuiError("the server did not start within 300 s")
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=120)
-
-    def rss_mb(self) -> float:
-        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
 
 
 class _Workload:
@@ -251,7 +202,7 @@ async def _metric(client: httpx.AsyncClient, url: str, name: str) -> float:
     return float(re.search(rf"^{name} (\S+)", text, re.MULTILINE).group(1))
 
 
-async def _soak(cfg: SoakConfig, server: _Server, report: SoakReport) -> None:
+async def _soak(cfg: SoakConfig, server: ServerProcess, report: SoakReport) -> None:
     work = _Workload(cfg, server.url, report)
     limits = httpx.Limits(max_connections=cfg.concurrency + 4)
     warm_seconds = min(60.0, cfg.minutes * 6)  # a tenth of the run, at most a minute
@@ -317,7 +268,9 @@ async def _soak(cfg: SoakConfig, server: _Server, report: SoakReport) -> None:
 def run_soak(cfg: SoakConfig) -> SoakReport:
     """Start a server, soak it for cfg.minutes, stop it; the report says what held."""
     report = SoakReport()
-    server = _Server(cfg)
+    # A small KV budget, so the batch outgrows it and sequences are preempted; the fault hook armed.
+    server = ServerProcess(cfg.model, ["--max-model-len", "1024", "--kv-cache-memory", str(cfg.kv_cache_memory),
+                                       "--grace-period", "20"], env={"MIAOTUI_FAULT_SEED": str(FAULT_SEED)})
     server.start()
     try:
         asyncio.run(_soak(cfg, server, report))

@@ -14,6 +14,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from miaotui.engine.engine import Engine, EngineStats
 from miaotui.engine.sequence import RequestOutput
@@ -22,6 +23,36 @@ from miaotui.sampling import SamplingParams, StructuredOutput
 from miaotui.tokenizer import Tokenizer
 
 log = logging.getLogger("miaotui")
+
+
+class ServingEngine(Protocol):
+    """What the HTTP server needs of an engine: this process's `AsyncEngine`, or replicas on Ray
+    (`miaotui.cluster.replicas.ReplicaSet`) — the server is the same for both."""
+
+    tokenizer: Tokenizer
+    model_name: str
+    max_model_len: int
+    quantization: str
+    max_num_seqs: int
+    vocab_size: int
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                 priority: int = 0) -> AsyncIterator[RequestOutput]: ...
+
+    async def compile_constraint(self, spec: StructuredOutput) -> None: ...
+
+    def fail_all(self, reason: str) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def replica_stats(self) -> dict[str, dict]:
+        """Per replica, its stats' fields and pid; empty for one engine in this process."""
+        ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    def shutdown(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -91,6 +122,7 @@ class AsyncEngine:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=10)
+        self.engine.close()
 
     # -- what callers may read (fixed after start, or plain counts) ----------------------------------
     @property
@@ -119,6 +151,9 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    def replica_stats(self) -> dict[str, dict]:
+        return {}  # one engine, no replicas
 
     def _post(self, command: tuple) -> None:
         self._commands.put(command)

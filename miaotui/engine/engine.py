@@ -18,6 +18,7 @@ from miaotui.engine.scheduler import Scheduler
 from miaotui.engine.sequence import RequestOutput, Sequence, Status
 from miaotui.engine.speculative import Speculator, build_proposer, row_cost
 from miaotui.engine.structured import GrammarMask, Grammars
+from miaotui.engine.tensor_parallel import Peers, all_reduce, bind_rank, shard_model
 from miaotui.errors import MiaotuiError
 from miaotui.loader import LoadedModel, load
 from miaotui.quant import recipe
@@ -47,22 +48,32 @@ class EngineStats:
     kv_cache_usage: float  # fraction of KV blocks in use
     prefix_cache_hit_rate: float  # prompt tokens served from the prefix cache, of those looked up
     num_preemptions: int
+    prefix_cache_queries: int = 0  # prompt tokens looked up (the hit rate's parts: rates of replicas do not add)
+    prefix_cache_hits: int = 0
 
 
 class Engine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
         start = time.perf_counter()
         self.config = config
-        if config.threads:
-            torch.set_num_threads(config.threads)
+        tp = config.tensor_parallel_size
+        if tp > 1 and (config.quantization == "int4" or config.speculative is not None or loaded is not None):
+            raise MiaotuiError("tensor parallelism works with float, auto or int8 weights, without speculative "
+                               "decoding, on a model it loads itself")
+        threads = bind_rank(0, tp, config.threads) if tp > 1 else config.threads
+        if threads:
+            torch.set_num_threads(threads)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.peers = Peers(config, self.device) if tp > 1 else None  # they load while this process does
         self.loaded = loaded or load(config.model, self.device, self.dtype)
         self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         if config.chat_template:
             self.tokenizer = replace(self.tokenizer, chat_template=chat_template_from(config.chat_template))
         model = self.loaded.model
+        if self.peers is not None:
+            shard_model(model, 0, tp, all_reduce)
         self.quantization = recipe.apply(model, config.quantization, config.group_size, self.dtype, self.device,
                                          calibrate=self._calibrate)
         trim_heap()
@@ -83,6 +94,9 @@ class Engine:
                                    f"({per_token * config.block_size} bytes)")
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.dtype, self.device, config.kv_cache_dtype)
+        if self.peers is not None:
+            self.peers.connect(num_blocks)
+            self.runner.peers = self.peers
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
                                    self.tokenizer.stop_ids)
         self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size)
@@ -95,6 +109,12 @@ class Engine:
         log.info("KV cache: %d blocks of %d tokens (%.0f MiB, %d tokens, %s)", num_blocks, config.block_size,
                  num_blocks * config.block_size * per_token / 2**20, num_blocks * config.block_size,
                  "int8" if config.kv_cache_dtype == "int8" else str(self.dtype).removeprefix("torch."))
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do for one process)."""
+        if self.peers is not None:
+            self.peers.close()
+            self.peers = self.runner.peers = None
 
     def build_speculator(self, spec: SpeculativeConfig) -> Speculator:
         """The proposer, and the cost of a scored row on this machine (what the adaptive k weighs)."""
@@ -130,7 +150,7 @@ class Engine:
         kv = self.kv
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), kv.usage,
                            kv.prefix_hits / kv.prefix_queries if kv.prefix_queries else 0.0,
-                           self.scheduler.num_preemptions)
+                           self.scheduler.num_preemptions, kv.prefix_queries, kv.prefix_hits)
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,

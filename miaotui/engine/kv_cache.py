@@ -14,6 +14,21 @@ from collections import OrderedDict
 from miaotui.engine.sequence import Sequence
 
 
+def chain_hash(parent: int, tokens: tuple[int, ...]) -> int:
+    """A full block's name: its parent's name and its tokens. Python hashes int tuples the same in every process,
+    so a router in another process names a prompt's blocks as the replica's cache does."""
+    return hash((parent, tokens))
+
+
+def prefix_hashes(token_ids: list[int], block_size: int, max_blocks: int) -> list[int]:
+    """The names of the first (at most `max_blocks`) full blocks of a prompt, as the prefix cache names them."""
+    hashes, parent = [], 0
+    for i in range(min(len(token_ids) // block_size, max_blocks)):
+        parent = chain_hash(parent, tuple(token_ids[i * block_size : (i + 1) * block_size]))
+        hashes.append(parent)
+    return hashes
+
+
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         self.num_blocks = num_blocks
@@ -55,7 +70,7 @@ class KVCacheManager:
         parent = memo[-1][0] if memo else 0
         for i in range(len(memo), num_blocks):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            parent = hash((parent, tokens))
+            parent = chain_hash(parent, tokens)
             memo.append((parent, tokens))
         return memo
 

@@ -17,6 +17,7 @@ from miaotui.engine import fused
 from miaotui.engine.sampler import Sampler
 from miaotui.engine.scheduler import ScheduledBatch
 from miaotui.engine.sequence import Position, Sequence, TokenLogprob
+from miaotui.engine.tensor_parallel import Peers, StepPlan
 from miaotui.models.base import CausalLM
 from miaotui.sampling import SamplingParams
 
@@ -38,14 +39,16 @@ class ModelRunner:
         self.backend = select_backend(device, dtype)
         self.sampler = Sampler()
         self.positions_ready = 0  # rotary tables cover positions below this (models grow them on request)
+        self.peers: Peers | None = None  # tensor parallel, on rank 0: the other ranks (engine/tensor_parallel.py)
+        self._fresh: list[int] = []  # blocks zeroed since the last pass, for the other ranks
         cfg = model.config
         int8 = kv_cache_dtype == "int8"
-        # One tensor for all layers: [2, layers, blocks, block_size, kv_heads, head_dim]
-        shape = (2, cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads)
+        layers = model.attention_layers()
+        # One tensor for all layers: [2, layers, blocks, block_size, kv_heads, head_dim] (this rank's KV heads)
+        shape = (2, cfg.num_layers, num_blocks, block_size, layers[0].num_kv_heads)
         self.kv_cache = torch.empty(*shape, cfg.head_dim, dtype=torch.int8 if int8 else dtype, device=device)
         self.kv_scale = torch.empty(*shape, 1, dtype=dtype, device=device) if int8 else None
         self.zero_blocks([0])  # block 0 also pads block tables: keep it finite from the start
-        layers = model.attention_layers()
         assert len(layers) == cfg.num_layers, "every layer must have exactly one Attention module"
         self.windows = {attn.sliding_window for attn in layers}
         for i, attn in enumerate(layers):
@@ -59,6 +62,8 @@ class ModelRunner:
         """Blocks handed out for the first time: their memory was never written and may hold NaNs, which a masked
         attention weight of 0 would still turn into NaN."""
         if blocks:
+            if self.peers is not None:
+                self._fresh.extend(blocks)  # the other ranks zero them before the next pass
             index = torch.tensor(blocks, device=self.device)
             self.kv_cache[:, :, index] = 0
             if self.kv_scale is not None:
@@ -80,11 +85,10 @@ class ModelRunner:
             logits = logits[pick]
         return self.sampler.sample(logits, sampling)
 
-    def _inputs(self, seqs: list[Sequence], num_tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor,
-                                                                          AttentionMetadata]:
-        """Token ids, positions and attention metadata. A sequence's chunk is one query row; a sequence with
-        proposals gives each of its tokens a decode row of its own over the cache up to it (the same causal
-        attention), which keeps the step on the decode path and its fused stack."""
+    def _plan(self, seqs: list[Sequence], num_tokens: list[int]) -> StepPlan:
+        """The pass's inputs as plain lists. A sequence's chunk is one query row; a sequence with proposals gives
+        each of its tokens a decode row of its own over the cache up to it (the same causal attention), which keeps
+        the step on the decode path and its fused stack."""
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -109,19 +113,35 @@ class ModelRunner:
             positions.extend(range(start, start + n))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
         width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
+        return StepPlan(ids, positions, query_start, context_lens, slots, [t + [0] * (width - len(t)) for t in tables])
+
+    def _tensors(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Token ids, positions and the backend's attention metadata for a plan."""
         dev = self.device
-        meta = self.backend.prepare(query_start, context_lens, torch.tensor(slots, dtype=torch.long, device=dev),
-                                    torch.tensor(padded, dtype=torch.long, device=dev), bs, self.windows, self.dtype)
-        return torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(positions, device=dev), meta
+        meta = self.backend.prepare(plan.query_start, plan.context_lens,
+                                    torch.tensor(plan.slots, dtype=torch.long, device=dev),
+                                    torch.tensor(plan.tables, dtype=torch.long, device=dev), self.block_size,
+                                    self.windows, self.dtype)
+        longest = max(meta.context_lens)
+        if longest > self.positions_ready:
+            self.positions_ready = self.model.reserve_positions(longest)
+        return (torch.tensor(plan.ids, dtype=torch.long, device=dev), torch.tensor(plan.positions, device=dev),
+                meta)
+
+    @torch.inference_mode()
+    def follow(self, plan: StepPlan) -> None:
+        """A tensor-parallel rank other than 0: the pass rank 0 planned, on this rank's shard (no logits)."""
+        self.zero_blocks(plan.fresh)
+        self.model(*self._tensors(plan))
 
     @torch.inference_mode()
     def forward(self, seqs: list[Sequence], num_tokens: list[int], all_logits: bool = False) -> torch.Tensor:
         """One forward pass. Returns float32 logits of each query row's last token [rows, V], or of every token."""
-        ids, positions, meta = self._inputs(seqs, num_tokens)
-        longest = max(meta.context_lens)
-        if longest > self.positions_ready:
-            self.positions_ready = self.model.reserve_positions(longest)
+        plan = self._plan(seqs, num_tokens)
+        if self.peers is not None:  # tensor parallel: the other ranks run this pass with us
+            plan.fresh, self._fresh = self._fresh, []
+            self.peers.send(plan)
+        ids, positions, meta = self._tensors(plan)
         stack = self._decode_stack(meta, meta.num_seqs)
         if stack is not None:
             hidden = self.model.norm(stack.decode(self.model.embed(ids, positions), positions, meta))
@@ -134,7 +154,7 @@ class ModelRunner:
     def _decode_stack(self, meta: AttentionMetadata, rows: int) -> fused.DecodeStack | None:
         """The fused stack for a pure decode step it serves (built on first use, for this runner's cache); module
         hooks do not fire on these steps (calibration and pruning hook prompt passes)."""
-        if not meta.all_decode or rows > fused.MAX_ROWS:
+        if not meta.all_decode or rows > fused.MAX_ROWS or self.peers is not None:  # no all-reduce in the stack
             return None
         if not self._stack_tried:
             self._stack_tried = True

@@ -3,6 +3,7 @@ time; until then it holds the checkpoint tensors it was loaded from, unread."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,9 +27,13 @@ class Linear(nn.Module):
         self.format: WeightFormat | None = None
         self.parts: dict[int, FileTensor] = {}  # the checkpoint's tensors for each part, until the recipe runs
         self.activation_aware = True  # int4 may scale input channels by calibration statistics (quant/recipe.py)
+        self.all_reduce: Callable[[torch.Tensor], object] | None = None  # tensor parallel: sum the ranks' outputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.format.matmul(x, self.bias)
+        y = self.format.matmul(x, self.bias)
+        if self.all_reduce is not None:
+            self.all_reduce(y)
+        return y
 
     def load(self, kind: str, w: FileTensor, shard: int = 0) -> None:
         """Take part `shard` of this projection's weight (kept unread for the recipe) or bias (copied now)."""

@@ -1,6 +1,6 @@
-"""The OpenAI-compatible HTTP server: FastAPI over one AsyncEngine. `create_app` wires the parts together: the
-request guard (API key, body size), OpenAI error bodies (errors.py), admission (admission.py), metrics
-(metrics.py) and the endpoints (routes.py)."""
+"""The OpenAI-compatible HTTP server: FastAPI over one engine (this process's AsyncEngine, or replicas on Ray).
+`create_app` wires the parts together: the request guard (API key, body size), OpenAI error bodies (errors.py),
+admission (admission.py), metrics (metrics.py) and the endpoints (routes.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from miaotui.engine.async_engine import AsyncEngine
+from miaotui.engine.async_engine import ServingEngine
 from miaotui.server import errors
 from miaotui.server.admission import Admission
 from miaotui.server.embeddings import EmbeddingService
@@ -136,7 +136,7 @@ async def _no_body() -> Message:
     return {"type": "http.disconnect"}
 
 
-def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
+def create_app(engine: ServingEngine, model_name: str, api_key: str | None = None,
                limits: ServerLimits | None = None, embeddings: EmbeddingService | None = None,
                aliases: tuple[str, ...] = ()) -> FastAPI:
     limits = limits or ServerLimits()

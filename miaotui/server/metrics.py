@@ -4,15 +4,16 @@
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
-from miaotui.engine.async_engine import AsyncEngine
+from miaotui.engine.async_engine import ServingEngine
 from miaotui.engine.sequence import RequestOutput
 
 
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, engine: AsyncEngine):
+    def __init__(self, engine: ServingEngine):
         self.registry = r = CollectorRegistry()
         Gauge("miaotui_requests_running", "Sequences in the running batch", registry=r).set_function(
             lambda: engine.stats().num_running)
@@ -22,6 +23,7 @@ class Metrics:
             lambda: engine.stats().kv_cache_usage)
         Gauge("miaotui_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache", registry=r).set_function(
             lambda: engine.stats().prefix_cache_hit_rate)
+        r.register(_ReplicaCollector(engine))
         self.prompt_tokens = Counter("miaotui_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generated_tokens = Counter("miaotui_generation_tokens", "Tokens generated", registry=r)
         self.ttft = Histogram("miaotui_time_to_first_token_seconds", "Time to first token", registry=r)
@@ -57,3 +59,34 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ReplicaCollector:
+    """Per replica (`replica` label) when the engine is replicas on Ray; the unlabelled gauges are their totals."""
+
+    GAUGES = (("requests_running", "num_running", "Sequences in the running batch"),
+              ("requests_waiting", "num_waiting", "Sequences waiting to be scheduled"),
+              ("kv_cache_usage", "kv_cache_usage", "Fraction of KV-cache blocks in use"),
+              ("prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache"),
+              ("prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache"))
+
+    def __init__(self, engine: ServingEngine):
+        self.engine = engine
+
+    def describe(self):
+        return []  # collected only when scraped: the set of replicas changes
+
+    def collect(self):
+        replicas = self.engine.replica_stats()
+        if not replicas:
+            return
+        up = GaugeMetricFamily("miaotui_replica_up", "A replica reporting, with its process id",
+                               labels=["replica", "pid"])
+        for name, state in sorted(replicas.items()):
+            up.add_metric([name, str(state.get("pid", ""))], 1)
+        yield up
+        for metric, field, doc in self.GAUGES:
+            family = GaugeMetricFamily(f"miaotui_replica_{metric}", doc, labels=["replica"])
+            for name, state in sorted(replicas.items()):
+                family.add_metric([name], float(state.get(field, 0)))
+            yield family

@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 
-from miaotui.engine.async_engine import AsyncEngine
+from miaotui.engine.async_engine import ServingEngine
 from miaotui.engine.sequence import RequestOutput
 from miaotui.engine.tools import ToolStream, ToolSyntax, syntax_for
 from miaotui.errors import GrammarError, RequestFailed, ShuttingDown
@@ -37,7 +37,7 @@ RESERVED_TEMPLATE_NAMES = {"messages", "tools", "add_generation_prompt", "bos_to
 
 @dataclass
 class Server:
-    engine: AsyncEngine
+    engine: ServingEngine
     model_name: str
     admission: Admission
     metrics: Metrics

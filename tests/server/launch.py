@@ -18,13 +18,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model, *flags: str) -> tuple[subprocess.Popen, str]:
+def start_server(model, *flags: str, timeout: float = 120) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "miaotui.cli", "serve", "--model", str(model), "--port",
                              str(port), "--kv-cache-memory", str(32 * 2**20), *flags],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
-    wait_healthy(proc, base)
+    wait_healthy(proc, base, timeout)
     return proc, base
 
 
@@ -36,16 +36,21 @@ def wait_healthy(proc: subprocess.Popen, base: str, seconds: float = 120) -> Non
             if httpx.get(f"{base}/health", timeout=1).status_code == 200:
                 return
         except httpx.HTTPError:
-            time.sleep(0.3)
+            pass
+        time.sleep(0.3)
         if proc.poll() is not None:
             break
-    proc.kill()
+    proc.terminate()  # SIGTERM first: a server starting replicas stops its Ray processes too
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
     raise RuntimeError("miaotui serve did not start")
 
 
-def serving(model, *flags: str) -> Iterator[str]:
+def serving(model, *flags: str, timeout: float = 120) -> Iterator[str]:
     """For a module fixture (`yield from serving(...)`): a server on `--served-model-name m`; it must stop cleanly."""
-    proc, url = start_server(model, "--served-model-name", "m", *flags)
+    proc, url = start_server(model, "--served-model-name", "m", *flags, timeout=timeout)
     yield url
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
