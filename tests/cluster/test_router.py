@@ -34,7 +34,7 @@ def route(r: PrefixAffinityRouter, ids: list[int], replica) -> None:
 SYSTEM = list(range(100, 116))  # four full blocks
 
 
-def test_a_shared_prefix_goes_to_the_replica_that_was_sent_it():
+def test_a_shared_prefix_goes_to_a_replica_that_was_sent_it():
     r = router()
     assert sorted(choose(r, SYSTEM + [1, 2])[0]) == ["a", "b"]  # new prefix: both, least busy first
     route(r, SYSTEM + [1, 2], B)
@@ -43,6 +43,8 @@ def test_a_shared_prefix_goes_to_the_replica_that_was_sent_it():
     route(r, SYSTEM[:8] + [5] * 8, A)  # a was sent the first two blocks last, and two of its own
     assert choose(r, SYSTEM[:8] + [5] * 8 + [6]) == [["a"], ["b"]]
     assert choose(r, SYSTEM + [3]) == [["b"], ["a"]]  # the longest match (all four blocks) is still b's
+    route(r, SYSTEM + [4], A)  # now both hold SYSTEM; a has 2 in flight, b 1: the less busy holder first
+    assert choose(r, SYSTEM + [5]) == [["b", "a"]]
 
 
 def test_a_busy_owner_or_a_dead_one_loses_the_request_to_the_least_busy():
