@@ -64,7 +64,8 @@ class SoakReport:
     @property
     def ok(self) -> bool:
         return (not self.lost and self.kv_usage_end == 0 and self.running_end == 0 and self.loop_alive
-                and abs(self.rss_drift) <= 0.05 and self.counts["fault_completed"] == 0)
+                and self.rss_drift <= 0.05 and self.counts["fault_completed"] == 0)  # growth is a leak; memory
+        # handed back to the OS after the warm-up reading is not (a CI run saw -8.5%)
 
     def summary(self) -> str:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))

@@ -13,5 +13,5 @@ def test_two_minute_soak_with_faults(smollm2_path):
     assert report.counts["completed"] > 0 and report.counts["fault_seen"] > 0 and report.restarts == 1
     assert report.counts["fault_completed"] == 0
     assert report.kv_usage_end == 0 and report.running_end == 0
-    assert abs(report.rss_drift) <= 0.05 and report.loop_alive
+    assert report.rss_drift <= 0.05 and report.loop_alive  # growth would be a leak; a CI run once saw -8.5%
     assert report.ok
