@@ -160,6 +160,9 @@ class Engine:
             raise ValueError("prompt must contain at least one token")
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens, the context length is {self.max_model_len}")
+        if len(prompt_ids) + 1 > self.kv.num_blocks * self.kv.block_size:  # it would be preempted forever
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens, the KV cache holds "
+                             f"{self.kv.num_blocks * self.kv.block_size}; raise kv_cache_memory")
         bad = [t for t in prompt_ids if not 0 <= t < self.model_config.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary "
@@ -179,7 +182,7 @@ class Engine:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
             seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), params,
                            IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
-                           priority=priority, generator=gen, index=i, parent=seqs[0] if seqs else None,
+                           priority=priority, generator=gen, index=i,
                            matcher=None if constraint is None else self.grammars.compile(constraint))
             self.scheduler.add(seq)
             seqs.append(seq)

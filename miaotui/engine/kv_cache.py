@@ -83,7 +83,6 @@ class KVCacheManager:
         if not self.enable_prefix_caching or seq.block_table or seq.num_computed:
             return 0
         full = (seq.num_tokens - 1) // self.block_size
-        self.prefix_queries += seq.num_tokens
         for h, tokens in self._hashes(seq, full)[:full]:
             block = self.hash_to_block.get(h)
             if block is None or self.block_tokens[block] != tokens:
@@ -92,9 +91,13 @@ class KVCacheManager:
                 del self.cached[block]
             self.ref_count[block] += 1
             seq.block_table.append(block)
-        cached = len(seq.block_table) * self.block_size
-        self.prefix_hits += cached
-        return cached
+        return len(seq.block_table) * self.block_size
+
+    def count_lookup(self, seq: Sequence) -> None:
+        """Count an admitted sequence's lookup in the hit rate (one that waits looks up again when it is admitted)."""
+        if self.enable_prefix_caching:
+            self.prefix_queries += seq.num_tokens
+            self.prefix_hits += seq.num_cached_prompt
 
     def commit(self, seq: Sequence) -> None:
         """Register the hashes of blocks that became full of computed tokens, so others can reuse them."""

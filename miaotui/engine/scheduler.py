@@ -83,14 +83,16 @@ class Scheduler:
                 batch.num_tokens.append(n)
                 budget -= n
                 i += 1
-        deferred = []
+        deferred, computing = [], self._prefixes_in_flight()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if self._waits_for_parent(seq):
-                deferred.append(self.waiting.popleft())
-                continue
             if not seq.block_table:
                 seq.num_computed = seq.num_cached_prompt = self.kv.match_prefix(seq)
+            if self._waits_for_prefix(seq, computing):
+                self.kv.release(seq)
+                seq.num_computed = 0
+                deferred.append(self.waiting.popleft())
+                continue
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self.kv.can_allocate(seq, seq.num_computed + n):
                 if not self.running and not batch.seqs and self.kv.num_free_blocks == self.kv.num_blocks:
@@ -100,9 +102,11 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.kv.allocate(seq, seq.num_computed + n)
+            self.kv.count_lookup(seq)
             seq.status = Status.RUNNING
             seq.metrics.first_scheduled_time = seq.metrics.first_scheduled_time or time.monotonic()
             self.running.append(seq)
+            self._mark_in_flight(seq, computing)
             batch.seqs.append(seq)
             batch.num_tokens.append(n)
             budget -= n
@@ -110,11 +114,26 @@ class Scheduler:
         batch.fresh_blocks, self.kv.fresh = self.kv.fresh, []
         return batch
 
-    def _waits_for_parent(self, seq: Sequence) -> bool:
-        """Samples 1..n-1 of a request start once sample 0 has its prompt in the cache, then share its blocks."""
-        p = seq.parent
-        return (p is not None and not seq.block_table and self.kv.enable_prefix_caching
-                and p.status is not Status.FINISHED and p.num_computed < p.num_prompt)
+    # -- prompts that share blocks being computed -----------------------------------------------
+    # A request whose next prompt block another running request is computing right now waits for it to land in
+    # the prefix cache rather than computing it a second time: the n samples of one request, and a burst of
+    # requests after the same system prompt (every one of them after the first starts from the cache).
+    def _prefixes_in_flight(self) -> dict[int, Sequence]:
+        computing: dict[int, Sequence] = {}
+        if self.waiting and self.kv.enable_prefix_caching:
+            for seq in self.running:
+                self._mark_in_flight(seq, computing)
+        return computing
+
+    def _mark_in_flight(self, seq: Sequence, computing: dict[int, Sequence]) -> None:
+        """The hashes of seq's full prompt blocks not yet offered to the prefix cache (match_prefix hashed them)."""
+        start = max(seq.num_committed, seq.num_cached_prompt // self.kv.block_size)
+        for h, _ in seq.block_hashes[start : (seq.num_prompt - 1) // self.kv.block_size]:
+            computing.setdefault(h, seq)
+
+    def _waits_for_prefix(self, seq: Sequence, computing: dict[int, Sequence]) -> bool:
+        i = len(seq.block_table)  # its first block the cache did not have
+        return i < len(seq.block_hashes) and seq.block_hashes[i][0] in computing
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute later: free its blocks, keep its tokens (prompt and output so far)."""

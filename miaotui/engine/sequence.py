@@ -79,7 +79,6 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     generator: torch.Generator | None = None
     index: int = 0  # which of the request's n samples
-    parent: Sequence | None = None  # sample 0 of the request, whose prompt blocks the other samples share
     matcher: Any = None  # llguidance's LLMatcher of a constrained request, advanced with every token it takes
     draft: list[int] = field(default_factory=list)  # tokens proposed for this step (speculative decoding)
     spec: Any = None  # the speculator's per-request state (its adaptive k)

@@ -86,6 +86,8 @@ def test_preemption_keeps_greedy_output(loaded, reference):
     engine = make(loaded, kv_cache_memory=per_block * 12, max_model_len=192)  # 12 blocks for 5 sequences
     assert run_all(engine, prompts, GREEDY) == expected
     assert engine.scheduler.num_preemptions > 0
+    with pytest.raises(ValueError, match="200 tokens, the KV cache holds 192"):  # could only ever preempt itself
+        make(loaded, kv_cache_memory=per_block * 12, max_model_len=256).add_request(list(range(1, 201)), GREEDY)
 
 
 def test_prefix_cache_skips_shared_prefill(loaded):

@@ -92,7 +92,7 @@ def test_update_books_a_step(smollm2_path):
 
     f = GGUFFile(smollm2_path)
     tok = Tokenizer.from_gguf(f.metadata, f.path)
-    kv = KVCacheManager(64, 4)
+    kv = KVCacheManager(64, 16)  # blocks longer than the prompt: the three start together, none shares a block
     sched = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=100, max_model_len=64, stop_ids=tok.stop_ids)
 
     def make(rid: str, **params) -> Sequence:
@@ -115,3 +115,28 @@ def test_update_books_a_step(smollm2_path):
     assert eos.finish_reason == "stop" and eos.text == " Paris"  # the stop token itself is not text
     assert length.finish_reason == "length" and length.text == " Paris."
     assert not sched.has_work() and kv.num_free_blocks == kv.num_blocks
+
+
+def test_a_prompt_waits_for_the_blocks_another_is_computing():
+    """Three requests after one 10-block system prompt arrive together: the first computes it (in chunks), the
+    others start once it is in the cache — from it — and a request with another prompt is not held up meanwhile."""
+    kv = KVCacheManager(num_blocks=64, block_size=4)
+    sched = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=30)
+    system = list(range(1000, 1040))
+    same = [Sequence(f"s{i}", system + [i, i], 42, SamplingParams(), detokenizer=None)  # type: ignore[arg-type]
+            for i in range(3)]
+    other = seq(6, "other")
+    for s in [other, *same]:
+        sched.add(s)
+    b1 = sched.schedule()
+    assert [s.request_id for s in b1.seqs] == ["other", "s0"] and b1.num_tokens == [6, 24]
+    advance(sched, b1)
+    b2 = sched.schedule()  # s0's last chunk; s1, s2 would take its first 6 blocks, and wait for the 4 it computes
+    assert sorted(zip([s.request_id for s in b2.seqs], b2.num_tokens)) == [("other", 1), ("s0", 18)]
+    assert [s.request_id for s in sched.waiting] == ["s1", "s2"] and not same[1].block_table
+    advance(sched, b2)
+    b3 = sched.schedule()
+    assert sorted(zip([s.request_id for s in b3.seqs], b3.num_tokens)) == [("other", 1), ("s0", 1), ("s1", 2),
+                                                                              ("s2", 2)]
+    assert same[1].num_cached_prompt == same[2].num_cached_prompt == 40
+    assert kv.prefix_queries == 42 * 3 + 6 and kv.prefix_hits == 80  # each admitted prompt counted once

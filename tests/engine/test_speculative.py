@@ -87,7 +87,7 @@ def test_constrained_n2_and_preempted_requests_are_unchanged(plain):
               SamplingParams(temperature=0.7, seed=5, n=2, max_tokens=30),
               SamplingParams(temperature=0, max_tokens=60)]
     prompts = [PROMPTS[1] + " As JSON:", PROMPTS[0], PROMPTS[0]]
-    small = llm("smollm2-135m", SPECS[0], kv=320 * 2 * 30 * 3 * 64 * 4)  # 320 tokens of SmolLM2's fp32 cache
+    small = llm("smollm2-135m", SPECS[0], kv=192 * 2 * 30 * 3 * 64 * 4)  # 192 tokens of SmolLM2's fp32 cache
     ours, theirs = run(small, params, prompts), run(plain, params, prompts)
     assert [o.token_ids for o in ours] == [o.token_ids for o in theirs]
     json.loads(ours[0].text)
