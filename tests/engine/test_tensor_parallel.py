@@ -30,7 +30,7 @@ def test_numa_cpu_lists_parse():
 
 
 def _greedy(engine: Engine, ids: list[list[int]]) -> list[list[int]]:
-    rids = [engine.add_request(p, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)) for p in ids]
+    rids = [engine.add_request(p, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)) for p in ids]
     done: dict[str, list[int]] = {}
     while engine.has_unfinished():
         for out in engine.step():

@@ -1,4 +1,4 @@
-"""A 2-minute soak of a real server under a mixed workload with injected faults and a SIGTERM restart
+"""A 1-minute soak of a real server under a mixed workload with injected faults and a SIGTERM restart
 (`miaotui loadtest --soak`): nothing lost, no KV block leaked, memory flat, the engine loop alive."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 from miaotui.bench.soak import SoakConfig, run_soak
 
 
-def test_two_minute_soak_with_faults(smollm2_path):
-    report = run_soak(SoakConfig(minutes=2, model=str(smollm2_path), concurrency=32))
+def test_one_minute_soak_with_faults(smollm2_path):
+    report = run_soak(SoakConfig(minutes=1, model=str(smollm2_path), concurrency=32))
     print(report.summary())
     assert not report.lost, report.lost[:5]
     assert report.counts["completed"] > 0 and report.counts["fault_seen"] > 0 and report.restarts == 1
