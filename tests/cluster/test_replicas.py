@@ -107,12 +107,16 @@ def test_a_killed_replica_loses_no_request_and_is_replaced(url):
     for t in threads:
         t.start()
     time.sleep(2)
+    state = next(r for r in replicas(url).values() if r["pid"] == victim)  # as it reported half a second ago
+    on_victim = int(state["requests_running"] + state["requests_waiting"])
     os.kill(victim, signal.SIGKILL)
     for t in threads:
         t.join(timeout=150)
     assert not any(t.is_alive() for t in threads), "a request hung"
     assert len(outcomes) == 12 and "short" not in outcomes, outcomes
-    assert outcomes.count("completed") >= 6, outcomes  # the other replica's requests, and the retried ones
+    # Only the dead replica's requests may fail (those that had streamed output; the others are sent again): the
+    # rest complete, however the router split them.
+    assert outcomes.count("completed") >= 12 - on_victim, (on_victim, outcomes)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         found = replicas(url)
