@@ -118,20 +118,19 @@ class Scheduler:
     # A request whose next prompt block another running request is computing right now waits for it to land in
     # the prefix cache rather than computing it a second time: the n samples of one request, and a burst of
     # requests after the same system prompt (every one of them after the first starts from the cache).
-    def _prefixes_in_flight(self) -> dict[int, Sequence]:
-        computing: dict[int, Sequence] = {}
+    def _prefixes_in_flight(self) -> set[int]:
+        computing: set[int] = set()
         if self.waiting and self.kv.enable_prefix_caching:
             for seq in self.running:
                 self._mark_in_flight(seq, computing)
         return computing
 
-    def _mark_in_flight(self, seq: Sequence, computing: dict[int, Sequence]) -> None:
-        """The hashes of seq's full prompt blocks not yet offered to the prefix cache (match_prefix hashed them)."""
+    def _mark_in_flight(self, seq: Sequence, computing: set[int]) -> None:
+        """Add the hashes of seq's full prompt blocks not yet offered to the prefix cache (match_prefix hashed them)."""
         start = max(seq.num_committed, seq.num_cached_prompt // self.kv.block_size)
-        for h, _ in seq.block_hashes[start : (seq.num_prompt - 1) // self.kv.block_size]:
-            computing.setdefault(h, seq)
+        computing.update(h for h, _ in seq.block_hashes[start : (seq.num_prompt - 1) // self.kv.block_size])
 
-    def _waits_for_prefix(self, seq: Sequence, computing: dict[int, Sequence]) -> bool:
+    def _waits_for_prefix(self, seq: Sequence, computing: set[int]) -> bool:
         i = len(seq.block_table)  # its first block the cache did not have
         return i < len(seq.block_hashes) and seq.block_hashes[i][0] in computing
 
