@@ -24,6 +24,7 @@ bool qmatmul_amx();
 Tensor qmatmul(const Tensor& x, const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t N,
                const c10::optional<Tensor>& in_scale, bool reference);
 Tensor tile_matmul(const Tensor& x, const Tensor& tiles, int64_t N);
+Tensor packed_rows(const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t K, const Tensor& ids);
 std::tuple<Tensor, Tensor, int64_t> pack_blocks(const Tensor& raw, const std::string& type, int64_t N, int64_t K,
                                                 const c10::optional<Tensor>& rows, int64_t out_bits,
                                                 const c10::optional<Tensor>& data_out,

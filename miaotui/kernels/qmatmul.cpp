@@ -73,6 +73,7 @@ struct QuantX {
   std::vector<int8_t> r;
   std::vector<float> d;
   std::vector<float> gsum;
+  std::vector<int16_t> a;  // q * 256 + r as one int16 (|a| <= 32639), for the AVX2 kernel of 8-bit codes
 };
 constexpr float RESIDUAL = 256.f;  // a power of two: the two integer sums combine by a shift
 
@@ -98,17 +99,12 @@ void quantize_rows(const T* x, const S* in_scale, int64_t M, int64_t K, int64_t 
         }
         const float amax = mt::reduce_max(vmax);
         const mt::Vec inv = mt::set1(amax > 0.f ? 127.f / amax : 0.f);
-        alignas(64) float cq[QBLOCK], cr[QBLOCK];
         for (int h = 0; h < NV; ++h) {
           const mt::Vec t = v[h] * inv;
           const mt::Vec c = mt::vround(t);
           const mt::Vec res = mt::vround((t - c) * mt::set1(RESIDUAL));
-          mt::store(cq + mt::W * h, c);
-          mt::store(cr + mt::W * h, mt::vmax(mt::vmin(res, mt::set1(127.f)), mt::set1(-127.f)));
-        }
-        for (int64_t i = 0; i < QBLOCK; ++i) {
-          q[m * K + b * QBLOCK + i] = static_cast<int8_t>(cq[i]);
-          r[m * K + b * QBLOCK + i] = static_cast<int8_t>(cr[i]);
+          mt::store_i8(q + m * K + b * QBLOCK + mt::W * h, c);
+          mt::store_i8(r + m * K + b * QBLOCK + mt::W * h, mt::vmax(mt::vmin(res, mt::set1(127.f)), mt::set1(-127.f)));
         }
         d[m * nb + b] = amax / 127.f;
         gsum[m * (K / group) + b / gb] += mt::reduce_add(vsum);
@@ -271,6 +267,64 @@ inline void qgemm_block(const uint8_t* w, const at::Half* dm, const int8_t* xq, 
 }
 #endif
 
+#if MIAOTUI_AVX2
+// 8-bit codes on AVX2: each code widened to int16 once (`vpmovzxbw`) and multiplied by the activation's two int8
+// terms joined into one int16, a = 256 q + r, with `vpmaddwd` — 16 products a instruction where the nibble planes
+// above need four `vpmaddubsw` and their sums for the same 16 (a code times both terms, per plane). The sums are
+// the same integers: Σ code * a = 256 Σ code q + Σ code r, and |Σ| <= 32 * 255 * 32639 < 2^31.
+// A line's 16 bytes for rows 4j..4j+3 widen to 16 int16 (row-major, 4 inputs each); `vpmaddwd` against the
+// broadcast (a0, a1, a2, a3) leaves per row two partial sums (inputs 0-1 and 2-3), joined per block by `vphaddd`.
+template <int MT, typename T>
+inline void qgemm_block8(const uint8_t* w, const at::Half* dm, const int16_t* xa, const float* xd, const float* gs,
+                         int64_t K, int64_t group, T* y, int64_t ldy, int64_t rows) {
+  const int64_t ngroups = K / group, blocks_per_group = group / QBLOCK, nb = K / QBLOCK;
+  const __m256 unit = _mm256_set1_ps(1.f / RESIDUAL);
+  __m256 acc[MT][2];
+  for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < ngroups; ++g) {
+    __m256 fd[MT][2];
+    for (int t = 0; t < MT; ++t) fd[t][0] = fd[t][1] = _mm256_setzero_ps();
+    for (int64_t bb = 0; bb < blocks_per_group; ++bb) {
+      const int64_t b = g * blocks_per_group + bb;
+      __m256i s[MT][4];
+      for (int t = 0; t < MT; ++t)
+        for (int j = 0; j < 4; ++j) s[t][j] = _mm256_setzero_si256();
+      for (int c = 0; c < 8; ++c, w += 64) {  // line c: inputs 4c..4c+3 of the block
+        _mm_prefetch(reinterpret_cast<const char*>(w) + PREFETCH, _MM_HINT_T0);
+        __m256i wv[4];
+        for (int j = 0; j < 4; ++j)
+          wv[j] = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * j)));
+        for (int t = 0; t < MT; ++t) {
+          int64_t four;
+          std::memcpy(&four, xa + t * K + b * QBLOCK + c * 4, 8);
+          const __m256i xv = _mm256_set1_epi64x(four);
+          for (int j = 0; j < 4; ++j) s[t][j] = _mm256_add_epi32(s[t][j], _mm256_madd_epi16(wv[j], xv));
+        }
+      }
+      for (int t = 0; t < MT; ++t) {
+        const __m256 scale = _mm256_mul_ps(_mm256_set1_ps(xd[t * nb + b]), unit);
+        for (int h = 0; h < 2; ++h) {  // rows 8h..8h+7: hadd gives rows (0 1 4 5 | 2 3 6 7), the permute orders them
+          const __m256i both = _mm256_permute4x64_epi64(_mm256_hadd_epi32(s[t][2 * h], s[t][2 * h + 1]), 0xD8);
+          fd[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(both), scale, fd[t][h]);
+        }
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dm + g * 32 + 8 * h)));
+      const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dm + g * 32 + 16 + 8 * h)));
+      for (int t = 0; t < MT; ++t)
+        acc[t][h] = _mm256_fmadd_ps(mv, _mm256_set1_ps(gs[t * ngroups + g]), _mm256_fmadd_ps(fd[t][h], dv, acc[t][h]));
+    }
+  }
+  for (int t = 0; t < MT; ++t) {
+    alignas(32) float out[16];
+    _mm256_store_ps(out, acc[t][0]);
+    _mm256_store_ps(out + 8, acc[t][1]);
+    store_row(y + t * ldy, rows, out);
+  }
+}
+#endif
+
 #if MIAOTUI_VNNI || MIAOTUI_AVX2
 // Row blocks of 16 outputs, the tokens TILE at a time, through this class's block kernel above.
 template <int Bits, typename T>
@@ -283,6 +337,17 @@ void qgemm_rows(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M
     const at::Half* dmb = dm + rb * ngroups * 32;
     const int64_t rows = std::min<int64_t>(16, N - rb * 16);
     int64_t m = 0;
+#if MIAOTUI_AVX2
+    if constexpr (Bits == 8) {
+      for (; m + TILE <= M; m += TILE)
+        qgemm_block8<TILE>(wb, dmb, x.a.data() + m * K, x.d.data() + m * nb, x.gsum.data() + m * ngroups, K, group,
+                           y + m * N + rb * 16, N, rows);
+      for (; m < M; ++m)
+        qgemm_block8<1>(wb, dmb, x.a.data() + m * K, x.d.data() + m * nb, x.gsum.data() + m * ngroups, K, group,
+                        y + m * N + rb * 16, N, rows);
+      continue;
+    }
+#endif
     for (; m + TILE <= M; m += TILE)
       qgemm_block<Bits, TILE>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
                               x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows);
@@ -820,6 +885,45 @@ bool qmatmul_amx() {
 #endif
 }
 
+// Rows `ids` of a packed weight as fp32 [n, K]: an embedding lookup (one row per token) without a torch op per step
+// of the unpacking (~160 us a token through torch, ~1 us here). The same values as dequantize_rows.
+Tensor packed_rows(const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t K, const Tensor& ids_) {
+  TORCH_CHECK(bits == 4 || bits == 8, "packed_rows: 4 or 8 bits");
+  TORCH_CHECK(w.scalar_type() == at::kByte && dm.scalar_type() == at::kHalf && w.is_contiguous() && dm.is_contiguous(),
+              "packed_rows: contiguous uint8 codes and fp16 scales");
+  TORCH_CHECK(group % QBLOCK == 0 && K % group == 0, "packed_rows: K must split into groups of a multiple of 32");
+  const Tensor ids = ids_.to(at::kLong).contiguous();
+  const int64_t n = ids.numel(), ngroups = K / group, line_bytes = 16 * K * bits / 8;
+  const int64_t rows_total = w.numel() / (K * bits / 8);
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(id[i] >= 0 && id[i] < rows_total, "packed_rows: row ", id[i], " is outside the weight");
+  Tensor out = at::empty({n, K}, w.options().dtype(at::kFloat));
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const at::Half* dp = dm.data_ptr<at::Half>();
+  float* o = out.data_ptr<float>();
+  const int64_t per_line = bits == 4 ? 8 : 4;  // inputs per 64-byte line
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t rb = id[i] / 16, r = id[i] % 16;
+    const uint8_t* line = wp + rb * line_bytes + r * 4;
+    const at::Half* dmb = dp + rb * ngroups * 32;
+    float* orow = o + i * K;
+    for (int64_t c = 0; c < K / per_line; ++c, line += 64) {
+      const int64_t k0 = c * per_line, g = k0 / group;
+      const float d = static_cast<float>(dmb[g * 32 + r]), m = static_cast<float>(dmb[g * 32 + 16 + r]);
+      for (int j = 0; j < 4; ++j) {
+        if (bits == 4) {
+          orow[k0 + j] = static_cast<float>(line[j] & 0x0F) * d + m;
+          orow[k0 + j + 4] = static_cast<float>(line[j] >> 4) * d + m;
+        } else {
+          orow[k0 + j] = static_cast<float>(line[j]) * d + m;
+        }
+      }
+    }
+  }
+  return out;
+}
+
 // y [M, N] = x [M, K] (fp32 or bf16; times in_scale [K] first when given) @ W^T, W packed as described above.
 Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t N,
                const c10::optional<Tensor>& in_scale_, bool reference) {
@@ -863,6 +967,10 @@ Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits
     if (!in_scale.defined()) quantize(static_cast<const float*>(nullptr));
     else if (in_scale.scalar_type() == at::kBFloat16) quantize(in_scale.data_ptr<at::BFloat16>());
     else quantize(in_scale.data_ptr<float>());
+    if (MIAOTUI_AVX2 && bits == 8 && !reference) {
+      qx.a.resize(M * K);
+      for (int64_t i = 0; i < M * K; ++i) qx.a[i] = static_cast<int16_t>(qx.q[i] * 256 + qx.r[i]);
+    }
     const uint8_t* wp = w.data_ptr<uint8_t>();
     const at::Half* dp = dm.data_ptr<at::Half>();
     at::parallel_for(0, rblocks, 1, [&](int64_t b0, int64_t b1) {

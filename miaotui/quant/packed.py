@@ -100,7 +100,12 @@ class PackedWeight:
 
     def lookup(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` (any shape) as `dtype`, [*ids.shape, K]: an embedding table read from this layout."""
-        return self.dequantize(ids.reshape(-1)).to(dtype).reshape(*ids.shape, -1)
+        flat = ids.reshape(-1)
+        if (ops := cpu_ops()) is not None and self.data.is_cpu:
+            rows = ops.packed_rows(self.data, self.dm, self.bits, self.group, self.shape[1], flat)
+        else:
+            rows = self.dequantize(flat)
+        return rows.to(dtype).reshape(*ids.shape, -1)
 
     @property
     def nbytes(self) -> int:

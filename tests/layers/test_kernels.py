@@ -136,6 +136,10 @@ def test_qmatmul_matches_the_dequantized_weight(ops, bits, group, m):
         pytest.skip("miaotui's kernels are not built here")
     deq = (codes.float().view(n, -1, group) * d.half().float()[..., None] + mn.half().float()[..., None]).view(n, k)
     assert torch.equal(w.dequantize(), deq) and torch.equal(w.codes(torch.tensor([49, 3])), codes[[49, 3]])
+    rows = torch.tensor([49, 3, 0, 49])  # an embedding lookup: the same rows, straight from the layout
+    assert torch.equal(ops.packed_rows(w.data, w.dm, bits, w.group, k, rows), deq[rows])
+    with pytest.raises(RuntimeError, match="outside the weight"):
+        ops.packed_rows(w.data, w.dm, bits, w.group, k, torch.tensor([64]))
     x = torch.randn(m, k) * torch.where(torch.rand(k) < 0.05, 30.0, 1.0)  # a few outlier channels
     s = torch.rand(k) + 0.5
 
