@@ -17,8 +17,9 @@
 // multiplied on the tile unit (see "Many rows" below).
 //
 // Each CPU class has its integer kernel for the same layout and the same integer sums: AVX-512 VNNI (`vpdpbusd`:
-// 4 byte products summed per 32-bit lane), AVX2 (`vpmaddubsw` + `vpmaddwd`: the same sums in two steps; 8-bit
-// codes go through the sign trick, as llama.cpp's q8 dot products do), and portable C++ (plain integer loops).
+// 4 byte products summed per 32-bit lane), AVX2 (4-bit codes: `vpmaddubsw` + `vpmaddwd`, the same sums in two
+// steps; 8-bit codes: widened to int16 and multiplied by both activation terms at once in `vpmaddwd`), and portable
+// C++ (plain integer loops).
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
