@@ -275,8 +275,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     origins = tuple(o.strip() for o in (args.allowed_origins or "").split(",") if o.strip())
     if args.default_max_tokens is not None and args.default_max_tokens < 1:
         raise MiaotuiError(f"--default-max-tokens must be at least 1, got {args.default_max_tokens}")
+    methods, headers = (tuple(x.strip() for x in v.split(",") if x.strip()) or ("*",)
+                        for v in (args.allowed_methods, args.allowed_headers))
+    if args.allow_credentials and "*" in origins:
+        log.warning("--allow-credentials with --allowed-origins '*': every origin gets its own name back with "
+                    "Allow-Credentials: true")
     limits = ServerLimits(args.max_body_bytes, args.max_waiting, args.max_prompt_tokens, args.max_request_tokens,
-                          origins, args.protect_metrics, args.default_max_tokens)
+                          origins, args.allow_credentials, methods, headers, args.protect_metrics,
+                          args.default_max_tokens)
     embeddings = None
     if args.embedding_model:
         from miaotui.engine.embedder import Embedder
@@ -522,6 +528,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--allowed-origins", default=None, metavar="ORIGINS",
                     help="browser origins allowed to call the API (CORS), comma-separated; 'localhost' for pages on this "
                     "machine (any port), '*' for any (default none)")
+    sv.add_argument("--allow-credentials", action="store_true", help="CORS answers allow credentials (as vLLM's "
+                    "flag; the allowed origin is then named, never '*')")
+    sv.add_argument("--allowed-methods", default="*", metavar="METHODS", help="methods a CORS preflight may ask "
+                    "for, comma-separated (default '*')")
+    sv.add_argument("--allowed-headers", default="*", metavar="HEADERS", help="request headers a CORS preflight "
+                    "may ask for, comma-separated (default '*')")
     sv.add_argument("--protect-metrics", action="store_true", help="/metrics asks for the API key too")
     sv.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME", help="model id in the API "
                     "(default: the model's name); more names: the model answers to each of them too")

@@ -36,6 +36,9 @@ class ServerLimits:
     max_request_tokens: int | None = None  # n × max_tokens; default: n × the context length
     allowed_origins: tuple[str, ...] = ()  # browser origins (CORS) that may call the API; "*" for any,
     # "localhost" for pages served from this machine on any port
+    allow_credentials: bool = False  # CORS answers carry Allow-Credentials (and name the origin instead of "*")
+    allowed_methods: tuple[str, ...] = ("*",)  # methods and request headers a preflight may ask for
+    allowed_headers: tuple[str, ...] = ("*",)
     protect_metrics: bool = False  # /metrics asks for the API key too
     default_max_tokens: int | None = None  # for requests without max_tokens (default: 16 on completions, as
     # OpenAI's; the rest of the context on chat)
@@ -163,7 +166,9 @@ def create_app(engine: ServingEngine, model_name: str, api_key: str | None = Non
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     if limits.allowed_origins:  # outermost: a preflight is answered before authentication, as browsers need
         exact = [o for o in limits.allowed_origins if o != "localhost"]
-        app.add_middleware(CORSMiddleware, allow_origins=exact, allow_methods=["*"], allow_headers=["*"], max_age=600,
+        app.add_middleware(CORSMiddleware, allow_origins=exact, allow_methods=list(limits.allowed_methods),
+                           allow_headers=list(limits.allowed_headers), allow_credentials=limits.allow_credentials,
+                           max_age=600,
                            allow_origin_regex=LOOPBACK_ORIGIN if "localhost" in limits.allowed_origins else None)
     app.add_middleware(CanonicalHeaderNames)
     app.include_router(router)

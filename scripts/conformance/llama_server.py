@@ -26,7 +26,9 @@ IGNORED_FLAG = {"--no-slots", "--jinja", "--no-jinja", "--cont-batching", "--met
 def translate(argv: list[str]) -> list[str]:
     model = os.environ.get("MIAOTUI_CONFORMANCE_MODEL", "smollm2-135m")
     out = ["--model", model, "--dtype", "float32", "--kv-cache-memory", str(64 * 2**20)]
-    if "--cors-origins" not in argv:  # llama-server lets every origin in unless told otherwise
+    # llama-server's CORS answers: credentials allowed, its method list, every origin unless told otherwise
+    out += ["--allow-credentials", "--allowed-methods", "GET,POST,DELETE,OPTIONS"]
+    if "--cors-origins" not in argv:
         out += ["--allowed-origins", "*"]
     i = 0
     while i < len(argv):

@@ -36,8 +36,10 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loopback():
-    """A server that lets in pages from this machine on any port (the browser test's server must not)."""
-    yield from serving(model_path("smollm2-135m"), "--allowed-origins", "localhost", "--dtype", "float32")
+    """A server that lets in pages from this machine on any port (the browser test's server must not), with
+    credentials and two methods (vLLM's CORS flags)."""
+    yield from serving(model_path("smollm2-135m"), "--allowed-origins", "localhost", "--allow-credentials",
+                       "--allowed-methods", "GET,POST", "--dtype", "float32")
 
 
 @pytest.fixture
@@ -98,6 +100,7 @@ def test_cors_preflight_is_answered_before_authentication(base):
            "Access-Control-Request-Headers": "authorization,content-type"}
     r = httpx.options(f"{base}/v1/chat/completions", headers=pre)
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+    assert "access-control-allow-credentials" not in r.headers  # not unless --allow-credentials
     r = httpx.options(f"{base}/v1/chat/completions", headers={**pre, "Origin": "http://evil.example"})
     assert "access-control-allow-origin" not in r.headers
     r = chat(base)
@@ -167,6 +170,11 @@ def test_localhost_origins_are_any_loopback_page(loopback):
         r = httpx.options(f"{loopback}/v1/chat/completions", headers={**pre, "Origin": origin})
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
         assert (b"Access-Control-Allow-Origin", origin.encode()) in r.headers.raw  # spelled as most servers do
+        assert r.headers["access-control-allow-credentials"] == "true"
+        assert r.headers["access-control-allow-methods"] == "GET, POST"
+    r = httpx.options(f"{loopback}/v1/chat/completions",  # a method outside --allowed-methods
+                      headers={**pre, "Origin": "http://localhost", "Access-Control-Request-Method": "DELETE"})
+    assert r.status_code == 400 and "method" in r.text
     for origin in ("http://localhost.evil.com", "http://notlocalhost", "https://example.com"):
         r = httpx.options(f"{loopback}/v1/chat/completions", headers={**pre, "Origin": origin})
         assert "access-control-allow-origin" not in r.headers

@@ -23,7 +23,8 @@ def test_flags_are_translated():
 
     assert value("--port") == "8080" and value("--max-model-len") == "512" and value("--max-num-seqs") == "2"
     assert value("--default-max-tokens") == "64" and value("--api-key") == "k"
-    assert value("--allowed-origins") == "*"  # llama-server's default
+    assert value("--allowed-origins") == "*" and "--allow-credentials" in out  # llama-server's defaults
+    assert value("--allowed-methods") == "GET,POST,DELETE,OPTIONS"
     assert value("--served-model-name") == "tinyllama-2"
     assert "--embedding-model" in out and "--temp" not in out
     assert "--default-max-tokens" not in shim.translate(["--n-predict", "-1"])  # llama.cpp's "no limit"
