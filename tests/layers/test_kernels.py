@@ -113,6 +113,30 @@ def test_paged_attention_matches_gathered_sdpa(ops, dtype, cache, head_dim, wind
     assert close(out, ref, dtype)
 
 
+@pytest.mark.parametrize("cache", ["model", "int8"])
+@pytest.mark.parametrize("hkv,window", [(1, 0), (3, 0), (1, 300)])
+def test_paged_attention_long_contexts_merge_their_spans(ops, cache, hkv, window):
+    """Past 256 keys a sequence's keys are scored in spans by separate work items and the partial softmaxes merged:
+    the same attention as one pass (one kv head, as Gemma 3 270M has; a window that starts mid-span), and a
+    sequence's result does not depend on the batch it is in."""
+    torch.manual_seed(1)
+    blocks, bs, hq, d = 140, 16, 2 * hkv, 64
+    lens = torch.tensor([700, 257, 256, 5])  # three spans (the last partial), two (one key in the second), one
+    tables = torch.stack([torch.randperm(blocks - 1)[:48] + 1 for _ in lens])
+    q = torch.randn(len(lens), hq, d)
+    k, v = torch.randn(blocks, bs, hkv, d), torch.randn(blocks, bs, hkv, d) * 3
+    ks = vs = None
+    if cache == "int8":
+        ks, vs = k.abs().amax(-1, keepdim=True) / 127, v.abs().amax(-1, keepdim=True) / 127
+        k, v = (torch.round(x / s).clamp(-127, 127).to(torch.int8) for x, s in ((k, ks), (v, vs)))
+    scale = d**-0.5
+    out = ops.paged_attention(q, k, v, ks, vs, tables, lens, scale, window)
+    ref = reference_attention(q, k, v, tables, lens, scale, window, ks, vs)
+    assert close(out, ref, torch.float32)
+    alone = ops.paged_attention(q[:1], k, v, ks, vs, tables[:1], lens[:1], scale, window)
+    assert torch.equal(alone, out[:1])
+
+
 def random_packed(n: int, k: int, bits: int, group: int):
     """Seeded random codes, d and m [N, K/group] and their packed weight (None without the kernel layout)."""
     from miaotui.quant.packed import PackedWeight
