@@ -117,7 +117,8 @@ void rope_impl(T* x, int64_t t_stride, int64_t h_stride, const int64_t* pos, con
 
 // ---------------------------------------------------------------------------------------------------------------
 // Decode attention: one query token per sequence, straight over the paged cache, no gather, no mask.
-// Work unit = (sequence, kv head): its group of query heads scores every visible key, softmax, weighted values.
+// Work unit = (sequence, kv head), or a span of SPAN keys of one (below): its group of query heads scores the keys,
+// softmax, weighted values.
 
 // The cache rows a sequence visits are scattered over its blocks, too irregular for the hardware prefetcher: a
 // batch-32 decode step reads ~80 MB of keys and values for SmolLM2, as much as its 4-bit weights. Into L2: perf
