@@ -188,17 +188,17 @@ inline void qgemm_block(const uint8_t* w, const at::Half* dm, const int8_t* xq, 
 #if MIAOTUI_AVX2
 // One block of 16 output rows for MT tokens on AVX2, each 64-byte line as two halves of 8 rows x 4 bytes: `vpmaddubsw`
 // multiplies unsigned codes by signed activation bytes and sums pairs to int16, `vpmaddwd` by ones sums pairs of those
-// to int32 — per row the 4-byte sum `vpdpbusd` gives in one step. Codes enter as 4-bit planes (an 8-bit code as
-// 16 * high + low nibble), so a block's int16 sums cannot overflow (8 x 2 x 15 x 127 < 2^15) and are widened once per
-// block; the integer sums are exactly the VNNI kernel's. Both halves of a line take each activation broadcast.
+// to int32 — per row the 4-byte sum `vpdpbusd` gives in one step. A block's int16 sums cannot overflow
+// (8 x 2 x 15 x 127 < 2^15) and are widened once per block; the integer sums are exactly the VNNI kernel's. Both
+// halves of a line take each activation broadcast. 4-bit codes only: 8-bit ones go through qgemm_block8 below.
 template <int Bits, int MT, typename T>
 inline void qgemm_block(const uint8_t* w, const at::Half* dm, const int8_t* xq, const int8_t* xr,
                         const float* xd, const float* gs, int64_t K, int64_t group, T* y, int64_t ldy,
                         int64_t rows) {
+  static_assert(Bits == 4, "AVX2 multiplies 8-bit codes in qgemm_block8");
   const int64_t ngroups = K / group, blocks_per_group = group / QBLOCK, nb = K / QBLOCK;
-  constexpr int chunks = Bits == 4 ? 4 : 8;  // 64-byte lines per block of 32 inputs
-  constexpr int planes = Bits == 4 ? 1 : 2;  // int16 sums kept apart per term: 8-bit codes' low and high nibbles
-  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16);
+  constexpr int chunks = 4;  // 64-byte lines per block of 32 inputs
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const __m256 unit = _mm256_set1_ps(1.f / RESIDUAL);
   alignas(32) float acc[MT][16] = {};
   for (int64_t g = 0; g < ngroups; ++g) {
@@ -206,10 +206,8 @@ inline void qgemm_block(const uint8_t* w, const at::Half* dm, const int8_t* xq, 
     for (int t = 0; t < MT; ++t) fd[t][0] = fd[t][1] = _mm256_setzero_ps();
     for (int64_t bb = 0; bb < blocks_per_group; ++bb) {
       const int64_t b = g * blocks_per_group + bb;
-      __m256i qs[MT][2][planes], rs[MT][2][planes];
-      for (int t = 0; t < MT; ++t)
-        for (int h = 0; h < 2; ++h)
-          for (int p = 0; p < planes; ++p) qs[t][h][p] = rs[t][h][p] = _mm256_setzero_si256();
+      __m256i qs[MT][2], rs[MT][2];
+      for (int t = 0; t < MT; ++t) qs[t][0] = qs[t][1] = rs[t][0] = rs[t][1] = _mm256_setzero_si256();
       for (int c = 0; c < chunks; ++c, w += 64) {
         _mm_prefetch(reinterpret_cast<const char*>(w) + PREFETCH, _MM_HINT_T0);
         __m256i lo[2], hi[2];
@@ -218,38 +216,23 @@ inline void qgemm_block(const uint8_t* w, const at::Half* dm, const int8_t* xq, 
           lo[h] = _mm256_and_si256(line, low4);
           hi[h] = _mm256_and_si256(_mm256_srli_epi16(line, 4), low4);
         }
-        for (int t = 0; t < MT; ++t) {
-          if (Bits == 4) {  // byte j: input 8c + j (low nibble) and 8c + j + 4 (high)
-            const int32_t* xp = reinterpret_cast<const int32_t*>(xq + t * K + b * QBLOCK + c * 8);
-            const int32_t* rp = reinterpret_cast<const int32_t*>(xr + t * K + b * QBLOCK + c * 8);
-            const __m256i x0 = _mm256_set1_epi32(xp[0]), x1 = _mm256_set1_epi32(xp[1]);
-            const __m256i r0 = _mm256_set1_epi32(rp[0]), r1 = _mm256_set1_epi32(rp[1]);
-            for (int h = 0; h < 2; ++h) {
-              qs[t][h][0] = _mm256_add_epi16(qs[t][h][0], _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], x0),
-                                                                           _mm256_maddubs_epi16(hi[h], x1)));
-              rs[t][h][0] = _mm256_add_epi16(rs[t][h][0], _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], r0),
-                                                                           _mm256_maddubs_epi16(hi[h], r1)));
-            }
-          } else {  // byte j: input 4c + j
-            const __m256i xv = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(xq + t * K + b * QBLOCK + c * 4));
-            const __m256i rv = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(xr + t * K + b * QBLOCK + c * 4));
-            for (int h = 0; h < 2; ++h) {
-              qs[t][h][0] = _mm256_add_epi16(qs[t][h][0], _mm256_maddubs_epi16(lo[h], xv));
-              rs[t][h][0] = _mm256_add_epi16(rs[t][h][0], _mm256_maddubs_epi16(lo[h], rv));
-              qs[t][h][planes - 1] = _mm256_add_epi16(qs[t][h][planes - 1], _mm256_maddubs_epi16(hi[h], xv));
-              rs[t][h][planes - 1] = _mm256_add_epi16(rs[t][h][planes - 1], _mm256_maddubs_epi16(hi[h], rv));
-            }
+        for (int t = 0; t < MT; ++t) {  // byte j: input 8c + j (low nibble) and 8c + j + 4 (high)
+          const int32_t* xp = reinterpret_cast<const int32_t*>(xq + t * K + b * QBLOCK + c * 8);
+          const int32_t* rp = reinterpret_cast<const int32_t*>(xr + t * K + b * QBLOCK + c * 8);
+          const __m256i x0 = _mm256_set1_epi32(xp[0]), x1 = _mm256_set1_epi32(xp[1]);
+          const __m256i r0 = _mm256_set1_epi32(rp[0]), r1 = _mm256_set1_epi32(rp[1]);
+          for (int h = 0; h < 2; ++h) {
+            qs[t][h] = _mm256_add_epi16(qs[t][h], _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], x0),
+                                                                   _mm256_maddubs_epi16(hi[h], x1)));
+            rs[t][h] = _mm256_add_epi16(rs[t][h], _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], r0),
+                                                                   _mm256_maddubs_epi16(hi[h], r1)));
           }
         }
       }
-      for (int t = 0; t < MT; ++t) {  // q * 256 + r fits int32: |Σ| <= 32 * 255 * 127 * 257
+      for (int t = 0; t < MT; ++t) {  // q * 256 + r fits int32: |Σ| <= 32 * 15 * 127 * 257
         const __m256 scale = _mm256_mul_ps(_mm256_set1_ps(xd[t * nb + b]), unit);
         for (int h = 0; h < 2; ++h) {
-          __m256i q = _mm256_madd_epi16(qs[t][h][0], ones), r = _mm256_madd_epi16(rs[t][h][0], ones);
-          if (Bits == 8) {
-            q = _mm256_add_epi32(q, _mm256_madd_epi16(qs[t][h][planes - 1], sixteen));
-            r = _mm256_add_epi32(r, _mm256_madd_epi16(rs[t][h][planes - 1], sixteen));
-          }
+          const __m256i q = _mm256_madd_epi16(qs[t][h], ones), r = _mm256_madd_epi16(rs[t][h], ones);
           const __m256i both = _mm256_add_epi32(_mm256_slli_epi32(q, 8), r);
           fd[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(both), scale, fd[t][h]);
         }
@@ -348,22 +331,24 @@ void qgemm_rows(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M
       for (; m < M; ++m)
         qgemm_block8<1>(wb, dmb, x.a.data() + m * K, x.d.data() + m * nb, x.gsum.data() + m * ngroups, K, group,
                         y + m * N + rb * 16, N, rows);
-      continue;
-    }
+    } else {
+#else
+    {
 #endif
-    for (; m + TILE <= M; m += TILE)
-      qgemm_block<Bits, TILE>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
-                              x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows);
-    if constexpr (TILE > 2) {  // a remaining pair still shares its lines (speculative steps: a few rows a sequence)
-      if (m + 2 <= M) {
-        qgemm_block<Bits, 2>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
-                             x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows);
-        m += 2;
+      for (; m + TILE <= M; m += TILE)
+        qgemm_block<Bits, TILE>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
+                                x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows);
+      if constexpr (TILE > 2) {  // a remaining pair still shares its lines (speculative steps: a few rows a sequence)
+        if (m + 2 <= M) {
+          qgemm_block<Bits, 2>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
+                               x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows);
+          m += 2;
+        }
       }
+      for (; m < M; ++m)
+        qgemm_block<Bits, 1>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
+                             x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows);
     }
-    for (; m < M; ++m)
-      qgemm_block<Bits, 1>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
-                           x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows);
   }
 }
 #endif
