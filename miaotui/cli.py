@@ -243,6 +243,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _comma_list(value: str | None) -> tuple[str, ...]:
+    """A comma-separated flag value as its non-empty items."""
+    return tuple(x.strip() for x in (value or "").split(",") if x.strip())
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -272,11 +277,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if fault_seed:  # the soak test's fault injection: requests with this seed fail at their third token
             engine.engine.scheduler.on_token = _fault_injector(int(fault_seed))
     names = args.served_model_name or [engine.model_name]
-    origins = tuple(o.strip() for o in (args.allowed_origins or "").split(",") if o.strip())
+    origins = _comma_list(args.allowed_origins)
     if args.default_max_tokens is not None and args.default_max_tokens < 1:
         raise MiaotuiError(f"--default-max-tokens must be at least 1, got {args.default_max_tokens}")
-    methods, headers = (tuple(x.strip() for x in v.split(",") if x.strip()) or ("*",)
-                        for v in (args.allowed_methods, args.allowed_headers))
+    methods, headers = _comma_list(args.allowed_methods) or ("*",), _comma_list(args.allowed_headers) or ("*",)
     if args.allow_credentials and "*" in origins:
         log.warning("--allow-credentials with --allowed-origins '*': every origin gets its own name back with "
                     "Allow-Credentials: true")
