@@ -780,8 +780,8 @@ inline float f16(const uint8_t* p) {
   return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
 }
 
-// Group g (of 32 inputs) of one row's blocks -> codes q[32], d, m. Q6_K (sub-blocks of 16 with their own int8
-// scales) has no exact 8-bit form: its group is requantized to 8 bits (255 levels for its 64).
+// Group g (of 32 inputs) of one row's blocks -> codes q[32], d, m (K-quants: decode_q4k, decode_q6k, a
+// super-block at a time).
 inline void decode_group(BlockType t, const uint8_t* row, int64_t g, uint8_t* q, float& d, float& m) {
   switch (t) {
     case BlockType::Q4_0: case BlockType::Q4_1: {
@@ -814,50 +814,80 @@ inline void decode_group(BlockType t, const uint8_t* row, int64_t g, uint8_t* q,
       for (int i = 0; i < 32; ++i) q[i] = static_cast<uint8_t>(static_cast<int8_t>(b[2 + i]) + 128);
       return;
     }
-    case BlockType::Q4_K: {  // super-block of 256: d, dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
-      const uint8_t* b = row + (g / 8) * 144;
-      const int j = static_cast<int>(g % 8);
-      const uint8_t* sc = b + 4;
-      const int scale = j < 4 ? sc[j] & 63 : (sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4);
-      const int mn = j < 4 ? sc[j + 4] & 63 : (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
-      d = f16(b) * static_cast<float>(scale);
-      m = -f16(b + 2) * static_cast<float>(mn);
-      const uint8_t* qs = b + 16 + (j / 2) * 32;
-      for (int i = 0; i < 32; ++i) q[i] = j % 2 ? qs[i] >> 4 : qs[i] & 0x0F;
-      return;
-    }
-    case BlockType::Q6_K: {  // super-block of 256: 128 bytes low nibbles, 64 bytes high bits, 16 int8 scales, d
-      const uint8_t* b = row + (g / 8) * 210;
-      const int j = static_cast<int>(g % 8), half = j / 4, part = j % 4;  // 4 groups of 32 per half of 128
-      const uint8_t* ql = b + half * 64;
-      const uint8_t* qh = b + 128 + half * 32;
-      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192) + half * 8;
-      const float dd = f16(b + 208);
-      // Decoded a vector at a time (the scalar loop held a 1.5B model's load at ~250 M weights/s); the same
-      // arithmetic in the same order as one weight at a time, so the codes do not change.
-      const uint8_t* qlp = ql + (part & 1) * 32;
-      const int shift = (part >> 1) * 4, hshift = 2 * part;
-      alignas(64) float v[32], c[32];
-      for (int h = 0; h < 2; ++h) {
-        const float s = dd * sc[part * 2 + h];
-        for (int i = 16 * h; i < 16 * h + 16; ++i)
-          v[i] = s * static_cast<float>((((qlp[i] >> shift) & 0x0F) | (((qh[i] >> hshift) & 3) << 4)) - 32);
-      }
-      constexpr int NV = 32 / mt::W;
-      mt::Vec vmax = mt::zero();
-      for (int h = 0; h < NV; ++h) vmax = mt::vmax(vmax, mt::vabs(mt::load(v + mt::W * h)));
-      const float amax = mt::reduce_max(vmax);
-      // the step rounded to fp16 (up, so no code passes 127; at least fp16's smallest normal), then the codes
-      const float step = static_cast<float>(c10::Half(std::max(amax / 127.f, 6.2e-5f) * (1.f + 1.f / 1024)));
-      const mt::Vec vs = mt::set1(step), top = mt::set1(127.f), bottom = mt::set1(-127.f);
-      for (int h = 0; h < NV; ++h)
-        mt::store(c + mt::W * h, mt::vround(mt::vmax(bottom, mt::vmin(top, mt::load(v + mt::W * h) / vs))));
-      for (int i = 0; i < 32; ++i) q[i] = static_cast<uint8_t>(static_cast<int>(c[i]) + 128);
-      d = step;
-      m = -128.f * step;
-      return;
-    }
+    case BlockType::Q4_K: case BlockType::Q6_K:
+      break;  // whole super-blocks at a time: decode_q4k, decode_q6k
   }
+}
+
+// One Q4_K super-block (256 weights: d, dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles) -> its 8
+// groups of 32 as 4-bit codes with their d and m (exact: w = d * scale * q - dmin * min).
+inline void decode_q4k(const uint8_t* b, uint8_t* q, float* d, float* m) {
+  const float dd = f16(b), dmin = f16(b + 2);
+  const uint8_t* sc = b + 4;
+  for (int j = 0; j < 8; ++j) {
+    const int scale = j < 4 ? sc[j] & 63 : (sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4);
+    const int mn = j < 4 ? sc[j + 4] & 63 : (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+    d[j] = dd * static_cast<float>(scale);
+    m[j] = -dmin * static_cast<float>(mn);
+  }
+  for (int p = 0; p < 4; ++p) {  // 32 bytes of nibbles: group 2p in the low ones, 2p + 1 in the high
+    const uint8_t* qs = b + 16 + p * 32;
+    for (int i = 0; i < 32; ++i) q[p * 64 + i] = qs[i] & 0x0F, q[p * 64 + 32 + i] = qs[i] >> 4;
+  }
+}
+
+// One Q6_K super-block (256 weights: 128 bytes of low nibbles, 64 of high bits, 16 int8 scales of 16 weights, d)
+// -> its 8 groups of 32 as 8-bit codes with their d and m. Q6_K has no exact 8-bit form: each group is requantized
+// to 255 levels of its largest weight. The 8 groups are decoded in passes (values, then steps, then codes) so that
+// their latency chains (a horizontal max, the step's rounding to fp16, the divisions) overlap.
+inline void decode_q6k(const uint8_t* b, uint8_t* q, float* d, float* m) {
+  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+  const float dd = f16(b + 208);
+  alignas(64) int8_t c6[256];  // the codes less 32, in weight order
+  for (int half = 0; half < 2; ++half)
+    for (int part = 0; part < 4; ++part) {  // 4 groups of 32 per half of 128
+      const uint8_t* ql = b + half * 64 + (part & 1) * 32;
+      const uint8_t* qh = b + 128 + half * 32;
+      const int shift = (part >> 1) * 4, hshift = 2 * part;
+      int8_t* c = c6 + (half * 4 + part) * 32;
+      for (int i = 0; i < 32; ++i)
+        c[i] = static_cast<int8_t>((((ql[i] >> shift) & 0x0F) | (((qh[i] >> hshift) & 3) << 4)) - 32);
+    }
+  constexpr int NV = 32 / mt::W;
+  alignas(64) float v[256], step[8];
+  for (int g = 0; g < 8; ++g) {
+    mt::Vec vmax = mt::zero();
+    for (int h = 0; h < NV; ++h) {  // each weight times its sub-block's scale, as dequantization computes it
+      const int i = g * 32 + mt::W * h;
+      const mt::Vec x = mt::load(c6 + i) * mt::set1(dd * sc[i / 16]);
+      mt::store(v + i, x);
+      vmax = mt::vmax(vmax, mt::vabs(x));
+    }
+    const float amax = mt::reduce_max(vmax);
+    // the step rounded to fp16 (up, so no code passes 127; at least fp16's smallest normal)
+    step[g] = static_cast<float>(c10::Half(std::max(amax / 127.f, 6.2e-5f) * (1.f + 1.f / 1024)));
+  }
+  const mt::Vec top = mt::set1(127.f), bottom = mt::set1(-127.f), mid = mt::set1(128.f);
+  for (int g = 0; g < 8; ++g) {
+    const mt::Vec vs = mt::set1(step[g]);
+    for (int h = 0; h < NV; ++h) {  // the codes as bytes with 128 added (exact in float)
+      const int i = g * 32 + mt::W * h;
+      mt::store_u8(q + i, mt::vround(mt::vmax(bottom, mt::vmin(top, mt::load(v + i) / vs))) + mid);
+    }
+    d[g] = step[g];
+    m[g] = -128.f * step[g];
+  }
+}
+
+// A row's groups (K / 32 of them) -> codes q[K], d and m per group.
+inline void decode_row(BlockType t, const uint8_t* row, int64_t ngroups, uint8_t* q, float* d, float* m) {
+  if (t == BlockType::Q4_K || t == BlockType::Q6_K) {
+    for (int64_t s = 0; s < ngroups / 8; ++s)
+      if (t == BlockType::Q4_K) decode_q4k(row + s * 144, q + s * 256, d + s * 8, m + s * 8);
+      else decode_q6k(row + s * 210, q + s * 256, d + s * 8, m + s * 8);
+    return;
+  }
+  for (int64_t g = 0; g < ngroups; ++g) decode_group(t, row, g, q + g * QBLOCK, d[g], m[g]);
 }
 
 BlockType block_type(const std::string& name, int64_t& block_bytes, int64_t& block_weights, int& bits) {
@@ -1045,29 +1075,42 @@ std::tuple<Tensor, Tensor, int64_t> pack_blocks(const Tensor& raw, const std::st
   at::Half* dmo = dm.data_ptr<at::Half>();
   const int64_t lines = K * bits / 32 / ngroups;  // 64-byte lines per group: 4 (4-bit) or 8
   at::parallel_for(0, rblocks, 1, [&](int64_t b0, int64_t b1) {
-    uint8_t q[16][32];
+    // A block of 16 rows is decoded a row at a time (each row's bytes read in file order: 16 interleaved streams,
+    // one group each, left the loads waiting on memory), then its lines written from the decoded codes.
+    std::vector<uint8_t> q(16 * K);
+    std::vector<float> dq(16 * ngroups), mq(16 * ngroups);
     for (int64_t rb = b0; rb < b1; ++rb) {
       const int rows_here = static_cast<int>(std::min<int64_t>(16, N - rb * 16));
-      const uint8_t* row_ptr[16];
-      for (int r = 0; r < rows_here; ++r) row_ptr[r] = src + (perm ? perm[rb * 16 + r] : rb * 16 + r) * row_bytes;
-      for (int64_t g = 0; g < ngroups; ++g) {  // one group of 16 rows: decode, then write its lines in order
+      for (int r = 0; r < 16; ++r) {
+        uint8_t* qr = q.data() + r * K;
+        float* dr = dq.data() + r * ngroups;
+        float* mr = mq.data() + r * ngroups;
+        if (r >= rows_here) {  // padding rows: zero codes, zero scales
+          std::memset(qr, 0, K);
+          std::fill(dr, dr + ngroups, 0.f);
+          std::fill(mr, mr + ngroups, 0.f);
+          continue;
+        }
+        const uint8_t* row = src + (perm ? perm[rb * 16 + r] : rb * 16 + r) * row_bytes;
+        decode_row(t, row, ngroups, qr, dr, mr);
+      }
+      for (int64_t g = 0; g < ngroups; ++g) {  // one group of 16 rows: its scales, then its lines in order
         at::Half* dmg = dmo + (rb * ngroups + g) * 32;
         for (int r = 0; r < 16; ++r) {
-          float d = 0.f, m = 0.f;
-          if (r < rows_here) decode_group(t, row_ptr[r], g, q[r], d, m);
-          else std::memset(q[r], 0, 32);  // padding rows: zero codes, zero scales
-          dmg[r] = at::Half(d);
-          dmg[16 + r] = at::Half(m);
+          dmg[r] = at::Half(dq[r * ngroups + g]);
+          dmg[16 + r] = at::Half(mq[r * ngroups + g]);
         }
         uint8_t* o = out + (rb * ngroups + g) * lines * 64;
-        for (int c = 0; c < lines; ++c, o += 64)
+        const uint8_t* qg = q.data() + g * QBLOCK;
+        if (bits == 8) {
+          for (int c = 0; c < 8; ++c, o += 64)
+            for (int r = 0; r < 16; ++r) std::memcpy(o + r * 4, qg + r * K + c * 4, 4);
+          continue;
+        }
+        for (int c = 0; c < 4; ++c, o += 64)
           for (int r = 0; r < 16; ++r) {
-            if (bits == 8) {
-              std::memcpy(o + r * 4, q[r] + c * 4, 4);
-              continue;
-            }
             uint64_t eight;  // the line's 8 codes of this row (each < 16): inputs j and j + 4 share byte j
-            std::memcpy(&eight, q[r] + c * 8, 8);
+            std::memcpy(&eight, qg + r * K + c * 8, 8);
             const uint32_t word = static_cast<uint32_t>(eight) | (static_cast<uint32_t>(eight >> 32) << 4);
             std::memcpy(o + r * 4, &word, 4);
           }

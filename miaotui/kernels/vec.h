@@ -71,6 +71,7 @@ inline Vec vabs(Vec a) { return {_mm512_abs_ps(a.v)}; }
 inline Vec vround(Vec a) { return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
 // Lanes holding whole numbers in [-128, 127] as W int8 values (the activation quantizer's codes).
 inline void store_i8(int8_t* p, Vec a) { _mm_storeu_si128((__m128i*)p, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a.v))); }
+inline void store_u8(uint8_t* p, Vec a) { _mm_storeu_si128((__m128i*)p, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a.v))); }
 inline float reduce_add(Vec a) { return _mm512_reduce_add_ps(a.v); }
 inline float reduce_max(Vec a) { return _mm512_reduce_max_ps(a.v); }
 inline Vec exp2i_mul(Vec p, Vec n) { return {_mm512_scalef_ps(p.v, n.v)}; }  // p * 2^n
@@ -128,12 +129,17 @@ inline Vec vmax(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
 inline Vec vmin(Vec a, Vec b) { return {_mm256_min_ps(a.v, b.v)}; }
 inline Vec vabs(Vec a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.f), a.v)}; }
 inline Vec vround(Vec a) { return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
-inline void store_i8(int8_t* p, Vec a) {  // (packs keep each 128-bit half apart: lanes 0-3, then 4-7)
-  const __m256i i16 = _mm256_packs_epi32(_mm256_cvtps_epi32(a.v), _mm256_setzero_si256());
-  const __m256i i8 = _mm256_packs_epi16(i16, _mm256_setzero_si256());
-  const int32_t lo = _mm_cvtsi128_si32(_mm256_castsi256_si128(i8)), hi = _mm_cvtsi128_si32(_mm256_extracti128_si256(i8, 1));
-  std::memcpy(p, &lo, 4);
-  std::memcpy(p + 4, &hi, 4);
+inline __m128i lanes_i16(Vec a) {  // the 8 lanes (integer-valued) as int16, in order
+  const __m256i i32 = _mm256_cvtps_epi32(a.v);
+  return _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+}
+inline void store_i8(int8_t* p, Vec a) {  // one 8-byte store: a later vector load of these bytes is forwarded
+  const __m128i i16 = lanes_i16(a);
+  _mm_storel_epi64((__m128i*)p, _mm_packs_epi16(i16, i16));
+}
+inline void store_u8(uint8_t* p, Vec a) {
+  const __m128i i16 = lanes_i16(a);
+  _mm_storel_epi64((__m128i*)p, _mm_packus_epi16(i16, i16));
 }
 inline float reduce_add(Vec a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
@@ -191,6 +197,9 @@ inline Vec vabs(Vec a) { MT_LANES(std::fabs(a.v[i])); }
 inline Vec vround(Vec a) { MT_LANES(std::nearbyint(a.v[i])); }
 inline void store_i8(int8_t* p, Vec a) {
   for (int i = 0; i < W; ++i) p[i] = static_cast<int8_t>(a.v[i]);
+}
+inline void store_u8(uint8_t* p, Vec a) {
+  for (int i = 0; i < W; ++i) p[i] = static_cast<uint8_t>(a.v[i]);
 }
 inline float reduce_add(Vec a) {
   float s = 0.f;
