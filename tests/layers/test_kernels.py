@@ -204,6 +204,26 @@ def test_qmatmul_many_rows_on_amx_is_a_bf16_product(ops, bits, group, m, dtype):
     assert ((y.float() - ref).abs() <= tol * ref.abs().max()).all()
 
 
+def test_dense_matmul_equals_torch_and_is_batch_invariant(ops):
+    """fp32 x @ wᵀ at decode sizes: torch's product within fp32 rounding, for widths with and without a scalar
+    tail, a last pass of fewer than 4 weight rows and odd row counts; a row's result does not depend on the rows
+    beside it (the same bits alone as in a batch)."""
+    torch.manual_seed(0)
+    for m, n, k in [(1, 4864, 896), (2, 7, 37), (3, 33, 576), (4, 5, 3), (1, 1, 8)]:
+        x, w = torch.randn(m, k), torch.randn(n, k)
+        y = ops.dense_matmul(x, w)
+        ref = x.double() @ w.double().t()
+        assert y.shape == (m, n) and ((y - ref).abs().max() <= 1e-6 * ref.abs().max() + 1e-6), (m, n, k)
+        for i in range(m):
+            assert torch.equal(ops.dense_matmul(x[i:i + 1], w), y[i:i + 1]), (m, n, k, i)
+    x, w = torch.randn(8, 2), torch.randn(3, 8)
+    assert torch.equal(ops.dense_matmul(x.t(), w), ops.dense_matmul(x.t().contiguous(), w))  # x any strides
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.dense_matmul(torch.randn(2, 8, dtype=torch.bfloat16), w)
+    with pytest.raises(RuntimeError, match="contiguous"):  # w is read in place, never copied
+        ops.dense_matmul(x.t(), torch.randn(8, 3).t())
+
+
 def test_argmax_rows_picks_the_first_maximum(ops):
     """The sampler's greedy pick: torch.argmax's answer, ties to the first index, for rows of any length."""
     from miaotui.kernels import argmax
