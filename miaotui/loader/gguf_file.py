@@ -126,9 +126,13 @@ class GGUFFile:
         if n_tensors > 1_000_000 or n_kv > 1_000_000:
             raise ModelFileError(f"{self.path}: corrupt GGUF header (claims {n_tensors} tensors, {n_kv} keys)")
         self.metadata: dict[str, Any] = {}
+        self.spans: dict[str, tuple[int, int]] = {}  # each key's bytes (key, type, value), for tools that rewrite
         for _ in range(n_kv):
+            start = self._pos
             key = self._string()
             self.metadata[key] = self._value(GGUFValueType(self._unpack("<I", 4)))
+            self.spans[key] = (start, self._pos)
+        table_start = self._pos
         raw = []
         for _ in range(n_tensors):
             name = self._string()
@@ -137,8 +141,9 @@ class GGUFFile:
             qtype = self._unpack("<I", 4)
             offset = self._unpack("<Q", 8)
             raw.append((name, dims, qtype, offset))
+        self.table_span = (table_start, self._pos)  # the tensor table's bytes
         align = int(self.metadata.get("general.alignment", 32))
-        data_start = (self._pos + align - 1) // align * align
+        data_start = self.data_start = (self._pos + align - 1) // align * align
         self.tensors: dict[str, TensorInfo] = {}
         for name, dims, qtype, offset in raw:
             try:

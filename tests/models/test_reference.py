@@ -4,13 +4,18 @@ logits within 1e-4 relative error, identical 32-token greedy continuations, equa
 from __future__ import annotations
 
 import math
+import struct
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from gguf import GGUFValueType
 
 from miaotui import SamplingParams
 from miaotui.config import EngineConfig
 from miaotui.engine.engine import Engine
+from miaotui.loader.gguf_file import GGUFFile
 from tests.conftest import REAL_MODELS, model_path
 
 transformers = pytest.importorskip("transformers")
@@ -29,12 +34,39 @@ PROMPTS = ["Once upon a time", "The best way to learn programming is", "中国�
            "Water boils at"]
 
 
+def without_vocabulary(path: Path, folder: Path) -> Path:
+    """A copy of a GGUF file with the same tensors and settings but no vocabulary arrays (the vocabulary's size
+    kept as a setting): transformers' GGUF reader spends ~30 s per read on a 262k-entry vocabulary, twice per
+    model load, and a model needs only the weights. The tensor bytes are copied as they are."""
+    f = GGUFFile(path)
+    arch = f.metadata["general.architecture"]
+    drop = {k for k, v in f.metadata.items() if k.startswith("tokenizer.ggml.") and isinstance(v, list | np.ndarray)}
+    size = f"{arch}.vocab_size"
+    keep = [k for k in f.spans if k not in drop]
+    out = folder / path.name
+    raw = memoryview(path.read_bytes())
+    with open(out, "wb") as o:
+        o.write(bytes(raw[:8]))  # magic and version
+        o.write(struct.pack("<QQ", len(f.tensors), len(keep) + (size not in f.metadata)))
+        o.writelines(bytes(raw[slice(*f.spans[k])]) for k in keep)
+        if size not in f.metadata:
+            key = size.encode()
+            o.write(struct.pack("<Q", len(key)) + key + struct.pack("<II", GGUFValueType.UINT32,
+                                                                    len(f.metadata["tokenizer.ggml.tokens"])))
+        o.write(bytes(raw[slice(*f.table_span)]))
+        align = int(f.metadata.get("general.alignment", 32))
+        o.write(b"\0" * (-o.tell() % align))
+        o.write(raw[f.data_start:])
+    return out
+
+
 @pytest.fixture(scope="module", params=REAL_MODELS)
-def pair(request):
+def pair(request, tmp_path_factory):
     """(miaotui fp32 engine, transformers fp32 model) on the same file; freed after the module."""
     path = model_path(request.param)
     engine = Engine(EngineConfig(model=str(path), dtype="float32", quantization="none", kv_cache_memory=128 * 2**20))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+    weights = without_vocabulary(path, tmp_path_factory.mktemp(request.param))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(weights.parent), gguf_file=weights.name,
                                                            dtype=torch.float32)
     hf.eval()
     yield request.param, engine, hf
@@ -71,10 +103,15 @@ def test_greedy_matches(pair):
             if o.finished:
                 outs[o.request_id] = o.token_ids
     mine = [outs[f"req-{i}"] for i in range(len(prompts))] if "req-0" in outs else list(outs.values())
-    for prompt, ids, got in zip(PROMPTS, prompts, mine):
-        with torch.no_grad():
-            ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False)
-        assert got == ref[0, len(ids):].tolist(), f"{name}: greedy continuation of {prompt!r} differs"
+    # transformers' reference in one batch, the prompts padded on the left (masked): 32 steps, not 5 x 32
+    width = max(map(len, prompts))
+    batch = torch.tensor([[0] * (width - len(ids)) + ids for ids in prompts])
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts])
+    with torch.no_grad():
+        ref = hf.generate(batch, attention_mask=mask, max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                          pad_token_id=0)
+    for prompt, got, row in zip(PROMPTS, mine, ref):
+        assert got == row[width:].tolist(), f"{name}: greedy continuation of {prompt!r} differs"
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
 
 
