@@ -85,11 +85,12 @@ def isa() -> str:
 
 
 def _build_dir(name: str, flags: list[str]) -> Path:
-    """One folder per source, flags, host and torch installation: two virtual environments never rebuild each
-    other's kernels in turn (torch's build files name the installation's headers and libraries)."""
+    """One folder per source, flags, host and torch build (its version and commit, not its path): a new virtual
+    environment with the same torch imports the kernels another one built instead of compiling them again (a
+    built module binds to the torch the process has already loaded)."""
     sources = b"".join(p.read_bytes() for p in _SOURCES + _HEADERS)
-    key = hashlib.sha256(sources + " ".join(flags).encode() + torch.__version__.encode() + torch.__file__.encode()
-                         + sys.version.encode() + platform.node().encode()).hexdigest()[:16]
+    build = f"{torch.__version__} {torch.version.git_version} {sys.version} {platform.node()}"
+    key = hashlib.sha256(sources + " ".join(flags).encode() + build.encode()).hexdigest()[:16]
     root = Path(os.environ.get("MIAOTUI_HOME", Path.home() / ".cache" / "miaotui"))
     path = root / "kernels" / f"{name}-{key}"
     path.mkdir(parents=True, exist_ok=True)
