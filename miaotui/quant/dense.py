@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from miaotui.kernels import cpu_ops, has_amx, use_cpu_ops
 from miaotui.quant.base import StackWeight, add_bias
 
-SMALL_ROWS = 4  # fp32 products of up to this many rows run on miaotui's kernel on CPU
+SMALL_ROWS = 16  # fp32 products of up to this many rows run on miaotui's kernel on CPU
 
 
 class DenseWeight:
     """A float weight multiplied by torch (any device, any dtype): the reference every other format is held to.
     On CPU an fp32 product of a few rows (decode) runs on miaotui's kernel (ops.cpp `dense_matmul`): torch's (MKL)
-    reads the weight at a fifth of memory bandwidth there on AMD CPUs, 2-4x slower at 2-4 rows."""
+    reads the weight at a fraction of memory bandwidth on AMD CPUs from 2 rows on (2-8x slower at 1-16 rows)."""
 
     def __init__(self, w: torch.Tensor):
         self.weight = w

@@ -246,11 +246,13 @@ def test_argmax_rows_picks_the_first_maximum(ops):
     assert ops.argmax_rows(nan).tolist() == [int(torch.nan_to_num(nan[0], nan=-1e9).argmax()), 0]
 
 
-def test_kernel_cache_is_per_torch_installation(monkeypatch):
-    """Two virtual environments (two torch installations) build into two folders: they never rebuild each
-    other's kernels in turn."""
+def test_kernel_cache_is_per_torch_build_not_per_path(monkeypatch):
+    """A second virtual environment with the same torch finds the kernels already built (no half-minute compile
+    on a reinstall); another torch version builds its own."""
     here = kernels._build_dir("k", ["-O3"])
     monkeypatch.setattr(torch, "__file__", "/elsewhere/site-packages/torch/__init__.py")
+    assert kernels._build_dir("k", ["-O3"]) == here
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + ".other")
     assert kernels._build_dir("k", ["-O3"]) != here
 
 
