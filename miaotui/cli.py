@@ -50,6 +50,8 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
                    "(methods ngram, suffix, draft_model with \"model\"; off by default)")
     g.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template (file or text) in "
                    "place of the model's own")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: launch every decode step op by "
+                   "op (graphs are captured at start on CUDA; no effect on a CPU)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N", help="split every layer over "
                    "N processes (torch.distributed: gloo on CPU, NCCL on CUDA), each with cores / N threads")
 
@@ -86,7 +88,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         kv_cache_memory=kv, enable_prefix_caching=not args.no_prefix_caching, threads=args.threads,
                         seed=args.seed, quantization=args.quantization, group_size=args.group_size,
                         kv_cache_dtype=args.kv_cache_dtype, chat_template=args.chat_template,
-                        speculative=args.speculative_config, tensor_parallel_size=args.tensor_parallel_size)
+                        speculative=args.speculative_config, tensor_parallel_size=args.tensor_parallel_size,
+                        enforce_eager=args.enforce_eager)
 
 
 def _engine(args: argparse.Namespace):

@@ -211,6 +211,7 @@ class EngineConfig:
     chat_template: str | None = None  # a Jinja file or template text in place of the model's own
     speculative: SpeculativeConfig | dict | None = None  # speculative decoding (off by default)
     tensor_parallel_size: int = 1  # processes each holding 1/N of every layer (engine/tensor_parallel.py)
+    enforce_eager: bool = False  # no CUDA graphs: every decode step launched op by op (engine/cuda_graphs.py)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):

@@ -41,6 +41,7 @@ class AttentionMetadata:
     prefill_seqs: list[int]  # the rest
     backend: AttentionBackend
     decode: Any = None  # what the backend prepared for the decode rows (the same for every layer)
+    rows: Any = None  # what a backend that attends to all of a mixed step's rows in one call prepared for them
 
     @property
     def num_seqs(self) -> int:
@@ -53,6 +54,13 @@ class AttentionMetadata:
 
 class AttentionBackend(ABC):
     name: str
+    capturable = False  # whether `prepare_graph` builds decode metadata a CUDA graph can capture
+
+    def prepare_graph(self, slots: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, block_size: int,
+                      windows: set[int | None]) -> AttentionMetadata:
+        """A pure decode step's metadata from tensors alone (no host lists, no synchronisation), for a captured
+        step whose inputs change between replays; rows of length 0 are padding."""
+        raise NotImplementedError(f"the {self.name} backend cannot be captured in a CUDA graph")
 
     def prepare(self, query_start: list[int], context_lens: list[int], slot_mapping: torch.Tensor,
                 block_tables: torch.Tensor, block_size: int, windows: set[int | None],

@@ -28,6 +28,7 @@ from miaotui.tokenizer import IncrementalDetokenizer, chat_template_from
 
 log = logging.getLogger("miaotui")
 MAX_DEFAULT_CONTEXT = 8192
+MAX_GRAPH_ROWS = 256  # the largest decode step captured in a CUDA graph (larger ones are compute-bound anyway)
 
 
 def trim_heap() -> None:
@@ -102,6 +103,10 @@ class Engine:
         self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size)
         self.runner.sampler.processors.append(GrammarMask(self.grammars))
         self.speculator = None if config.speculative is None else self.build_speculator(config.speculative)
+        if self.device.type == "cuda" and not config.enforce_eager:  # decode steps in CUDA graphs
+            spec = config.speculative
+            rows = config.max_num_seqs * (1 + (spec.num_speculative_tokens if spec is not None else 0))
+            self.runner.capture_graphs(min(rows, MAX_GRAPH_ROWS), self.max_model_len)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sequences: dict[str, list[Sequence]] = {}
         self._ids = itertools.count()

@@ -14,6 +14,7 @@ from miaotui.attention import select_backend
 from miaotui.attention.base import AttentionMetadata
 from miaotui.config import ModelConfig
 from miaotui.engine import fused
+from miaotui.engine.cuda_graphs import DecodeGraphs
 from miaotui.engine.sampler import Sampler
 from miaotui.engine.scheduler import ScheduledBatch
 from miaotui.engine.sequence import Position, Sequence, TokenLogprob
@@ -36,7 +37,11 @@ class ModelRunner:
         self.model = model
         self.dtype, self.device = dtype, device
         self.block_size = block_size
-        self.backend = select_backend(device, dtype)
+        # One spare block after the KV manager's takes the writes of a captured step's padding rows.
+        self.scratch_block = num_blocks
+        cache_blocks = num_blocks + 1
+        self.backend = select_backend(device, dtype, cache_blocks, block_size, kv_cache_dtype)
+        self.graphs: DecodeGraphs | None = None  # captured decode steps (CUDA), from capture_graphs
         self.sampler = Sampler()
         self.positions_ready = 0  # rotary tables cover positions below this (models grow them on request)
         self.peers: Peers | None = None  # tensor parallel, on rank 0: the other ranks (engine/tensor_parallel.py)
@@ -45,7 +50,7 @@ class ModelRunner:
         int8 = kv_cache_dtype == "int8"
         layers = model.attention_layers()
         # One tensor for all layers: [2, layers, blocks, block_size, kv_heads, head_dim] (this rank's KV heads)
-        shape = (2, cfg.num_layers, num_blocks, block_size, layers[0].num_kv_heads)
+        shape = (2, cfg.num_layers, cache_blocks, block_size, layers[0].num_kv_heads)
         self.kv_cache = torch.empty(*shape, cfg.head_dim, dtype=torch.int8 if int8 else dtype, device=device)
         self.kv_scale = torch.empty(*shape, 1, dtype=dtype, device=device) if int8 else None
         self.zero_blocks([0])  # block 0 also pads block tables: keep it finite from the start
@@ -68,6 +73,17 @@ class ModelRunner:
             self.kv_cache[:, :, index] = 0
             if self.kv_scale is not None:
                 self.kv_scale[:, :, index] = 0
+
+    def capture_graphs(self, max_rows: int, max_len: int) -> float | None:
+        """Capture decode steps of up to `max_rows` rows over contexts of up to `max_len` tokens in CUDA graphs
+        (engine/cuda_graphs.py; off CUDA the padded steps run eagerly, for checks); returns the seconds it took, or
+        None where this runner cannot (a backend whose metadata needs the host, tensor parallel)."""
+        if not self.backend.capturable or self.peers is not None:
+            return None
+        self.positions_ready = self.model.reserve_positions(max_len)  # the rotary tables never move after this
+        self.graphs = DecodeGraphs(self, max_rows, -(-max_len // self.block_size),
+                                   self.scratch_block * self.block_size)
+        return self.graphs.capture()
 
     @torch.inference_mode()  # the logits are inference tensors: penalties and masks edit them in place
     def run(self, batch: ScheduledBatch) -> tuple[list[list[int]], list[list[TokenLogprob | None]]]:
@@ -141,6 +157,8 @@ class ModelRunner:
         if self.peers is not None:  # tensor parallel: the other ranks run this pass with us
             plan.fresh, self._fresh = self._fresh, []
             self.peers.send(plan)
+        if self.graphs is not None and not all_logits and (logits := self.graphs.replay(plan)) is not None:
+            return logits
         ids, positions, meta = self._tensors(plan)
         stack = self._decode_stack(meta, meta.num_seqs)
         if stack is not None:

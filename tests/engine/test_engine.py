@@ -181,3 +181,18 @@ def test_invalid_parameters_name_the_field():
                           ({"logprobs": 50}, "logprobs"), ({"presence_penalty": 3}, "presence_penalty")]:
         with pytest.raises(ValueError, match=field):
             SamplingParams(**kwargs)
+
+
+def test_cuda_path_attention_and_padded_graph_steps_keep_greedy_output(loaded, reference, monkeypatch):
+    """The CUDA path's pieces on the CPU: FlexAttention over the cache in place (eager here), then decode steps
+    padded to the captured batch sizes through the graphs' fixed buffers (replayed eagerly off CUDA) — the same
+    greedy tokens as the CPU kernel."""
+    monkeypatch.setenv("MIAOTUI_ATTENTION", "flex")
+    engine = make(loaded, kv_cache_memory=24 * 2**20)  # eager FlexAttention scores every cached slot: keep it small
+    assert engine.runner.backend.name == "flex"
+    prompts, expected = reference
+    assert run_all(engine, prompts, GREEDY) == expected
+    assert engine.runner.capture_graphs(8, engine.max_model_len) == 0.0  # nothing to capture off CUDA
+    assert engine.runner.graphs.sizes == [1, 2, 4, 8]
+    assert run_all(engine, prompts, GREEDY) == expected  # 5 rows padded to 8, later fewer
+    assert engine.runner.graphs.replays >= GREEDY.max_tokens - 1
