@@ -1,8 +1,9 @@
 """int4 weights: asymmetric groups of 32/64/128 along the input dimension, searched for the clip with the least error
 and, given calibration statistics, scaled per input channel (activation-aware); or a file's 4-bit codes taken as
 they are. Multiplied by miaotui's packed kernel where the CPU has it, else by torch's
-`aten._weight_int4pack_mm_for_cpu` (w = (q - 8) * scale + zero, so a group with minimum `lo` and step `scale` stores
-zero = lo + 8 * scale; a GGUF Q4_1 block, w = d * q + m, is scale = d, zero = m + 8d)."""
+`aten._weight_int4pack_mm_for_cpu`, or on CUDA by its `aten._weight_int4pack_mm` (tinygemm). Both take
+w = (q - 8) * scale + zero, so a group with minimum `lo` and step `scale` stores zero = lo + 8 * scale; a GGUF Q4_1
+block, w = d * q + m, is scale = d, zero = m + 8d."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from miaotui.errors import MiaotuiError
 from miaotui.loader.tensors import BlockCodes
 from miaotui.quant.base import StackWeight, add_bias
 from miaotui.quant.packed import PackedWeight
@@ -62,14 +64,24 @@ class Int4Weight:
         return cls.from_codes(BlockCodes(q.reshape(n, -1), scale.reshape(n, -1), lo.reshape(n, -1), 4))
 
     @classmethod
-    def from_codes(cls, codes: BlockCodes) -> Int4Weight:
-        """4-bit codes (q [N, K] in 0..15, w = d * q + m per group) as they are."""
-        q, d, m, group = codes.q, codes.d.float(), codes.m.float(), codes.group
+    def from_codes(cls, codes: BlockCodes, device: torch.device | None = None) -> Int4Weight:
+        """4-bit codes (q [N, K] in 0..15, w = d * q + m per group) as they are, for `device` (default: the
+        codes')."""
+        device = codes.q.device if device is None else device
+        q, d, m, group = (codes.q.to(device), codes.d.to(device).float(), codes.m.to(device).float(), codes.group)
         fast = PackedWeight.pack(q, d, m, 4)
         if fast is not None:
             return cls(None, None, group, tuple(q.shape), fast=fast)
         sz = torch.stack([d, m + 8 * d], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
+        if q.is_cuda:  # tinygemm: two codes a byte (even column high), k-tiles of 16 codes, N in tiles of 8
+            tiles = next((t for t in (8, 4, 2) if q.shape[1] % (16 * t) == 0), None)
+            if tiles is None or q.shape[0] % 8:
+                raise MiaotuiError(f"int4 on CUDA needs rows in multiples of 8 and columns in multiples of 32, got "
+                                   f"{tuple(q.shape)}")
+            pairs = (q[:, ::2].to(torch.uint8) << 4) | q[:, 1::2].to(torch.uint8)
+            packed = torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), tiles)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
         return cls(packed, sz, group, tuple(q.shape))
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -80,11 +92,10 @@ class Int4Weight:
             return self.fast.matmul(x, self.in_scale)
         if self.in_scale is not None:
             x = x * self.in_scale.to(x.dtype)
+        op = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
         if x.dtype == torch.bfloat16:  # the common case: skip two no-op casts on the decode hot path
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scales_zeros)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, self.group,
-                                                       self.scales_zeros)
-        return y.to(x.dtype)
+            return op(x, self.packed, self.group, self.scales_zeros)
+        return op(x.to(torch.bfloat16), self.packed, self.group, self.scales_zeros).to(x.dtype)
 
     def kernel(self) -> StackWeight | None:
         """What `matmul` hands miaotui's kernel: the packed weight and the input scale."""
@@ -98,7 +109,7 @@ class Int4Weight:
         if self.fast is not None:
             w = self.fast.dequantize()
             return w if self.in_scale is None else w * self.in_scale.float()
-        eye = torch.eye(self.shape[1], dtype=torch.bfloat16)
+        eye = torch.eye(self.shape[1], dtype=torch.bfloat16, device=self.packed.device)
         return self.matmul(eye).float().t()
 
     @property

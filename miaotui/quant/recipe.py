@@ -12,6 +12,8 @@ The formats (dense.py, int8.py, int4.py, hybrid.py) each hold and multiply one m
 - auto: `hybrid` (int4 for decode-sized products beside the dense weights) where the file's block weights are
   4-bit and the model runs in bf16 on the CPU; a `miaotui compress --quantize` folder's own method; `native` for
   any other quantized file on a CPU with miaotui's kernels; else none.
+On CUDA, int8 and int4 run on torch's own weight-only kernels (`aten._weight_int8pack_mm`, per-row int8; tinygemm's
+`aten._weight_int4pack_mm`, 4-bit groups), where the installed torch has them; native and hybrid are CPU layouts.
 The output head stays at 8 bits whatever the method: 4-bit logits flip the argmax of small models (llama.cpp keeps
 its output tensor at 6-8 bits).
 """
@@ -37,6 +39,12 @@ from miaotui.quant.int8 import Int8Weight
 from miaotui.quant.packed import PackedWeight
 
 GROUP_SIZES = (32, 64, 128)
+CUDA_KERNELS = {"int8": "_weight_int8pack_mm", "int4": "_weight_int4pack_mm"}  # torch's weight-only products
+
+
+def cuda_kernel(method: str) -> bool:
+    """Whether this torch build has the CUDA kernel a method multiplies with (it depends on the build)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{CUDA_KERNELS[method]}", "CUDA")
 
 
 def check(quantization: str, group_size: int) -> None:
@@ -69,8 +77,11 @@ def resolve(quantization: str, group_size: int, model: nn.Module, dtype: torch.d
     else:
         method = "none"
     if method != "none" and device.type != "cpu":
-        raise MiaotuiError(f"{method} quantization runs on the CPU kernels only for now; use --quantization none "
-                           "on CUDA")
+        if method not in CUDA_KERNELS:
+            raise MiaotuiError(f"{method} quantization is a CPU layout; on {device.type} use none, int8 or int4")
+        if device.type != "cuda" or not cuda_kernel(method):
+            raise MiaotuiError(f"{method} quantization on {device.type} needs torch's aten.{CUDA_KERNELS[method]}, "
+                               f"which this torch build ({torch.__version__}) lacks; use --quantization none")
     return method, group_size
 
 
@@ -180,8 +191,9 @@ def exact_int4(mat: Matrix, group: int) -> bool:
 
 
 def int8_format(mat: Matrix, dtype: torch.dtype) -> Int8Weight:
-    """A file's blocks of up to 8 bits exactly, else per-row scales from float."""
-    return Int8Weight.from_codes(mat.codes) or Int8Weight.from_float(mat.values, dtype)
+    """A file's blocks of up to 8 bits exactly (miaotui's CPU layout), else per-row scales from float."""
+    exact = Int8Weight.from_codes(mat.codes) if mat.device.type == "cpu" else None
+    return exact or Int8Weight.from_float(mat.values, dtype)
 
 
 def int4_format(mat: Matrix, group: int, dtype: torch.dtype,
@@ -189,7 +201,7 @@ def int4_format(mat: Matrix, group: int, dtype: torch.dtype,
     """A file's 4-bit codes at this group size exactly, else groups searched from float (activation-aware with
     `in_power`); int8 for rows that do not split into groups."""
     if exact_int4(mat, group):
-        return Int4Weight.from_codes(mat.codes)
+        return Int4Weight.from_codes(mat.codes, mat.device)
     if mat.shape[1] % group:
         return Int8Weight.from_float(mat.values, dtype)
     return Int4Weight.from_float(mat.values, group, in_power)
@@ -214,6 +226,6 @@ def embedding_format(mat: Matrix, method: str, dtype: torch.dtype) -> WeightForm
     otherwise; under native, the file's own codes."""
     if method == "native":
         return native_format(mat, dtype)
-    if method == "int4" and mat.shape[1] % 32 == 0 and has_packed():
+    if method == "int4" and mat.shape[1] % 32 == 0 and has_packed() and mat.device.type == "cpu":
         return int4_format(mat, 32, dtype)
     return int8_format(mat, dtype)

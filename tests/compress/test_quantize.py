@@ -10,6 +10,7 @@ from miaotui.errors import MiaotuiError
 from miaotui.loader.tensors import FileTensor
 from miaotui.quant.int4 import Int4Weight
 from miaotui.quant.int8 import Int8Weight
+from miaotui.quant import recipe
 from miaotui.quant.recipe import Matrix, check, int4_format, int8_format
 
 
@@ -303,3 +304,21 @@ def test_parts_of_a_fused_projection_pack_in_place(gemma3_path):
     assert fused.shape == (sum(p.num_rows for p in parts), k)
     assert torch.equal(fused.data, torch.cat([a.data for a in alone]))
     assert torch.equal(fused.dm, torch.cat([a.dm for a in alone]))
+
+
+def test_methods_on_cuda_use_torch_kernels_or_say_which_is_missing(monkeypatch):
+    """Which weight formats a CUDA device gets, decided without one: auto stays dense, int8/int4 go to torch's
+    weight-only kernels when the torch build has them (else a clear refusal), CPU layouts are refused."""
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(config=SimpleNamespace(quantization=None, quantization_group=None, weight_bits=4))
+    cuda = torch.device("cuda")
+    assert recipe.resolve("auto", 32, model, torch.bfloat16, cuda) == ("none", 32)
+    monkeypatch.setattr(recipe, "cuda_kernel", lambda method: True)
+    assert recipe.resolve("int4", 64, model, torch.bfloat16, cuda) == ("int4", 64)
+    assert recipe.resolve("int8", 32, model, torch.bfloat16, cuda) == ("int8", 32)
+    with pytest.raises(MiaotuiError, match="CPU layout"):
+        recipe.resolve("native", 32, model, torch.bfloat16, cuda)
+    monkeypatch.setattr(recipe, "cuda_kernel", lambda method: False)
+    with pytest.raises(MiaotuiError, match="_weight_int4pack_mm"):
+        recipe.resolve("int4", 32, model, torch.bfloat16, cuda)
