@@ -96,6 +96,12 @@ class AttentionBackend(ABC):
         write_kv(layer, meta.slot_mapping, v, layer.v_cache, layer.v_scale)
         if meta.all_decode:  # a pure decode step (the common case): no scatter needed
             return self.decode(layer, q, meta)
+        return self.mixed(layer, q, k, v, meta)
+
+    def mixed(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              meta: AttentionMetadata) -> torch.Tensor:
+        """A step with prompt chunks (its keys and values already cached): decode rows as `decode` does them, the
+        chunks through torch's SDPA."""
         if meta.num_seqs == 1:
             return prefill(layer, meta, 0, q, k, v)
         out = torch.empty_like(q)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from miaotui.attention.base import AttentionBackend, AttentionMetadata, write_kv
+from miaotui.attention.base import AttentionBackend, AttentionMetadata
 
 if TYPE_CHECKING:
     from miaotui.layers.attention import Attention
@@ -155,14 +155,9 @@ class FlexBackend(AttentionBackend):
         return torch.nn.functional.pad(index, (0, self.pad - index.shape[-1]))
 
     # -- attention --------------------------------------------------------------------------------------------
-    def forward(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        if layer.k_cache is None:
-            raise RuntimeError("attention has no KV cache; the model runner allocates it")
-        write_kv(layer, meta.slot_mapping, k, layer.k_cache, layer.k_scale)
-        write_kv(layer, meta.slot_mapping, v, layer.v_cache, layer.v_scale)
-        if meta.all_decode:
-            return self.decode(layer, q, meta)
+    def mixed(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              meta: AttentionMetadata) -> torch.Tensor:
+        """Every row of the step in one call, each query against the cache up to its own position."""
         keys, values = _cache_sequence(layer)
         out = self._flex(q.transpose(0, 1)[None], keys, values, meta.rows[layer.sliding_window], layer.scale)
         return out[0].transpose(0, 1)
