@@ -146,7 +146,7 @@ def bench(alias: str, path: str, roof_gb_s: float | None, quick: bool, device: s
     res["weight_bytes"] = nbytes
     if roof_gb_s:
         res["decode_share_of_roof"] = round(res["miaotui"]["decode_tok_s"] * nbytes / (roof_gb_s * 1e9), 3)
-    del mt, engine
+    del mt, engine, graphs  # the graphs hold the runner, and with it the KV cache
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
