@@ -71,15 +71,8 @@ def greedy(engine: Engine, ids: list[list[int]]) -> list[list[int]]:
 
 
 def _logits(engine: Engine, ids: list[int]) -> torch.Tensor:
-    """The logits after the prompt, from one forward pass of the engine's runner."""
-    from miaotui.engine.sequence import Sequence
-
-    bs = engine.config.block_size
-    blocks = -(-len(ids) // bs)
-    seq = Sequence("probe", list(ids), len(ids), SamplingParams(max_tokens=1), None,  # type: ignore[arg-type]
-                   block_table=list(range(blocks)))
-    engine.runner.zero_blocks(list(range(blocks)))
-    return engine.runner.forward([seq], [len(ids)])[0].float().cpu()
+    """The logits after the prompt, on the CPU."""
+    return engine.prompt_logits(ids)[-1].float().cpu()
 
 
 @pytest.fixture(scope="module", params=MODELS)
