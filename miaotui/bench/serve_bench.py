@@ -26,6 +26,32 @@ from miaotui.bench.engine_bench import percentiles
 from miaotui.errors import MiaotuiError
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, seconds: float = 120, log=None) -> None:
+    """Until the server at `url` answers /health with 200. If it exits or takes longer, it is stopped (SIGTERM
+    first: a server that started replicas stops its Ray processes too) and the error carries its log's tail."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    exited = proc.poll() is not None
+    if not exited:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    tail = ""
+    if log is not None:
+        log.seek(0)
+        tail = f": {log.read()[-2000:]}"
+    raise MiaotuiError(("the server exited while starting" if exited else
+                        f"the server did not start within {seconds:.0f} s") + tail)
+
+
 class ServerProcess:
     """A `miaotui serve` child process on a free loopback port; start() again after stop() reuses the port."""
 
@@ -45,19 +71,7 @@ class ServerProcess:
         self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(cmd, env={**os.environ, **self.env}, stdout=subprocess.DEVNULL, stderr=self.log,
                                      text=True)
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise MiaotuiError(f"the server exited while starting: {self.log.read()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.proc.kill()
-        raise MiaotuiError(f"the server did not start within {self.start_timeout:.0f} s")
+        wait_healthy(self.proc, self.url, self.start_timeout, self.log)
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)

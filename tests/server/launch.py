@@ -6,10 +6,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
+import tempfile
 from collections.abc import Iterator
 
-import httpx
+from miaotui.bench.serve_bench import wait_healthy
 
 
 def free_port() -> int:
@@ -20,32 +20,13 @@ def free_port() -> int:
 
 def start_server(model, *flags: str, timeout: float = 120) -> tuple[subprocess.Popen, str]:
     port = free_port()
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: an undrained pipe fills and blocks the server
     proc = subprocess.Popen([sys.executable, "-m", "miaotui.cli", "serve", "--model", str(model), "--port",
                              str(port), "--kv-cache-memory", str(32 * 2**20), *flags],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=log, text=True)
     base = f"http://127.0.0.1:{port}"
-    wait_healthy(proc, base, timeout)
+    wait_healthy(proc, base, timeout, log)
     return proc, base
-
-
-def wait_healthy(proc: subprocess.Popen, base: str, seconds: float = 120) -> None:
-    """Until /health answers 200; kills the process and raises if it exits or takes too long."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-        if proc.poll() is not None:
-            break
-    proc.terminate()  # SIGTERM first: a server starting replicas stops its Ray processes too
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    raise RuntimeError("miaotui serve did not start")
 
 
 def serving(model, *flags: str, timeout: float = 120) -> Iterator[str]:
