@@ -23,7 +23,9 @@ SYSTEM = "You are a helpful assistant who answers questions about the weather in
 
 @pytest.fixture(scope="module")
 def url(smollm2_path):
-    yield from serving(smollm2_path, "--replicas", "2", "--max-model-len", "1024", timeout=300)  # Ray starts
+    # fp32: in bf16 a near tie in the greedy test below flips with the prefix cache's shorter prefill (AVX-512).
+    yield from serving(smollm2_path, "--replicas", "2", "--max-model-len", "1024", "--dtype", "float32",
+                       timeout=300)  # Ray starts
 
 
 def replicas(url: str) -> dict[str, dict[str, float]]:
