@@ -933,20 +933,23 @@ Tensor packed_rows(const Tensor& w, const Tensor& dm, int64_t bits, int64_t grou
   const at::Half* dp = dm.data_ptr<at::Half>();
   float* o = out.data_ptr<float>();
   const int64_t per_line = bits == 4 ? 8 : 4;  // inputs per 64-byte line
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t rb = id[i] / 16, r = id[i] % 16;
-    const uint8_t* line = wp + rb * line_bytes + r * 4;
-    const at::Half* dmb = dp + rb * ngroups * 32;
-    float* orow = o + i * K;
-    for (int64_t c = 0; c < K / per_line; ++c, line += 64) {
-      const int64_t k0 = c * per_line, g = k0 / group;
-      const float d = static_cast<float>(dmb[g * 32 + r]), m = static_cast<float>(dmb[g * 32 + 16 + r]);
-      uint32_t word;
-      std::memcpy(&word, line, 4);
-      if (bits == 4) dequantize_word<4>(word, d, m, orow + k0);
-      else dequantize_word<8>(word, d, m, orow + k0);
+  // a token's embedding row, or every row of a weight (hybrid's dense copy): rows in parallel past a few
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t rb = id[i] / 16, r = id[i] % 16;
+      const uint8_t* line = wp + rb * line_bytes + r * 4;
+      const at::Half* dmb = dp + rb * ngroups * 32;
+      float* orow = o + i * K;
+      for (int64_t c = 0; c < K / per_line; ++c, line += 64) {
+        const int64_t k0 = c * per_line, g = k0 / group;
+        const float d = static_cast<float>(dmb[g * 32 + r]), m = static_cast<float>(dmb[g * 32 + 16 + r]);
+        uint32_t word;
+        std::memcpy(&word, line, 4);
+        if (bits == 4) dequantize_word<4>(word, d, m, orow + k0);
+        else dequantize_word<8>(word, d, m, orow + k0);
+      }
     }
-  }
+  });
   return out;
 }
 

@@ -1,5 +1,6 @@
-"""`hybrid`, what `auto` picks on a CPU for a 4-bit file in bf16: int4 for the few-row products of decoding
-(bandwidth-bound: 4x fewer bytes per token) beside a dense bf16 copy for prefill and batches (compute-bound)."""
+"""`hybrid`, what `auto` picks on a CPU with bf16 units for a small model's 4-bit file in bf16: the file's codes for
+the few-row products of decoding (bandwidth-bound: 4x fewer bytes per token) beside a dense bf16 copy made from
+those codes for prefill and batches (compute-bound)."""
 
 from __future__ import annotations
 

@@ -88,7 +88,10 @@ class PackedWeight:
         return self.data.view(-1, k // 4, 16, 4)[idx // 16, :, idx % 16].reshape(len(idx), k)
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """The weight [N, K] (or `rows` of it) as fp32."""
+        """The weight [N, K] (or `rows` of it) as fp32 (miaotui's kernel where it is built: ~20x torch's ops)."""
+        if (ops := cpu_ops()) is not None and self.data.is_cpu:
+            rows = torch.arange(self.shape[0]) if rows is None else rows
+            return ops.packed_rows(self.data, self.dm, self.bits, self.group, self.shape[1], rows)
         if rows is None:
             dm = self.dm.permute(0, 3, 1, 2).reshape(-1, self.dm.shape[1], 2)[: self.shape[0]]
         else:  # only the rows asked for: an embedding lookup must not copy every row's scales
@@ -100,12 +103,7 @@ class PackedWeight:
 
     def lookup(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` (any shape) as `dtype`, [*ids.shape, K]: an embedding table read from this layout."""
-        flat = ids.reshape(-1)
-        if (ops := cpu_ops()) is not None and self.data.is_cpu:
-            rows = ops.packed_rows(self.data, self.dm, self.bits, self.group, self.shape[1], flat)
-        else:
-            rows = self.dequantize(flat)
-        return rows.to(dtype).reshape(*ids.shape, -1)
+        return self.dequantize(ids.reshape(-1)).to(dtype).reshape(*ids.shape, -1)
 
     @property
     def nbytes(self) -> int:

@@ -9,9 +9,10 @@ The formats (dense.py, int8.py, int4.py, hybrid.py) each hold and multiply one m
   statistics (activation-aware) when given.
 - native: every matrix at the file's own precision, as its codes: 4-bit blocks as int4, 5- to 8-bit blocks as int8
   (both exactly), other quantized types (Q6_K) as int8 per row; no float copy at all.
-- auto: `hybrid` (int4 for decode-sized products beside the dense weights) where the file's block weights are
-  4-bit and the model runs in bf16 on the CPU; a `miaotui compress --quantize` folder's own method; `native` for
-  any other quantized file on a CPU with miaotui's kernels; else none.
+- auto: `hybrid` (the file's codes for decode-sized products beside a dense copy of them) where the file's block
+  weights are 4-bit, the model runs in bf16 on a CPU with bf16 units, and the copy is small (HYBRID_MAX_WEIGHTS);
+  a `miaotui compress --quantize` folder's own method; `native` for any other quantized file on a CPU with
+  miaotui's kernels; else none.
 On CUDA, int8 and int4 run on torch's own weight-only kernels (`aten._weight_int8pack_mm`, per-row int8; tinygemm's
 `aten._weight_int4pack_mm`, 4-bit groups), where the installed torch has them; native and hybrid are CPU layouts.
 The output head stays at 8 bits whatever the method: 4-bit logits flip the argmax of small models (llama.cpp keeps
@@ -54,13 +55,25 @@ def check(quantization: str, group_size: int) -> None:
         raise MiaotuiError(f"int4 group size must be 32, 64 or 128, got {group_size}")
 
 
+# `auto` adds hybrid's dense bf16 copy (2 bytes a weight, made at load) only to models up to this many weights in
+# their products: it doubles prefill speed (AVX-512 bf16, SmolLM2 and Qwen2.5-1.5B alike), but on Qwen2.5-1.5B it
+# cost 12-17 s of load and 6.3 GB resident against native's 2.5 s and 2.6 GB, and a 7B model's copy would not fit
+# beside its codes in 24 GB.
+HYBRID_MAX_WEIGHTS = 600_000_000
+
+
+def matrix_weights(model: nn.Module) -> int:
+    """Weights in the model's products (its Linear layers; a tied output head is its embedding table, not counted)."""
+    return sum(m.in_features * sum(m.output_sizes) for m in model.modules() if isinstance(m, Linear))
+
+
 def resolve(quantization: str, group_size: int, model: nn.Module, dtype: torch.dtype,
             device: torch.device) -> tuple[str, int]:
     """(method, group size) that `quantization` means for this model on this device. `auto` never costs quality:
     a file's low-bit blocks are affine maps of integer codes per 32 weights, which int4 (4-bit blocks) and int8
-    (5- to 8-bit blocks) hold exactly. In bf16 on a CPU with bf16 units, a 4-bit file decodes on its codes beside
-    dense weights for prefill (`hybrid`); elsewhere every product runs on the codes (`native`); a `miaotui compress`
-    folder keeps the method (and group) it was stored with; float files stay dense."""
+    (5- to 8-bit blocks) hold exactly. In bf16 on a CPU with bf16 units, a small model's 4-bit file decodes on its
+    codes beside dense weights for prefill (`hybrid`); elsewhere every product runs on the codes (`native`); a
+    `miaotui compress` folder keeps the method (and group) it was stored with; float files stay dense."""
     check(quantization, group_size)
     cfg = model.config
     if quantization != "auto":
@@ -70,7 +83,8 @@ def resolve(quantization: str, group_size: int, model: nn.Module, dtype: torch.d
     elif cfg.quantization:
         method = cfg.quantization
         group_size = cfg.quantization_group or group_size
-    elif dtype == torch.bfloat16 and cfg.weight_bits <= 4 and onednn_bf16():
+    elif (dtype == torch.bfloat16 and cfg.weight_bits <= 4 and onednn_bf16()
+          and matrix_weights(model) <= HYBRID_MAX_WEIGHTS):
         method = "hybrid"
     elif cfg.weight_bits < 16 and has_packed():
         method = "native"
@@ -152,8 +166,7 @@ def apply(model: nn.Module, quantization: str, group_size: int, dtype: torch.dty
         if method == "none":
             m.format = dense_weight(mat.values)
         elif method == "hybrid":
-            small = int8_format(mat, dtype) if m is head else int4_format(mat, group, dtype)
-            m.format = HybridWeight(small, dense_weight(mat.values))
+            m.format = hybrid_format(mat, dtype, 8 if m is head else None)
         elif method == "native":
             m.format = native_format(mat, dtype, 8 if m is head else None)
         elif method == "int8" or eight_bit(m):
@@ -168,14 +181,14 @@ def apply(model: nn.Module, quantization: str, group_size: int, dtype: torch.dty
     elif method == "none":  # tied to the embedding table: the head gets its own copy, in a fast layout or int8
         model.head = dense_weight(mats[head].values)
     elif method == "hybrid":
-        model.head = HybridWeight(int8_format(mats[head], dtype), dense_weight(mats[head].values))
+        model.head = hybrid_format(mats[head], dtype, 8)
     elif method == "native":
         model.head = native_format(mats[head], dtype, 8)
     else:
         model.head = int8_format(mats[head], dtype)
     for e in embeddings:
         e.dtype = dtype
-        if e is emb and method in ("int8", "int4", "native"):  # read by rows: a tied table shares the head's int8
+        if e is emb and method != "none":  # read by rows: a tied table shares the head's int8
             e.format = model.head if e is head else embedding_format(mats[e], method, dtype)
         else:
             e.format = DenseWeight(mats[e].values)
@@ -220,11 +233,19 @@ def native_format(mat: Matrix, dtype: torch.dtype, bits: int | None = None) -> I
     return int8_format(mat, dtype)
 
 
+def hybrid_format(mat: Matrix, dtype: torch.dtype, bits: int | None = None) -> HybridWeight:
+    """The file's own codes (native_format) for decoding beside a dense copy made from those codes: the two paths
+    multiply the same values, and the copy skips the float detour (Qwen2.5-1.5B Q4_K_M: 68 -> 12-14 s to load; it had
+    also requantized the file's 6-bit tensors to 4 bits)."""
+    small = native_format(mat, dtype, bits)
+    return HybridWeight(small, dense_weight(small.dequantize().to(device=mat.device, dtype=dtype)))
+
+
 def embedding_format(mat: Matrix, method: str, dtype: torch.dtype) -> WeightFormat:
     """An untied embedding table is only ever read a row per token, never multiplied: under int4 it takes 4-bit
     groups of 32 too (Qwen2.5-0.5B's 136M entries: 153 -> 85 MB) where miaotui's kernel layout exists; int8
     otherwise; under native, the file's own codes."""
-    if method == "native":
+    if method in ("native", "hybrid"):  # hybrid: only products need its dense copy
         return native_format(mat, dtype)
     if method == "int4" and mat.shape[1] % 32 == 0 and has_packed() and mat.device.type == "cpu":
         return int4_format(mat, 32, dtype)

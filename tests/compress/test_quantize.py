@@ -128,6 +128,20 @@ def test_gguf_codes_go_to_the_kernels_exactly(smollm2_path):
         assert torch.equal(int8_format(head, torch.float32).dequantize(), head.values)
 
 
+def test_auto_adds_a_dense_copy_only_to_small_models(smollm2_path, monkeypatch):
+    """hybrid's bf16 copy doubles prefill but costs load time and 2 bytes a weight: `auto` keeps it to small models
+    (SmolLM2: 106M weights in its products); past HYBRID_MAX_WEIGHTS it decodes and prefills on the codes."""
+    from miaotui.loader import load
+    from miaotui.quant.dense import onednn_bf16
+
+    model = load(smollm2_path, "cpu", torch.bfloat16).model
+    assert 100e6 < recipe.matrix_weights(model) < 110e6
+    small = recipe.resolve("auto", 32, model, torch.bfloat16, torch.device("cpu"))[0]
+    monkeypatch.setattr(recipe, "HYBRID_MAX_WEIGHTS", 100_000_000)
+    large = recipe.resolve("auto", 32, model, torch.bfloat16, torch.device("cpu"))[0]
+    assert (small, large) == (("hybrid" if onednn_bf16() else "native"), "native")
+
+
 @pytest.mark.parametrize("method", ["none", "int8"])
 def test_file_tensors_are_dropped_once_converted(smollm2_path, method):
     from miaotui import LLM
