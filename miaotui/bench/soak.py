@@ -42,6 +42,7 @@ class SoakConfig:
     kv_cache_memory: int = 64 * 2**20  # small, so the batch outgrows it and sequences are preempted
     request_timeout: float = 300.0  # a request without an answer by then counts as hung
     seed: int = 0
+    dtype: str = "auto"  # the server's --dtype
 
 
 @dataclass
@@ -289,7 +290,7 @@ def run_soak(cfg: SoakConfig) -> SoakReport:
     report = SoakReport()
     # A small KV budget, so the batch outgrows it and sequences are preempted; the fault hook armed.
     server = ServerProcess(cfg.model, ["--max-model-len", "1024", "--kv-cache-memory", str(cfg.kv_cache_memory),
-                                       "--grace-period", "20"], env={"MIAOTUI_FAULT_SEED": str(FAULT_SEED)})
+                                       "--grace-period", "20", "--dtype", cfg.dtype], env={"MIAOTUI_FAULT_SEED": str(FAULT_SEED)})
     server.start()
     try:
         asyncio.run(_soak(cfg, server, report))
