@@ -290,7 +290,8 @@ def run_soak(cfg: SoakConfig) -> SoakReport:
     report = SoakReport()
     # A small KV budget, so the batch outgrows it and sequences are preempted; the fault hook armed.
     server = ServerProcess(cfg.model, ["--max-model-len", "1024", "--kv-cache-memory", str(cfg.kv_cache_memory),
-                                       "--grace-period", "20", "--dtype", cfg.dtype], env={"MIAOTUI_FAULT_SEED": str(FAULT_SEED)})
+                                       "--grace-period", "20", "--dtype", cfg.dtype],
+                           env={"MIAOTUI_FAULT_SEED": str(FAULT_SEED)})
     server.start()
     try:
         asyncio.run(_soak(cfg, server, report))
