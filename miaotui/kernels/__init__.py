@@ -169,7 +169,8 @@ def describe() -> str:
     ops = cpu_ops()
     if ops is None:
         return f"{isa() if _X86 else 'generic'} CPU, plain torch (miaotui's kernels off)"
-    return f"{isa()} kernels (integer products: {ops.qmatmul_path}{', AMX tiles' if ops.amx else ''})"
+    extra = ", AMX tiles" if ops.amx else ", bf16 GEMM for prefill" if ops.bf16_gemm else ""
+    return f"{isa()} kernels (integer products: {ops.qmatmul_path}{extra})"
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("vector_width") = mt::W;  // floats per vector in ops.cpp: 16 (AVX-512) or 8 (AVX2, portable C++)
   m.attr("qmatmul_path") = qmatmul_path();
   m.attr("amx") = qmatmul_amx();
+  m.attr("bf16_gemm") = qmatmul_bf16_gemm();
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim");
   m.def("gated_act", &gated_act, "act(gate) * up over a fused [gate | up] last dim (gelu_tanh or silu)");
   m.def("rope_", &rope_, "NEOX rotary embedding in place on [T, H, D]");

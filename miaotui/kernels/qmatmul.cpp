@@ -24,6 +24,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -441,6 +442,117 @@ Tensor dense_qmatmul(const Tensor& x, const Tensor& w, const Tensor& dm, int64_t
   shape.back() = N;
   return y.view(shape).to(x.scalar_type());
 }
+
+#if MIAOTUI_VNNI
+// Prefill-sized products on a CPU that multiplies bf16 itself (AVX512-BF16: Zen 4/5, Cooper Lake; an AMX build takes
+// its tile path first): the weight is widened to bf16 a chunk of rows at a time and multiplied by torch's bf16 GEMM
+// (oneDNN, `vdpbf16ps`: 32 multiply-adds an instruction where the integer path above, with its two activation
+// terms, gets 32 per `vpdpbusd` pair and pays per row and block for quantizing and rescaling). Measured here (Zen 5,
+// 2 threads, Qwen2.5-1.5B's products at 512 rows): 2.3x the integer kernel on 4-bit codes, 5x on 8-bit ones. The
+// result is x @ bf16(d * q + m)^T, as the AMX path and a dense bf16 weight give.
+
+// From these rows on (measured as above, from 16 to 512 rows): 8-bit codes, whose integer product costs twice the
+// 4-bit one, from 16; 4-bit ones from 64 (at 32 rows the integer kernel is still 1.2-1.8x the GEMM with its widening).
+constexpr int64_t BF16_MIN_ROWS4 = 64, BF16_MIN_ROWS8 = 16;
+constexpr int64_t BF16_W_CHUNK = 4 << 20;  // bytes of bf16 weight rows per chunk (2 and 8 MB: no better)
+constexpr int64_t BF16_M_CHUNK = 256;      // activation rows per GEMM (128: 15% slower at 512 rows, 512: the same)
+
+bool bf16_units() {
+  static const bool ok = __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+inline int64_t bf16_min_rows(int64_t bits) { return bits == 4 ? BF16_MIN_ROWS4 : BF16_MIN_ROWS8; }
+
+// One block of 16 rows as bf16 [16, K] (row stride K): each 64-byte line's low and high nibble planes (4-bit) are
+// interleaved per 32-bit lane, so every 128-bit lane holds two rows' 8 consecutive inputs (8-bit: four rows' 4).
+template <int Bits>
+void widen_block_bf16(const uint8_t* w, const at::Half* dm, int64_t K, int64_t group, mt::BF16* out) {
+  constexpr int per_line = Bits == 4 ? 8 : 4;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512i idx[4];  // lane L's rows' scales: row 4L + j repeated per_line times
+  for (int L = 0; L < 4; ++L) {
+    alignas(64) int32_t t[16];
+    for (int i = 0; i < 16; ++i) t[i] = 4 * L + i / per_line;
+    idx[L] = _mm512_load_si512(t);
+  }
+  for (int64_t g = 0; g < K / group; ++g) {
+    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + g * 32)));
+    const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + g * 32 + 16)));
+    __m512 d[Bits == 4 ? 8 : 4], m[Bits == 4 ? 8 : 4];  // per (plane, lane) for 4-bit, per lane for 8-bit
+    for (int L = 0; L < 4; ++L)
+      for (int h = 0; h < (Bits == 4 ? 2 : 1); ++h) {  // 4-bit: the second plane holds rows 4L+2, 4L+3
+        const __m512i i2 = _mm512_add_epi32(idx[L], _mm512_set1_epi32(2 * h));
+        d[L * (Bits == 4 ? 2 : 1) + h] = _mm512_permutexvar_ps(i2, dv);
+        m[L * (Bits == 4 ? 2 : 1) + h] = _mm512_permutexvar_ps(i2, mv);
+      }
+    for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += per_line, w += 64) {
+      const __m512i line = _mm512_loadu_si512(w);
+      if constexpr (Bits == 4) {
+        const __m512i lo = _mm512_and_si512(line, low4), hi = _mm512_and_si512(_mm512_srli_epi16(line, 4), low4);
+        const __m512i planes[2] = {_mm512_unpacklo_epi32(lo, hi), _mm512_unpackhi_epi32(lo, hi)};
+        for (int L = 0; L < 4; ++L)
+          for (int h = 0; h < 2; ++h) {
+            const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(planes[h], L)));
+            const __m256i b = mt::bf16_lanes({_mm512_fmadd_ps(v, d[2 * L + h], m[2 * L + h])});
+            const int64_t r = 4 * L + 2 * h;
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(out + r * K + k0), _mm256_castsi256_si128(b));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (r + 1) * K + k0), _mm256_extracti128_si256(b, 1));
+          }
+      } else {
+        for (int L = 0; L < 4; ++L) {
+          const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(line, L)));
+          const __m256i b = mt::bf16_lanes({_mm512_fmadd_ps(v, d[L], m[L])});
+          alignas(32) int64_t q[4];
+          _mm256_store_si256(reinterpret_cast<__m256i*>(q), b);
+          for (int j = 0; j < 4; ++j) std::memcpy(out + (4 * L + j) * K + k0, q + j, 8);
+        }
+      }
+    }
+  }
+}
+
+// y = x @ W^T in bf16 for prefill-sized M: W's rows a chunk at a time (widened in parallel, then one GEMM per
+// chunk of at most BF16_M_CHUNK activation rows). oneDNN keeps state for every shape it meets, so the shapes are
+// kept few: full chunks, and a last one padded to a multiple of 16 rows.
+Tensor dense_qmatmul_bf16(const Tensor& x, const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t N,
+                          const Tensor& in_scale) {
+  const int64_t K = x.size(-1), M = x.numel() / K, rblocks = (N + 15) / 16, line_bytes = 16 * K * bits / 8;
+  Tensor xb = x.reshape({M, K});
+  if (in_scale.defined()) xb = xb.to(at::kFloat).mul(in_scale.to(at::kFloat)).to(at::kBFloat16);
+  Tensor y = at::empty({M, N}, xb.options());
+  const int64_t chunk = std::max<int64_t>(1, BF16_W_CHUNK / (16 * K * 2));  // row blocks per chunk
+  Tensor wb = at::empty({std::min(rblocks, chunk) * 16, K}, xb.options());
+  mt::BF16* wp = reinterpret_cast<mt::BF16*>(wb.data_ptr<at::BFloat16>());
+  const int64_t last = M % BF16_M_CHUNK, padded = (last + 15) / 16 * 16;
+  Tensor xpad;
+  if (padded != last) {  // the last rows, zero-padded to a multiple of 16
+    xpad = at::zeros({padded, K}, xb.options());
+    xpad.narrow(0, 0, last).copy_(xb.narrow(0, M - last, last));
+  }
+  for (int64_t rb = 0; rb < rblocks; rb += chunk) {
+    const int64_t rb_end = std::min(rblocks, rb + chunk), n0 = rb * 16, n = std::min(N, rb_end * 16) - n0;
+    at::parallel_for(rb, rb_end, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const uint8_t* wl = w.data_ptr<uint8_t>() + b * line_bytes;
+        const at::Half* dl = dm.data_ptr<at::Half>() + b * (K / group) * 32;
+        if (bits == 4) widen_block_bf16<4>(wl, dl, K, group, wp + (b - rb) * 16 * K);
+        else widen_block_bf16<8>(wl, dl, K, group, wp + (b - rb) * 16 * K);
+      }
+    });
+    const Tensor wt = wb.narrow(0, 0, n).t();
+    for (int64_t m0 = 0; m0 < M; m0 += BF16_M_CHUNK) {
+      const int64_t mc = std::min(BF16_M_CHUNK, M - m0);
+      const Tensor xc = mc == last && xpad.defined() ? xpad : xb.narrow(0, m0, mc);
+      Tensor yc = y.narrow(0, m0, mc);
+      if (n == N && !xpad.defined()) at::mm_out(yc, xc, wt);
+      else (n == N ? yc : yc.narrow(1, n0, n)).copy_(at::mm(xc, wt).narrow(0, 0, mc));
+    }
+  }
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  return y.view(shape);
+}
+#endif
 
 #if !MIAOTUI_VNNI && !MIAOTUI_AVX2
 // Portable C++ (ARM, other CPUs): each line's codes unpacked to bytes once, then plain integer loops over the 16
@@ -915,6 +1027,14 @@ bool qmatmul_amx() {
 #endif
 }
 
+bool qmatmul_bf16_gemm() {
+#if MIAOTUI_VNNI
+  return bf16_units() && !qmatmul_amx();
+#else
+  return false;
+#endif
+}
+
 // Rows `ids` of a packed weight as fp32 [n, K]: an embedding lookup (one row per token) without a torch op per step
 // of the unpacking (~160 us a token through torch). The same values as dequantize_rows (the same dequantize_word).
 Tensor packed_rows(const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t K, const Tensor& ids_) {
@@ -953,6 +1073,16 @@ Tensor packed_rows(const Tensor& w, const Tensor& dm, int64_t bits, int64_t grou
   return out;
 }
 
+// Whether the tile path takes a product of M rows (AMX builds, on CPUs that grant the tiles).
+inline bool amx_takes(int64_t M) {
+#if MIAOTUI_AMX
+  return M >= AMX_MIN_ROWS && amx_ready();
+#else
+  (void)M;
+  return false;
+#endif
+}
+
 // y [M, N] = x [M, K] (fp32 or bf16; times in_scale [K] first when given) @ W^T, W packed as described above.
 Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t N,
                const c10::optional<Tensor>& in_scale_, bool reference) {
@@ -974,12 +1104,16 @@ Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits
   }
   if (!MIAOTUI_VNNI && !reference && M >= dense_min_rows(bits))  // (VNNI's 64 products per instruction keep the integers)
     return dense_qmatmul(x, w, dm, bits, group, N, in_scale);
+#if MIAOTUI_VNNI
+  if (!reference && x.scalar_type() == at::kBFloat16 && M >= bf16_min_rows(bits) && bf16_units() && !amx_takes(M))
+    return dense_qmatmul_bf16(x, w, dm, bits, group, N, in_scale);
+#endif
   auto shape = x.sizes().vec();
   shape.back() = N;
   Tensor y = at::empty(shape, x.options());
   auto run = [&](auto* xp, auto* yp) {
 #if MIAOTUI_AMX
-    if (!reference && M >= AMX_MIN_ROWS && amx_ready()) {
+    if (!reference && amx_takes(M)) {
       Tensor xb;
       if (!in_scale.defined()) xb = amx_rows(xp, static_cast<const float*>(nullptr), M, K);
       else if (in_scale.scalar_type() == at::kBFloat16) xb = amx_rows(xp, in_scale.data_ptr<at::BFloat16>(), M, K);

@@ -18,17 +18,23 @@ class HybridWeight:
     is miaotui's tile-order one; all 120 projections of SmolLM2 took here, at 1 / 4 / 8 / 16 / 32 rows, 3.7 / 5.0 /
     8.1 / 9.3 / 14.2 ms on int4 (VNNI below 8 rows, widened to bf16 tiles from 8) and 8.6 / 8.9 / 8.5 / 9.3 / 12.2
     ms on the bf16 tiles (streaming 214 MB at the machine's read bandwidth), so the switch sits at 8 rows.
-    Elsewhere the copy is oneDNN's (335-395 us at 1-16 rows on one 3072 x 576 projection, int4 VNNI 58 / 109 / 199 /
-    398 us at 1 / 4 / 8 / 16) and int4 serves up to SMALL_BATCH rows."""
+    Elsewhere the copy is oneDNN's, and 4-bit codes serve up to SMALL_BATCH rows: a batch's decode step then runs in
+    the fused stack (engine/fused.py) on VNNI, where the copy's products run module by module (AVX-512 Zen 5, SmolLM2,
+    32 x (64 in, 128 out) alternating in one process: 937 tok/s at 32 rows against 864 at 12). 8-bit codes (the
+    output head) cost twice the 4-bit ones per row, and the copy wins from 8-16 rows (the head at 16 / 32 rows: 7.0 /
+    7.7 ms on its codes, 3.5 / 4.3 ms on the copy): they serve up to SMALL_BATCH_8BIT."""
 
-    SMALL_BATCH = 12
+    SMALL_BATCH = 32
+    SMALL_BATCH_8BIT = 12
     SMALL_BATCH_TILES = 7
 
     def __init__(self, small: Int4Weight | Int8Weight, dense: DenseWeight | OneDNNWeight | TiledWeight):
         self.small, self.dense = small, dense
         self.shape = dense.shape
-        tiles = isinstance(dense, TiledWeight) and small.fast is not None
-        self.small_batch = self.SMALL_BATCH_TILES if tiles else self.SMALL_BATCH
+        if isinstance(dense, TiledWeight) and small.fast is not None:
+            self.small_batch = self.SMALL_BATCH_TILES
+        else:
+            self.small_batch = self.SMALL_BATCH_8BIT if isinstance(small, Int8Weight) else self.SMALL_BATCH
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return (self.small if x.shape[0] <= self.small_batch else self.dense).matmul(x, bias)

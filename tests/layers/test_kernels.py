@@ -186,14 +186,15 @@ def test_qmatmul_matches_the_dequantized_weight(ops, bits, group, m):
 
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (8, 96)])
-@pytest.mark.parametrize("m", [8, 17, 40])
+@pytest.mark.parametrize("m,n,k", [(8, 50, 384), (17, 50, 384), (40, 50, 384), (300, 2900, 768)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_qmatmul_many_rows_on_amx_is_a_bf16_product(ops, bits, group, m, dtype):
+def test_qmatmul_many_rows_is_a_bf16_product(ops, bits, group, m, n, k, dtype):
     """From 8 rows on, the AMX path widens the weight to bf16 and multiplies bf16 activations with fp32 sums:
-    x @ W^T as a dense bf16 weight would give it (rows padded to tiles, outputs not in blocks of 32)."""
-    if not ops.amx:
-        pytest.skip("no AMX in this build")
-    n, k = 50, 384
+    x @ W^T as a dense bf16 weight would give it (rows padded to tiles, outputs not in blocks of 32). On a CPU
+    with bf16 units and no tiles, bf16 activations of prefill size take torch's bf16 GEMM on the widened weight:
+    the same product (300 x 2900: more rows than one GEMM takes, more weight than one widened chunk)."""
+    if not ops.amx and not (ops.bf16_gemm and dtype == torch.bfloat16 and m == 300):
+        pytest.skip("neither AMX nor bf16 units in this build")
     *_, w = random_packed(n, k, bits, group)
     x = (torch.randn(m, k) * torch.where(torch.rand(k) < 0.05, 30.0, 1.0)).to(dtype)
     s = torch.rand(k) + 0.5
