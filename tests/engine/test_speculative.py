@@ -13,6 +13,7 @@ import torch
 
 from miaotui import LLM, SamplingParams, StructuredOutput
 from miaotui.config import SpeculativeConfig
+from miaotui.engine import draft_model
 from miaotui.engine.sampler import Sampler
 from miaotui.engine.sequence import Sequence
 from miaotui.engine.speculative import ContextIndex, Speculator, best_k, prompt_lookup
@@ -68,6 +69,26 @@ def test_greedy_and_seeded_outputs_are_those_of_plain_decoding(plain, spec):
                 assert x.top.keys() == y.top.keys()
     copy = run(model, SamplingParams(temperature=0, max_tokens=48), PROMPTS[:1])[0].metrics
     assert copy.verify_steps and copy.accepted_tokens >= copy.proposed_tokens / 2  # the copy task is taken in runs
+
+
+def test_a_draft_head_over_a_shortlist_proposes_from_it_and_changes_no_output(plain, monkeypatch):
+    """The draft's head over part of the vocabulary, in a non-trivial order (its row i scores token 8191 - i):
+    proposals come from it, the copy task is still taken in runs, and the output is unchanged."""
+    monkeypatch.setattr(draft_model, "SHORTLIST", 4096)
+    tok = plain.engine.tokenizer
+    ids = draft_model.shortlist(tok, 49152).tolist()
+    assert ids[:4096] == list(range(4096)) and tok.stop_ids <= set(ids)
+    monkeypatch.setattr(draft_model, "shortlist", lambda tokenizer, vocab_size: torch.arange(8191, -1, -1))
+    model = llm("smollm2-135m", {"method": "draft_model", "model": "smollm2-135m"})
+    proposer = model.engine.speculator.proposer
+    assert proposer.runner.model.head.shape == (8192, 576)
+    proposed, propose = [], proposer.propose
+    monkeypatch.setattr(proposer, "propose", lambda seqs, ks: [proposed.extend(d) or d for d in propose(seqs, ks)])
+    params = SamplingParams(temperature=0, max_tokens=48)
+    assert [o.token_ids for o in run(model, params)] == [o.token_ids for o in run(plain, params)]
+    assert proposed and max(proposed) < 8192
+    copy = run(model, params, PROMPTS[:1])[0].metrics
+    assert copy.accepted_tokens >= copy.proposed_tokens / 2
 
 
 @pytest.mark.parametrize("alias", ["gemma3-270m", "qwen2.5-coder-0.5b"])
