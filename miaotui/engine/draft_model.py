@@ -24,8 +24,6 @@ from miaotui.errors import MiaotuiError
 from miaotui.kernels import argmax
 from miaotui.loader import load
 from miaotui.quant import recipe
-from miaotui.quant.dense import dense_weight
-from miaotui.quant.int8 import Int8Weight
 from miaotui.sampling import SamplingParams
 
 log = logging.getLogger("miaotui")
@@ -49,17 +47,11 @@ class DraftModelProposer(Proposer):
         if loaded.tokenizer.backend.get_vocab() != engine.tokenizer.backend.get_vocab():
             raise MiaotuiError(f"draft model {config.model!r} has another vocabulary than {engine.loaded.files.name!r}"
                                "; a draft model must share the model's tokenizer")
-        method = recipe.apply(loaded.model, engine.config.quantization, engine.config.group_size, engine.dtype,
-                              engine.device)
+        recipe.apply(loaded.model, engine.config.quantization, engine.config.group_size, engine.dtype, engine.device)
         self.head_ids = shortlist(engine.tokenizer, loaded.config.vocab_size)
-        if self.head_ids is not None:  # a tied head stays whole in the embedding table, which reads rows of it
-            model, self.head_ids = loaded.model, self.head_ids.to(engine.device)
-            try:
-                rows = model.head.lookup(self.head_ids, torch.float32)
-            except NotImplementedError:  # a dense head in a packed layout
-                rows = model.head.dequantize()[self.head_ids]
-            model.head = dense_weight(rows.to(engine.dtype)) if method == "none" else Int8Weight.from_float(
-                rows, engine.dtype)
+        if self.head_ids is not None:
+            self.head_ids = self.head_ids.to(engine.device)
+            recipe.shortlist_head(loaded.model, self.head_ids, engine.dtype)
         block_size = engine.config.block_size
         # room for the requests that speculate, never more tokens than the model's own cache holds
         tokens = min((config.disable_by_batch_size + 1) * engine.max_model_len, engine.kv.num_blocks * block_size)

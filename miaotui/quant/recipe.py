@@ -198,6 +198,16 @@ def apply(model: nn.Module, quantization: str, group_size: int, dtype: torch.dty
     return method
 
 
+def shortlist_head(model: nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> None:
+    """Give a converted model's output head only the rows `ids` (a draft model's shortlist, engine/draft_model.py):
+    dense where the model is, else 8-bit per row. A tied embedding table keeps the whole head it shares."""
+    try:
+        rows = model.head.lookup(ids, torch.float32)
+    except NotImplementedError:  # a dense head in a packed layout
+        rows = model.head.dequantize()[ids]
+    model.head = dense_weight(rows.to(dtype)) if model.quantization == "none" else Int8Weight.from_float(rows, dtype)
+
+
 def exact_int4(mat: Matrix, group: int) -> bool:
     """Whether the file holds this matrix as 4-bit codes at this group size, which int4 takes as they are."""
     codes = mat.codes
