@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from miaotui.config import DEFAULT_MODEL, QUANTIZATIONS, EngineConfig
+from miaotui.config import DEFAULT_MODEL, POOLINGS, QUANTIZATIONS, EngineConfig
 from miaotui.errors import MiaotuiError
 from miaotui.loader.sources import ALIASES
 
@@ -291,11 +291,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           origins, args.allow_credentials, methods, headers, args.protect_metrics,
                           args.default_max_tokens)
     embeddings = None
+    if args.embedding_pooling and not args.embedding_model:
+        raise MiaotuiError("--embedding-pooling applies to the --embedding-model; name one")
     if args.embedding_model:
         from miaotui.engine.embedder import Embedder
         from miaotui.server.embeddings import EmbeddingService
 
-        embedder = Embedder(args.embedding_model, device=args.device, dtype=args.dtype, threads=args.threads)
+        embedder = Embedder(args.embedding_model, device=args.device, dtype=args.dtype, threads=args.threads,
+                            pooling=args.embedding_pooling)
         embeddings = EmbeddingService(embedder, embedder.model_name)
     name = names[0]
     app = create_app(engine, name, api_key=api_key, limits=limits, embeddings=embeddings, aliases=tuple(names[1:]))
@@ -546,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: the model's name); more names: the model answers to each of them too")
     sv.add_argument("--embedding-model", default=None, metavar="MODEL", help="also serve /v1/embeddings with this "
                     "encoder (alias, .gguf or folder; e.g. all-minilm-l6-v2, nomic-embed-text-v1.5)")
+    sv.add_argument("--embedding-pooling", choices=POOLINGS, default=None, help="how the embedding model's vector "
+                    "is made from its tokens' states (default: what its files say; llama-server's --pooling)")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     sv.add_argument("--max-waiting", type=int, default=256, help="queue length past which requests get 503")
     sv.add_argument("--read-timeout", type=float, default=30.0,

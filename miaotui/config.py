@@ -77,6 +77,9 @@ class ModelConfig:
         return (layer + 1) % self.sliding_window_pattern != 0
 
 
+POOLINGS = ("mean", "cls", "last")  # an encoder's vector: its tokens' mean, the first ([CLS]) or the last token
+
+
 @dataclass(slots=True)
 class EncoderConfig:
     """A bidirectional text encoder for embeddings (BERT, nomic-bert), from config.json or GGUF metadata alike."""
@@ -91,7 +94,7 @@ class EncoderConfig:
     type_vocab_size: int = 2
     norm_eps: float = 1e-12
     rope_theta: float = 10000.0
-    pooling: str = "mean"  # "mean" or "cls", what sentence-transformers' Pooling module says
+    pooling: str = "mean"  # one of POOLINGS, what sentence-transformers' Pooling module (or the GGUF) says
     normalize: bool = True  # unit-length embeddings, as sentence-transformers' Normalize module and llama.cpp do
     matryoshka: tuple[int, ...] = ()  # truncations the model was trained for (`dimensions`), smallest first
     name: str = ""
@@ -106,8 +109,8 @@ class EncoderConfig:
                             "num_layers": 256, "num_heads": 256, "max_position": 1 << 20, "type_vocab_size": 1 << 10})
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden size {self.hidden_size} does not split into {self.num_heads} heads")
-        if self.pooling not in ("mean", "cls"):
-            raise ValueError(f"pooling {self.pooling!r} is not supported (mean or cls)")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling {self.pooling!r} is not supported ({', '.join(POOLINGS)})")
 
 
 DEFAULT_MODEL = "smollm2-135m"

@@ -21,7 +21,7 @@ Prompt = str | list[int]
 Message = dict[str, Any]
 
 
-_EMBEDDER_OPTIONS = ("device", "dtype", "threads", "max_batch_tokens")
+_EMBEDDER_OPTIONS = ("device", "dtype", "threads", "max_batch_tokens", "pooling")
 
 
 class LLM:

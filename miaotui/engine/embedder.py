@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from miaotui.config import resolve_device, resolve_dtype
+from miaotui.config import POOLINGS, resolve_device, resolve_dtype
 from miaotui.errors import MiaotuiError
 from miaotui.loader.encoder import LoadedEncoder, load_encoder
 
@@ -26,12 +26,18 @@ class Embedder:
     """An encoder model ready to embed; thread-safe (one batch runs at a time)."""
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", max_batch_tokens: int = 8192,
-                 threads: int | None = None):
+                 threads: int | None = None, pooling: str | None = None):
+        """`pooling` overrides how the model's files say its vector is made (one of POOLINGS), as llama-server's
+        `--pooling` and vLLM's pooler config do; a model trained with another gives poorer vectors."""
+        if pooling is not None and pooling not in POOLINGS:
+            raise MiaotuiError(f"pooling {pooling!r} is not supported ({', '.join(POOLINGS)})")
         if threads is not None:
             torch.set_num_threads(threads)
         dev = resolve_device(device)
         self.loaded: LoadedEncoder = load_encoder(model, dev, resolve_dtype(dtype, dev))
         self.config = self.loaded.config
+        if pooling is not None:
+            self.config.pooling = pooling
         self.model_name = self.loaded.files.name
         self.max_tokens = self.loaded.max_tokens
         self.max_batch_tokens = max(max_batch_tokens, self.max_tokens)
@@ -92,11 +98,11 @@ class Embedder:
         lengths = [len(s) for s in batch]
         flat = torch.tensor([t for s in batch for t in s], device=self.device)
         hidden = self.loaded.model(flat, lengths).float()
-        if self.config.pooling == "cls":
-            starts = torch.tensor([0, *lengths[:-1]], device=self.device).cumsum(0)
-            pooled = hidden[starts]
+        counts = torch.tensor(lengths, device=self.device)
+        if self.config.pooling in ("cls", "last"):  # one token of each sequence: its first or its last
+            ends = counts.cumsum(0)
+            pooled = hidden[ends - counts if self.config.pooling == "cls" else ends - 1]
         else:  # mean over each sequence's tokens
-            counts = torch.tensor(lengths, device=self.device)
             seg = torch.repeat_interleave(torch.arange(len(batch), device=self.device), counts)
             pooled = torch.zeros(len(batch), hidden.shape[1], device=self.device).index_add_(0, seg, hidden)
             pooled /= counts[:, None]

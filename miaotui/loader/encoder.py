@@ -25,7 +25,7 @@ GGUF_ARCHITECTURES = ("nomic-bert", "bert")
 HF_TYPES = ("bert",)
 # Matryoshka truncations a model was trained for; no file records them, so they are known by the model's name.
 _MATRYOSHKA = {"nomic-embed-text-v1.5": (64, 128, 256, 512, 768)}
-_GGUF_POOLING = {1: "mean", 2: "cls"}
+_GGUF_POOLING = {1: "mean", 2: "cls", 3: "last"}  # llama.cpp's pooling_type numbers
 
 
 @dataclass
@@ -200,7 +200,7 @@ def _sentence_transformers(folder: Path, cfg: EncoderConfig) -> int:
     if "Pooling" in kinds:
         pooling = json.loads((folder / kinds["Pooling"] / "config.json").read_text())
         modes = [k.removeprefix("pooling_mode_").removesuffix("_token").removesuffix("_tokens")
-                 for k, on in pooling.items() if k.startswith("pooling_mode_") and on]
+                 .replace("lasttoken", "last") for k, on in pooling.items() if k.startswith("pooling_mode_") and on]
         cfg.pooling = modes[0] if len(modes) == 1 else "+".join(modes)
     unknown = set(kinds) - {"Transformer", "Pooling", "Normalize"}
     if unknown:

@@ -48,9 +48,10 @@ def translate(argv: list[str]) -> list[str]:
         elif flag in IGNORED_FLAG:
             i += 1
         elif flag == "--embedding":
-            out += ["--embedding-model", os.environ.get("MIAOTUI_CONFORMANCE_EMBEDDING_MODEL", "all-minilm-l6-v2")]
+            out += ["--embedding-model", os.environ.get("MIAOTUI_CONFORMANCE_EMBEDDING_MODEL", "nomic-embed-text-v1.5")]
             i += 1
-        elif flag == "--pooling" and argv[i + 1] == "mean":  # what the embedding model pools with
+        elif flag == "--pooling" and argv[i + 1] in ("mean", "cls", "last"):  # "none", "rank": no counterpart
+            out += ["--embedding-pooling", argv[i + 1]]
             i += 2
         elif flag == "--chat-template":
             raise SystemExit(f"not applicable: --chat-template {argv[i + 1]} (llama.cpp's built-in template names)")

@@ -49,6 +49,22 @@ def test_minilm_matches_sentence_transformers(minilm):
     assert ours.embed(ids)[1].embedding == pytest.approx(packed[1].tolist(), abs=1e-6)
 
 
+@pytest.mark.parametrize("pooling", ["cls", "last"])
+def test_a_pooling_override_matches_sentence_transformers_pooling_that_way(minilm, pooling):
+    folder, _ = minilm
+    from sentence_transformers import models
+
+    ours = Embedder(str(folder), dtype="float32", pooling=pooling)
+    bert = models.Transformer(str(folder), max_seq_length=256)
+    mode = {"cls": "cls", "last": "lasttoken"}[pooling]
+    ref = st.SentenceTransformer(modules=[bert, models.Pooling(bert.get_embedding_dimension(), mode),
+                                          models.Normalize()], device="cpu")
+    cos = cosines(ours.embed(TEXTS), ref.encode(TEXTS, convert_to_tensor=True))
+    assert cos.min() >= 0.999, cos
+    with pytest.raises(MiaotuiError, match="pooling 'max'"):
+        Embedder(str(folder), pooling="max")
+
+
 def test_limits_are_refused_or_applied_never_ignored(minilm):
     _, ours = minilm
     long = "word " * 400

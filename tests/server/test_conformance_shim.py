@@ -17,7 +17,7 @@ spec.loader.exec_module(shim)
 def test_flags_are_translated():
     out = shim.translate(["--port", "8080", "--temp", "0.8", "--host", "127.0.0.1", "--alias", "tinyllama-2",
                           "--ctx-size", "512", "--parallel", "2", "--n-predict", "64", "--no-slots", "--no-jinja",
-                          "--api-key", "k", "--embedding", "--pooling", "mean"])
+                          "--api-key", "k", "--embedding", "--pooling", "last"])
     def value(flag: str) -> str:
         return out[out.index(flag) + 1]
 
@@ -26,12 +26,12 @@ def test_flags_are_translated():
     assert value("--allowed-origins") == "*" and "--allow-credentials" in out  # llama-server's defaults
     assert value("--allowed-methods") == "GET,POST,DELETE,OPTIONS"
     assert value("--served-model-name") == "tinyllama-2"
-    assert "--embedding-model" in out and "--temp" not in out
+    assert "--embedding-model" in out and value("--embedding-pooling") == "last" and "--temp" not in out
     assert "--default-max-tokens" not in shim.translate(["--n-predict", "-1"])  # llama.cpp's "no limit"
     assert "--allowed-origins" in shim.translate(["--cors-origins", "localhost"])
 
 
-@pytest.mark.parametrize("argv", [["--lora", "x.gguf"], ["--pooling", "last"], ["--reranking"],
+@pytest.mark.parametrize("argv", [["--lora", "x.gguf"], ["--pooling", "none"], ["--reranking"],
                                   ["--chat-template", "chatml"], ["--context-shift"]])
 def test_features_miaotui_lacks_are_refused_by_name(argv):
     with pytest.raises(SystemExit, match=argv[0]):
