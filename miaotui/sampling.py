@@ -10,8 +10,8 @@ from typing import Any
 @dataclass(slots=True)
 class StructuredOutput:
     """A constraint on the output, exactly one of: a JSON schema (`json`, a dict or its JSON text), any JSON object
-    (`json_object`), a regular expression, a choice among fixed strings, or a Lark grammar (llguidance's dialect,
-    which also takes plain EBNF-style rules). The names follow vLLM's `structured_outputs`."""
+    (`json_object`), a regular expression, a choice among fixed strings, or a grammar: Lark (llguidance's dialect)
+    or llama.cpp's GBNF (`root ::= ...`). The names follow vLLM's `structured_outputs`."""
 
     json: dict | str | None = None
     json_object: bool = False

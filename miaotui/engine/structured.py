@@ -113,6 +113,8 @@ class Grammars:
 
 
 def _grammar(llg, spec: StructuredOutput) -> str:
+    from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
+
     M = llg.LLMatcher
     options = {"whitespace_pattern": JSON_WHITESPACE}
     try:
@@ -124,8 +126,8 @@ def _grammar(llg, spec: StructuredOutput) -> str:
             return M.grammar_from_regex(spec.regex)
         if spec.choice is not None:
             return M.grammar_from_lark("start: " + " | ".join(_lark_string(c) for c in spec.choice))
-        return M.grammar_from_lark(spec.grammar)
-    except ValueError as e:  # a schema that is not a JSON object
+        return M.grammar_from_lark(any_to_lark(spec.grammar))  # GBNF (llama.cpp's) becomes Lark; Lark stays
+    except (ValueError, GbnfToLarkError) as e:  # a schema that is not a JSON object, GBNF that does not parse
         raise GrammarError(f"invalid {spec.kind} constraint: {e}") from None
 
 

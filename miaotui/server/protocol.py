@@ -73,6 +73,7 @@ class GenerationRequest(_Strict):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    grammar: str | None = None  # llama-server's spelling of the grammar constraint (GBNF; Lark is taken too)
 
     @field_validator("stop")
     @classmethod
@@ -112,7 +113,7 @@ class GenerationRequest(_Strict):
             found.append((StructuredOutput(json=so.json_, json_object=bool(so.json_object), regex=so.regex,
                                            choice=so.choice, grammar=so.grammar), "structured_outputs"))
         for name, field in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
-                            ("guided_grammar", "grammar")):
+                            ("guided_grammar", "grammar"), ("grammar", "grammar")):
             value = getattr(self, name)
             if value is not None:
                 found.append((StructuredOutput(**{field: value}), name))

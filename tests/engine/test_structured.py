@@ -65,13 +65,16 @@ def test_json_schema_outputs_validate_at_temperature_1(smollm2_engine):
 
 def test_regex_choice_and_grammar(smollm2_engine):
     grammar = 'start: "(" NUM " + " NUM ")"\nNUM: /[0-9]{1,3}/'
-    outs = run(smollm2_engine, ["Phone: ", "Is the sky blue? Answer:", "An addition: "], [
+    gbnf = 'root ::= "[" num ("," num){2} "]"\nnum ::= [1-9] [0-9]?'  # llama.cpp's grammar format
+    outs = run(smollm2_engine, ["Phone: ", "Is the sky blue? Answer:", "An addition: ", "Three numbers: "], [
         constrained(StructuredOutput(regex=r"\(\d{3}\) \d{3}-\d{4}"), temperature=0.8, seed=1),
         constrained(StructuredOutput(choice=["yes", "no", "maybe not"]), temperature=0),
-        constrained(StructuredOutput(grammar=grammar), temperature=0.8, seed=2)])
+        constrained(StructuredOutput(grammar=grammar), temperature=0.8, seed=2),
+        constrained(StructuredOutput(grammar=gbnf), temperature=0.8, seed=3)])
     assert re.fullmatch(r"\(\d{3}\) \d{3}-\d{4}", outs[0].text), outs[0].text
     assert outs[1].text in ("yes", "no", "maybe not")
     assert re.fullmatch(r"\(\d{1,3} \+ \d{1,3}\)", outs[2].text), outs[2].text
+    assert re.fullmatch(r"\[[1-9][0-9]?(,[1-9][0-9]?){2}\]", outs[3].text), outs[3].text
     assert all(o.finish_reason == "stop" for o in outs)
 
 
@@ -124,6 +127,7 @@ def test_logit_bias_forces_and_bans(smollm2_engine):
     (StructuredOutput(regex="(unclosed"), "invalid regex"),
     (StructuredOutput(json={"type": "no-such-type"}), "invalid json"),
     (StructuredOutput(grammar="start: undefined_rule"), "invalid grammar"),
+    (StructuredOutput(grammar='root ::= "a" ('), "invalid grammar"),
 ])
 def test_bad_constraints_are_refused(smollm2_engine, spec, message):
     with pytest.raises(GrammarError, match=message):

@@ -58,6 +58,9 @@ def test_vllm_fields(client):
     r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Is water wet?"}],
                                        max_tokens=5, extra_body={"guided_choice": ["yes", "no"]})
     assert r.choices[0].message.content in ("yes", "no")
+    r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Say something."}],
+                                       max_tokens=8, extra_body={"grammar": 'root ::= "a"{5,5}'})  # llama-server's
+    assert r.choices[0].message.content == "aaaaa" and r.choices[0].finish_reason == "stop"
     r = client.completions.create(model="m", prompt="Today's date:", max_tokens=20, temperature=0.7, seed=3,
                                   extra_body={"structured_outputs": {"regex": r"20\d\d-[01]\d-[0-3]\d"}})
     assert re.fullmatch(r"20\d\d-[01]\d-[0-3]\d", r.choices[0].text)
@@ -83,6 +86,7 @@ def test_logit_bias(base, client):
     ({"response_format": {"type": "yaml"}}, "response_format.type"),
     ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs"),
     ({"guided_grammar": "start: missing_rule"}, "guided_grammar"),
+    ({"grammar": 'root ::= "a" ('}, "grammar"),
     ({"guided_choice": ["a"], "guided_regex": "b"}, None),
     ({"logit_bias": {"hello": 1}}, "logit_bias"),
     ({"logit_bias": {"5": 1000}}, "logit_bias"),
