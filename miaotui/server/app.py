@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from miaotui.engine.async_engine import ServingEngine
@@ -84,6 +85,19 @@ class BodyLimit:
         response = error_response(413, f"request body of {size} bytes exceeds the {self.max_bytes}-byte limit",
                                   "invalid_request_error", code="request_too_large")
         await response({"type": "http"}, _no_body, send)
+
+
+class CORS(CORSMiddleware):
+    """Starlette's CORS, except that a refused preflight (an origin, method or header not allowed) is answered 200
+    without the grant it asked for, as llama-server, Django's and Go's CORS handlers answer, not 400. The browser
+    blocks the call either way; with a 200 its console names the real cause ("No 'Access-Control-Allow-Origin'
+    header", "Method DELETE is not allowed") instead of "It does not have HTTP ok status"."""
+
+    def preflight_response(self, request_headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code == 400:
+            response.status_code = 200
+        return response
 
 
 class CanonicalHeaderNames:
@@ -166,7 +180,7 @@ def create_app(engine: ServingEngine, model_name: str, api_key: str | None = Non
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     if limits.allowed_origins:  # outermost: a preflight is answered before authentication, as browsers need
         exact = [o for o in limits.allowed_origins if o != "localhost"]
-        app.add_middleware(CORSMiddleware, allow_origins=exact, allow_methods=list(limits.allowed_methods),
+        app.add_middleware(CORS, allow_origins=exact, allow_methods=list(limits.allowed_methods),
                            allow_headers=list(limits.allowed_headers), allow_credentials=limits.allow_credentials,
                            max_age=600,
                            allow_origin_regex=LOOPBACK_ORIGIN if "localhost" in limits.allowed_origins else None)
