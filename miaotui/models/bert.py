@@ -32,8 +32,10 @@ class EncoderLayer(nn.Module):
             q, k = _rotate(q, *rope), _rotate(k, *rope)
         out = torch.empty_like(x).view(t, self.heads, -1)
         for a, b in bounds:  # one sequence at a time: every token sees its own sequence, in both directions
-            out[a:b] = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1),
-                                                      v[a:b].transpose(0, 1)).transpose(0, 1)
+            # as (1, heads, tokens, dim): torch's CPU flash kernel takes only 4-d inputs (3-d ones go the slower
+            # math path: 1.4-1.7x the time, measured at MiniLM's 12 x 32 heads, bf16 and fp32)
+            q1, k1, v1 = (t_[a:b].transpose(0, 1)[None] for t_ in (q, k, v))
+            out[a:b] = F.scaled_dot_product_attention(q1, k1, v1)[0].transpose(0, 1)
         x = self.attn_norm(x + self.o(out.view(t, h)))
         if self.gated:
             gate, up = self.up(x).chunk(2, dim=-1)
