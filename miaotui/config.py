@@ -163,6 +163,7 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4  # ngram / suffix: the longest suffix of the text looked up
     prompt_lookup_min: int = 1  # and the shortest
     model: str | None = None  # draft_model: a model with the same vocabulary
+    quantization: str | None = None  # draft_model: its weights' format (one of QUANTIZATIONS; default the model's)
     disable_by_batch_size: int = 4  # no speculation in steps with more running requests than this
 
     def __post_init__(self) -> None:
@@ -176,6 +177,9 @@ class SpeculativeConfig:
                                f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
         if (self.method == "draft_model") != (self.model is not None):
             raise MiaotuiError("a draft model is given with method draft_model, and only then")
+        if self.quantization is not None and (self.model is None or self.quantization not in QUANTIZATIONS):
+            raise MiaotuiError(f"speculative quantization {self.quantization!r}: a draft model's weight format, one "
+                               f"of {', '.join(QUANTIZATIONS)}")
         if self.disable_by_batch_size < 1:
             raise MiaotuiError(f"disable_by_batch_size must be at least 1, got {self.disable_by_batch_size}")
 

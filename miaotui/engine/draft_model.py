@@ -42,12 +42,14 @@ def shortlist(tokenizer, vocab_size: int) -> torch.Tensor | None:
 
 
 class DraftModelProposer(Proposer):
+    retries = False  # a try after a pause would first read every token since: a request it stops paying for stops
     def __init__(self, config: SpeculativeConfig, engine):
         loaded = load(config.model, engine.device, engine.dtype)
         if loaded.tokenizer.backend.get_vocab() != engine.tokenizer.backend.get_vocab():
             raise MiaotuiError(f"draft model {config.model!r} has another vocabulary than {engine.loaded.files.name!r}"
                                "; a draft model must share the model's tokenizer")
-        recipe.apply(loaded.model, engine.config.quantization, engine.config.group_size, engine.dtype, engine.device)
+        recipe.apply(loaded.model, config.quantization or engine.config.quantization, engine.config.group_size,
+                     engine.dtype, engine.device)
         self.head_ids = shortlist(engine.tokenizer, loaded.config.vocab_size)
         if self.head_ids is not None:
             self.head_ids = self.head_ids.to(engine.device)

@@ -30,6 +30,7 @@ from miaotui.engine.sequence import Sequence
 from miaotui.sampling import SamplingParams
 
 MAX_BACKOFF = 64  # steps a request whose proposals keep failing waits, at most, before it tries again
+TRIALS = 8  # proposals a request makes, paying or not, before a proposer that does not retry gives it up
 
 
 class Proposer(ABC):
@@ -39,11 +40,16 @@ class Proposer(ABC):
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]: ...
 
     def release(self, seq: Sequence) -> None:
-        """The sequence has finished: drop what was kept for it (and learn from its output)."""
+        """The sequence has finished, or stopped proposing for good: drop what was kept for it (and learn from
+        its output, if it finished)."""
 
     def cost(self, engine) -> float:
         """What proposing one token costs, as a fraction of the model's plain step (lookups: nothing)."""
         return 0.0
+
+    # Whether a request that stopped proposing may try again later. A lookup's try costs nothing; a draft model's
+    # costs its catch-up over every token since the last (~7% of a step per token on a 1.5B/0.5B pair).
+    retries: bool = True
 
 
 def prompt_lookup(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> list[int]:
@@ -143,6 +149,7 @@ class _Adaptive:
     seen: tuple[int, int] = (0, 0)  # proposed, accepted as of the last look
     wait: int = 0  # steps left before it proposes again
     backoff: int = 1
+    off: bool = False  # no k paid and the proposer does not retry: plain decoding to the end
 
 
 def best_k(rate: float, row_cost: float, top: int) -> int:
@@ -197,8 +204,11 @@ class Speculator:
 
     def _k(self, seq: Sequence) -> int:
         """k from the request's acceptance and the cost of a row (`best_k`); a request for which no k pays waits
-        (1, 2, 4 ... steps) and then tries one proposal, to learn whether its text has become predictable."""
+        (1, 2, 4 ... steps) and then tries one proposal, to learn whether its text has become predictable — or,
+        where the proposer's tries are not free (`retries`), stops speculating and gives back what it held."""
         state = seq.spec = seq.spec or _Adaptive()
+        if state.off:
+            return 0
         m = seq.metrics
         proposed, accepted = m.proposed_tokens - state.seen[0], m.accepted_tokens - state.seen[1]
         state.seen = (m.proposed_tokens, m.accepted_tokens)
@@ -211,6 +221,12 @@ class Speculator:
         k = best_k(state.accepted / (state.accepted + state.rejected), self.row_cost,
                    self.config.num_speculative_tokens)
         if k == 0:
+            if not self.proposer.retries:
+                if m.proposed_tokens < TRIALS:  # learn the request's own rate first, one proposal a step
+                    return 1
+                state.off = True
+                self.proposer.release(seq)
+                return 0
             state.wait, state.backoff = state.backoff, min(2 * state.backoff, MAX_BACKOFF)
             return 1
         state.backoff = 1

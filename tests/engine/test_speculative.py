@@ -16,7 +16,7 @@ from miaotui.config import SpeculativeConfig
 from miaotui.engine import draft_model
 from miaotui.engine.sampler import Sampler
 from miaotui.engine.sequence import Sequence
-from miaotui.engine.speculative import ContextIndex, Speculator, best_k, prompt_lookup
+from miaotui.engine.speculative import TRIALS, ContextIndex, Proposer, Speculator, best_k, prompt_lookup
 from miaotui.errors import MiaotuiError
 from tests.conftest import model_path
 
@@ -152,12 +152,9 @@ def test_prefix_cache_holds_accepted_tokens_only(plain):
 def test_k_adapts_and_a_full_batch_does_not_speculate():
     config = SpeculativeConfig(num_speculative_tokens=6, disable_by_batch_size=2)
 
-    class Fixed:
+    class Fixed(Proposer):
         def propose(self, seqs, ks):
             return [[7] * k for k in ks]
-
-        def release(self, seq):
-            pass
 
     spec = Speculator(config, Fixed(), max_model_len=1000, row_cost=0.1)
     seq = Sequence("a", [1, 2, 3], 3, SamplingParams(max_tokens=100), None)
@@ -178,6 +175,31 @@ def test_k_adapts_and_a_full_batch_does_not_speculate():
     near_end = Sequence("b", [1, 2, 3], 2, SamplingParams(max_tokens=3), None, num_computed=2)
     spec.propose([near_end])
     assert len(near_end.draft) == 1  # one output token so far, three allowed: one proposal and the last token
+
+
+def test_a_proposer_whose_retries_cost_stops_for_good_and_gives_back_what_it_held():
+    class Draft(Proposer):
+        retries = False
+        released: list[str] = []
+
+        def propose(self, seqs, ks):
+            return [[7] * k for k in ks]
+
+        def release(self, seq):
+            self.released.append(seq.request_id)
+
+    draft = Draft()
+    spec = Speculator(SpeculativeConfig(num_speculative_tokens=4), draft, max_model_len=1000, row_cost=0.3)
+    seq = Sequence("a", [1, 2, 3], 3, SamplingParams(max_tokens=500), None, num_computed=2)
+    ks = []
+    for _ in range(200):  # every proposal fails
+        spec.propose([seq])
+        ks.append(len(seq.draft))
+        seq.metrics.proposed_tokens += len(seq.draft)
+        seq.draft = []
+    stop = ks.index(0)
+    assert sum(ks[:stop]) >= TRIALS and stop < 2 * TRIALS and not any(ks[stop:])  # then no tries after pauses
+    assert draft.released == ["a"]
 
 
 def test_k_weighs_acceptance_against_the_cost_of_a_row():
