@@ -43,6 +43,7 @@ def shortlist(tokenizer, vocab_size: int) -> torch.Tensor | None:
 
 class DraftModelProposer(Proposer):
     retries = False  # a try after a pause would first read every token since: a request it stops paying for stops
+
     def __init__(self, config: SpeculativeConfig, engine):
         loaded = load(config.model, engine.device, engine.dtype)
         if loaded.tokenizer.backend.get_vocab() != engine.tokenizer.backend.get_vocab():
