@@ -122,8 +122,13 @@ class Int4Weight:
 
 def _int4_search(w: torch.Tensor, group: int, clips: tuple[float, ...]):
     """Codes q [N, K/group, group] in 0..15, step and minimum [N, K/group, 1] of the clip factor with the least
-    squared error per group."""
+    squared error per group. Groups are independent: searched ~1 MB of rows at a time, so each clip's passes stay
+    in cache (a 152k x 896 embedding table: 25 s in one piece)."""
     n, k = w.shape
+    rows = max(1, (1 << 18) // k)
+    if n > rows:
+        parts = [_int4_search(w[i:i + rows], group, clips) for i in range(0, n, rows)]
+        return tuple(torch.cat(p) for p in zip(*parts))
     g = w.reshape(n, k // group, group)
     lo0, hi0 = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
     best = None
