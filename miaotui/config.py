@@ -160,7 +160,7 @@ class SpeculativeConfig:
 
     method: str = "ngram"  # one of SPECULATIVE_METHODS
     num_speculative_tokens: int = 4  # the most proposed per step (k adapts below it to each request's acceptance)
-    prompt_lookup_max: int = 4  # ngram / suffix: the longest suffix of the text looked up
+    prompt_lookup_max: int = 4  # ngram / suffix (and draft_model, before its draft): the longest suffix looked up
     prompt_lookup_min: int = 1  # and the shortest
     model: str | None = None  # draft_model: a model with the same vocabulary
     quantization: str | None = None  # draft_model: its weights' format (one of QUANTIZATIONS; default the model's)

@@ -2,6 +2,11 @@
 steps per round on its own runner and paged cache. Each request has a shadow sequence there; after the model has
 checked the proposals, the shadow keeps the cache entries of the tokens both agree on and recomputes from there.
 
+Where the text's last LOOKUP_MIN or more tokens occurred before in it (an answer copying its prompt: code edits,
+summaries, quotes), their continuation there is the proposal and no draft pass runs: a lookup costs nothing, and a
+draft pass ~0.3 of the model's step. The draft catches up on those tokens at its next pass. (Qwen2.5-Coder-1.5B
+with the 0.5B in int4, code edits: 1.35x plain decode with the draft alone, 1.69x with the lookup first.)
+
 The draft's output head scores only a shortlist of the vocabulary (FR-Spec's idea): a byte-level BPE vocabulary's
 ids are in merge order, most frequent first, and a large one's head is a third of a small model's bytes
 (Qwen2.5-Coder-0.5B: 153 of its 491 MB, for 151,936 tokens). Its first SHORTLIST tokens and the special ones (which
@@ -13,13 +18,14 @@ from __future__ import annotations
 import itertools
 import logging
 
+import numpy as np
 import torch
 
 from miaotui.config import SpeculativeConfig
 from miaotui.engine.kv_cache import KVCacheManager
 from miaotui.engine.runner import ModelRunner, kv_bytes_per_token
 from miaotui.engine.sequence import Sequence, Status
-from miaotui.engine.speculative import Proposer, pass_seconds
+from miaotui.engine.speculative import Proposer, pass_seconds, prompt_lookup
 from miaotui.errors import MiaotuiError
 from miaotui.kernels import argmax
 from miaotui.loader import load
@@ -28,6 +34,7 @@ from miaotui.sampling import SamplingParams
 
 log = logging.getLogger("miaotui")
 CATCH_UP_ROWS = 16  # a shadow this many tokens behind or fewer catches up as decode rows
+LOOKUP_MIN = 3  # a match of this many tokens or more in the text so far proposes its continuation, with no draft pass
 SHORTLIST = 32768  # the draft's head scores this many of the vocabulary's first tokens (where it has twice as many)
 
 
@@ -62,14 +69,29 @@ class DraftModelProposer(Proposer):
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=False)
         self.runner = ModelRunner(loaded.model, num_blocks, block_size, engine.dtype, engine.device)
         self.shadows: dict[int, Sequence] = {}  # id(target sequence) -> its sequence in the draft's cache
+        self.lookup_max = config.prompt_lookup_max
         log.info("draft model %s: %d KV blocks (%.0f MiB)", loaded.files.name, num_blocks,
                  num_blocks * block_size * kv_bytes_per_token(loaded.config, engine.dtype) / 2**20)
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
+        drafts: list[list[int]] = [[] for _ in seqs]
+        rest = []
+        for i, (seq, k) in enumerate(zip(seqs, ks)):
+            found = prompt_lookup(np.asarray(seq.token_ids), LOOKUP_MIN, max(LOOKUP_MIN, self.lookup_max), k)
+            if len(found) == k:
+                drafts[i] = found
+            else:
+                rest.append(i)
+        for i, draft in zip(rest, self._draft([seqs[i] for i in rest], [ks[i] for i in rest])):
+            drafts[i] = draft
+        return drafts
+
+    def _draft(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
+        """k greedy steps of the draft model for each sequence."""
         shadows = [self._shadow(s) for s in seqs]
         drafts: list[list[int]] = [[] for _ in seqs]
         active = list(range(len(seqs)))
-        for step in range(max(ks)):
+        for step in range(max(ks, default=0)):
             active = [i for i in active if ks[i] > step and self._room(shadows[i])]
             if not active:
                 break

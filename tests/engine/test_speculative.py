@@ -75,6 +75,7 @@ def test_a_draft_head_over_a_shortlist_proposes_from_it_and_changes_no_output(pl
     """The draft's head over part of the vocabulary, in a non-trivial order (its row i scores token 8191 - i):
     proposals come from it, the copy task is still taken in runs, and the output is unchanged."""
     monkeypatch.setattr(draft_model, "SHORTLIST", 4096)
+    monkeypatch.setattr(draft_model, "LOOKUP_MIN", 10**9)  # every proposal from the draft's head
     tok = plain.engine.tokenizer
     ids = draft_model.shortlist(tok, 49152).tolist()
     assert ids[:4096] == list(range(4096)) and tok.stop_ids <= set(ids)
@@ -89,6 +90,25 @@ def test_a_draft_head_over_a_shortlist_proposes_from_it_and_changes_no_output(pl
     assert proposed and max(proposed) < 8192
     copy = run(model, params, PROMPTS[:1])[0].metrics
     assert copy.accepted_tokens >= copy.proposed_tokens / 2
+
+
+def test_a_draft_model_takes_a_long_match_in_the_text_without_a_draft_pass(plain, monkeypatch):
+    """On the copy task the text's own continuation is proposed where the last LOOKUP_MIN tokens occurred
+    before: far fewer draft passes, the same output."""
+    model = llm("smollm2-135m", {"method": "draft_model", "model": "smollm2-135m"})
+    runner = model.engine.speculator.proposer.runner
+    passes, forward = [], runner.forward
+    monkeypatch.setattr(runner, "forward", lambda *a, **kw: passes.append(1) or forward(*a, **kw))
+    params = SamplingParams(temperature=0, max_tokens=48)
+
+    def copy():
+        passes.clear()
+        return run(model, params, PROMPTS[:1])[0].token_ids, len(passes)
+
+    ids, with_lookup = copy()
+    monkeypatch.setattr(draft_model, "LOOKUP_MIN", 10**9)
+    assert copy()[0] == ids == run(plain, params, PROMPTS[:1])[0].token_ids
+    assert with_lookup < len(passes) / 3
 
 
 @pytest.mark.parametrize("alias", ["gemma3-270m", "qwen2.5-coder-0.5b"])
