@@ -151,7 +151,9 @@ class ReplicaSet:
     def _handle(self):
         """The deployment's handle with its router on this (the server's) event loop, as Ray Serve's own
         throughput-optimized mode runs it: by default a handle routes on a thread of its own, and every request and
-        every streamed output then crosses between the two loops (the ingress spent ~20% more CPU)."""
+        every streamed output then crosses between the two loops (the ingress spent ~20% more CPU). `_init` is how
+        Serve's own proxy makes its handles so; the env switch for it would also bind start_replicas' describe call,
+        which runs outside any loop."""
         if self._requests is None:
             from ray.serve.handle import DeploymentHandle
 
