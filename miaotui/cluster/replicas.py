@@ -101,7 +101,7 @@ class ReplicaSet:
 
     def __init__(self, handle, board, info: dict, replicas: int):
         self.handle, self.board, self.replicas = handle, board, replicas
-        self._requests = None  # the handle requests go through, made on the server's event loop (handle())
+        self._requests = None  # the handle requests go through, made on the server's event loop (_handle())
         self.tokenizer: Tokenizer = info["tokenizer"]
         self.model_name: str = info["model_name"]
         self.max_model_len: int = info["max_model_len"]
