@@ -16,7 +16,7 @@ from miaotui.engine.kv_cache import KVCacheManager
 from miaotui.engine.runner import ModelRunner, kv_bytes_per_token, prefill_once
 from miaotui.engine.scheduler import Scheduler
 from miaotui.engine.sequence import RequestOutput, Sequence, Status
-from miaotui.engine.speculative import Speculator, build_proposer, row_cost
+from miaotui.engine.speculative import Speculator, StepPrice, build_proposer, pass_seconds
 from miaotui.engine.structured import GrammarMask, Grammars
 from miaotui.engine.tensor_parallel import Peers, all_reduce, bind_rank, shard_model
 from miaotui.errors import MiaotuiError
@@ -122,15 +122,19 @@ class Engine:
             self.peers = self.runner.peers = None
 
     def build_speculator(self, spec: SpeculativeConfig) -> Speculator:
-        """The proposer, and the cost of a scored row on this machine (what the adaptive k weighs)."""
+        """The proposer, and what a proposed token costs on this machine to start with (a plain step, a step with
+        k more rows, a proposal): the adaptive k weighs it, and the engine's steps refine it."""
         proposer = build_proposer(spec, self)
-        cost = row_cost(self.runner, self.kv, spec.num_speculative_tokens) + proposer.cost(self)
-        log.info("speculative decoding: %s, k <= %d; one more scored row costs %.2f of a step", spec.method,
-                 spec.num_speculative_tokens, cost)
-        speculator = Speculator(spec, proposer, self.max_model_len, cost)
-        if not speculator.pays:
+        rows = spec.num_speculative_tokens
+        one, more = pass_seconds(self.runner, self.kv, rows)
+        # where the cache has no room to time a pass, a middling guess
+        price = StepPrice(one, max(0.0, more - one) / rows, proposer.seconds(), rows) if one else StepPrice.fixed(0.5)
+        speculator = Speculator(spec, proposer, self.max_model_len, price)
+        log.info("speculative decoding: %s, k <= %d; a proposed token costs %.2f of a step to start with",
+                 spec.method, rows, price())
+        if not speculator.pays():
             log.warning("speculative decoding stays off: on this machine a proposed token costs %.2f of a step, "
-                        "more than even proposals that always hold can save", cost)
+                        "more than even proposals that always hold can save", price())
         return speculator
 
     def _calibrate(self) -> dict:
@@ -213,6 +217,7 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch.empty:
             return []
+        start = time.perf_counter()
         try:
             tokens, logprobs = self.runner.run(batch)
         except Exception as e:  # the pass failed: fail this step's requests, keep the engine (and the rest) going
@@ -220,6 +225,8 @@ class Engine:
             for seq in batch.seqs:
                 self.scheduler.fail(seq, e)
             return self._outputs(batch.seqs)
+        if self.speculator is not None:
+            self.speculator.observe(batch, time.perf_counter() - start)
         return self._outputs(self.scheduler.update(batch, tokens, logprobs))
 
     def _outputs(self, seqs: list[Sequence]) -> list[RequestOutput]:

@@ -6,9 +6,10 @@ Proposers behind one interface: prompt lookup ("ngram": the latest earlier occur
 tokens, continued), suffix decoding ("suffix": the most frequent continuation of the longest matching context in
 this request and in recent outputs of others), and a small draft model of the same vocabulary ("draft_model",
 draft_model.py). The `Speculator` decides per step and per request how many to ask for: the k that gives the most
-tokens per unit of step time, from the request's recent acceptance and what a scored row costs on this machine
-(measured at start); none, for a while, where no k pays. A step with more running requests than
-`disable_by_batch_size` speculates not at all, since a full batch already reads each weight for many tokens.
+tokens per unit of step time, from the request's recent acceptance and what a proposed token costs on this
+machine (`StepPrice`: measured at start, then learned from the engine's steps); none, for a while, where no k pays.
+A step with more running requests than `disable_by_batch_size` speculates not at all, since a full batch already
+reads each weight for many tokens.
 """
 
 from __future__ import annotations
@@ -43,9 +44,13 @@ class Proposer(ABC):
         """The sequence has finished, or stopped proposing for good: drop what was kept for it (and learn from
         its output, if it finished)."""
 
-    def cost(self, engine) -> float:
-        """What proposing one token costs, as a fraction of the model's plain step (lookups: nothing)."""
+    def seconds(self) -> float:
+        """What proposing one token takes, measured at start (lookups: nothing)."""
         return 0.0
+
+    # Seconds of the last `propose` that were a one-off for a request (a draft model reading its prompt), not the
+    # price of proposing: the Speculator leaves them out of what a proposal costs.
+    overhead: float = 0.0
 
     # Whether a request that stopped proposing may try again later. A lookup's try costs nothing; a draft model's
     # costs its catch-up over every token since the last (~7% of a step per token on a 1.5B/0.5B pair).
@@ -165,26 +170,89 @@ def best_k(rate: float, row_cost: float, top: int) -> int:
     return best
 
 
-class Speculator:
-    """Sets each running request's proposals (`seq.draft`) before a step is scheduled. `row_cost` is what one
-    more scored row adds to a step, relative to a plain step (measured on the machine at start, `row_cost`):
-    on a CPU whose products are compute-bound at a few rows (AVX2) it is large and only well-accepted proposals
-    pay; where extra rows ride along with the weight reads (VNNI, AMX, GPUs) it is small."""
+class StepPrice:
+    """What a proposed token costs, as a fraction of a plain step, learned from the engine's own steps: each decode
+    step's seconds against its rows (a weighted line: a one-row step, plus so much a row; recent steps weigh most)
+    and the proposer's seconds per proposed token. The measurement at start-up is the first guess; the price then
+    follows this machine, whose speed drifts, and the proposer's mix (a lookup proposes for nothing, a draft pass
+    costs a third of a step). Priced once at start-up, the same command got 0.31 to 0.65 of a step in different
+    processes (AVX-512 Zen 5, Qwen2.5-Coder-1.5B and its 0.5B draft), and its k and speed-up with it.
 
-    def __init__(self, config: SpeculativeConfig, proposer: Proposer, max_model_len: int, row_cost: float = 0.1):
+    Steps of one stream mostly have the same number of rows (k stays at its top while proposals hold), which tell
+    the line's height but not its slope; so the start-up ratio of a row to a step stays in the fit as one more
+    observation, scale-free: a machine that slows down as a whole keeps its price."""
+
+    DECAY = 0.97  # per step: the last ~30 weigh most
+    START = 4.0  # the start-up line counts as this many steps at first (at one row and at one plus k), then fades
+    START_DECAY = 0.8  # per step, so that the start-up's seconds (not its ratio) are forgotten within ~20 steps
+
+    def __init__(self, one: float, per_row: float, per_proposal: float = 0.0, rows: int = 4, learn: bool = True):
+        self.learn = learn
+        ratio = per_row / one
+        self.shape = np.array([[ratio * ratio, -ratio], [-ratio, 1.0]])  # "a row costs `ratio` of a step", once
+        self.start = self.START * (_line_sums(0, one) + _line_sums(rows, one + rows * per_row))
+        self.steps = np.zeros(5)  # decayed sums over the steps: weight, x, y, x*x, x*y (x: rows beyond one)
+        self.proposals = self.START * rows * np.array([per_proposal, 1.0])  # decayed proposer seconds, tokens
+
+    @classmethod
+    def fixed(cls, row_cost: float) -> StepPrice:
+        """A price that does not learn: a proposed token costs `row_cost` of a one-row step."""
+        return cls(1.0, row_cost, learn=False)
+
+    def step(self, rows: int, seconds: float) -> None:
+        if self.learn:
+            self.start *= self.START_DECAY
+            self.steps = self.DECAY * self.steps + _line_sums(rows - 1, seconds)
+
+    def proposed(self, tokens: int, seconds: float) -> None:
+        if self.learn and tokens:
+            self.proposals = self.DECAY * self.proposals + (seconds, tokens)
+
+    def line(self) -> tuple[float, float]:
+        """Seconds of a one-row step, and of each row more (weighted least squares over (rows beyond one,
+        seconds), with the start-up's ratio as one more observation)."""
+        w, x, y, xx, xy = self.start + self.steps
+        one, per_row = np.linalg.solve(np.array([[w, x], [x, xx]]) + self.shape, [y, xy])
+        return max(one, 1e-9), max(per_row, 0.0)
+
+    def __call__(self, seqs: int = 1) -> float:
+        """The price of one proposed token in a step of `seqs` decoding requests: its row and its proposing, over a
+        request's share of a plain step (a batch already reads the weights once for all its rows, so a proposal
+        weighs more there)."""
+        one, per_row = self.line()
+        seconds, tokens = self.proposals
+        return (per_row + seconds / tokens) * seqs / (one + per_row * (seqs - 1))
+
+
+def _line_sums(x: float, y: float) -> np.ndarray:
+    """The terms one observation adds to a line fit: weight, x, y, x * x, x * y."""
+    return np.array([1.0, x, y, x * x, x * y])
+
+
+class Speculator:
+    """Sets each running request's proposals (`seq.draft`) before a step is scheduled, and learns what they cost
+    (`StepPrice`, from the steps the engine reports to `observe`): on a CPU whose products are compute-bound at a
+    few rows (AVX2) a proposal is dear and only well-accepted ones pay; where extra rows ride along with the weight
+    reads (VNNI, AMX, GPUs) it is cheap."""
+
+    def __init__(self, config: SpeculativeConfig, proposer: Proposer, max_model_len: int, price: StepPrice):
         self.config, self.proposer, self.max_model_len = config, proposer, max_model_len
-        self.row_cost = row_cost
-        # where a proposal costs about a step, not even proposals that always hold pay: speculation stays off
-        self.pays = best_k(0.99, row_cost, config.num_speculative_tokens) > 0
+        self.price = price
+
+    def pays(self, seqs: int = 1) -> bool:
+        """Whether proposals that always hold would pay at today's price: where a proposal costs about a step, no
+        speculation does."""
+        return best_k(0.99, self.price(seqs), self.config.num_speculative_tokens) > 0
 
     def propose(self, running: list[Sequence]) -> None:
-        if not self.pays or len(running) > self.config.disable_by_batch_size:
+        if len(running) > self.config.disable_by_batch_size or not self.pays(len(running)):
             return
+        price = self.price(len(running))
         ready, ks = [], []
         for seq in running:
             if seq.num_computed != seq.num_tokens - 1 or seq.finished:  # still in its prompt
                 continue
-            k = self._k(seq)
+            k = self._k(seq, price)
             p = seq.params
             if p.max_tokens is not None:
                 k = min(k, p.max_tokens - len(seq.output_ids) - 1)
@@ -194,15 +262,26 @@ class Speculator:
                 ks.append(k)
         if not ready:
             return
-        for seq, draft in zip(ready, self.proposer.propose(ready, ks)):
+        start = time.perf_counter()
+        drafts = self.proposer.propose(ready, ks)
+        self.price.proposed(sum(map(len, drafts)), time.perf_counter() - start - self.proposer.overhead)
+        for seq, draft in zip(ready, drafts):
             if draft and seq.matcher is not None:  # only what the output constraint allows
                 draft = draft[: seq.matcher.validate_tokens(draft)]
             seq.draft = draft
 
+    def observe(self, batch: ScheduledBatch, seconds: float) -> None:
+        """A step's pass took `seconds`: where every row decoded (no prompt chunk) and speculation could have run,
+        it is a point of the price's line."""
+        rows = zip(batch.seqs, batch.num_tokens)
+        if len(batch.seqs) <= self.config.disable_by_batch_size and all(
+                s.num_computed == s.num_tokens - 1 and n == 1 + len(s.draft) for s, n in rows):
+            self.price.step(sum(batch.num_tokens), seconds)
+
     def release(self, seq: Sequence) -> None:
         self.proposer.release(seq)
 
-    def _k(self, seq: Sequence) -> int:
+    def _k(self, seq: Sequence, price: float) -> int:
         """k from the request's acceptance and the cost of a row (`best_k`); a request for which no k pays waits
         (1, 2, 4 ... steps) and then tries one proposal, to learn whether its text has become predictable — or,
         where the proposer's tries are not free (`retries`), stops speculating and gives back what it held."""
@@ -218,8 +297,7 @@ class Speculator:
         if state.wait:
             state.wait -= 1
             return 0
-        k = best_k(state.accepted / (state.accepted + state.rejected), self.row_cost,
-                   self.config.num_speculative_tokens)
+        k = best_k(state.accepted / (state.accepted + state.rejected), price, self.config.num_speculative_tokens)
         if k == 0:
             if not self.proposer.retries:
                 if m.proposed_tokens < TRIALS:  # learn the request's own rate first, one proposal a step
@@ -260,12 +338,6 @@ def pass_seconds(runner: ModelRunner, kv: KVCacheManager, rows: int) -> tuple[fl
     finally:
         seq.draft = []
         kv.release(seq)
-
-
-def row_cost(runner: ModelRunner, kv: KVCacheManager, rows: int) -> float:
-    """What one more decode row of a sequence adds to its one-row pass, as a fraction of it."""
-    one, more = pass_seconds(runner, kv, rows)
-    return max(0.0, (more - one) / (rows * one)) if one else 0.5
 
 
 def build_proposer(config: SpeculativeConfig, engine) -> Proposer:

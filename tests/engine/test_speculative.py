@@ -15,8 +15,17 @@ from miaotui import LLM, SamplingParams, StructuredOutput
 from miaotui.config import SpeculativeConfig
 from miaotui.engine import draft_model
 from miaotui.engine.sampler import Sampler
+from miaotui.engine.scheduler import ScheduledBatch
 from miaotui.engine.sequence import Sequence
-from miaotui.engine.speculative import TRIALS, ContextIndex, Proposer, Speculator, best_k, prompt_lookup
+from miaotui.engine.speculative import (
+    TRIALS,
+    ContextIndex,
+    Proposer,
+    Speculator,
+    StepPrice,
+    best_k,
+    prompt_lookup,
+)
 from miaotui.errors import MiaotuiError
 from tests.conftest import model_path
 
@@ -40,7 +49,7 @@ def llm(alias: str, speculative=None, **kw) -> LLM:
     model = LLM(str(model_path(alias)), speculative=speculative, kv_cache_memory=kw.pop("kv", 64 * 2**20),
                 dtype="float32", max_model_len=1024, **kw)
     if speculative is not None:
-        model.engine.speculator.row_cost, model.engine.speculator.pays = 0.05, True
+        model.engine.speculator.price = StepPrice.fixed(0.05)
     return model
 
 
@@ -176,7 +185,7 @@ def test_k_adapts_and_a_full_batch_does_not_speculate():
         def propose(self, seqs, ks):
             return [[7] * k for k in ks]
 
-    spec = Speculator(config, Fixed(), max_model_len=1000, row_cost=0.1)
+    spec = Speculator(config, Fixed(), 1000, StepPrice.fixed(0.1))
     seq = Sequence("a", [1, 2, 3], 3, SamplingParams(max_tokens=100), None)
     seq.num_computed = 2
     spec.propose([seq])
@@ -209,7 +218,7 @@ def test_a_proposer_whose_retries_cost_stops_for_good_and_gives_back_what_it_hel
             self.released.append(seq.request_id)
 
     draft = Draft()
-    spec = Speculator(SpeculativeConfig(num_speculative_tokens=4), draft, max_model_len=1000, row_cost=0.3)
+    spec = Speculator(SpeculativeConfig(num_speculative_tokens=4), draft, 1000, StepPrice.fixed(0.3))
     seq = Sequence("a", [1, 2, 3], 3, SamplingParams(max_tokens=500), None, num_computed=2)
     ks = []
     for _ in range(200):  # every proposal fails
@@ -227,10 +236,46 @@ def test_k_weighs_acceptance_against_the_cost_of_a_row():
     assert best_k(0.86, 0.55, 4) in (1, 2)  # compute-bound rows (AVX2): a short guess
     assert best_k(0.3, 0.55, 4) == 0  # nothing pays: plain decoding
     assert best_k(0.3, 0.02, 4) >= 1
-    never = Speculator(SpeculativeConfig(num_speculative_tokens=4), None, 1000, row_cost=1.2)
+    never = Speculator(SpeculativeConfig(num_speculative_tokens=4), None, 1000, StepPrice.fixed(1.2))
     seq = Sequence("a", [1, 2, 3], 3, SamplingParams(max_tokens=100), None, num_computed=2)
     never.propose([seq])
-    assert not never.pays and seq.draft == []
+    assert not never.pays() and seq.draft == []
+
+
+def test_the_price_of_a_proposal_is_learned_from_the_steps():
+    """Priced wrong at start, the price follows the steps' own line; a machine that slows down as a whole keeps its
+    price; proposals that cost nothing (lookups) lower it; in a batch a proposal weighs more."""
+    price = StepPrice(0.02, 0.02, rows=4)  # start-up said a row costs a whole step
+    assert price() == pytest.approx(1.0)
+    for i in range(100):
+        price.step(1 + i % 5, 0.02 + 0.002 * (i % 5))  # it costs a tenth
+    assert price() == pytest.approx(0.1, abs=0.06)
+    slow = StepPrice(0.02, 0.004, rows=4)
+    for _ in range(100):
+        slow.step(5, 2 * (0.02 + 4 * 0.004))  # always five rows, each step twice as slow as at start
+    assert slow() == pytest.approx(0.2, rel=0.1)
+    draft = StepPrice(0.02, 0.004, per_proposal=0.006, rows=4)  # a draft pass costs 0.3 of a step
+    assert draft() == pytest.approx(0.5)
+    for _ in range(100):
+        draft.proposed(4, 0.0)
+    assert draft() == pytest.approx(0.2, rel=0.2)
+    assert draft(4) > 2 * draft()
+    frozen = StepPrice.fixed(0.3)
+    frozen.step(5, 100.0)
+    assert frozen() == pytest.approx(0.3)
+
+
+def test_the_engine_prices_from_its_decode_steps_only():
+    model = LLM(str(model_path("smollm2-135m")), speculative=SPECS[0], kv_cache_memory=64 * 2**20,
+                dtype="float32", max_model_len=1024)
+    spec = model.engine.speculator
+    seen, step = [], spec.price.step
+    spec.price.step = lambda rows, seconds: seen.append(rows) or step(rows, seconds)
+    out = run(model, SamplingParams(temperature=0, max_tokens=24), PROMPTS[:1])[0]
+    assert 0 < len(seen) < len(out.token_ids)  # decode steps, fewer than tokens where proposals held
+    steps = len(seen)
+    spec.observe(ScheduledBatch([Sequence("a", [1, 2, 3, 4], 4, SamplingParams(), None)], [4]), 1.0)
+    assert len(seen) == steps  # a prompt chunk is no point of the line
 
 
 def test_lookup_and_suffix_index():
