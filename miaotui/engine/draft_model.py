@@ -36,6 +36,7 @@ from miaotui.sampling import SamplingParams
 log = logging.getLogger("miaotui")
 CATCH_UP_ROWS = 16  # a shadow this many tokens behind or fewer catches up as decode rows
 LOOKUP_MIN = 3  # a match of this many tokens or more in the text so far proposes its continuation, with no draft pass
+PAYBACK = 8  # a request starts the draft only with a token to go for every this many of its text (`_pays_back`)
 SHORTLIST = 32768  # the draft's head scores this many of the vocabulary's first tokens (where it has twice as many)
 
 
@@ -80,13 +81,21 @@ class DraftModelProposer(Proposer):
         rest = []
         for i, (seq, k) in enumerate(zip(seqs, ks)):
             found = prompt_lookup(np.asarray(seq.token_ids), LOOKUP_MIN, max(LOOKUP_MIN, self.lookup_max), k)
-            if len(found) == k:
+            if len(found) == k or not (id(seq) in self.shadows or self._pays_back(seq)):
                 drafts[i] = found
             else:
                 rest.append(i)
         for i, draft in zip(rest, self._draft([seqs[i] for i in rest], [ks[i] for i in rest])):
             drafts[i] = draft
         return drafts
+
+    @staticmethod
+    def _pays_back(seq: Sequence) -> bool:
+        """Whether a request's tokens to go can pay back the draft's first pass over its prompt (Qwen2.5-Coder-0.5B
+        in int4: ~1.6 ms a token, 0.6 s for 400, where a proposal that holds saves ~7 ms of the 1.5B's step). The
+        last request of a batch starting the draft a few tokens from its end cost 1.7% of the batch's time."""
+        left = seq.params.max_tokens
+        return left is None or (left - len(seq.output_ids)) * PAYBACK >= seq.num_tokens
 
     def _draft(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
         """k greedy steps of the draft model for each sequence."""

@@ -213,7 +213,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model and sample, book the results; the outputs of the requests that got a token."""
         if self.speculator is not None:
-            self.speculator.propose(self.scheduler.running)
+            self.speculator.propose(self.scheduler.running, len(self.scheduler.waiting))
         batch = self.scheduler.schedule()
         if batch.empty:
             return []

@@ -244,10 +244,13 @@ class Speculator:
         speculation does."""
         return best_k(0.99, self.price(seqs), self.config.num_speculative_tokens) > 0
 
-    def propose(self, running: list[Sequence]) -> None:
-        if len(running) > self.config.disable_by_batch_size or not self.pays(len(running)):
+    def propose(self, running: list[Sequence], waiting: int = 0) -> None:
+        """`waiting`: requests not yet admitted, which join the batch within a few steps; they count, so that a
+        batch's first request does not start a draft model only for the batch to stop it."""
+        batch = len(running) + waiting
+        if batch > self.config.disable_by_batch_size or not self.pays(batch):
             return
-        price = self.price(len(running))
+        price = self.price(batch)
         ready, ks = [], []
         for seq in running:
             if seq.num_computed != seq.num_tokens - 1 or seq.finished:  # still in its prompt

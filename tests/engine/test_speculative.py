@@ -120,6 +120,21 @@ def test_a_draft_model_takes_a_long_match_in_the_text_without_a_draft_pass(plain
     assert with_lookup < len(passes) / 3
 
 
+def test_a_request_too_near_its_end_to_pay_back_the_draft_does_not_start_it(monkeypatch):
+    """The draft's first pass reads the whole prompt: a request with few tokens to go proposes by lookup only."""
+    model = llm("smollm2-135m", {"method": "draft_model", "model": "smollm2-135m"})
+    runner = model.engine.speculator.proposer.runner
+    passes, forward = [], runner.forward
+    monkeypatch.setattr(runner, "forward", lambda *a, **kw: passes.append(1) or forward(*a, **kw))
+    prompt = run(model, SamplingParams(max_tokens=1), PROMPTS[1:2])[0].prompt_token_ids
+    assert not passes
+    short = len(prompt) // draft_model.PAYBACK - 2
+    out = run(model, SamplingParams(temperature=0, max_tokens=short), PROMPTS[1:2])[0]
+    assert len(out.token_ids) == short > 4 and not passes
+    run(model, SamplingParams(temperature=0, max_tokens=48), PROMPTS[1:2])
+    assert passes
+
+
 @pytest.mark.parametrize("alias", ["gemma3-270m", "qwen2.5-coder-0.5b"])
 def test_greedy_outputs_match_on_the_other_models(alias):
     params = SamplingParams(temperature=0, max_tokens=32)
@@ -201,6 +216,8 @@ def test_k_adapts_and_a_full_batch_does_not_speculate():
     others = [Sequence(str(i), [1, 2], 2, SamplingParams(), None, num_computed=1) for i in range(3)]
     spec.propose(others)
     assert not any(s.draft for s in others)
+    spec.propose(others[:1], waiting=2)  # a batch about to fill does not start either
+    assert not others[0].draft
     near_end = Sequence("b", [1, 2, 3], 2, SamplingParams(max_tokens=3), None, num_computed=2)
     spec.propose([near_end])
     assert len(near_end.draft) == 1  # one output token so far, three allowed: one proposal and the last token
