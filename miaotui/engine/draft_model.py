@@ -85,10 +85,8 @@ class DraftModelProposer(Proposer):
                 drafts[i] = found
             else:
                 rest.append(i)
-        self.drafted = [0] * len(seqs)
         for i, draft in zip(rest, self._draft([seqs[i] for i in rest], [ks[i] for i in rest])):
             drafts[i] = draft
-            self.drafted[i] = len(draft)
         return drafts
 
     @staticmethod

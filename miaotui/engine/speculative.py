@@ -52,10 +52,6 @@ class Proposer(ABC):
     # price of proposing: the Speculator leaves them out of what a proposal costs.
     overhead: float = 0.0
 
-    # For each sequence of the last `propose`, how many of its tokens a model pass computed (what costs); the rest
-    # were looked up, for nothing. Empty: all looked up.
-    drafted: list[int] = []
-
     # Whether a request that stopped proposing may try again later. A lookup's try costs nothing; a draft model's
     # costs its catch-up over every token since the last (~7% of a step per token on a 1.5B/0.5B pair).
     retries: bool = True
@@ -159,7 +155,6 @@ class _Adaptive:
     wait: int = 0  # steps left before it proposes again
     backoff: int = 1
     off: bool = False  # no k paid and the proposer does not retry: plain decoding to the end
-    drafted: float = 1.0  # the part of its recent proposals a model pass computed (a lookup's cost nothing)
 
 
 def best_k(rate: float, row_cost: float, top: int) -> int:
@@ -210,7 +205,6 @@ class StepPrice:
             self.steps = self.DECAY * self.steps + _line_sums(rows - 1, seconds)
 
     def proposed(self, tokens: int, seconds: float) -> None:
-        """A proposer computed `tokens` (lookups not counted) in `seconds`."""
         if self.learn and tokens:
             self.proposals = self.DECAY * self.proposals + (seconds, tokens)
 
@@ -221,13 +215,13 @@ class StepPrice:
         one, per_row = np.linalg.solve(np.array([[w, x], [x, xx]]) + self.shape, [y, xy])
         return max(one, 1e-9), max(per_row, 0.0)
 
-    def __call__(self, seqs: int = 1, drafted: float = 1.0) -> float:
-        """The price of one proposed token in a step of `seqs` decoding requests: its row and, for the `drafted`
-        part of proposals that a model pass computes, its proposing; over a request's share of a plain step (a
-        batch already reads the weights once for all its rows, so a proposal weighs more there)."""
+    def __call__(self, seqs: int = 1) -> float:
+        """The price of one proposed token in a step of `seqs` decoding requests: its row and its proposing, over a
+        request's share of a plain step (a batch already reads the weights once for all its rows, so a proposal
+        weighs more there)."""
         one, per_row = self.line()
         seconds, tokens = self.proposals
-        return (per_row + drafted * seconds / tokens) * seqs / (one + per_row * (seqs - 1))
+        return (per_row + seconds / tokens) * seqs / (one + per_row * (seqs - 1))
 
 
 def _line_sums(x: float, y: float) -> np.ndarray:
@@ -246,9 +240,9 @@ class Speculator:
         self.price = price
 
     def pays(self, seqs: int = 1) -> bool:
-        """Whether the cheapest proposals (looked up), always holding, would pay at today's price: where a scored
-        row costs about a step, no speculation does. Each request's k weighs what its own proposals cost."""
-        return best_k(0.99, self.price(seqs, drafted=0.0), self.config.num_speculative_tokens) > 0
+        """Whether proposals that always hold would pay at today's price: where a proposal costs about a step, no
+        speculation does."""
+        return best_k(0.99, self.price(seqs), self.config.num_speculative_tokens) > 0
 
     def propose(self, running: list[Sequence], waiting: int = 0) -> None:
         """`waiting`: requests not yet admitted, which join the batch within a few steps; they count, so that a
@@ -256,11 +250,12 @@ class Speculator:
         batch = len(running) + waiting
         if batch > self.config.disable_by_batch_size or not self.pays(batch):
             return
+        price = self.price(batch)
         ready, ks = [], []
         for seq in running:
             if seq.num_computed != seq.num_tokens - 1 or seq.finished:  # still in its prompt
                 continue
-            k = self._k(seq, batch)
+            k = self._k(seq, price)
             p = seq.params
             if p.max_tokens is not None:
                 k = min(k, p.max_tokens - len(seq.output_ids) - 1)
@@ -272,11 +267,8 @@ class Speculator:
             return
         start = time.perf_counter()
         drafts = self.proposer.propose(ready, ks)
-        drafted = self.proposer.drafted or [0] * len(drafts)
-        self.price.proposed(sum(drafted), time.perf_counter() - start - self.proposer.overhead)
-        for seq, draft, n in zip(ready, drafts, drafted):
-            if draft:
-                seq.spec.drafted = 0.7 * seq.spec.drafted + 0.3 * n / len(draft)
+        self.price.proposed(sum(map(len, drafts)), time.perf_counter() - start - self.proposer.overhead)
+        for seq, draft in zip(ready, drafts):
             if draft and seq.matcher is not None:  # only what the output constraint allows
                 draft = draft[: seq.matcher.validate_tokens(draft)]
             seq.draft = draft
@@ -292,7 +284,7 @@ class Speculator:
     def release(self, seq: Sequence) -> None:
         self.proposer.release(seq)
 
-    def _k(self, seq: Sequence, batch: int) -> int:
+    def _k(self, seq: Sequence, price: float) -> int:
         """k from the request's acceptance and the cost of a row (`best_k`); a request for which no k pays waits
         (1, 2, 4 ... steps) and then tries one proposal, to learn whether its text has become predictable — or,
         where the proposer's tries are not free (`retries`), stops speculating and gives back what it held."""
@@ -308,8 +300,7 @@ class Speculator:
         if state.wait:
             state.wait -= 1
             return 0
-        k = best_k(state.accepted / (state.accepted + state.rejected), self.price(batch, state.drafted),
-                   self.config.num_speculative_tokens)
+        k = best_k(state.accepted / (state.accepted + state.rejected), price, self.config.num_speculative_tokens)
         if k == 0:
             if not self.proposer.retries:
                 if m.proposed_tokens < TRIALS:  # learn the request's own rate first, one proposal a step

@@ -248,27 +248,6 @@ def test_a_proposer_whose_retries_cost_stops_for_good_and_gives_back_what_it_hel
     assert draft.released == ["a"]
 
 
-def test_a_request_whose_proposals_are_looked_up_is_not_priced_for_the_draft():
-    """A draft pass costs half a step here, a looked-up proposal only its row: the request whose proposals come
-    from lookups guesses farther than the one whose proposals the draft computes, at the same acceptance."""
-    class Mixed(Proposer):
-        def propose(self, seqs, ks):
-            self.drafted = [k if s.request_id == "drafted" else 0 for s, k in zip(seqs, ks)]
-            return [[7] * k for k in ks]
-
-    spec = Speculator(SpeculativeConfig(num_speculative_tokens=4), Mixed(), 1000,
-                      StepPrice(1.0, 0.1, per_proposal=0.5, learn=False))
-    seqs = [Sequence(name, [1, 2, 3], 3, SamplingParams(max_tokens=100), None, num_computed=2)
-            for name in ("looked up", "drafted")]
-    ks: dict[str, list[int]] = {s.request_id: [] for s in seqs}
-    for _ in range(12):
-        for seq in seqs:
-            seq.draft = []
-            spec.propose([seq])
-            ks[seq.request_id].append(len(seq.draft))
-    assert ks["looked up"][-1] == 2 and max(ks["drafted"]) == 1
-
-
 def test_k_weighs_acceptance_against_the_cost_of_a_row():
     assert best_k(0.9, 0.05, 8) >= 6  # rows ride along with the weight reads: guess far
     assert best_k(0.86, 0.55, 4) in (1, 2)  # compute-bound rows (AVX2): a short guess
