@@ -133,8 +133,8 @@ class Engine:
         log.info("speculative decoding: %s, k <= %d; a proposed token costs %.2f of a step to start with",
                  spec.method, rows, price())
         if not speculator.pays():
-            log.warning("speculative decoding stays off: on this machine a proposed token costs %.2f of a step, "
-                        "more than even proposals that always hold can save", price())
+            log.warning("speculative decoding stays off: on this machine a scored row costs %.2f of a step, "
+                        "more than even proposals that always hold can save", price(proposing=False))
         return speculator
 
     def _calibrate(self) -> dict:

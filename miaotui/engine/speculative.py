@@ -215,13 +215,13 @@ class StepPrice:
         one, per_row = np.linalg.solve(np.array([[w, x], [x, xx]]) + self.shape, [y, xy])
         return max(one, 1e-9), max(per_row, 0.0)
 
-    def __call__(self, seqs: int = 1) -> float:
-        """The price of one proposed token in a step of `seqs` decoding requests: its row and its proposing, over a
-        request's share of a plain step (a batch already reads the weights once for all its rows, so a proposal
-        weighs more there)."""
+    def __call__(self, seqs: int = 1, proposing: bool = True) -> float:
+        """The price of one proposed token in a step of `seqs` decoding requests: its row and (unless not
+        `proposing`: a lookup's price) its proposing, over a request's share of a plain step (a batch already reads
+        the weights once for all its rows, so a proposal weighs more there)."""
         one, per_row = self.line()
         seconds, tokens = self.proposals
-        return (per_row + seconds / tokens) * seqs / (one + per_row * (seqs - 1))
+        return (per_row + proposing * seconds / tokens) * seqs / (one + per_row * (seqs - 1))
 
 
 def _line_sums(x: float, y: float) -> np.ndarray:
@@ -240,9 +240,10 @@ class Speculator:
         self.price = price
 
     def pays(self, seqs: int = 1) -> bool:
-        """Whether proposals that always hold would pay at today's price: where a proposal costs about a step, no
-        speculation does."""
-        return best_k(0.99, self.price(seqs), self.config.num_speculative_tokens) > 0
+        """Whether the cheapest proposals (looked up: only their rows cost), always holding, would pay at today's
+        price: where a scored row costs about a step, no speculation does. (Not the full price: a spell of dear
+        proposals would turn speculation off for good, with nothing proposed to learn that it got cheaper.)"""
+        return best_k(0.99, self.price(seqs, proposing=False), self.config.num_speculative_tokens) > 0
 
     def propose(self, running: list[Sequence], waiting: int = 0) -> None:
         """`waiting`: requests not yet admitted, which join the batch within a few steps; they count, so that a

@@ -257,6 +257,10 @@ def test_k_weighs_acceptance_against_the_cost_of_a_row():
     seq = Sequence("a", [1, 2, 3], 3, SamplingParams(max_tokens=100), None, num_computed=2)
     never.propose([seq])
     assert not never.pays() and seq.draft == []
+    # dear proposals, cheap rows: speculation stays on (lookups pay) and each request's k weighs the whole price
+    dear = Speculator(SpeculativeConfig(num_speculative_tokens=4), None, 1000,
+                      StepPrice(1.0, 0.1, per_proposal=2.0, learn=False))
+    assert dear.pays() and dear.price() == pytest.approx(2.1)
 
 
 def test_the_price_of_a_proposal_is_learned_from_the_steps():
