@@ -286,7 +286,7 @@ class Speculator:
         self.proposer.release(seq)
 
     def _k(self, seq: Sequence, price: float) -> int:
-        """k from the request's acceptance and the cost of a row (`best_k`); a request for which no k pays waits
+        """k from the request's acceptance and the price of a proposal (`best_k`); a request for which no k pays waits
         (1, 2, 4 ... steps) and then tries one proposal, to learn whether its text has become predictable — or,
         where the proposer's tries are not free (`retries`), stops speculating and gives back what it held."""
         state = seq.spec = seq.spec or _Adaptive()
