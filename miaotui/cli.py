@@ -111,7 +111,8 @@ def _params(args: argparse.Namespace):
 
 
 def _stream(engine, ids: list[int], params, write: Callable[[str], None]) -> tuple[str, int, float]:
-    """Generate one answer, writing text as it comes; Ctrl-C stops this answer (the request is aborted)."""
+    """Generate one answer, writing text as it comes and a newline after it (before the stats line, which goes to
+    stderr); Ctrl-C stops this answer (the request is aborted)."""
     rid = engine.add_request(ids, params)
     text, tokens, last = "", 0, None
     try:
@@ -124,6 +125,7 @@ def _stream(engine, ids: list[int], params, write: Callable[[str], None]) -> tup
     except KeyboardInterrupt:
         engine.abort(rid)
         write("\n[stopped]")
+    write("\n")
     rate = 0.0
     if last is not None and last.metrics.ttft is not None:
         decode = (last.metrics.finished_time or time.monotonic()) - last.metrics.first_token_time
@@ -149,7 +151,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not args.raw:
             _write(args.prompt)
     _stream(engine, ids, params, _write)
-    _write("\n")
     return 0
 
 
@@ -185,7 +186,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(f"(the conversation is too long for the {engine.max_model_len}-token context; /reset it)")
             continue
         answer, _, _ = _stream(engine, ids, params, _write)
-        _write("\n")
         history.append({"role": "assistant", "content": answer})
 
 
@@ -220,7 +220,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from miaotui.bench import main as bench_main
-    from miaotui.bench.engine_bench import BenchConfig
+    from miaotui.bench.engine_bench import SCENARIOS, BenchConfig
 
     scenarios = args.scenarios.split(",")
     if "embeddings" in scenarios:
@@ -234,6 +234,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             Path(args.json).write_text(json.dumps(res, indent=2))
         return 0
 
+    unknown = sorted(set(scenarios) - set(SCENARIOS))
+    if unknown:
+        raise MiaotuiError(f"unknown scenario {unknown[0]!r}; choose from {', '.join(SCENARIOS)} (or embeddings)")
     cfg = BenchConfig(engine=engine_config(args), decode_tokens=args.decode_tokens,
                       prefill_tokens=args.prefill_tokens, num_prompts=args.num_prompts, input_len=args.input_len,
                       output_len=args.output_len, concurrency=args.concurrency, serve_requests=args.serve_requests,
@@ -514,10 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_flags(b)
     b.add_argument("--compare", action="store_true", help="also run llama.cpp and transformers when installed")
     b.add_argument("--peers", default="llama.cpp,transformers", help="with --compare: which peers to run")
-    b.add_argument("--scenarios", default="decode,prefill,throughput,latency,prefix",
-                   help="comma-separated subset of decode,prefill,throughput,latency,prefix,speculative "
-                   "(speculative: plain vs --speculative-config, ngram by default, on summarization, QA, code "
-                   "editing and chat; embeddings: alone, with an embedding model, against sentence-transformers)")
+    b.add_argument("--scenarios", default="decode,sampled,prefill,throughput,latency,prefix",
+                   help="comma-separated subset of decode,sampled,prefill,throughput,latency,prefix,speculative "
+                   "(sampled: single-stream decode at temperature 0.8, top-p 0.95; speculative: plain vs "
+                   "--speculative-config, ngram by default, on summarization, QA, code editing and chat; "
+                   "embeddings: alone, with an embedding model, against sentence-transformers)")
     b.add_argument("--decode-tokens", type=int, default=128)
     b.add_argument("--prefill-tokens", type=int, default=512)
     b.add_argument("--num-prompts", type=int, default=32)
