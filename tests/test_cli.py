@@ -85,6 +85,10 @@ def test_bad_sampling_parameter(smollm2_path):
     assert_clean_error(miaotui("run", "hi", "--top-p", "1.5"), "top_p")
 
 
+def test_unknown_bench_scenario_is_refused_before_loading():
+    assert_clean_error(miaotui("bench", "--scenarios", "decode,sampeld"), "unknown scenario 'sampeld'", "sampled")
+
+
 @pytest.mark.parametrize("args", [["--device", "tpu"], ["--dtype", "float8"]])
 def test_bad_engine_flags(args):
     assert_clean_error(miaotui("run", "hi", *args))

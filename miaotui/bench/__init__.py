@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from miaotui.bench.energy import EnergyMeter
-from miaotui.bench.engine_bench import BenchConfig, MiaotuiBench, random_prompts
+from miaotui.bench.engine_bench import SAMPLED, BenchConfig, MiaotuiBench, random_prompts
 from miaotui.bench.spec_bench import format_llama_cpp_lookup, format_speculative, run_llama_cpp_lookup, run_speculative
 from miaotui.bench.table import markdown_table
 from miaotui.config import resolve_dtype
@@ -40,6 +40,10 @@ def run_engine(bench, cfg: BenchConfig, vocab: int, avoid: set[int], meter: Ener
         span = meter.start()
         res["decode_tok_s"] = _median(lambda: bench.decode(decode_prompt, cfg.decode_tokens), cfg.repeats)
         res["decode_j_tok"] = meter.stop(span).joules / (cfg.decode_tokens * cfg.repeats)
+    if "sampled" in cfg.scenarios:
+        bench.decode(decode_prompt, 8, sampled=True)  # warm-up
+        res["sampled_tok_s"] = _median(lambda: bench.decode(decode_prompt, cfg.decode_tokens, sampled=True),
+                                       cfg.repeats)
     if "prefill" in cfg.scenarios:
         prompts = random_prompts(vocab, cfg.repeats + 1, cfg.prefill_tokens, cfg.seed + 1, avoid)
         bench.prefill(prompts[-1])  # warm-up
@@ -65,6 +69,7 @@ def run_engine(bench, cfg: BenchConfig, vocab: int, avoid: set[int], meter: Ener
 
 
 METRICS = [("load_s", "load time (s)", False), ("decode_tok_s", "decode, 1 stream (tok/s)", True),
+           ("sampled_tok_s", f"decode sampled, t {SAMPLED['temperature']} top-p {SAMPLED['top_p']} (tok/s)", True),
            ("prefill_tok_s", "prefill (tok/s)", True), ("throughput_tok_s", "batched output (tok/s)", True),
            ("decode_j_tok", "energy, decode (J per generated token)", False),
            ("prefill_j_tok", "energy, prefill (J per prompt token)", False),

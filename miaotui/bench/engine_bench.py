@@ -1,5 +1,6 @@
-"""miaotui's own measurements: load time, single-stream decode, prefill, batched throughput, serving latency at a
-given concurrency, and prefix reuse. Every figure is a median over repeats; prompts are fixed and seeded."""
+"""miaotui's own measurements: load time, single-stream decode (greedy, and sampled as a chat client asks),
+prefill, batched throughput, serving latency at a given concurrency, and prefix reuse. Every figure is a median over
+repeats; prompts are fixed and seeded."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ from miaotui.engine.engine import Engine
 from miaotui.engine.sequence import RequestOutput
 from miaotui.sampling import SamplingParams
 
+SCENARIOS = ("decode", "sampled", "prefill", "throughput", "latency", "prefix", "speculative")
+# The sampled decode's settings, every engine alike: a chat client's usual temperature and nucleus, no top-k.
+SAMPLED = {"temperature": 0.8, "top_p": 0.95}
+
 
 @dataclass
 class BenchConfig:
@@ -25,7 +30,7 @@ class BenchConfig:
     concurrency: int = 8
     serve_requests: int = 32
     repeats: int = 3
-    scenarios: tuple[str, ...] = ("decode", "prefill", "throughput", "latency", "prefix")
+    scenarios: tuple[str, ...] = ("decode", "sampled", "prefill", "throughput", "latency", "prefix")
 
     @property
     def model(self) -> str:
@@ -69,9 +74,11 @@ class MiaotuiBench:
             finals += [out for out in self.engine.step() if out.finished]
         return finals
 
-    def decode(self, prompt: list[int], n: int) -> float:
-        """Single-stream decode tok/s: tokens after the first over the time after the first."""
-        self.engine.add_request(prompt, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+    def decode(self, prompt: list[int], n: int, sampled: bool = False) -> float:
+        """Single-stream decode tok/s: tokens after the first over the time after the first; greedy, or drawn
+        with `SAMPLED`'s settings."""
+        how = {**SAMPLED, "seed": self.cfg.seed} if sampled else {"temperature": 0}
+        self.engine.add_request(prompt, SamplingParams(max_tokens=n, ignore_eos=True, **how))
         out = self._drain()[0]
         return (out.completion_tokens - 1) / out.metrics.decode_time
 

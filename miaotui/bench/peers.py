@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from miaotui.bench.engine_bench import BenchConfig
+from miaotui.bench.engine_bench import SAMPLED, BenchConfig
 from miaotui.config import resolve_device
 from miaotui.loader.sources import resolve
 
@@ -32,11 +32,14 @@ class LlamaCppBench:
         self.load_seconds = time.perf_counter() - start
         self.eos = self.llm.token_eos()
 
-    def _generate(self, prompt: list[int], n: int) -> tuple[float, float, int]:
+    def _generate(self, prompt: list[int], n: int, sampled: bool = False) -> tuple[float, float, int]:
         self.llm.reset()
         start = time.perf_counter()
         first, count = None, 0
-        for _ in self.llm.generate(prompt, temp=0.0, top_k=1, reset=True):  # greedy; EOS ignored as by the others
+        # greedy, or SAMPLED's settings with its other samplers off (top-k 0 and min-p 0 are no-ops in llama.cpp)
+        how = (dict(temp=SAMPLED["temperature"], top_p=SAMPLED["top_p"], top_k=0, min_p=0.0) if sampled
+               else dict(temp=0.0, top_k=1))
+        for _ in self.llm.generate(prompt, reset=True, **how):  # EOS ignored as by the others
             count += 1
             if first is None:
                 first = time.perf_counter()
@@ -44,8 +47,8 @@ class LlamaCppBench:
                 break
         return start, first or start, count
 
-    def decode(self, prompt: list[int], n: int) -> float:
-        _, first, count = self._generate(prompt, n)
+    def decode(self, prompt: list[int], n: int, sampled: bool = False) -> float:
+        _, first, count = self._generate(prompt, n, sampled)
         return (count - 1) / (time.perf_counter() - first)
 
     def prefill(self, prompt: list[int]) -> float:
@@ -91,19 +94,20 @@ class TransformersBench:
             torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
-    def _generate(self, prompts: list[list[int]], n: int):
+    def _generate(self, prompts: list[list[int]], n: int, sampled: bool = False):
         ids = torch.tensor(prompts, device=self.device)
+        how = dict(do_sample=True, top_k=0, **SAMPLED) if sampled else dict(do_sample=False)
         out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                  do_sample=False, pad_token_id=0)
+                                  pad_token_id=0, **how)
         self._sync()
         return out
 
-    def decode(self, prompt: list[int], n: int) -> float:
+    def decode(self, prompt: list[int], n: int, sampled: bool = False) -> float:
         start = time.perf_counter()
-        self._generate([prompt], 1)
+        self._generate([prompt], 1, sampled)
         first = time.perf_counter() - start
         start = time.perf_counter()
-        self._generate([prompt], n)
+        self._generate([prompt], n, sampled)
         return (n - 1) / (time.perf_counter() - start - first)
 
     @torch.inference_mode()

@@ -57,9 +57,10 @@ def test_bench_reports_joules_per_token_with_the_method(smollm2_path, capsys):
 
     cfg = BenchConfig(EngineConfig(model=str(smollm2_path), kv_cache_memory=64 * 2**20), decode_tokens=8,
                       prefill_tokens=32, num_prompts=2, input_len=8, output_len=4, repeats=1,
-                      scenarios=("decode", "prefill", "throughput"))
+                      scenarios=("decode", "sampled", "prefill", "throughput"))
     results = main(cfg, compare=False, json_path=None, plot_path=None)["miaotui"]
-    for key in ("decode_j_tok", "prefill_j_tok", "throughput_j_tok"):
+    for key in ("decode_j_tok", "prefill_j_tok", "throughput_j_tok", "sampled_tok_s"):
         assert results[key] > 0, key
     out = capsys.readouterr().out
+    assert "decode sampled, t 0.8 top-p 0.95 (tok/s)" in out
     assert "energy, decode (J per generated token)" in out and f"energy: {results['energy_method']}" in out
