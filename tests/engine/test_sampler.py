@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from miaotui import SamplingParams
@@ -41,9 +42,10 @@ def kept(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torc
     """The tokens each row may draw, by the sampler's own path for a batch of these settings."""
     choices = _choices(logits, batch_of([SamplingParams(temperature=1.0, top_k=int(k), top_p=float(p))
                                          for k, p in zip(top_k, top_p)]))
-    if choices.ids is None:
-        return choices.probs > 0
-    return torch.zeros(logits.shape, dtype=torch.bool).scatter_(1, choices.ids, choices.probs > 0)
+    out = torch.zeros(logits.shape, dtype=torch.bool)
+    for g in choices.groups:
+        out[g.rows] = g.probs > 0 if g.ids is None else torch.zeros_like(out[g.rows]).scatter_(1, g.ids, g.probs > 0)
+    return out
 
 
 def test_top_k_top_p_keep_what_a_full_sort_keeps():
@@ -102,18 +104,19 @@ def chi2_critical(df: int, z: float = 3.09) -> float:
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
 
 
-def test_draws_follow_the_filtered_distribution():
-    """1,000 tokens whose top-p 0.9 nucleus holds ~150 of them (past the first candidates), then top-k 3 and
+@pytest.mark.parametrize("vocab", [1000, 1024])  # drawn over the vocabulary in blocks: padded, and not
+def test_draws_follow_the_filtered_distribution(vocab):
+    """~1,000 tokens whose top-p 0.9 nucleus holds ~150 of them (past the first candidates), then top-k 3 and
     min-p (alone and after top-p): 20,000 draws each, against the renormalized kept probabilities."""
-    logits = -torch.arange(1000, dtype=torch.float32) * 0.02 + torch.linspace(0, 0.3, 1000).sin()
-    logits = logits[torch.randperm(1000, generator=torch.Generator().manual_seed(0))]  # ids out of rank order
+    logits = -torch.arange(vocab, dtype=torch.float32) * 0.02 + torch.linspace(0, 0.3, vocab).sin()
+    logits = logits[torch.randperm(vocab, generator=torch.Generator().manual_seed(0))]  # ids out of rank order
     for params in [SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=1.5, top_k=3),
                    SamplingParams(temperature=1.0, min_p=0.5), SamplingParams(temperature=1.0, top_p=0.95, min_p=0.3),
                    SamplingParams(temperature=1.0)]:
         scaled = (logits / params.temperature).double()
         p = scaled.softmax(dim=-1)
         order = p.argsort(descending=True)
-        keep = torch.ones(1000, dtype=torch.bool)
+        keep = torch.ones(vocab, dtype=torch.bool)
         if params.top_p < 1:
             before = p[order].cumsum(0) - p[order]
             keep[order[before > params.top_p]] = False
