@@ -269,7 +269,7 @@ def _draw_vocabulary(probs: torch.Tensor, generators: list[torch.Generator | Non
     return b * size + _pick(block.cumsum(dim=-1, dtype=torch.float64), within)
 
 
-CANDIDATES = 64  # tokens looked at first for top-k / top-p; widened 8x at a time while some row's set is open
+CANDIDATES = 64  # tokens looked at first for top-k / top-p; a row whose set is still open then looks at 8x more
 
 
 def _choices(logits: torch.Tensor, batch: SamplingBatch) -> _Choices:
