@@ -5,8 +5,8 @@ The runner prepares a step's arguments as tensors once (`prepare`); the sampler 
 with a seed draws its noise from its own generator, so its tokens do not depend on what else is in the batch.
 A draw is one uniform a row against the running sum of p (inverse CDF): on a CPU the exponential race (argmax of
 p / E, E ~ Exp(1)) costs one logarithm per vocabulary entry, 3.5 ms a token for Qwen's 152k, a tenth of its decode
-step. Top-k / top-p look at the best candidates only (`topk`), widened until each row's set is closed: a full sort of
-the vocabulary took 13 ms a token there.
+step. Top-k / top-p look at the best candidates only (miaotui's `topk` kernel, equal logits in id order), widened
+until each row's set is closed: a full sort of the vocabulary took 13 ms a token there.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from miaotui.engine.sequence import Sequence, TokenLogprob
-from miaotui.kernels import argmax
+from miaotui.kernels import argmax, topk
 
 
 class LogitsProcessor(Protocol):
@@ -320,7 +320,7 @@ def _top_k_top_p(logits: torch.Tensor, k: torch.Tensor,
     c = min(vocab, CANDIDATES)
     shares, out = logits.softmax(dim=-1), []  # one fused pass (an exp, sub and sum of their own took 4x as long)
     while True:
-        values, ids = logits.topk(c, dim=-1)  # sorted, best first
+        values, ids = topk(logits, c)  # sorted, best first
         probs = shares.gather(1, ids)
         before = probs.cumsum(dim=-1) - probs  # mass of strictly better tokens
         keep = (torch.arange(c, device=logits.device)[None, :] < k[:, None]) & (

@@ -18,6 +18,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gated_act", &gated_act, "act(gate) * up over a fused [gate | up] last dim (gelu_tanh or silu)");
   m.def("rope_", &rope_, "NEOX rotary embedding in place on [T, H, D]");
   m.def("argmax_rows", &argmax_rows, "index of each row's first maximum (float32 [rows, n])");
+  m.def("topk_rows", &topk_rows, "each row's k largest values and indices, largest first (float32 [rows, n])");
   m.def("dense_matmul", &dense_matmul, "x @ w^T for float32 x [M, K] with few rows and w [N, K]");
   m.def("paged_attention", &paged_attention, "one-token-per-sequence attention over the paged KV cache");
   m.def("qmatmul", &qmatmul, "x @ W^T for 4/8-bit packed weights, activations quantized to int8 per 32",

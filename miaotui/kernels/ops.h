@@ -17,6 +17,7 @@ Tensor paged_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_c
                        const c10::optional<Tensor>& k_scale, const c10::optional<Tensor>& v_scale,
                        const Tensor& block_tables, const Tensor& context_lens, double scale, int64_t window);
 Tensor argmax_rows(const Tensor& x);
+std::tuple<Tensor, Tensor> topk_rows(const Tensor& x, int64_t k);
 Tensor dense_matmul(const Tensor& x, const Tensor& w);
 
 // qmatmul.cpp

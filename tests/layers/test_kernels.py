@@ -247,6 +247,37 @@ def test_argmax_rows_picks_the_first_maximum(ops):
     assert ops.argmax_rows(nan).tolist() == [int(torch.nan_to_num(nan[0], nan=-1e9).argmax()), 0]
 
 
+def test_topk_rows_is_a_stable_sort_prefix(ops):
+    """The sampler's candidates: each row's k largest values, largest first, equal values in id order (a stable
+    descending sort's first k), a NaN as -inf; rows with a tail block, many ties, few finite values (a grammar mask),
+    k from 1 to the whole row (past the block bound: every column is a candidate)."""
+    from miaotui.kernels import topk
+
+    def reference(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        v, i = x.masked_fill(x.isnan(), -float("inf")).sort(dim=-1, descending=True, stable=True)
+        return v[:, :k], i[:, :k]
+
+    torch.manual_seed(0)
+    masked = torch.full((3, 5000), -float("inf"))
+    masked[0, torch.randperm(5000)[:10]] = torch.randn(10)  # fewer finite values than k
+    masked[1, :] = 2.0  # one value everywhere: the first k ids
+    masked[2, 100:4000] = torch.randn(3900)
+    nan = torch.randn(2, 3000)
+    nan[0, torch.randperm(3000)[:500]] = float("nan")
+    nan[1, :2000] = float("nan")
+    cases = [(torch.randn(32, 49152), [1, 64, 512]), (torch.randn(3, 1000), [1, 7, 15, 16, 64, 1000]),
+             (torch.randint(0, 5, (4, 3001)).float(), [3, 64]), (masked, [1, 64, 78]), (nan, [64, 1500]),
+             (torch.randn(2, 50), [50])]
+    for x, ks in cases:
+        for k in ks:
+            v, i = ops.topk_rows(x, k)
+            rv, ri = reference(x, k)
+            assert torch.equal(i, ri) and torch.equal(v, rv), (tuple(x.shape), k)
+    x = torch.randn(4, 49152)
+    assert torch.equal(topk(x, 64)[1], reference(x, 64)[1])  # the sampler's entry
+    assert torch.equal(topk(x.double(), 3)[1], x.double().topk(3)[1])  # other dtypes keep torch's path
+
+
 def test_kernel_cache_is_per_torch_build_not_per_path(monkeypatch):
     """A second virtual environment with the same torch finds the kernels already built (no half-minute compile
     on a reinstall); another torch version builds its own."""
