@@ -165,7 +165,7 @@ class ModelRunner:
             hidden = self.model.norm(stack.decode(self.model.embed(ids, positions), positions, meta))
         else:
             hidden = self.model(ids, positions, meta)
-        if not all_logits:
+        if not all_logits and meta.query_start[-1] != len(meta.query_start) - 1:  # (one token a row: all are last)
             hidden = hidden[torch.tensor(meta.query_start[1:], device=self.device) - 1]
         return self.model.compute_logits(hidden)
 
