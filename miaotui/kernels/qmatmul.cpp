@@ -142,29 +142,32 @@ inline void qgemm_block(const uint8_t* w, const at::Half* dm, const int8_t* xq, 
       // Two accumulators per term: consecutive vpdpbusd on one register would wait on each other's latency.
       __m512i qs[MT][2], rs[MT][2];
       for (int t = 0; t < MT; ++t) qs[t][0] = qs[t][1] = rs[t][0] = rs[t][1] = _mm512_setzero_si512();
-      for (int c = 0; c < chunks; ++c) {
-        __m512i line = _mm512_loadu_si512(w);
-        _mm_prefetch(reinterpret_cast<const char*>(w) + PREFETCH, _MM_HINT_T1);
-        w += 64;
+      // Two lines a pass, so that every accumulator index is a constant and the accumulators stay in registers
+      // (indexed by a line's parity, the 8-bit ones lived on the stack: 3x slower from 4 tokens on).
+      for (int c = 0; c < chunks; c += 2) {
+        __m512i v[4];  // 4-bit: both lines' low and high nibble planes; 8-bit: the two lines
         if (Bits == 4) {
-          __m512i lo = _mm512_and_si512(line, low4);
-          __m512i hi = _mm512_and_si512(_mm512_srli_epi16(line, 4), low4);
-          for (int t = 0; t < MT; ++t) {
-            const int64_t off = t * K + b * QBLOCK + c * 8;
-            const int32_t* xp = reinterpret_cast<const int32_t*>(xq + off);
-            const int32_t* rp = reinterpret_cast<const int32_t*>(xr + off);
-            qs[t][0] = _mm512_dpbusd_epi32(qs[t][0], lo, _mm512_set1_epi32(xp[0]));
-            qs[t][1] = _mm512_dpbusd_epi32(qs[t][1], hi, _mm512_set1_epi32(xp[1]));
-            rs[t][0] = _mm512_dpbusd_epi32(rs[t][0], lo, _mm512_set1_epi32(rp[0]));
-            rs[t][1] = _mm512_dpbusd_epi32(rs[t][1], hi, _mm512_set1_epi32(rp[1]));
+          for (int h = 0; h < 2; ++h) {
+            const __m512i line = _mm512_loadu_si512(w + 64 * h);
+            v[2 * h] = _mm512_and_si512(line, low4);
+            v[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(line, 4), low4);
           }
         } else {
-          for (int t = 0; t < MT; ++t) {
-            const int64_t off = t * K + b * QBLOCK + c * 4;
-            qs[t][c & 1] = _mm512_dpbusd_epi32(qs[t][c & 1], line,
-                                               _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(xq + off)));
-            rs[t][c & 1] = _mm512_dpbusd_epi32(rs[t][c & 1], line,
-                                               _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(xr + off)));
+          v[0] = _mm512_loadu_si512(w);
+          v[1] = _mm512_loadu_si512(w + 64);
+        }
+        _mm_prefetch(reinterpret_cast<const char*>(w) + PREFETCH, _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(w) + PREFETCH + 64, _MM_HINT_T1);
+        w += 128;
+        // 4-bit: line c's bytes hold inputs 8c..8c+3 (low nibbles) and 8c+4..8c+7 (high); 8-bit: 4c..4c+3
+        constexpr int ops = Bits == 4 ? 4 : 2;
+        for (int t = 0; t < MT; ++t) {
+          const int64_t off = t * K + b * QBLOCK + c * (Bits == 4 ? 8 : 4);
+          const int32_t* xp = reinterpret_cast<const int32_t*>(xq + off);
+          const int32_t* rp = reinterpret_cast<const int32_t*>(xr + off);
+          for (int i = 0; i < ops; ++i) {
+            qs[t][i & 1] = _mm512_dpbusd_epi32(qs[t][i & 1], v[i], _mm512_set1_epi32(xp[i]));
+            rs[t][i & 1] = _mm512_dpbusd_epi32(rs[t][i & 1], v[i], _mm512_set1_epi32(rp[i]));
           }
         }
       }
@@ -451,12 +454,15 @@ Tensor dense_qmatmul(const Tensor& x, const Tensor& w, const Tensor& dm, int64_t
 // its tile path first): the weight is widened to bf16 a chunk of rows at a time and multiplied by torch's bf16 GEMM
 // (oneDNN, `vdpbf16ps`: 32 multiply-adds an instruction where the integer path above, with its two activation
 // terms, gets 32 per `vpdpbusd` pair and pays per row and block for quantizing and rescaling). Measured here (Zen 5,
-// 2 threads, Qwen2.5-1.5B's products at 512 rows): 2.3x the integer kernel on 4-bit codes, 5x on 8-bit ones. The
-// result is x @ bf16(d * q + m)^T, as the AMX path and a dense bf16 weight give.
+// 2 threads, Qwen2.5-1.5B's products at 512 rows): 1.1x the integer kernel on 4-bit codes, 1.1-1.6x on 8-bit ones
+// (2.3x on 4-bit codes on another day of this class). The result is x @ bf16(d * q + m)^T, as the AMX path and a
+// dense bf16 weight give.
 
-// From these rows on (measured as above, from 16 to 512 rows): 8-bit codes, whose integer product costs twice the
-// 4-bit one, from 16; 4-bit ones from 64 (at 32 rows the integer kernel is still 1.2-1.8x the GEMM with its widening).
-constexpr int64_t BF16_MIN_ROWS4 = 64, BF16_MIN_ROWS8 = 16;
+// From this many rows on (measured here, 16 to 512 rows, SmolLM2's and Qwen2.5-1.5B's shapes, the two paths
+// alternated): below it the integer kernel is as fast or faster (4-bit: 1.0-1.2x the GEMM with its widening from 16
+// to 128 rows; 8-bit, whose integer product costs what the 4-bit one does: 1.5-2.5x up to 64 rows, ~1.0-1.2x at
+// 128), above it the GEMM gains 10-35% (256 and 512 rows).
+constexpr int64_t BF16_MIN_ROWS = 128;
 constexpr int64_t BF16_W_CHUNK = 4 << 20;  // bytes of bf16 weight rows per chunk (2 and 8 MB: no better)
 constexpr int64_t BF16_M_CHUNK = 256;      // activation rows per GEMM (128: 15% slower at 512 rows, 512: the same)
 
@@ -464,7 +470,6 @@ bool bf16_units() {
   static const bool ok = __builtin_cpu_supports("avx512bf16");
   return ok;
 }
-inline int64_t bf16_min_rows(int64_t bits) { return bits == 4 ? BF16_MIN_ROWS4 : BF16_MIN_ROWS8; }
 
 // One block of 16 rows as bf16 [16, K] (row stride K): each 64-byte line's low and high nibble planes (4-bit) are
 // interleaved per 32-bit lane, so every 128-bit lane holds two rows' 8 consecutive inputs (8-bit: four rows' 4).
@@ -1108,7 +1113,7 @@ Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits
   if (!MIAOTUI_VNNI && !reference && M >= dense_min_rows(bits))  // (VNNI's 64 products per instruction keep the integers)
     return dense_qmatmul(x, w, dm, bits, group, N, in_scale);
 #if MIAOTUI_VNNI
-  if (!reference && x.scalar_type() == at::kBFloat16 && M >= bf16_min_rows(bits) && bf16_units() && !amx_takes(M))
+  if (!reference && x.scalar_type() == at::kBFloat16 && M >= BF16_MIN_ROWS && bf16_units() && !amx_takes(M))
     return dense_qmatmul_bf16(x, w, dm, bits, group, N, in_scale);
 #endif
   auto shape = x.sizes().vec();
