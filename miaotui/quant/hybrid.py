@@ -21,11 +21,12 @@ class HybridWeight:
     Elsewhere the copy is oneDNN's, and 4-bit codes serve up to SMALL_BATCH rows: a batch's decode step then runs in
     the fused stack (engine/fused.py) on VNNI, where the copy's products run module by module (AVX-512 Zen 5, SmolLM2,
     32 x (64 in, 128 out) alternating in one process: 937 tok/s at 32 rows against 864 at 12). 8-bit codes (the
-    output head) cost twice the 4-bit ones per row, and the copy wins from 8-16 rows (the head at 16 / 32 rows: 7.0 /
-    7.7 ms on its codes, 3.5 / 4.3 ms on the copy): they serve up to SMALL_BATCH_8BIT."""
+    output head) cost what the 4-bit ones do per row, but the copy's product needs no widening: it wins from ~20 rows
+    (SmolLM2's head at 8 / 16 / 24 / 32 rows: 2.2 / 3.3 / 4.8 / 6.8 ms on its codes, 2.8 / 3.4 / 4.6 / 6.1 ms on the
+    copy), so they serve up to SMALL_BATCH_8BIT."""
 
     SMALL_BATCH = 32
-    SMALL_BATCH_8BIT = 12
+    SMALL_BATCH_8BIT = 16
     SMALL_BATCH_TILES = 7
 
     def __init__(self, small: Int4Weight | Int8Weight, dense: DenseWeight | OneDNNWeight | TiledWeight):
