@@ -289,7 +289,7 @@ inline void qgemm_block8(const uint8_t* w, const at::Half* dm, const int16_t* xa
       __m256i s[MT][4];
       for (int t = 0; t < MT; ++t)
         for (int j = 0; j < 4; ++j) s[t][j] = _mm256_setzero_si256();
-      for (int c = 0; c < 8; ++c, w += 64) {  // line c: inputs 4c..4c+3 of the block
+      auto line = [&](int c) {  // line c: inputs 4c..4c+3 of the block
         _mm_prefetch(reinterpret_cast<const char*>(w) + PREFETCH, _MM_HINT_T0);
         __m256i wv[4];
         for (int j = 0; j < 4; ++j)
@@ -300,7 +300,10 @@ inline void qgemm_block8(const uint8_t* w, const at::Half* dm, const int16_t* xa
           const __m256i xv = _mm256_set1_epi64x(four);
           for (int j = 0; j < 4; ++j) s[t][j] = _mm256_add_epi32(s[t][j], _mm256_madd_epi16(wv[j], xv));
         }
-      }
+        w += 64;
+      };
+#pragma GCC unroll 1  // as qgemm_block's: unrolled, the lines' products were hoisted and spilled
+      for (int c = 0; c < 8; ++c) line(c);
       for (int t = 0; t < MT; ++t) {
         const __m256 scale = _mm256_mul_ps(_mm256_set1_ps(xd[t * nb + b]), unit);
         for (int h = 0; h < 2; ++h) {  // rows 8h..8h+7: hadd gives rows (0 1 4 5 | 2 3 6 7), the permute orders them
