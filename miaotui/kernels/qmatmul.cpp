@@ -357,7 +357,16 @@ void qgemm_rows(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M
       for (; m + TILE <= M; m += TILE)
         qgemm_block<Bits, TILE>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
                                 x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows);
-      if constexpr (TILE > 2) {  // a remaining pair still shares its lines (speculative steps: a few rows a sequence)
+      // The rest in one pass where it fits (speculative steps: a few rows a sequence): 3 rows as a pair and a single
+      // cost what 4 did.
+      if constexpr (TILE > 3) {
+        if (m + 3 == M) {
+          qgemm_block<Bits, 3>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
+                               x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows);
+          m += 3;
+        }
+      }
+      if constexpr (TILE > 2) {
         if (m + 2 <= M) {
           qgemm_block<Bits, 2>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
                                x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows);
