@@ -159,9 +159,12 @@ class SpeculativeConfig:
     up to `num_speculative_tokens` tokens, one forward pass of the model checks them all."""
 
     method: str = "ngram"  # one of SPECULATIVE_METHODS
-    num_speculative_tokens: int = 4  # the most proposed per step (k adapts below it to each request's acceptance)
-    prompt_lookup_max: int = 4  # ngram / suffix (and draft_model, before its draft): the longest suffix looked up
-    prompt_lookup_min: int = 1  # and the shortest
+    num_speculative_tokens: int = 8  # the most proposed per step (k adapts below it to each request's acceptance)
+    # ngram / suffix (and draft_model, before its draft): the longest and the shortest suffix looked up. A match of
+    # one token is weak evidence (Qwen2.5-Coder-1.5B's summaries kept 29% of such proposals' first tokens, 64% after
+    # two, 93% after three); long ones continue (94% after 8+). Default min: 2, or the max where that is lower.
+    prompt_lookup_max: int = 8
+    prompt_lookup_min: int | None = None
     model: str | None = None  # draft_model: a model with the same vocabulary
     quantization: str | None = None  # draft_model: its weights' format (one of QUANTIZATIONS; default the model's)
     disable_by_batch_size: int = 4  # no speculation in steps with more running requests than this
@@ -172,6 +175,8 @@ class SpeculativeConfig:
                                f"{', '.join(SPECULATIVE_METHODS)}")
         if not 1 <= self.num_speculative_tokens <= 16:
             raise MiaotuiError(f"num_speculative_tokens must be from 1 to 16, got {self.num_speculative_tokens}")
+        if self.prompt_lookup_min is None:
+            self.prompt_lookup_min = min(2, self.prompt_lookup_max)
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max <= 64:
             raise MiaotuiError("need 1 <= prompt_lookup_min <= prompt_lookup_max <= 64, got "
                                f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")

@@ -309,6 +309,12 @@ def test_lookup_and_suffix_index():
     assert index.next == {}
 
 
+def test_the_shortest_lookup_defaults_to_two_tokens_or_the_longest():
+    assert SpeculativeConfig().prompt_lookup_min == 2
+    assert SpeculativeConfig.parse({"method": "ngram", "prompt_lookup_max": 1}).prompt_lookup_min == 1
+    assert SpeculativeConfig.parse({"method": "ngram", "prompt_lookup_min": 1}).prompt_lookup_min == 1
+
+
 @pytest.mark.parametrize("value, match", [
     ({"method": "eagle"}, "unknown speculative method"),
     ({"method": "ngram", "k": 3}, "unknown speculative config key"),
