@@ -176,7 +176,7 @@ class StepPrice:
     and the proposer's seconds per proposed token. The measurement at start-up is the first guess; the price then
     follows this machine, whose speed drifts, and the proposer's mix (a lookup proposes for nothing, a draft pass
     costs a third of a step). Priced once at start-up, the same command got 0.31 to 0.65 of a step in different
-    processes (AVX-512 Zen 5, Qwen2.5-Coder-1.5B and its 0.5B draft), and its k and speed-up with it.
+    processes (AVX-512 Zen 4, Qwen2.5-Coder-1.5B and its 0.5B draft), and its k and speed-up with it.
 
     Steps of one stream mostly have the same number of rows (k stays at its top while proposals hold), which tell
     the line's height but not its slope; so the start-up ratio of a row to a step stays in the fit as one more

@@ -63,6 +63,27 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+@functools.cache
+def cpu_model() -> str:
+    """The processor as /proc/cpuinfo names it, with its family and model numbers on x86: a cloud VM's name ("AMD
+    EPYC") hides the generation, the numbers do not (AMD family 25 is Zen 3 / Zen 4, 26 Zen 5), and a speed figure
+    is only worth as much as the machine it names."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (x86 family {fields['cpu family']} model {fields['model']})"
+    return name
+
+
 def cpu_isas() -> list[str]:
     """The classes this CPU can run, lowest first (only `generic` off x86)."""
     if not _X86:
@@ -168,9 +189,9 @@ def describe() -> str:
     """The CPU class and the kernel path this process runs, for logs and benchmarks."""
     ops = cpu_ops()
     if ops is None:
-        return f"{isa() if _X86 else 'generic'} CPU, plain torch (miaotui's kernels off)"
+        return f"{isa() if _X86 else 'generic'} CPU, plain torch (miaotui's kernels off); {cpu_model()}"
     extra = ", AMX tiles" if ops.amx else ", bf16 GEMM for prefill" if ops.bf16_gemm else ""
-    return f"{isa()} kernels (integer products: {ops.qmatmul_path}{extra})"
+    return f"{isa()} kernels (integer products: {ops.qmatmul_path}{extra}); {cpu_model()}"
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:

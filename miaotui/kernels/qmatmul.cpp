@@ -64,9 +64,9 @@ namespace {
 constexpr int64_t QBLOCK = 32;  // activation quantization block
 // Weights stream from memory once per token: the hardware prefetcher alone kept this loop at ~13 GB/s here (a
 // plain sum reads 44 GB/s), so each line also asks for the one this many bytes ahead. The VNNI kernel asks for it
-// into L2: into L1 the requests filled the core's miss buffers on a Zen 5 (SmolLM2's 8-bit head streamed at 18-20
+// into L2: into L1 the requests filled the core's miss buffers on a Zen 4 (SmolLM2's 8-bit head streamed at 18-20
 // GB/s against a plain read's 30-37, into L2 at 25-28; the decode stack 5% faster). The AVX2 kernels keep L1: their
-// build showed no difference on that Zen 5, and an AVX2-only host was not there to measure.
+// build showed no difference on that Zen 4, and an AVX2-only host was not there to measure.
 constexpr int64_t PREFETCH = 2048;
 
 // Activations quantized in two int8 terms, x = d * q + (d / 256) * r: q rounds x at the block's scale and r rounds
@@ -241,7 +241,7 @@ inline void qgemm_block(const uint8_t* w, const at::Half* dm, const int8_t* xq, 
         for (int c = 0; c < chunks; ++c) line(c);
       } else {
         // One line at a time below 4 tokens: unrolled, the compiler hoisted all 4 lines' products ahead of their
-        // sums and spilled them (16 registers); rolled, 1 / 2 / 3 tokens ran 4.5 / 11 / 9% faster (this build, Zen 5).
+        // sums and spilled them (16 registers); rolled, 1 / 2 / 3 tokens ran 4.5 / 11 / 9% faster (this build, Zen 4).
 #pragma GCC unroll 1
         for (int c = 0; c < chunks; ++c) line(c);
       }
@@ -474,7 +474,7 @@ Tensor dense_qmatmul(const Tensor& x, const Tensor& w, const Tensor& dm, int64_t
 // Prefill-sized products on a CPU that multiplies bf16 itself (AVX512-BF16: Zen 4/5, Cooper Lake; an AMX build takes
 // its tile path first): the weight is widened to bf16 a chunk of rows at a time and multiplied by torch's bf16 GEMM
 // (oneDNN, `vdpbf16ps`: 32 multiply-adds an instruction where the integer path above, with its two activation
-// terms, gets 32 per `vpdpbusd` pair and pays per row and block for quantizing and rescaling). Measured here (Zen 5,
+// terms, gets 32 per `vpdpbusd` pair and pays per row and block for quantizing and rescaling). Measured here (Zen 4,
 // 2 threads, Qwen2.5-1.5B's products at 512 rows): 1.1x the integer kernel on 4-bit codes, 1.1-1.6x on 8-bit ones
 // (2.3x on 4-bit codes on another day of this class). The result is x @ bf16(d * q + m)^T, as the AMX path and a
 // dense bf16 weight give.

@@ -19,7 +19,7 @@ class HybridWeight:
     8.1 / 9.3 / 14.2 ms on int4 (VNNI below 8 rows, widened to bf16 tiles from 8) and 8.6 / 8.9 / 8.5 / 9.3 / 12.2
     ms on the bf16 tiles (streaming 214 MB at the machine's read bandwidth), so the switch sits at 8 rows.
     Elsewhere the copy is oneDNN's, and 4-bit codes serve up to SMALL_BATCH rows: a batch's decode step then runs in
-    the fused stack (engine/fused.py) on VNNI, where the copy's products run module by module (AVX-512 Zen 5, SmolLM2,
+    the fused stack (engine/fused.py) on VNNI, where the copy's products run module by module (AVX-512 Zen 4, SmolLM2,
     32 x (64 in, 128 out) alternating in one process: 937 tok/s at 32 rows against 864 at 12). 8-bit codes (the
     output head) cost what the 4-bit ones do per row, but the copy's product needs no widening: it wins from ~20 rows
     (SmolLM2's head at 8 / 16 / 24 / 32 rows: 2.2 / 3.3 / 4.8 / 6.8 ms on its codes, 2.8 / 3.4 / 4.6 / 6.1 ms on the

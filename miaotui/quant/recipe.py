@@ -57,7 +57,7 @@ def check(quantization: str, group_size: int) -> None:
 
 # `auto` adds hybrid's dense bf16 copy (2 bytes a weight, made at load) only to models up to this many weights in
 # their products. Native codes already take torch's bf16 GEMM at prefill sizes (widened a chunk at a time, see
-# kernels/qmatmul.cpp); the copy saves that widening: SmolLM2 prefill 512 on AVX-512 Zen 5 1,412-1,521 tok/s against
+# kernels/qmatmul.cpp); the copy saves that widening: SmolLM2 prefill 512 on AVX-512 Zen 4 1,412-1,521 tok/s against
 # native's 1,282-1,336. On Qwen2.5-1.5B it cost 12-17 s of load and 6.3 GB resident against native's 1.4-2.5 s and
 # 2.7 GB, and a 7B model's copy would not fit beside its codes in 24 GB.
 HYBRID_MAX_WEIGHTS = 600_000_000

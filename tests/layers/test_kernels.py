@@ -288,6 +288,21 @@ def test_kernel_cache_is_per_torch_build_not_per_path(monkeypatch):
     assert kernels._build_dir("k", ["-O3"]) != here
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="names the CPU from /proc/cpuinfo")
+def test_description_names_the_processor_and_its_generation():
+    """A benchmark's figures name the machine: the kernel class and path, and the processor with its family and
+    model numbers on x86 (a VM's "AMD EPYC" alone hides whether it is a Zen 3, 4 or 5)."""
+    text = kernels.describe()
+    assert text.startswith(f"{kernels.isa()} ") and text.endswith(kernels.cpu_model())
+    with open("/proc/cpuinfo") as f:
+        info = f.read().split("\n\n")[0]
+    fields = dict((k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in info.splitlines()))
+    if "model name" in fields:
+        assert kernels.cpu_model().startswith(fields["model name"])
+    if "cpu family" in fields:
+        assert f"family {fields['cpu family']} model {fields['model']}" in kernels.cpu_model()
+
+
 def test_isa_switch_forces_a_lower_class():
     """MIAOTUI_ISA picks the class a process runs (each class the CPU can run is one choice); a class the CPU
     cannot run, or a name that is none, is a one-line error."""
