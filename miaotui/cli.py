@@ -43,6 +43,10 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64 or 128")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
                    help="KV cache precision (default auto: the model's dtype; int8 halves a bf16 cache)")
+    g.add_argument("--activation-bits", type=int, default=16, choices=[16, 8],
+                   help="activations of the low-bit products on the CPU: 16 (default: two int8 terms, ~15 bits, the "
+                   "reference's tokens) or 8 (one term, as llama.cpp: faster batches and speculative checks, the "
+                   "text drifts from the reference's)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling")
     g.add_argument("--speculative-config", default=None, metavar="JSON", type=_json_object,
@@ -87,7 +91,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         kv_cache_memory=kv, enable_prefix_caching=not args.no_prefix_caching, threads=args.threads,
                         seed=args.seed, quantization=args.quantization, group_size=args.group_size,
-                        kv_cache_dtype=args.kv_cache_dtype, chat_template=args.chat_template,
+                        kv_cache_dtype=args.kv_cache_dtype, activation_bits=args.activation_bits,
+                        chat_template=args.chat_template,
                         speculative=args.speculative_config, tensor_parallel_size=args.tensor_parallel_size,
                         enforce_eager=args.enforce_eager)
 

@@ -218,6 +218,7 @@ class EngineConfig:
     quantization: str = "auto"  # one of QUANTIZATIONS
     group_size: int = 32  # int4 group size along the input dimension
     kv_cache_dtype: str = "auto"  # auto (the model's dtype) or int8 (per-token, per-head scales)
+    activation_bits: int = 16  # low-bit products' activations: 16 (two int8 terms, ~15 bits) or 8 (one, faster)
     seed: int = 0
     threads: int | None = None
     chat_template: str | None = None  # a Jinja file or template text in place of the model's own
@@ -236,6 +237,8 @@ class EngineConfig:
                                f"{', '.join(KV_CACHE_DTYPES)}")
         if self.quantization not in QUANTIZATIONS:
             raise MiaotuiError(f"unknown quantization {self.quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
+        if self.activation_bits not in (8, 16):
+            raise MiaotuiError(f"activation_bits must be 16 (two int8 terms) or 8 (one), got {self.activation_bits}")
         self.speculative = SpeculativeConfig.parse(self.speculative)
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise MiaotuiError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")

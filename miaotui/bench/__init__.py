@@ -153,7 +153,8 @@ def main(cfg: BenchConfig, compare: bool, json_path: str | None, plot_path: str 
     mt = MiaotuiBench(cfg)
     vocab = mt.engine.model_config.vocab_size
     avoid = set(mt.engine.tokenizer.stop_ids)
-    setup = (f"{cfg.model}: {str(mt.engine.dtype).removeprefix('torch.')}, {mt.engine.quantization} weights, "
+    acts = ", activations rounded to 8 bits" if mt.engine.config.activation_bits == 8 else ""
+    setup = (f"{cfg.model}: {str(mt.engine.dtype).removeprefix('torch.')}, {mt.engine.quantization} weights{acts}, "
              f"{mt.engine.device}; {describe()}")
     print(f"benchmarking {setup}", file=sys.stderr)
     meter = EnergyMeter(str(mt.engine.device))

@@ -77,6 +77,10 @@ class Engine:
             shard_model(model, 0, tp, all_reduce)
         self.quantization = recipe.apply(model, config.quantization, config.group_size, self.dtype, self.device,
                                          calibrate=self._calibrate)
+        if config.activation_bits != 16 and not recipe.round_activations(model, config.activation_bits):
+            raise MiaotuiError(f"activation_bits {config.activation_bits} applies to miaotui's CPU integer kernels, "
+                               f"and no weight of this model runs on them here ({self.quantization} weights on "
+                               f"{self.device}); use quantization native or int4 on a CPU, or leave it at 16")
         trim_heap()
         self.max_model_len = config.max_model_len or min(self.model_config.max_position, MAX_DEFAULT_CONTEXT)
         if self.max_model_len > self.model_config.max_position:

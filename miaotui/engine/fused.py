@@ -68,4 +68,5 @@ def build(model: CausalLM, dtype: torch.dtype) -> DecodeStack | None:
 def _proj(ops, k: StackWeight, n: int, bias: torch.Tensor | None):
     p = k.packed
     return ops.Proj(None if p is None else p.data, None if p is None else p.dm, p.bits if p else 0,
-                    p.group if p else 0, n, k.in_scale, None if bias is None else bias.data, k.tiles, k.tile_rows)
+                    p.group if p else 0, n, k.in_scale, None if bias is None else bias.data, k.tiles, k.tile_rows,
+                    p.act_bits if p else 16)

@@ -23,7 +23,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "one-token-per-sequence attention over the paged KV cache");
   m.def("qmatmul", &qmatmul, "x @ W^T for 4/8-bit packed weights, activations quantized to int8 per 32",
         py::arg("x"), py::arg("w"), py::arg("dm"), py::arg("bits"), py::arg("group"), py::arg("n"),
-        py::arg("in_scale") = py::none(), py::arg("reference") = false);
+        py::arg("in_scale") = py::none(), py::arg("reference") = false, py::arg("act_bits") = 16);
   m.def("pack_blocks", &pack_blocks, "GGUF blocks [N, K] straight into the packed layout: (data, dm, bits)",
         py::arg("raw"), py::arg("type"), py::arg("n"), py::arg("k"), py::arg("rows") = py::none(),
         py::arg("bits") = 0, py::arg("data_out") = py::none(), py::arg("dm_out") = py::none());
@@ -33,9 +33,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("n"));
   py::class_<Proj>(m, "Proj", "a projection's weights as qmatmul and tile_matmul take them", py::module_local())
       .def(py::init<c10::optional<Tensor>, c10::optional<Tensor>, int64_t, int64_t, int64_t, c10::optional<Tensor>,
-                    c10::optional<Tensor>, c10::optional<Tensor>, int64_t>(),
+                    c10::optional<Tensor>, c10::optional<Tensor>, int64_t, int64_t>(),
            py::arg("w"), py::arg("dm"), py::arg("bits"), py::arg("group"), py::arg("n"), py::arg("in_scale"),
-           py::arg("bias"), py::arg("tiles"), py::arg("tile_rows"));
+           py::arg("bias"), py::arg("tiles"), py::arg("tile_rows"), py::arg("act_bits"));
   py::class_<LlamaLayer>(m, "LlamaLayer", "one Llama block's weights and KV cache", py::module_local())
       .def(py::init<Tensor, Tensor, Proj, Proj, Proj, Proj, Tensor, Tensor, c10::optional<Tensor>,
                     c10::optional<Tensor>, int64_t>(),

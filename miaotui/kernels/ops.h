@@ -25,7 +25,7 @@ const char* qmatmul_path();  // the integer kernel this build runs: "vnni", "avx
 bool qmatmul_amx();
 bool qmatmul_bf16_gemm();  // prefill-sized bf16 products on torch's bf16 GEMM (CPUs with bf16 units, no AMX)
 Tensor qmatmul(const Tensor& x, const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t N,
-               const c10::optional<Tensor>& in_scale, bool reference);
+               const c10::optional<Tensor>& in_scale, bool reference, int64_t act_bits);
 Tensor tile_matmul(const Tensor& x, const Tensor& tiles, int64_t N);
 Tensor packed_rows(const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t K, const Tensor& ids);
 std::tuple<Tensor, Tensor, int64_t> pack_blocks(const Tensor& raw, const std::string& type, int64_t N, int64_t K,

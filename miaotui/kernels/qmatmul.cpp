@@ -71,7 +71,9 @@ constexpr int64_t PREFETCH = 2048;
 
 // Activations quantized in two int8 terms, x = d * q + (d / 256) * r: q rounds x at the block's scale and r rounds
 // what is left (at most half a step) at a 256x finer one, so x keeps ~15 bits and the products stay on VNNI. With
-// one term (llama.cpp's Q8 activations) an outlier coarsens its whole block: +0.5% perplexity on SmolLM2.
+// one term (llama.cpp's Q8 activations; `act_bits` 8, r all zero and its products skipped) an outlier coarsens its
+// whole block: perplexity +2.9% on SmolLM2, +0.3% on Qwen2.5-Coder-1.5B, greedy text drifts from the reference's;
+// the product of 4 rows or more takes ~0.63 of the time (Zen 4, weights in L3), a 2-9-row step of Qwen 0.8-0.85.
 // gsum: per weight group, the exact sum of x, for the m term.
 struct QuantX {
   std::vector<int8_t> q;
@@ -79,6 +81,7 @@ struct QuantX {
   std::vector<float> d;
   std::vector<float> gsum;
   std::vector<int16_t> a;  // q * 256 + r as one int16 (|a| <= 32639), for the AVX2 kernel of 8-bit codes
+  bool residual = true;  // false: one term, r is zero and the kernels skip its products
 };
 constexpr float RESIDUAL = 256.f;  // a power of two: the two integer sums combine by a shift
 
@@ -86,7 +89,7 @@ constexpr float RESIDUAL = 256.f;  // a power of two: the two integer sums combi
 // rounds the same way, so the codes are the same on every CPU.
 template <typename T, typename S>
 void quantize_rows(const T* x, const S* in_scale, int64_t M, int64_t K, int64_t group, int8_t* q, int8_t* r,
-                   float* d, float* gsum) {
+                   float* d, float* gsum, bool residual) {
   const int64_t nb = K / QBLOCK, gb = group / QBLOCK;
   constexpr int NV = QBLOCK / mt::W;
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
@@ -107,7 +110,7 @@ void quantize_rows(const T* x, const S* in_scale, int64_t M, int64_t K, int64_t 
         for (int h = 0; h < NV; ++h) {
           const mt::Vec t = v[h] * inv;
           const mt::Vec c = mt::vround(t);
-          const mt::Vec res = mt::vround((t - c) * mt::set1(RESIDUAL));
+          const mt::Vec res = residual ? mt::vround((t - c) * mt::set1(RESIDUAL)) : mt::zero();
           mt::store_i8(q + m * K + b * QBLOCK + mt::W * h, c);
           mt::store_i8(r + m * K + b * QBLOCK + mt::W * h, mt::vmax(mt::vmin(res, mt::set1(127.f)), mt::set1(-127.f)));
         }
@@ -125,7 +128,8 @@ inline void store_row(T* y, int64_t n, const float* v) {
 
 #if MIAOTUI_VNNI
 // One block of 16 output rows for MT tokens: every weight line is loaded (and unpacked) once for all MT tokens.
-template <int Bits, int MT, typename T>
+// Residual: the activations' second term (false: one term, its products skipped).
+template <int Bits, int MT, bool Residual, typename T>
 inline void qgemm_block(const uint8_t* w, const at::Half* dm, const int8_t* xq, const int8_t* xr, const float* xd,
                         const float* gs,
                         int64_t K, int64_t group, T* y, int64_t ldy, int64_t rows) {
@@ -167,13 +171,14 @@ inline void qgemm_block(const uint8_t* w, const at::Half* dm, const int8_t* xq, 
           const int32_t* rp = reinterpret_cast<const int32_t*>(xr + off);
           for (int i = 0; i < ops; ++i) {
             qs[t][i & 1] = _mm512_dpbusd_epi32(qs[t][i & 1], v[i], _mm512_set1_epi32(xp[i]));
-            rs[t][i & 1] = _mm512_dpbusd_epi32(rs[t][i & 1], v[i], _mm512_set1_epi32(rp[i]));
+            if constexpr (Residual)
+              rs[t][i & 1] = _mm512_dpbusd_epi32(rs[t][i & 1], v[i], _mm512_set1_epi32(rp[i]));
           }
         }
       }
       for (int t = 0; t < MT; ++t) {  // q * 256 + r fits int32: |Σ| <= 32 * 255 * 127 * 257
         __m512i q = _mm512_add_epi32(qs[t][0], qs[t][1]), r = _mm512_add_epi32(rs[t][0], rs[t][1]);
-        __m512i both = _mm512_add_epi32(_mm512_slli_epi32(q, 8), r);
+        __m512i both = Residual ? _mm512_add_epi32(_mm512_slli_epi32(q, 8), r) : _mm512_slli_epi32(q, 8);
         fd[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(both), _mm512_set1_ps(xd[t * nb + b] / RESIDUAL), fd[t]);
       }
     }
@@ -198,7 +203,8 @@ inline void qgemm_block(const uint8_t* w, const at::Half* dm, const int8_t* xq, 
 // to int32 — per row the 4-byte sum `vpdpbusd` gives in one step. A block's int16 sums cannot overflow
 // (8 x 2 x 15 x 127 < 2^15) and are widened once per block; the integer sums are exactly the VNNI kernel's. Both
 // halves of a line take each activation broadcast. 4-bit codes only: 8-bit ones go through qgemm_block8 below.
-template <int Bits, int MT, typename T>
+// Residual as in the VNNI kernel.
+template <int Bits, int MT, bool Residual, typename T>
 inline void qgemm_block(const uint8_t* w, const at::Half* dm, const int8_t* xq, const int8_t* xr,
                         const float* xd, const float* gs, int64_t K, int64_t group, T* y, int64_t ldy,
                         int64_t rows) {
@@ -231,8 +237,9 @@ inline void qgemm_block(const uint8_t* w, const at::Half* dm, const int8_t* xq, 
           for (int h = 0; h < 2; ++h) {
             qs[t][h] = _mm256_add_epi16(qs[t][h], _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], x0),
                                                                    _mm256_maddubs_epi16(hi[h], x1)));
-            rs[t][h] = _mm256_add_epi16(rs[t][h], _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], r0),
-                                                                   _mm256_maddubs_epi16(hi[h], r1)));
+            if constexpr (Residual)
+              rs[t][h] = _mm256_add_epi16(rs[t][h], _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], r0),
+                                                                     _mm256_maddubs_epi16(hi[h], r1)));
           }
         }
         w += 64;
@@ -248,8 +255,8 @@ inline void qgemm_block(const uint8_t* w, const at::Half* dm, const int8_t* xq, 
       for (int t = 0; t < MT; ++t) {  // q * 256 + r fits int32: |Σ| <= 32 * 15 * 127 * 257
         const __m256 scale = _mm256_mul_ps(_mm256_set1_ps(xd[t * nb + b]), unit);
         for (int h = 0; h < 2; ++h) {
-          const __m256i q = _mm256_madd_epi16(qs[t][h], ones), r = _mm256_madd_epi16(rs[t][h], ones);
-          const __m256i both = _mm256_add_epi32(_mm256_slli_epi32(q, 8), r);
+          const __m256i q = _mm256_slli_epi32(_mm256_madd_epi16(qs[t][h], ones), 8);
+          const __m256i both = Residual ? _mm256_add_epi32(q, _mm256_madd_epi16(rs[t][h], ones)) : q;
           fd[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(both), scale, fd[t][h]);
         }
       }
@@ -330,9 +337,9 @@ inline void qgemm_block8(const uint8_t* w, const at::Half* dm, const int16_t* xa
 
 #if MIAOTUI_VNNI || MIAOTUI_AVX2
 // Row blocks of 16 outputs, the tokens TILE at a time, through this class's block kernel above.
-template <int Bits, typename T>
-void qgemm_rows(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M, int64_t K, int64_t group,
-                int64_t N, T* y, int64_t rb_begin, int64_t rb_end) {
+template <int Bits, bool Residual, typename T>
+void qgemm_rows_terms(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M, int64_t K, int64_t group,
+                      int64_t N, T* y, int64_t rb_begin, int64_t rb_end) {
   const int64_t line_bytes = 16 * K * Bits / 8, ngroups = K / group, nb = K / QBLOCK;
   // Tokens per pass: each line is unpacked once for them. AVX2 (measured on a Zen 3 at 4 and 32 rows): 4-bit codes
   // 4 (10-18% faster than 2; 8 spills), 8-bit codes 2 (4 spills its 16 accumulators: 14% slower).
@@ -355,29 +362,36 @@ void qgemm_rows(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M
     {
 #endif
       for (; m + TILE <= M; m += TILE)
-        qgemm_block<Bits, TILE>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
+        qgemm_block<Bits, TILE, Residual>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
                                 x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows);
       // The rest in one pass where it fits (speculative steps: a few rows a sequence): 3 rows as a pair and a single
       // cost what 4 did.
       if constexpr (TILE > 3) {
         if (m + 3 == M) {
-          qgemm_block<Bits, 3>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
+          qgemm_block<Bits, 3, Residual>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
                                x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows);
           m += 3;
         }
       }
       if constexpr (TILE > 2) {
         if (m + 2 <= M) {
-          qgemm_block<Bits, 2>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
+          qgemm_block<Bits, 2, Residual>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
                                x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows);
           m += 2;
         }
       }
       for (; m < M; ++m)
-        qgemm_block<Bits, 1>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
+        qgemm_block<Bits, 1, Residual>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
                              x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows);
     }
   }
+}
+
+template <int Bits, typename T>
+void qgemm_rows(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M, int64_t K, int64_t group,
+                int64_t N, T* y, int64_t rb_begin, int64_t rb_end) {
+  if (x.residual) qgemm_rows_terms<Bits, true>(w, dm, x, M, K, group, N, y, rb_begin, rb_end);
+  else qgemm_rows_terms<Bits, false>(w, dm, x, M, K, group, N, y, rb_begin, rb_end);
 }
 #endif
 
@@ -1114,10 +1128,11 @@ inline bool amx_takes(int64_t M) {
 
 // y [M, N] = x [M, K] (fp32 or bf16; times in_scale [K] first when given) @ W^T, W packed as described above.
 Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t N,
-               const c10::optional<Tensor>& in_scale_, bool reference) {
+               const c10::optional<Tensor>& in_scale_, bool reference, int64_t act_bits) {
   Tensor x = x_.contiguous();
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && dm.device().is_cpu(), "qmatmul: CPU tensors only");
   TORCH_CHECK(bits == 4 || bits == 8, "qmatmul: 4 or 8 bits");
+  TORCH_CHECK(act_bits == 16 || act_bits == 8, "qmatmul: activations in 16 bits (two int8 terms) or 8 (one)");
   TORCH_CHECK(w.scalar_type() == at::kByte && dm.scalar_type() == at::kHalf, "qmatmul: uint8 codes, fp16 scales");
   const int64_t K = x.size(-1), M = x.numel() / K;
   TORCH_CHECK(group % QBLOCK == 0 && K % group == 0, "qmatmul: K must split into groups of a multiple of 32");
@@ -1153,8 +1168,9 @@ Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits
 #endif
     QuantX qx{std::vector<int8_t>(M * K), std::vector<int8_t>(M * K), std::vector<float>(M * K / QBLOCK),
               std::vector<float>(M * K / group)};
+    qx.residual = act_bits == 16;
     auto quantize = [&](auto* sp) {
-      quantize_rows(xp, sp, M, K, group, qx.q.data(), qx.r.data(), qx.d.data(), qx.gsum.data());
+      quantize_rows(xp, sp, M, K, group, qx.q.data(), qx.r.data(), qx.d.data(), qx.gsum.data(), qx.residual);
     };
     if (!in_scale.defined()) quantize(static_cast<const float*>(nullptr));
     else if (in_scale.scalar_type() == at::kBFloat16) quantize(in_scale.data_ptr<at::BFloat16>());

@@ -11,6 +11,7 @@ struct Proj {
   c10::optional<Tensor> in_scale, bias;
   c10::optional<Tensor> tiles;  // the bf16 weight in tile order (tile_matmul), from tile_rows rows on
   int64_t tile_rows;
+  int64_t act_bits;  // qmatmul's activations: 16 (two int8 terms) or 8 (one)
 
   Tensor operator()(const Tensor& x) const;
 };

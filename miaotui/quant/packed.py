@@ -25,6 +25,7 @@ class PackedWeight:
     bits: int
     group: int
     shape: tuple[int, int]
+    act_bits: int = 16  # the activations' rounding: 16 (two int8 terms, ~15 bits) or 8 (one, llama.cpp's)
 
     @classmethod
     def pack(cls, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int) -> PackedWeight | None:
@@ -76,7 +77,8 @@ class PackedWeight:
 
     def matmul(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., K] (fp32 or bf16, times in_scale [K] first) @ Wᵀ, in x's dtype."""
-        return cpu_ops().qmatmul(x, self.data, self.dm, self.bits, self.group, self.shape[0], in_scale)
+        return cpu_ops().qmatmul(x, self.data, self.dm, self.bits, self.group, self.shape[0], in_scale,
+                                 act_bits=self.act_bits)
 
     def codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The codes [N, K] (or of `rows` only) as uint8, back in row-major order."""

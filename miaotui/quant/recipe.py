@@ -252,6 +252,18 @@ def hybrid_format(mat: Matrix, dtype: torch.dtype, bits: int | None = None) -> H
     return HybridWeight(small, dense_weight(small.dequantize().to(device=mat.device, dtype=dtype)))
 
 
+def round_activations(model: nn.Module, bits: int) -> int:
+    """Have every product on miaotui's integer kernels round its activations to `bits` (16: two int8 terms; 8: one,
+    llama.cpp's choice: multi-row products ~0.63 the time, the text no longer the reference's; see qmatmul.cpp);
+    the number of weights it applies to. Products on other paths (dense, torch's kernels, CUDA) keep their own."""
+    weights = {id(k.packed): k.packed for m in model.modules() for name in ("format", "head")
+               if (f := getattr(m, name, None)) is not None and hasattr(f, "kernel")
+               and (k := f.kernel()) is not None and k.packed is not None}
+    for w in weights.values():
+        w.act_bits = bits
+    return len(weights)
+
+
 def embedding_format(mat: Matrix, method: str, dtype: torch.dtype) -> WeightFormat:
     """An untied embedding table is only ever read a row per token, never multiplied: under int4 it takes 4-bit
     groups of 32 too (Qwen2.5-0.5B's 136M entries: 153 -> 85 MB) where miaotui's kernel layout exists; int8

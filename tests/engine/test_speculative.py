@@ -27,6 +27,7 @@ from miaotui.engine.speculative import (
     prompt_lookup,
 )
 from miaotui.errors import MiaotuiError
+from miaotui.kernels import has_packed
 from tests.conftest import model_path
 
 PASSAGE = ("The Amazon River in South America is the largest river by discharge volume of water in the world, "
@@ -142,6 +143,23 @@ def test_greedy_outputs_match_on_the_other_models(alias):
     ours = run(llm(alias, SPECS[0]), params, PROMPTS[:3])
     assert [o.token_ids for o in ours] == [o.token_ids for o in theirs]
     assert sum(o.metrics.accepted_tokens for o in ours) > 0
+
+
+def test_one_activation_term_keeps_speculation_exact_and_is_refused_where_nothing_uses_it(plain):
+    """activation_bits=8 (one int8 term per activation, llama.cpp's rounding) changes the model's numbers — its
+    logprobs differ from the default's — and speculative greedy output is still token for token its own plain
+    decoding; where no weight runs on the integer kernels the setting is an error, not a no-op."""
+    if not has_packed():
+        pytest.skip("miaotui's integer kernels are not built here")
+    params = SamplingParams(temperature=0, max_tokens=32, logprobs=1)
+    ours = run(llm("smollm2-135m", activation_bits=8), params)
+    spec = run(llm("smollm2-135m", SPECS[0], activation_bits=8), params)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in ours]
+    base = run(plain, params)
+    assert any(x.token_id == y.token_id and abs(x.logprob - y.logprob) > 1e-4
+               for a, b in zip(ours, base) for x, y in zip(a.logprobs, b.logprobs))
+    with pytest.raises(MiaotuiError, match="activation_bits 8"):
+        llm("smollm2-135m", activation_bits=8, quantization="none")
 
 
 def test_constrained_n2_and_preempted_requests_are_unchanged(plain):

@@ -185,6 +185,36 @@ def test_qmatmul_matches_the_dequantized_weight(ops, bits, group, m):
     assert yb.dtype == torch.bfloat16 and ((yb.float() - ref).abs().max() / ref.abs().max()) < 1e-2
 
 
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 32)])
+@pytest.mark.parametrize("m", [1, 3, 7, 37])
+def test_qmatmul_with_one_activation_term_is_llama_cpps_rounding(ops, bits, group, m):
+    """`act_bits=8`: each block of 32 activations (times in_scale) rounded once to int8 at amax / 127, as llama.cpp's
+    Q8 activations, and multiplied exactly: x_q @ (d q)ᵀ + x @ mᵀ (the m term takes the exact sum of x, as with two
+    terms), on every class's kernel and the plain C++ definition; visibly coarser than the default's two terms."""
+    n, k = 50, 384
+    codes, d, mn, w = random_packed(n, k, bits, group)
+    if w is None:
+        pytest.skip("miaotui's kernels are not built here")
+    dq = (codes.double().view(n, -1, group) * d.half().double()[..., None]).view(n, k)
+    mfull = mn.half().double().repeat_interleave(group, dim=1)
+    x = torch.randn(m, k) * torch.where(torch.rand(k) < 0.05, 30.0, 1.0)
+    s = torch.rand(k) + 0.5
+    xs = (x * s).view(m, -1, 32)
+    amax = xs.abs().amax(-1, keepdim=True)
+    xq = (torch.round(xs * (127 / amax)) * (amax / 127)).view(m, k)
+    ref = xq.double() @ dq.t() + xs.reshape(m, k).double() @ mfull.t()
+
+    def qmatmul(act_bits, reference=False):
+        return ops.qmatmul(x, w.data, w.dm, bits, w.group, n, s, reference=reference, act_bits=act_bits)
+
+    y = qmatmul(8)
+    tol = 2e-6 * ref.abs().max().item()
+    assert (y - ref).abs().max() <= tol and (qmatmul(8, reference=True) - ref).abs().max() <= tol
+    assert (y - qmatmul(16)).abs().max() > 100 * tol  # the second term is gone
+    with pytest.raises(RuntimeError, match="16 bits"):
+        qmatmul(12)
+
+
 @pytest.mark.parametrize("bits,group", [(4, 32), (8, 96)])
 @pytest.mark.parametrize("m,n,k", [(8, 50, 384), (17, 50, 384), (40, 50, 384), (300, 2900, 768)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
