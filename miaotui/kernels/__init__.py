@@ -52,15 +52,23 @@ _modules: dict[str, object | None] = {}
 
 
 @functools.cache
-def _cpu_flags() -> frozenset[str]:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return frozenset()
+    return fields
+
+
+def _cpu_flags() -> frozenset[str]:
+    return frozenset(_cpuinfo().get("flags", "").split())
 
 
 @functools.cache
@@ -68,16 +76,7 @@ def cpu_model() -> str:
     """The processor as /proc/cpuinfo names it, with its family and model numbers on x86: a cloud VM's name ("AMD
     EPYC") hides the generation, the numbers do not (AMD family 25 is Zen 3 / Zen 4, 26 Zen 5), and a speed figure
     is only worth as much as the machine it names."""
-    fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if not line.strip():
-                    break  # the first processor's block is enough
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
+    fields = _cpuinfo()
     name = fields.get("model name") or platform.processor() or platform.machine()
     if "cpu family" in fields and "model" in fields:
         name += f" (x86 family {fields['cpu family']} model {fields['model']})"
