@@ -11,7 +11,9 @@
    FlexAttention against the eager and SDPA paths, int8/int4 products.
 4. The benchmark, miaotui against transformers on the same GPU and weights, bf16: decode of one stream, a 512-token
    prefill, and 64 concurrent requests × (128 in, 256 out), with NVML joules per token; for Qwen2.5-Coder-1.5B
-   also the share of the bandwidth roof that batch-1 decode reaches (weights' bytes × tokens/s / copy bandwidth).
+   also the share of the bandwidth roof that batch-1 decode reaches (weights' bytes × tokens/s / copy bandwidth),
+   and where a decode step's time goes (a captured step replayed alone against an engine step; the profiler's top
+   kernels and host operations).
 Targets (issue 21): decode ≥ 60% of the roof on the 1.5B model; batched ≥ 3× transformers' batched generate.
 """
 
@@ -22,6 +24,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -71,35 +74,46 @@ def machine() -> dict:
 
 
 def models(standins: Path, names: list[str], scale: int = 1) -> dict[str, dict]:
-    from miaotui.bench.standins import build_standin
-    from miaotui.errors import ModelSourceError
-    from miaotui.loader.sources import pull
+    from miaotui.bench.standins import build_standin, source
 
     out = {}
     for alias in names:
-        try:
-            if scale > 1:
-                raise ModelSourceError("a scaled-down dry run")
-            out[alias] = {"path": str(pull(alias, quiet=True)), "weights": "real"}
-        except ModelSourceError:
-            start = time.perf_counter()
-            path = build_standin(alias, standins / f"{alias}-{scale}", scale=scale)
-            out[alias] = {"path": str(path), "weights": "stand-in (same shapes, random)",
-                          "build_s": round(time.perf_counter() - start, 1)}
+        start = time.perf_counter()
+        if scale > 1:  # a scaled-down dry run
+            path, real = build_standin(alias, standins / f"{alias}-{scale}", scale=scale), False
+        else:  # the tests look in the same folder
+            path, real = source(alias, standins / alias)
+        out[alias] = {"path": str(path), "weights": "real" if real else "stand-in (same shapes, random)",
+                      "build_s": round(time.perf_counter() - start, 1)}
         log(f"{alias}: {out[alias]['weights']}")
     return out
 
 
-def tests(standins: Path, report_dir: Path) -> dict:
-    junit = report_dir / "gpu_tests.xml"
+def tests(standins: Path, report_dir: Path, limit_s: float) -> dict:
+    """The CUDA-marked tests in a child process, its output in gpu_tests.log beside the report; stopped after
+    `limit_s` seconds (each test after half of that, where pytest-timeout is installed) so that a hang cannot eat
+    the lease and the benchmark still runs."""
+    import importlib.util
+
+    junit, log_path = report_dir / "gpu_tests.xml", report_dir / "gpu_tests.log"
     env = dict(os.environ, MIAOTUI_STANDINS=str(standins), PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
+    cmd = [sys.executable, "-m", "pytest", "-v", "--durations=0", "-m", "cuda", "tests/gpu", "-p", "no:cacheprovider",
+           f"--junitxml={junit}"]
+    if importlib.util.find_spec("pytest_timeout"):
+        cmd.append(f"--timeout={int(limit_s / 2)}")
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/gpu", "-p", "no:cacheprovider",
-                           f"--junitxml={junit}"], cwd=ROOT, env=env, capture_output=True, text=True)
-    tail = (proc.stdout + proc.stderr)[-6000:]
+    with open(log_path, "w") as sink:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            returncode = proc.wait(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            returncode = "timed out"
+    tail = log_path.read_text(errors="replace")[-6000:]
     summary = next((line for line in reversed(tail.splitlines()) if " in " in line and ("passed" in line or
                                                                                        "failed" in line)), "")
-    return {"returncode": proc.returncode, "summary": summary, "seconds": round(time.perf_counter() - start, 1),
+    return {"returncode": returncode, "summary": summary, "seconds": round(time.perf_counter() - start, 1),
             "output_tail": tail}
 
 
@@ -114,7 +128,64 @@ def weight_bytes(model) -> int:
     return total
 
 
-def bench(alias: str, path: str, roof_gb_s: float | None, quick: bool, device: str = "cuda") -> dict:
+def profile_decode(mt, vocab: int, avoid: set[int], device: str) -> dict:
+    """Where a decode step's time goes: one captured step replayed alone (its GPU time, for 1, 8 and 64 rows)
+    against an engine step's wall time, and the profiler's top kernels and host operations over a few steps."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from miaotui import SamplingParams
+    from miaotui.bench import random_prompts
+
+    engine = mt.engine
+    out: dict = {}
+    graphs = engine.runner.graphs
+    if graphs is not None:
+        replay_ms = {}
+        for size in (1, 8, 64):
+            if size not in graphs.graphs:
+                continue
+            graph = graphs.graphs[size]
+            run = (lambda g=graph: g.replay()) if graph is not None else (lambda s=size: graphs._step(s))
+            run()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(20):
+                run()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            replay_ms[size] = round((time.perf_counter() - start) / 20 * 1e3, 3)
+        out["graph_replay_ms"] = replay_ms
+    prompt = random_prompts(vocab, 1, 32, 7, avoid)[0]
+    for rows in (1, 64):
+        steps = []
+        for _ in range(rows):
+            engine.add_request(prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+        while engine.has_unfinished():
+            start = time.perf_counter()
+            engine.step()
+            steps.append(time.perf_counter() - start)
+        out[f"step_ms_{rows}_rows"] = round(statistics.median(steps[2:]) * 1e3, 3)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    engine.add_request(prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    for _ in range(4):  # past the prompt
+        engine.step()
+    with profile(activities=activities) as prof:
+        for _ in range(10):
+            engine.step()
+    while engine.has_unfinished():
+        engine.step()
+    keys = prof.key_averages()
+    out["profile_10_steps_cpu"] = keys.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60)
+    if device == "cuda":
+        out["profile_10_steps_cuda"] = keys.table(sort_by="self_cuda_time_total", row_limit=15,
+                                                  max_name_column_width=60)
+    return out
+
+
+def bench(alias: str, path: str, roof_gb_s: float | None, quick: bool, device: str = "cuda",
+          profile: bool = False) -> dict:
     import torch
 
     from miaotui.bench import run_engine
@@ -142,6 +213,11 @@ def bench(alias: str, path: str, roof_gb_s: float | None, quick: bool, device: s
     res["miaotui"]["setup_s"] = round(time.perf_counter() - start, 1)
     if graphs is not None:
         res["graphs"]["replays"] = graphs.replays
+    if profile:
+        try:
+            res["profile"] = profile_decode(mt, vocab, avoid, device)
+        except Exception as e:  # noqa: BLE001 - a diagnosis that fails must not cost the figures
+            res["profile"] = {"error": f"{type(e).__name__}: {e}"}
     nbytes = weight_bytes(engine.loaded.model)
     res["weight_bytes"] = nbytes
     if roof_gb_s:
@@ -170,13 +246,16 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="With the device tool, from a machine with pip: `echo /.whl/ >> "
                                 ".git/info/exclude; python3 -m pip download --no-deps --only-binary=:all: "
-                                "--python-version 3.12 -d .whl gguf==0.17.1`; then run with carry ['.whl'] and "
+                                "--python-version 3.12 -d .whl gguf==0.19.0`; then run with carry ['.whl'] and "
                                 "`pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && "
                                 "PYTHONPATH=/tmp/site python3 scripts/gpu_check.py --out $OUT/gpu_report.json`.")
     p.add_argument("--out", default="gpu_report.json", help="where the JSON report goes")
     p.add_argument("--standins", default="/tmp/miaotui-standins", help="where stand-in models are built")
     p.add_argument("--quick", action="store_true", help="shorter batched outputs (64 tokens), for a second try")
     p.add_argument("--skip-tests", action="store_true")
+    p.add_argument("--tests-limit", type=float, default=240, help="seconds the CUDA tests may take in all")
+    p.add_argument("--budget", type=float, default=480,
+                   help="seconds after which no further model is benchmarked (the 1.5B model goes first)")
     p.add_argument("--models", default=",".join(BENCH_MODELS), help="which models to benchmark")
     p.add_argument("--dry-run-cpu", type=int, default=0, metavar="SCALE",
                    help="check this script on a CPU: stand-ins 1/SCALE wide and deep, short runs, no tests")
@@ -206,18 +285,25 @@ def main() -> int:
     save()
     if not args.skip_tests and not dry:
         log("CUDA tests")
-        report["tests"] = tests(standins, out.parent)
+        report["tests"] = tests(standins, out.parent, args.tests_limit)
         log(f"tests: {report['tests']['summary']} ({report['tests']['seconds']} s)")
         save()
     report["bench"] = {}
-    for alias in names:
+    for alias in sorted(names, key=lambda a: a != ROOF_MODEL):  # the targets' model first
+        if time.perf_counter() - begin > args.budget:
+            report["bench"][alias] = {"skipped": f"past the --budget of {args.budget:.0f} s"}
+            continue
         log(f"bench {alias}")
         try:
             report["bench"][alias] = bench(alias, report["models"][alias]["path"],
                                            report["machine"].get("copy_bandwidth_gb_s"), args.quick or dry,
-                                           "cpu" if dry else "cuda")
+                                           "cpu" if dry else "cuda", profile=alias == ROOF_MODEL)
         except Exception as e:  # noqa: BLE001 - one model's failure is reported, the others still run
             report["bench"][alias] = {"error": f"{type(e).__name__}: {e}"}
+        # a failure's traceback held the engine and its KV cache until here: free them for the next model
+        gc.collect()
+        if not dry:
+            torch.cuda.empty_cache()
         log(f"{alias}: {json.dumps(report['bench'][alias], default=str)[:600]}")
         save()
     roof = report["bench"].get(ROOF_MODEL, {})

@@ -171,8 +171,9 @@ class FlexBackend(AttentionBackend):
 
     def _flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask,
               scale: float) -> torch.Tensor:
-        # Triton's key tile must divide the cache block (FlexAttention's decode kernel picks that itself).
-        options = {"BLOCK_N": math.gcd(64, mask.BLOCK_SIZE[1])} if q.is_cuda and q.shape[2] > 1 else None
+        # Triton's key tile must divide the cache block. Decode rows take the main kernel too (its decode kernel
+        # wants a static batch and a power-of-two head group), which picks its tile from the head size alone.
+        options = {"BLOCK_N": math.gcd(64, mask.BLOCK_SIZE[1])} if q.is_cuda else None
         return self._attend(q, k, v, block_mask=mask, scale=scale, enable_gqa=True, kernel_options=options)
 
 

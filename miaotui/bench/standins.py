@@ -34,6 +34,15 @@ SHAPES: dict[str, dict] = {
 }
 
 
+def source(alias: str, folder: str | Path) -> tuple[Path, bool]:
+    """The real file when the model cache already holds it, else the stand-in built in `folder`; and whether it is
+    real. Never fetches: pip on a machine without a network retries for minutes before it gives up."""
+    from miaotui.loader.sources import ALIASES, alias_path
+
+    real = alias_path(ALIASES[alias])
+    return (real, True) if real.is_file() else (build_standin(alias, folder), False)
+
+
 def build_standin(alias: str, folder: str | Path, seed: int = 0, scale: int = 1) -> Path:
     """Write the stand-in of `alias` into `folder` (once: an existing one is kept) and return the folder.
     `scale` > 1 divides the width and depth, for quick checks of the plumbing on a CPU."""
@@ -53,7 +62,9 @@ def build_standin(alias: str, folder: str | Path, seed: int = 0, scale: int = 1)
     model_type = shape.pop("model_type")
     config = AutoConfig.for_model(model_type, **shape)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    # drawn on the GPU where there is one: transformers' initialisation of a 1.5B model takes a minute on a CPU
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     _write_tokenizer(folder, config.vocab_size)

@@ -15,7 +15,6 @@ import torch
 from miaotui import SamplingParams
 from miaotui.config import EngineConfig
 from miaotui.engine.engine import Engine
-from miaotui.errors import ModelSourceError
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.py)")]
@@ -26,14 +25,10 @@ N_TOKENS = 32
 
 def model_source(alias: str) -> str:
     """The cached real file, else the stand-in (built once into $MIAOTUI_STANDINS, or a folder in the cache)."""
-    from miaotui.bench.standins import build_standin
-    from miaotui.loader.sources import pull
+    from miaotui.bench.standins import source
 
-    try:
-        return str(pull(alias, quiet=True))
-    except ModelSourceError:
-        home = Path(os.environ.get("MIAOTUI_STANDINS", Path.home() / ".cache" / "miaotui" / "standins"))
-        return str(build_standin(alias, home / alias))
+    home = Path(os.environ.get("MIAOTUI_STANDINS", Path.home() / ".cache" / "miaotui" / "standins"))
+    return str(source(alias, home / alias)[0])
 
 
 @pytest.fixture(autouse=True)
