@@ -163,18 +163,38 @@ class FlexBackend(AttentionBackend):
         return out[0].transpose(0, 1)
 
     def decode(self, layer: Attention, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """A row's query heads that share a key head are that head's query rows (what FlexAttention's own decode
+        kernel does): one program per row and key head reads its keys once, for the whole group, instead of one
+        program per query head each reading them again."""
         keys, values = _cache_sequence(layer)
-        b = q.shape[0]
-        out = self._flex(q[:, :, None], keys.expand(b, -1, -1, -1), values.expand(b, -1, -1, -1),
-                         meta.decode[layer.sliding_window], layer.scale)
-        return out[:, :, 0]
+        b, hq, d = q.shape
+        hkv = keys.shape[1]
+        group = hq // hkv
+        out = self._flex(q.view(b, hkv, group, d), keys.expand(b, -1, -1, -1), values.expand(b, -1, -1, -1),
+                         self._group_mask(meta, layer.sliding_window, group), layer.scale)
+        return out.reshape(b, hq, d)
+
+    @staticmethod
+    def _group_mask(meta: AttentionMetadata, window: int | None, group: int) -> BlockMask:
+        """The step's decode mask for `group` query rows a batch entry (the mask function reads only the row's
+        batch index, so the lists serve any number of query rows); made once a step and kept for its layers."""
+        mask = meta.decode[window]
+        if group == 1:
+            return mask
+        key = (window, group)
+        if key not in meta.decode:
+            meta.decode[key] = BlockMask.from_kv_blocks(
+                mask.kv_num_blocks, mask.kv_indices, BLOCK_SIZE=mask.BLOCK_SIZE, mask_mod=mask.mask_mod,
+                seq_lengths=(group, mask.seq_lengths[1]), **_NO_Q_BLOCKS)
+        return meta.decode[key]
 
     def _flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask,
               scale: float) -> torch.Tensor:
         # Triton's key tile must divide the cache block. Decode rows take the main kernel too (its decode kernel
         # wants a static batch and a power-of-two head group), which picks its tile from the head size alone.
         options = {"BLOCK_N": math.gcd(64, mask.BLOCK_SIZE[1])} if q.is_cuda else None
-        return self._attend(q, k, v, block_mask=mask, scale=scale, enable_gqa=True, kernel_options=options)
+        return self._attend(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+                            kernel_options=options)
 
 
 def _cache_sequence(layer: Attention) -> tuple[torch.Tensor, torch.Tensor]:
