@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from miaotui.kernels import use_cpu_ops
+from miaotui.layers.fused import FusedOnGPU
 
 
 class RotaryEmbedding(nn.Module):
@@ -42,8 +43,13 @@ class RotaryEmbedding(nn.Module):
         if ops := use_cpu_ops(x):
             ops.rope_(x, positions, self.cos, self.sin)
             return x
-        half = x.shape[-1] // 2
-        sin = self.sin[positions]
-        signed_sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1).unsqueeze(1).to(x.dtype)
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
-        return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * signed_sin
+        return rope(x, positions, self.cos, self.sin)
+
+
+@FusedOnGPU
+def rope(x: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    sin = sin_table[positions]
+    signed_sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1).unsqueeze(1).to(x.dtype)
+    cos = cos_table[positions].unsqueeze(1).to(x.dtype)
+    return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * signed_sin
