@@ -10,18 +10,26 @@ function runs as written.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 
 import torch
 
+log = logging.getLogger("miaotui")
+
 
 class FusedOnGPU:
-    """`fn` as written on the CPU; compiled on first use on CUDA (shapes dynamic: one compile serves every batch)."""
+    """`fn` as written on the CPU; compiled on first use on CUDA (shapes dynamic: one compile serves every batch).
+    Where the compiler fails (a Triton or driver this was not tried on), `fn` runs as written, with a warning: the
+    same numbers, more kernels."""
+
+    devices = ("cuda",)  # where the compiled kernel runs
 
     def __init__(self, fn: Callable[..., torch.Tensor]):
         functools.update_wrapper(self, fn)
         self.fn = fn
         self._compiled: Callable[..., torch.Tensor] | None = None
+        self.failed = False
 
     def compiled(self) -> Callable[..., torch.Tensor]:
         if self._compiled is None:
@@ -29,4 +37,12 @@ class FusedOnGPU:
         return self._compiled
 
     def __call__(self, x: torch.Tensor, *args) -> torch.Tensor:
-        return self.compiled()(x, *args) if x.is_cuda else self.fn(x, *args)
+        if x.device.type not in self.devices or self.failed:
+            return self.fn(x, *args)
+        try:
+            return self.compiled()(x, *args)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            self.failed = True
+            log.warning("%s runs unfused on CUDA: torch.compile failed (%s)", self.fn.__name__,
+                        str(e).splitlines()[0][:300])
+            return self.fn(x, *args)

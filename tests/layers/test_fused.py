@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from miaotui.layers.activation import _gelu_tanh_and_mul, _silu_and_mul
+from miaotui.layers.fused import FusedOnGPU
 from miaotui.layers.norm import rms_norm
 from miaotui.layers.rotary import RotaryEmbedding, rope
 
@@ -26,3 +27,20 @@ def test_compiled_layers_equal_the_plain_ones(dtype):
                  (_silu_and_mul, (x,)), (_gelu_tanh_and_mul, (x,))]
         for layer, args in cases:
             torch.testing.assert_close(layer.compiled()(*args), layer.fn(*args), **tol, msg=layer.__name__)
+
+
+def test_a_compiler_failure_runs_the_plain_function_with_a_warning(caplog):
+    layer = FusedOnGPU(_silu_and_mul.fn)
+    layer.devices = ("cpu",)  # as if this CPU were the GPU
+
+    def broken(*args):
+        raise torch._dynamo.exc.BackendCompilerFailed("inductor", RuntimeError("no Triton here"), None)
+
+    layer._compiled = broken
+    x = torch.randn(4, 32)
+    with caplog.at_level("WARNING", logger="miaotui"):
+        torch.testing.assert_close(layer(x), _silu_and_mul.fn(x))
+    assert layer.failed and "runs unfused on CUDA" in caplog.text
+    layer._compiled = None  # not compiled again once it failed
+    layer(x)
+    assert layer._compiled is None
