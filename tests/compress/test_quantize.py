@@ -338,3 +338,24 @@ def test_methods_on_cuda_use_torch_kernels_or_say_which_is_missing(monkeypatch):
     monkeypatch.setattr(recipe, "cuda_kernel", lambda method: False)
     with pytest.raises(MiaotuiError, match="_weight_int4pack_mm"):
         recipe.resolve("int4", 32, model, torch.bfloat16, cuda)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_hybrid_serves_batches_on_its_codes_with_one_activation_term(bits):
+    """With activations in one int8 term the codes' products beat the dense copy to 64 rows (quant/hybrid.py);
+    with two, batches past 16 (8-bit codes) or 32 (4-bit) rows go to the copy."""
+    from miaotui.kernels import has_packed
+    from miaotui.quant.dense import DenseWeight
+    from miaotui.quant.hybrid import HybridWeight
+
+    if not has_packed():
+        pytest.skip("no packed integer kernel on this CPU")
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0)) * 0.05
+    small = Int8Weight.from_float(w, torch.float32) if bits == 8 else Int4Weight.from_float(w, 32)
+    hybrid = HybridWeight(small, DenseWeight(small.dequantize()))
+    x = torch.randn(48, 128, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(hybrid.matmul(x), hybrid.dense.matmul(x))
+    assert torch.equal(hybrid.matmul(x[:8]), small.matmul(x[:8]))
+    small.fast.act_bits = 8  # what recipe.round_activations sets under --activation-bits 8
+    assert torch.equal(hybrid.matmul(x), small.matmul(x))
+    assert torch.equal(hybrid.matmul(torch.cat([x, x])[:65]), hybrid.dense.matmul(torch.cat([x, x])[:65]))
