@@ -1149,7 +1149,8 @@ Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits
   if (!MIAOTUI_VNNI && !reference && M >= dense_min_rows(bits))  // (VNNI's 64 products per instruction keep the integers)
     return dense_qmatmul(x, w, dm, bits, group, N, in_scale);
 #if MIAOTUI_VNNI
-  if (!reference && x.scalar_type() == at::kBFloat16 && M >= BF16_MIN_ROWS && bf16_units() && !amx_takes(M))
+  if (act_bits == 16 && !reference && x.scalar_type() == at::kBFloat16 && M >= BF16_MIN_ROWS && bf16_units() &&
+      !amx_takes(M))
     return dense_qmatmul_bf16(x, w, dm, bits, group, N, in_scale);
 #endif
   auto shape = x.sizes().vec();

@@ -4,6 +4,8 @@ those codes for prefill and batches (compute-bound)."""
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from miaotui.quant.base import StackWeight
@@ -24,13 +26,12 @@ class HybridWeight:
     output head) cost what the 4-bit ones do per row, but the copy's product needs no widening: it wins from ~20 rows
     (SmolLM2's head at 8 / 16 / 24 / 32 rows: 2.2 / 3.3 / 4.8 / 6.8 ms on its codes, 2.8 / 3.4 / 4.6 / 6.1 ms on the
     copy), so they serve up to SMALL_BATCH_8BIT. With activations in one int8 term (`--activation-bits 8`) the codes'
-    products take ~0.65 the time and beat oneDNN's copy at every size to 64 rows (AVX-512 Zen 4, SmolLM2 at 32 / 64
-    rows: head 3.9 / 7.6 ms against 5.9 / 10.0, gate|up 0.24 / 0.48 against 0.33 / 0.60), so both serve up to
-    SMALL_BATCH_ONE_TERM."""
+    products take ~0.65 the time and beat oneDNN's copy at every size (AVX-512 Zen 4, SmolLM2 at 32 / 64 / 512 rows:
+    head 3.9 / 7.6 / 69 ms against 5.9 / 10.0 / 80, gate|up 0.24 / 0.48 / 3.3 against 0.33 / 0.60 / 4.2), so there
+    they serve every batch, prefill included."""
 
     SMALL_BATCH = 32
     SMALL_BATCH_8BIT = 16
-    SMALL_BATCH_ONE_TERM = 64
     SMALL_BATCH_TILES = 7
 
     def __init__(self, small: Int4Weight | Int8Weight, dense: DenseWeight | OneDNNWeight | TiledWeight):
@@ -44,7 +45,7 @@ class HybridWeight:
         if isinstance(self.dense, TiledWeight) and fast is not None:
             return self.SMALL_BATCH_TILES
         if fast is not None and fast.act_bits == 8:
-            return self.SMALL_BATCH_ONE_TERM
+            return sys.maxsize
         return self.SMALL_BATCH_8BIT if isinstance(self.small, Int8Weight) else self.SMALL_BATCH
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

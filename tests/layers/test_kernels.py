@@ -215,6 +215,26 @@ def test_qmatmul_with_one_activation_term_is_llama_cpps_rounding(ops, bits, grou
         qmatmul(12)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_one_activation_term_keeps_bf16_prompts_on_the_integer_kernel(ops, bits, request):
+    """On VNNI classes, from 128 rows, bf16 activations under two terms go to the widened-codes bf16 GEMM where the
+    CPU has bf16 units; under one term the integer kernel is faster (Qwen2.5-1.5B at 512 rows: 1.4-1.5x), so a
+    prompt's rows stay there and are rounded as a decode row is: each row's result is what it is in a small batch.
+    (The generic and AVX2 classes take a float GEMM from 40-96 rows whatever the rounding: not measured there.)"""
+    if request.node.callspec.params["ops"] in ("generic", "avx2"):
+        pytest.skip("no VNNI: prompts take the float GEMM at either rounding")
+    n, k, m = 64, 256, 160
+    codes, d, mn, w = random_packed(n, k, bits, 32)
+    if w is None:
+        pytest.skip("miaotui's kernels are not built here")
+    x = torch.randn(m, k).bfloat16()
+
+    def qmatmul(rows):
+        return ops.qmatmul(rows, w.data, w.dm, bits, w.group, n, None, reference=False, act_bits=8)
+
+    assert torch.equal(qmatmul(x), torch.cat([qmatmul(x[i : i + 16]) for i in range(0, m, 16)]))
+
+
 @pytest.mark.parametrize("bits,group", [(4, 32), (8, 96)])
 @pytest.mark.parametrize("m,n,k", [(8, 50, 384), (17, 50, 384), (40, 50, 384), (300, 2900, 768)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
