@@ -76,7 +76,7 @@ class Engine:
         if self.peers is not None:
             shard_model(model, 0, tp, all_reduce)
         self.quantization = recipe.apply(model, config.quantization, config.group_size, self.dtype, self.device,
-                                         calibrate=self._calibrate)
+                                         calibrate=self._calibrate, activation_bits=config.activation_bits)
         if config.activation_bits != 16 and not recipe.round_activations(model, config.activation_bits):
             raise MiaotuiError(f"activation_bits {config.activation_bits} applies to miaotui's CPU integer kernels, "
                                f"and no weight of this model runs on them here ({self.quantization} weights on "

@@ -129,7 +129,8 @@ def _follower(rank: int, world: int, address: str, backend: str, config: EngineC
     dtype = resolve_dtype(config.dtype, device)
     model = load(config.model, device, dtype).model
     shard_model(model, rank, world, all_reduce)
-    recipe.apply(model, config.quantization, config.group_size, dtype, device)
+    recipe.apply(model, config.quantization, config.group_size, dtype, device,
+                 activation_bits=config.activation_bits)
     recipe.round_activations(model, config.activation_bits)  # as the leader's Engine does
     dist.init_process_group(backend, init_method=address, rank=rank, world_size=world)
     box: list = [None]

@@ -1,6 +1,7 @@
-"""`hybrid`, what `auto` picks on a CPU with bf16 units for a small model's 4-bit file in bf16: the file's codes for
-the few-row products of decoding (bandwidth-bound: 4x fewer bytes per token) beside a dense bf16 copy made from
-those codes for prefill and batches (compute-bound)."""
+"""`hybrid`, what `auto` picks on a CPU with bf16 units for a small model's 4-bit file in bf16 (with activations in
+16 bits; with 8 it picks `native`, recipe.resolve): the file's codes for the few-row products of decoding
+(bandwidth-bound: 4x fewer bytes per token) beside a dense bf16 copy made from those codes for prefill and batches
+(compute-bound)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ The formats (dense.py, int8.py, int4.py, hybrid.py) each hold and multiply one m
 - native: every matrix at the file's own precision, as its codes: 4-bit blocks as int4, 5- to 8-bit blocks as int8
   (both exactly), other quantized types (Q6_K) as int8 per row; no float copy at all.
 - auto: `hybrid` (the file's codes for decode-sized products beside a dense copy of them) where the file's block
-  weights are 4-bit, the model runs in bf16 on a CPU with bf16 units, and the copy is small (HYBRID_MAX_WEIGHTS);
+  weights are 4-bit, the model runs in bf16 on a CPU with bf16 units, activations keep 16 bits (with 8 the codes
+  serve every product and the copy would go unused), and the copy is small (HYBRID_MAX_WEIGHTS);
   a `miaotui compress --quantize` folder's own method; `native` for any other quantized file on a CPU with
   miaotui's kernels; else none.
 On CUDA, int8 and int4 run on torch's own weight-only kernels (`aten._weight_int8pack_mm`, per-row int8; tinygemm's
@@ -69,12 +70,15 @@ def matrix_weights(model: nn.Module) -> int:
 
 
 def resolve(quantization: str, group_size: int, model: nn.Module, dtype: torch.dtype,
-            device: torch.device) -> tuple[str, int]:
+            device: torch.device, activation_bits: int = 16) -> tuple[str, int]:
     """(method, group size) that `quantization` means for this model on this device. `auto` never costs quality:
     a file's low-bit blocks are affine maps of integer codes per 32 weights, which int4 (4-bit blocks) and int8
     (5- to 8-bit blocks) hold exactly. In bf16 on a CPU with bf16 units, a small model's 4-bit file decodes on its
     codes beside dense weights for prefill (`hybrid`); elsewhere every product runs on the codes (`native`); a
-    `miaotui compress` folder keeps the method (and group) it was stored with; float files stay dense."""
+    `miaotui compress` folder keeps the method (and group) it was stored with; float files stay dense. With
+    activations in one int8 term (`activation_bits` 8) hybrid's codes serve every batch and its copy would go
+    unused (quant/hybrid.py), so `auto` is `native` there: the same products, without the copy's 2 bytes a weight
+    and its load time."""
     check(quantization, group_size)
     cfg = model.config
     if quantization != "auto":
@@ -84,7 +88,7 @@ def resolve(quantization: str, group_size: int, model: nn.Module, dtype: torch.d
     elif cfg.quantization:
         method = cfg.quantization
         group_size = cfg.quantization_group or group_size
-    elif (dtype == torch.bfloat16 and cfg.weight_bits <= 4 and onednn_bf16()
+    elif (dtype == torch.bfloat16 and cfg.weight_bits <= 4 and onednn_bf16() and activation_bits == 16
           and matrix_weights(model) <= HYBRID_MAX_WEIGHTS):
         method = "hybrid"
     elif cfg.weight_bits < 16 and has_packed():
@@ -128,11 +132,12 @@ class Matrix:
 
 
 def apply(model: nn.Module, quantization: str, group_size: int, dtype: torch.dtype, device: torch.device,
-          calibrate: Callable[[], dict[nn.Module, torch.Tensor]] | None = None) -> str:
+          calibrate: Callable[[], dict[nn.Module, torch.Tensor]] | None = None, activation_bits: int = 16) -> str:
     """Give every Linear, the output head and the embedding tables of a freshly loaded model their formats, and drop
     the file tensors they were loaded from; return the method applied. `calibrate()` (run when int4 is asked for
-    and some weight is requantized) gives the mean square of each Linear's input channels on calibration text."""
-    method, group = resolve(quantization, group_size, model, dtype, device)
+    and some weight is requantized) gives the mean square of each Linear's input channels on calibration text.
+    `activation_bits`: what `round_activations` will be asked for next (`auto` chooses with it)."""
+    method, group = resolve(quantization, group_size, model, dtype, device, activation_bits)
     if model.quantization is not None:  # a loaded model shared by several engines: converted once
         if model.quantization != method:
             raise MiaotuiError(f"this loaded model holds {model.quantization} weights already; load it again for "

@@ -130,7 +130,9 @@ def test_gguf_codes_go_to_the_kernels_exactly(smollm2_path):
 
 def test_auto_adds_a_dense_copy_only_to_small_models(smollm2_path, monkeypatch):
     """hybrid's bf16 copy doubles prefill but costs load time and 2 bytes a weight: `auto` keeps it to small models
-    (SmolLM2: 106M weights in its products); past HYBRID_MAX_WEIGHTS it decodes and prefills on the codes."""
+    (SmolLM2: 106M weights in its products); past HYBRID_MAX_WEIGHTS it decodes and prefills on the codes, and so
+    it does with activations in one int8 term, where the codes beat the copy at every size."""
+    from miaotui import LLM
     from miaotui.kernels import has_packed
     from miaotui.loader import load
     from miaotui.quant.dense import onednn_bf16
@@ -140,6 +142,8 @@ def test_auto_adds_a_dense_copy_only_to_small_models(smollm2_path, monkeypatch):
     model = load(smollm2_path, "cpu", torch.bfloat16).model
     assert 100e6 < recipe.matrix_weights(model) < 110e6
     small = recipe.resolve("auto", 32, model, torch.bfloat16, torch.device("cpu"))[0]
+    assert recipe.resolve("auto", 32, model, torch.bfloat16, torch.device("cpu"), activation_bits=8)[0] == "native"
+    assert LLM(smollm2_path, dtype="bfloat16", activation_bits=8).engine.quantization == "native"
     monkeypatch.setattr(recipe, "HYBRID_MAX_WEIGHTS", 100_000_000)
     large = recipe.resolve("auto", 32, model, torch.bfloat16, torch.device("cpu"))[0]
     assert (small, large) == (("hybrid" if onednn_bf16() else "native"), "native")
