@@ -11,7 +11,9 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 
+#include <cstring>
 #include <functional>
+#include <type_traits>
 #include <vector>
 
 #include "vec.h"
@@ -153,6 +155,107 @@ void grouped_scores(const float* q, int64_t G, const C* cache, const int64_t* ro
   }
 }
 
+#if MIAOTUI_VEC_AVX512 && defined(__GNUC__)
+// grouped_scores for a bf16 query and cache on CPUs with AVX-512 BF16 (`vdpbf16ps`: 32 bf16 products a lane pair,
+// summed in fp32): a key row feeds the products as it is stored, where the fp32 loop widens it again for every head
+// of the group (two instructions a vector) and multiplies half as many pairs an instruction. Each product of two
+// bf16 values is exact in fp32; the sums are fp32 as before, in another order, and the scale multiplies the dot
+// product instead of the query (the query stays bf16, as stored). Only the avx512 build has it; whether the CPU
+// has the units is asked at run time (`bf16_dot`).
+template <int V>
+__attribute__((target("avx512bf16"))) void grouped_scores_bf16(const BF16* q, int64_t G, float scale,
+                                                               const BF16* cache, const int64_t* rows, int64_t n,
+                                                               float* scores) {
+  constexpr int64_t D = W * V, P = D / 32;  // 32 bf16 values a vector
+  static_assert(D % 32 == 0, "whole vectors of 32 bf16 values a row");
+  const Vec vscale = mt::set1(scale);
+  for (int64_t i0 = 0; i0 < n; i0 += W) {
+    const int64_t cnt = std::min<int64_t>(W, n - i0);
+    for (int64_t i = i0 ? i0 + 2 * W : W; i < std::min(n, i0 + 3 * W); ++i) prefetch_row(cache + rows[i] * D, D);
+    for (int64_t g = 0; g < G; ++g) {
+      __m512bh qv[P];
+      for (int64_t v = 0; v < P; ++v) qv[v] = (__m512bh)_mm512_loadu_si512(q + g * D + 32 * v);
+      Vec acc[W];
+      for (int i = 0; i < W; ++i) {
+        __m512 a = _mm512_setzero_ps();
+        if (i < cnt) {
+          const BF16* row = cache + rows[i0 + i] * D;
+          for (int64_t v = 0; v < P; ++v) a = _mm512_dpbf16_ps(a, qv[v], (__m512bh)_mm512_loadu_si512(row + 32 * v));
+        }
+        acc[i] = {a};
+      }
+      mt::store_first(scores + g * n + i0, mt::hsum_lanes(acc) * vscale, static_cast<int>(cnt));
+    }
+  }
+}
+
+// grouped_values for a bf16 cache on the same units: two keys at a time, their value rows interleaved (element d
+// of key i beside element d of key i + 1) against the pair of their probabilities, rounded to bf16 first — as the
+// reference does (transformers' attention casts the softmax to the values' dtype before their product; so does
+// torch's CPU SDPA). `pb`: scratch for G * (n + 1) bf16 values. The interleave works within 128-bit lanes, so each
+// 32 outputs come out as two vectors in a fixed shuffled order, put back in order once at the end.
+template <int V>
+__attribute__((target("avx512bf16"))) void grouped_values_bf16(const float* p, int64_t G, const BF16* cache,
+                                                               const int64_t* rows, int64_t n, float* out, BF16* pb) {
+  constexpr int64_t D = W * V, P = D / 32;
+  constexpr int64_t CHUNK = V >= W ? 1 : W / V;
+  const int64_t n2 = (n + 1) / 2 * 2;
+  for (int64_t g = 0; g < G; ++g) {
+    int64_t i = 0;
+    for (; i + W <= n; i += W) {
+      const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_loadu_ps(p + g * n + i));  // to nearest even, as torch
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + g * n2 + i), (__m256i)rounded);
+    }
+    for (; i < n; ++i) pb[g * n2 + i] = BF16(p[g * n + i]);
+    if (n2 > n) pb[g * n2 + n] = BF16(0.f);
+  }
+  const __m512i lo_order = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i hi_order = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int64_t g0 = 0; g0 < G; g0 += CHUNK) {
+    const int64_t gc = std::min<int64_t>(CHUNK, G - g0);
+    __m512 acc[CHUNK][2 * P];
+    for (int64_t g = 0; g < CHUNK; ++g)
+      for (int64_t v = 0; v < 2 * P; ++v) acc[g][v] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 2) {
+      if (i + 16 < n) {
+        prefetch_row(cache + rows[i + 16] * D, D);
+        if (i + 17 < n) prefetch_row(cache + rows[i + 17] * D, D);
+      }
+      const BF16* r0 = cache + rows[i] * D;
+      const BF16* r1 = i + 1 < n ? cache + rows[i + 1] * D : nullptr;
+      __m512i lo[P], hi[P];
+      for (int64_t v = 0; v < P; ++v) {
+        const __m512i x = _mm512_loadu_si512(r0 + 32 * v);
+        const __m512i y = r1 ? _mm512_loadu_si512(r1 + 32 * v) : _mm512_setzero_si512();
+        lo[v] = _mm512_unpacklo_epi16(x, y);
+        hi[v] = _mm512_unpackhi_epi16(x, y);
+      }
+      for (int64_t g = 0; g < CHUNK; ++g) {
+        if (g >= gc) break;
+        int32_t pair;
+        std::memcpy(&pair, pb + (g0 + g) * n2 + i, 4);
+        const __m512bh pp = (__m512bh)_mm512_set1_epi32(pair);
+        for (int64_t v = 0; v < P; ++v) {
+          acc[g][2 * v] = _mm512_dpbf16_ps(acc[g][2 * v], (__m512bh)lo[v], pp);
+          acc[g][2 * v + 1] = _mm512_dpbf16_ps(acc[g][2 * v + 1], (__m512bh)hi[v], pp);
+        }
+      }
+    }
+    for (int64_t g = 0; g < gc; ++g)
+      for (int64_t v = 0; v < P; ++v) {
+        float* o = out + (g0 + g) * D + 32 * v;
+        _mm512_storeu_ps(o, _mm512_permutex2var_ps(acc[g][2 * v], lo_order, acc[g][2 * v + 1]));
+        _mm512_storeu_ps(o + 16, _mm512_permutex2var_ps(acc[g][2 * v], hi_order, acc[g][2 * v + 1]));
+      }
+  }
+}
+
+inline bool bf16_dot() {
+  static const bool ok = __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+#endif
+
 // out[g * D ...] = Σ_i p[g * n + i] v(rows[i]) for the G heads, as many heads at a time as keep their accumulators
 // in registers (each value row is read once per such chunk).
 template <int V, typename C>
@@ -257,6 +360,7 @@ void paged_attention_impl(const T* q, T* out, const C* kc, const C* vc, const T*
   }
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, p, qf(D), acc(D);
+    std::vector<BF16> pbf;
     std::vector<int64_t> rows;
     int64_t unit = std::upper_bound(first_item.begin(), first_item.end(), begin) - first_item.begin() - 1;
     for (int64_t item = begin; item < end; ++item) {
@@ -278,8 +382,17 @@ void paged_attention_impl(const T* q, T* out, const C* kc, const C* vc, const T*
         qf.resize(group * D);
         acc.resize(group * D);
         const int64_t head0 = b * Hq + kvh * group;
-        for (int64_t j = 0; j < group * D; j += W) mt::store(&qf[j], mt::load(q + head0 * D + j) * mt::set1(scale));
-        grouped_scores<V>(qf.data(), group, kc, rows.data(), n, scores.data());
+        bool bf16_units = false;  // a bf16 query and cache on AVX-512 BF16: both products on `vdpbf16ps`
+#if MIAOTUI_VEC_AVX512 && defined(__GNUC__)
+        if constexpr (std::is_same_v<T, BF16> && std::is_same_v<C, BF16> && V % 2 == 0) {
+          bf16_units = bf16_dot();
+          if (bf16_units) grouped_scores_bf16<V>(q + head0 * D, group, scale, kc, rows.data(), n, scores.data());
+        }
+#endif
+        if (!bf16_units) {
+          for (int64_t j = 0; j < group * D; j += W) mt::store(&qf[j], mt::load(q + head0 * D + j) * mt::set1(scale));
+          grouped_scores<V>(qf.data(), group, kc, rows.data(), n, scores.data());
+        }
         for (int64_t g = 0; g < group; ++g) {
           float* sg = scores.data() + g * n;
           if (ks)
@@ -294,7 +407,15 @@ void paged_attention_impl(const T* q, T* out, const C* kc, const C* vc, const T*
           if (vs)
             for (int64_t i = 0; i < n; ++i) sg[i] *= mt::to_f(vs[rows[i]]);
         }
-        grouped_values<V>(scores.data(), group, vc, rows.data(), n, acc.data());
+#if MIAOTUI_VEC_AVX512 && defined(__GNUC__)
+        if constexpr (std::is_same_v<T, BF16> && std::is_same_v<C, BF16> && V % 2 == 0) {
+          if (bf16_units) {
+            pbf.resize(group * (n + 1));
+            grouped_values_bf16<V>(scores.data(), group, vc, rows.data(), n, acc.data(), pbf.data());
+          }
+        }
+#endif
+        if (!bf16_units) grouped_values<V>(scores.data(), group, vc, rows.data(), n, acc.data());
         if (split) std::copy(acc.begin(), acc.begin() + group * D, part.begin() + item * group * D);
         else
           for (int64_t j = 0; j < group * D; j += W) mt::store(out + head0 * D + j, mt::load(&acc[j]));

@@ -113,6 +113,23 @@ def test_paged_attention_matches_gathered_sdpa(ops, dtype, cache, head_dim, wind
     assert close(out, ref, dtype)
 
 
+@pytest.mark.parametrize("head_dim,hq,hkv", [(64, 9, 3), (128, 12, 2), (256, 4, 1)])  # SmolLM2, Qwen2.5, Gemma 3
+def test_bf16_paged_attention_at_model_head_sizes(ops, head_dim, hq, hkv):
+    """A bf16 query and cache at the head sizes with unrolled paths (on AVX-512 BF16 CPUs `vdpbf16ps` scores keys
+    and sums values two keys at a time): odd and even lengths, one span and several merged."""
+    torch.manual_seed(2)
+    blocks, bs = 80, 16
+    lens = torch.tensor([1, 2, 31, 256, 601])
+    tables = torch.stack([torch.randperm(blocks - 1)[:38] + 1 for _ in lens])
+    q = torch.randn(len(lens), hq, head_dim, dtype=torch.bfloat16) * 2
+    k = torch.randn(blocks, bs, hkv, head_dim, dtype=torch.bfloat16) * 2
+    v = torch.randn(blocks, bs, hkv, head_dim, dtype=torch.bfloat16)
+    scale = head_dim**-0.5
+    out = ops.paged_attention(q, k, v, None, None, tables, lens, scale, 0)
+    ref = reference_attention(q.double(), k.double(), v.double(), tables, lens, scale, 0)
+    assert close(out, ref, torch.bfloat16)
+
+
 @pytest.mark.parametrize("cache", ["model", "int8"])
 @pytest.mark.parametrize("hkv,window", [(1, 0), (3, 0), (1, 300)])
 def test_paged_attention_long_contexts_merge_their_spans(ops, cache, hkv, window):
