@@ -19,14 +19,13 @@ import itertools
 import logging
 import time
 
-import numpy as np
 import torch
 
 from miaotui.config import SpeculativeConfig
 from miaotui.engine.kv_cache import KVCacheManager
 from miaotui.engine.runner import ModelRunner, kv_bytes_per_token
 from miaotui.engine.sequence import Sequence, Status
-from miaotui.engine.speculative import Proposer, pass_seconds, prompt_lookup
+from miaotui.engine.speculative import NgramIndex, Proposer, pass_seconds
 from miaotui.errors import MiaotuiError
 from miaotui.kernels import argmax
 from miaotui.loader import load
@@ -72,6 +71,7 @@ class DraftModelProposer(Proposer):
         self.runner = ModelRunner(loaded.model, num_blocks, block_size, engine.dtype, engine.device)
         self.shadows: dict[int, Sequence] = {}  # id(target sequence) -> its sequence in the draft's cache
         self.lookup_max = config.prompt_lookup_max
+        self.lookups: dict[int, NgramIndex] = {}  # id(target sequence) -> its text's n-grams
         log.info("draft model %s: %d KV blocks (%.0f MiB)", loaded.files.name, num_blocks,
                  num_blocks * block_size * kv_bytes_per_token(loaded.config, engine.dtype) / 2**20)
 
@@ -80,7 +80,8 @@ class DraftModelProposer(Proposer):
         drafts: list[list[int]] = [[] for _ in seqs]
         rest = []
         for i, (seq, k) in enumerate(zip(seqs, ks)):
-            found = prompt_lookup(np.asarray(seq.token_ids), LOOKUP_MIN, max(LOOKUP_MIN, self.lookup_max), k)
+            index = self.lookups.setdefault(id(seq), NgramIndex(LOOKUP_MIN, max(LOOKUP_MIN, self.lookup_max)))
+            found = index.lookup(seq.token_ids, k)
             if len(found) == k or not (id(seq) in self.shadows or self._pays_back(seq)):
                 drafts[i] = found
             else:
@@ -134,6 +135,7 @@ class DraftModelProposer(Proposer):
         return pass_seconds(self.runner, self.kv, 0)[0]
 
     def release(self, seq: Sequence) -> None:
+        self.lookups.pop(id(seq), None)
         shadow = self.shadows.pop(id(seq), None)
         if shadow is not None:
             self.kv.release(shadow)

@@ -21,7 +21,6 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from miaotui.config import SpeculativeConfig
 from miaotui.engine.kv_cache import KVCacheManager
@@ -57,16 +56,34 @@ class Proposer(ABC):
     retries: bool = True
 
 
-def prompt_lookup(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> list[int]:
-    """The k tokens after the latest earlier occurrence of the text's last n tokens, longest n first."""
-    size = len(tokens)
-    for n in range(min(max_n, size - 1), min_n - 1, -1):
-        windows = sliding_window_view(tokens[: size - 1], n)  # every earlier n-gram that has a continuation
-        hits = np.flatnonzero((windows == tokens[size - n:]).all(axis=1))
-        if len(hits):
-            start = int(hits[-1]) + n
-            return tokens[start : start + k].tolist()
-    return []
+class NgramIndex:
+    """Prompt lookup over one growing text: where each of its n-grams (min_n..max_n tokens) last occurred with a
+    token after it, kept up to date as tokens arrive, so a step's lookup is a few dictionary reads. Scanning the
+    whole text each step (numpy over every window) cost 0.2-0.8 ms at 100-3,000 tokens, found or not: 4-5% of a
+    SmolLM2 step, paid on every step of a chat where nothing is found."""
+
+    def __init__(self, min_n: int, max_n: int):
+        self.min_n, self.max_n = min_n, max_n
+        self.after: dict[tuple[int, ...], int] = {}  # n-gram -> where the token after its latest occurrence is
+        self.size = 0  # tokens seen: every n-gram that ends before the last of them is indexed
+
+    def lookup(self, tokens: list[int], k: int) -> list[int]:
+        """The k tokens after the latest earlier occurrence of the text's last n tokens, longest n first
+        (`tokens`: the text, of which the index has seen a prefix, or all)."""
+        for p in range(max(self.size, 1), len(tokens)):  # the n-grams that gained their next token
+            for n in range(self.min_n, min(self.max_n, p) + 1):
+                self.after[tuple(tokens[p - n : p])] = p
+        self.size = len(tokens)
+        for n in range(min(self.max_n, self.size - 1), self.min_n - 1, -1):
+            start = self.after.get(tuple(tokens[self.size - n :]))
+            if start is not None:
+                return list(tokens[start : start + k])
+        return []
+
+
+def prompt_lookup(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
+    """`NgramIndex.lookup` of a text seen once."""
+    return NgramIndex(min_n, max_n).lookup(tokens, k)
 
 
 class NgramProposer(Proposer):
@@ -74,9 +91,14 @@ class NgramProposer(Proposer):
 
     def __init__(self, config: SpeculativeConfig):
         self.min_n, self.max_n = config.prompt_lookup_min, config.prompt_lookup_max
+        self.indexes: dict[int, NgramIndex] = {}  # id(seq) -> its text's index
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
-        return [prompt_lookup(np.asarray(s.token_ids), self.min_n, self.max_n, k) for s, k in zip(seqs, ks)]
+        return [self.indexes.setdefault(id(s), NgramIndex(self.min_n, self.max_n)).lookup(s.token_ids, k)
+                for s, k in zip(seqs, ks)]
+
+    def release(self, seq: Sequence) -> None:
+        self.indexes.pop(id(seq), None)
 
 
 class ContextIndex:

@@ -10,6 +10,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from miaotui import LLM, SamplingParams, StructuredOutput
 from miaotui.config import SpeculativeConfig
@@ -20,6 +22,7 @@ from miaotui.engine.sequence import Sequence
 from miaotui.engine.speculative import (
     TRIALS,
     ContextIndex,
+    NgramIndex,
     Proposer,
     Speculator,
     StepPrice,
@@ -317,9 +320,31 @@ def test_the_engine_prices_from_its_decode_steps_only():
     assert len(seen) == steps  # a prompt chunk is no point of the line
 
 
+def scanned_lookup(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
+    """Prompt lookup by a scan of every earlier window: the k tokens after the latest earlier occurrence of the
+    text's last n tokens, longest n first."""
+    for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
+        starts = [h for h in range(len(tokens) - n) if tokens[h : h + n] == tokens[len(tokens) - n :]]
+        if starts:
+            return tokens[starts[-1] + n : starts[-1] + n + k]
+    return []
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 3), max_size=60), st.integers(1, 3), st.integers(0, 3), st.integers(1, 5))
+def test_the_ngram_index_finds_what_a_scan_finds(text, min_n, extra, k):
+    """Kept up to date token by token (as a request's text grows between steps) or built at once, the index
+    proposes what scanning the whole text proposes, at every length of it."""
+    index = NgramIndex(min_n, min_n + extra)
+    for size in range(len(text) + 1):
+        expected = scanned_lookup(text[:size], min_n, min_n + extra, k)
+        assert index.lookup(text[:size], k) == expected
+        assert prompt_lookup(text[:size], min_n, min_n + extra, k) == expected
+
+
 def test_lookup_and_suffix_index():
-    assert prompt_lookup(np.array([5, 6, 7, 8, 1, 5, 6]), 1, 3, 3) == [7, 8, 1]
-    assert prompt_lookup(np.array([1, 2, 3]), 1, 2, 2) == []
+    assert prompt_lookup([5, 6, 7, 8, 1, 5, 6], 1, 3, 3) == [7, 8, 1]
+    assert prompt_lookup([1, 2, 3], 1, 2, 2) == []
     index = ContextIndex(1, 2)
     index.add([1, 2, 3, 1, 2, 4, 1, 2, 4], 0)
     assert index.best([9, 1, 2]) == (2, 4)
