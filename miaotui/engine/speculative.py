@@ -81,11 +81,6 @@ class NgramIndex:
         return []
 
 
-def prompt_lookup(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
-    """`NgramIndex.lookup` of a text seen once."""
-    return NgramIndex(min_n, max_n).lookup(tokens, k)
-
-
 class NgramProposer(Proposer):
     """Prompt lookup: answers that copy spans of their prompt (summaries, QA over a passage, code edits)."""
 

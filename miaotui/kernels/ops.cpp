@@ -384,7 +384,8 @@ void paged_attention_impl(const T* q, T* out, const C* kc, const C* vc, const T*
         const int64_t head0 = b * Hq + kvh * group;
         bool bf16_units = false;  // a bf16 query and cache on AVX-512 BF16: both products on `vdpbf16ps`
 #if MIAOTUI_VEC_AVX512 && defined(__GNUC__)
-        if constexpr (std::is_same_v<T, BF16> && std::is_same_v<C, BF16> && V % 2 == 0) {
+        constexpr bool bf16_rows = std::is_same_v<T, BF16> && std::is_same_v<C, BF16> && V % 2 == 0;
+        if constexpr (bf16_rows) {
           bf16_units = bf16_dot();
           if (bf16_units) grouped_scores_bf16<V>(q + head0 * D, group, scale, kc, rows.data(), n, scores.data());
         }
@@ -408,7 +409,7 @@ void paged_attention_impl(const T* q, T* out, const C* kc, const C* vc, const T*
             for (int64_t i = 0; i < n; ++i) sg[i] *= mt::to_f(vs[rows[i]]);
         }
 #if MIAOTUI_VEC_AVX512 && defined(__GNUC__)
-        if constexpr (std::is_same_v<T, BF16> && std::is_same_v<C, BF16> && V % 2 == 0) {
+        if constexpr (bf16_rows) {
           if (bf16_units) {
             pbf.resize(group * (n + 1));
             grouped_values_bf16<V>(scores.data(), group, vc, rows.data(), n, acc.data(), pbf.data());

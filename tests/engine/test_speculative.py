@@ -27,7 +27,6 @@ from miaotui.engine.speculative import (
     Speculator,
     StepPrice,
     best_k,
-    prompt_lookup,
 )
 from miaotui.errors import MiaotuiError
 from miaotui.kernels import has_packed
@@ -339,12 +338,12 @@ def test_the_ngram_index_finds_what_a_scan_finds(text, min_n, extra, k):
     for size in range(len(text) + 1):
         expected = scanned_lookup(text[:size], min_n, min_n + extra, k)
         assert index.lookup(text[:size], k) == expected
-        assert prompt_lookup(text[:size], min_n, min_n + extra, k) == expected
+        assert NgramIndex(min_n, min_n + extra).lookup(text[:size], k) == expected
 
 
 def test_lookup_and_suffix_index():
-    assert prompt_lookup([5, 6, 7, 8, 1, 5, 6], 1, 3, 3) == [7, 8, 1]
-    assert prompt_lookup([1, 2, 3], 1, 2, 2) == []
+    assert NgramIndex(1, 3).lookup([5, 6, 7, 8, 1, 5, 6], 3) == [7, 8, 1]
+    assert NgramIndex(1, 2).lookup([1, 2, 3], 2) == []
     index = ContextIndex(1, 2)
     index.add([1, 2, 3, 1, 2, 4, 1, 2, 4], 0)
     assert index.best([9, 1, 2]) == (2, 4)
