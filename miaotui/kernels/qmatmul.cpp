@@ -141,8 +141,9 @@ inline __m512i dpbusd_bcast(__m512i acc, __m512i u8, const int32_t* s8) {
 // One block of 16 output rows for one token (a decode step's products): the scheduling of the products before
 // the many-token kernel below (two accumulators a term, broadcasts as separate loads, the 1/256 in the block
 // scale). That kernel's one-token instance computes the same sums, but GCC orders its loads later: a Qwen2.5-1.5B
-// decode step ran 3-6% slower with it (Zen 4, one engine alternated; its 8-bit lines loaded just in time where
-// this kernel's are loaded ahead of the products).
+// decode step ran 2-4% slower with it (Zen 4, one engine alternated; its 8-bit lines loaded just in time where
+// this kernel's are loaded ahead of the products). The line loads stay written out here, not shared with
+// qgemm_block: through a shared inline helper GCC scheduled the 8-bit loads late again (read from the assembly).
 template <int Bits, bool Residual, typename T>
 inline void qgemm_token(const uint8_t* w, const at::Half* dm, const int8_t* xq, const int8_t* xr, const float* xd,
                         const float* gs, int64_t K, int64_t group, T* y, int64_t rows, int64_t ahead) {
