@@ -12,6 +12,12 @@
 //   4-bit: chunks of 8 inputs; byte 4r+j holds input j in its low nibble and input j+4 in its high nibble.
 //   8-bit: chunks of 4 inputs; byte 4r+j holds input j.
 // Scales: fp16 [row blocks, groups, 2, 16] (d then m for 16 rows), exact for GGUF's fp16 block scales.
+//   6-bit (GGUF Q6_K exactly, VNNI builds): w = D * s * (q - 32), q 0..63, an int8 s per 16 inputs and an fp16 D
+//   per 256. Per 16 inputs three lines: two of nibbles as in the 4-bit layout (line 0: inputs 0-3 low, 4-7 high;
+//   line 1: 8-11, 12-15), then one of high bits (byte 4r+j, bits 2p..2p+1: the high two bits of input 4p+j). Its
+//   scales: bytes [row blocks, K/256, 288], per super-block D of the 16 rows (fp16) then s [16 groups][16 rows].
+//   Unpacked, its three lines are four lines of the 8-bit layout (unpack6): 6.56 bits a weight where Q6_K held as
+//   8-bit codes takes 9 (and those were requantized).
 //
 // From 8 rows on (prefill, batched decode), where the CPU has AMX, the same layout is widened to bf16 instead and
 // multiplied on the tile unit (see "Many rows" below).
@@ -66,15 +72,19 @@ constexpr int64_t QBLOCK = 32;  // activation quantization block
 // plain sum reads 44 GB/s), so each line also asks for the one this many bytes ahead. The VNNI kernel asks for it
 // into L2: into L1 the requests filled the core's miss buffers on a Zen 4 (SmolLM2's 8-bit head streamed at 18-20
 // GB/s against a plain read's 30-37, into L2 at 25-28; the decode stack 5% faster). The AVX2 kernels keep L1: their
-// build showed no difference on that Zen 4, and an AVX2-only host was not there to measure.
+// build showed no difference on that Zen 4, and an AVX2-only host was not there to measure. The VNNI kernels ask
+// from further ahead: at 8 KB a Qwen2.5-1.5B step of 4 rows ran 1.05-1.09x faster than at 2 KB, 1 and 9 rows level
+// (Zen 4, two builds alternated in one engine at 500 tokens of context, 14-40 pairs; its 6-bit products' 1-row step
+// 1.03-1.04x against 4 KB, 1.07x at 4 rows against 2 KB).
 constexpr int64_t PREFETCH = 2048;
+constexpr int64_t PREFETCH_VNNI = 4 * PREFETCH;
 
 // Activations quantized in two int8 terms, x = d * q + (d / 256) * r: q rounds x at the block's scale and r rounds
 // what is left (at most half a step) at a 256x finer one, so x keeps ~15 bits and the products stay on VNNI. With
 // one term (llama.cpp's Q8 activations; `act_bits` 8, r all zero and its products skipped) an outlier coarsens its
 // whole block: perplexity +2.9% on SmolLM2, +0.3% on Qwen2.5-Coder-1.5B, greedy text drifts from the reference's;
 // the product of 4 rows or more takes ~0.63 of the time (Zen 4, weights in L3), a 2-9-row step of Qwen 0.8-0.85.
-// gsum: per weight group, the exact sum of x, for the m term.
+// gsum: per weight group, the exact sum of x, for the m term (groups of 16 for 6-bit codes: per half block).
 struct QuantX {
   std::vector<int8_t> q;
   std::vector<int8_t> r;
@@ -85,18 +95,26 @@ struct QuantX {
 };
 constexpr float RESIDUAL = 256.f;  // a power of two: the two integer sums combine by a shift
 
+// A row block's scales in halves (fp16 d and m per group; 6-bit: 288 bytes per super-block of 256 inputs).
+inline int64_t scale_halves(int64_t bits, int64_t K, int64_t group) {
+  return bits == 6 ? K / 256 * 144 : K / group * 32;
+}
+// A layout's scales as the kernels take them (6-bit: its bytes, read through their own accessors).
+inline const at::Half* scales_of(const Tensor& dm) { return static_cast<const at::Half*>(dm.const_data_ptr()); }
+
 // in_scale (S: fp32 or bf16, as the weight stores it) multiplies x first, when given. W lanes at a time; each class
 // rounds the same way, so the codes are the same on every CPU.
 template <typename T, typename S>
 void quantize_rows(const T* x, const S* in_scale, int64_t M, int64_t K, int64_t group, int8_t* q, int8_t* r,
                    float* d, float* gsum, bool residual) {
-  const int64_t nb = K / QBLOCK, gb = group / QBLOCK;
+  const int64_t nb = K / QBLOCK, gb = std::max<int64_t>(1, group / QBLOCK), ngroups = K / group;
   constexpr int NV = QBLOCK / mt::W;
+  static_assert(NV % 2 == 0, "a block's halves in whole vectors");
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       for (int64_t b = 0; b < nb; ++b) {
         const T* xb = x + m * K + b * QBLOCK;
-        if (b % gb == 0) gsum[m * (K / group) + b / gb] = 0.f;
+        if (b % gb == 0 && group >= QBLOCK) gsum[m * ngroups + b / gb] = 0.f;
         mt::Vec v[NV];
         mt::Vec vmax = mt::zero(), vsum = mt::zero();
         for (int h = 0; h < NV; ++h) {
@@ -115,7 +133,15 @@ void quantize_rows(const T* x, const S* in_scale, int64_t M, int64_t K, int64_t 
           mt::store_i8(r + m * K + b * QBLOCK + mt::W * h, mt::vmax(mt::vmin(res, mt::set1(127.f)), mt::set1(-127.f)));
         }
         d[m * nb + b] = amax / 127.f;
-        gsum[m * (K / group) + b / gb] += mt::reduce_add(vsum);
+        if (group >= QBLOCK) {
+          gsum[m * ngroups + b / gb] += mt::reduce_add(vsum);
+        } else {  // groups of 16: each half of the block
+          for (int half = 0; half < 2; ++half) {
+            mt::Vec hs = mt::zero();
+            for (int h = half * NV / 2; h < (half + 1) * NV / 2; ++h) hs = hs + v[h];
+            gsum[m * ngroups + 2 * b + half] = mt::reduce_add(hs);
+          }
+        }
       }
     }
   });
@@ -136,6 +162,92 @@ inline __m512i dpbusd_bcast(__m512i acc, __m512i u8, const int32_t* s8) {
 #else
   return _mm512_dpbusd_epi32(acc, u8, _mm512_set1_epi32(*s8));
 #endif
+}
+
+// The 6-bit layout's three lines of 16 inputs (at w) as four lines of the 8-bit layout: v[p] holds inputs
+// 4p..4p+3 of the 16 rows, codes 0..63 (a nibble plane with its high bits moved to bits 4-5).
+inline void unpack6(const uint8_t* w, __m512i v[4]) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F), high2 = _mm512_set1_epi8(0x30);
+  const __m512i l0 = _mm512_loadu_si512(w), l1 = _mm512_loadu_si512(w + 64), hi = _mm512_loadu_si512(w + 128);
+  // (a & b) | c: the nibble under its mask, or'ed with its two high bits already in place
+  v[0] = _mm512_ternarylogic_epi32(low4, l0, _mm512_and_si512(_mm512_slli_epi16(hi, 4), high2), 0xEA);
+  v[1] = _mm512_ternarylogic_epi32(low4, _mm512_srli_epi16(l0, 4), _mm512_and_si512(_mm512_slli_epi16(hi, 2), high2),
+                                   0xEA);
+  v[2] = _mm512_ternarylogic_epi32(low4, l1, _mm512_and_si512(hi, high2), 0xEA);
+  v[3] = _mm512_ternarylogic_epi32(low4, _mm512_srli_epi16(l1, 4), _mm512_and_si512(_mm512_srli_epi16(hi, 2), high2),
+                                   0xEA);
+}
+
+// A 6-bit super-block's scales `sb`: the 16 rows' D, and their s of group hh (0..15) as floats (D * s is exact in
+// fp32: 11 x 8 bits).
+inline __m512 scales6_d(const uint8_t* sb) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb)));
+}
+inline __m512 scales6_s(const uint8_t* sb, int64_t hh) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + 32 + 16 * hh))));
+}
+inline __m512 scales6(const uint8_t* sb, int64_t hh) { return _mm512_mul_ps(scales6_d(sb), scales6_s(sb, hh)); }
+
+// One block of 16 output rows for MT tokens over 6-bit codes: per 16 inputs, three lines unpacked once for all MT
+// tokens, 4 products a term and token, then the group's scale: y += D s (xd Σ q x' - 32 Σ x) (x' the activation
+// codes, two terms as 256 q + r; the 1/256 in D s). Its conversions come per 16 inputs where the 8-bit kernel's
+// come per 32, for 3/4 of the bytes; gs holds the activations' sums per 16.
+// Unpacked: w holds the block already unpacked (four 8-bit lines per 16 inputs, as `keep` receives them when given);
+// pf: where to prefetch from, 192 bytes a group of 16 inputs (the lines themselves ahead, or the next row block).
+template <int MT, bool Residual, bool Unpacked, typename T>
+inline void qgemm6_block(const uint8_t* w, const uint8_t* sc, const int8_t* xq, const int8_t* xr, const float* xd,
+                         const float* gs, int64_t K, T* y, int64_t ldy, int64_t rows, const char* pf,
+                         uint8_t* keep) {
+  const int64_t nh = K / 16, nb = K / QBLOCK;
+  constexpr int NA = MT * (Residual ? 2 : 1) >= 3 ? 1 : 2;  // as in qgemm_block
+  const __m512 unit = _mm512_set1_ps(Residual ? 1.f / RESIDUAL : 1.f);
+  const float mterm = Residual ? -32.f * RESIDUAL : -32.f;
+  __m512 acc[MT];
+  for (int t = 0; t < MT; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t sb = 0; sb < K / 256; ++sb, sc += 288) {
+    const __m512 d = _mm512_mul_ps(scales6_d(sc), unit);
+    for (int64_t hh = 0; hh < 16; ++hh, pf += 192) {
+      const int64_t h = sb * 16 + hh, b = h / 2;
+      __m512i v[4];
+      if constexpr (Unpacked) {
+        for (int p = 0; p < 4; ++p) v[p] = _mm512_loadu_si512(w + 64 * p);
+        w += 256;
+      } else {
+        unpack6(w, v);
+        w += 192;
+        if (keep) {
+          for (int p = 0; p < 4; ++p) _mm512_storeu_si512(keep + 64 * p, v[p]);
+          keep += 256;
+        }
+      }
+      for (int l = 0; l < 3; ++l) _mm_prefetch(pf + 64 * l, _MM_HINT_T1);
+      const __m512 ds = _mm512_mul_ps(d, scales6_s(sc, hh));
+      for (int t = 0; t < MT; ++t) {
+        __m512i qs[NA], rs[NA];
+        for (int a = 0; a < NA; ++a) qs[a] = rs[a] = _mm512_setzero_si512();
+        const int32_t* xp = reinterpret_cast<const int32_t*>(xq + t * K + h * 16);
+        const int32_t* rp = reinterpret_cast<const int32_t*>(xr + t * K + h * 16);
+        for (int i = 0; i < 4; ++i) {
+          qs[i % NA] = dpbusd_bcast(qs[i % NA], v[i], xp + i);
+          if constexpr (Residual) rs[i % NA] = dpbusd_bcast(rs[i % NA], v[i], rp + i);
+        }
+        __m512i q = qs[0], r = rs[0];
+        if constexpr (NA == 2) {
+          q = _mm512_add_epi32(q, qs[1]);
+          r = _mm512_add_epi32(r, rs[1]);
+        }
+        const __m512i sum = Residual ? _mm512_add_epi32(_mm512_slli_epi32(q, 8), r) : q;
+        const __m512 part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(xd[t * nb + b]),
+                                            _mm512_set1_ps(mterm * gs[t * nh + h]));
+        acc[t] = _mm512_fmadd_ps(part, ds, acc[t]);
+      }
+    }
+  }
+  for (int t = 0; t < MT; ++t) {
+    alignas(64) float out[16];
+    _mm512_store_ps(out, acc[t]);
+    store_row(y + t * ldy, rows, out);
+  }
 }
 
 // One block of 16 output rows for one token (a decode step's products): the scheduling of the products before
@@ -417,6 +529,54 @@ inline void qgemm_block8(const uint8_t* w, const at::Half* dm, const int16_t* xa
 #endif
 
 #if MIAOTUI_VNNI || MIAOTUI_AVX2
+#if MIAOTUI_VNNI
+// 6-bit row blocks, the tokens up to 4 at a time (as qgemm_rows_terms). Where they take more than one pass, the first
+// also keeps the block's lines unpacked (16 x K bytes, in L1/L2) and the others read those, asking meanwhile for the
+// next block's lines: the unpacking is done once, not once a pass (Qwen2.5-1.5B's head at 9 rows, Zen 4: 0.84x the
+// speed of its 8-bit codes unpacking every pass, 0.92x unpacking once).
+template <bool Residual, typename T>
+void qgemm6_rows(const uint8_t* w, const uint8_t* sc, const QuantX& x, int64_t M, int64_t K, int64_t N, T* y,
+                 int64_t rb_begin, int64_t rb_end) {
+  const int64_t line_bytes = 16 * K * 6 / 8, nh = K / 16, nb = K / QBLOCK;
+  std::vector<uint8_t> unpacked(M > 4 ? 16 * K : 0);
+  for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
+    const uint8_t* wb = w + rb * line_bytes;
+    const uint8_t* sb = sc + rb * K / 256 * 288;
+    const char* next = reinterpret_cast<const char*>(rb + 1 < rb_end ? wb + line_bytes : wb + PREFETCH_VNNI);
+    const int64_t rows = std::min<int64_t>(16, N - rb * 16);
+    for (int64_t m = 0; m < M;) {
+      const int64_t mt = std::min<int64_t>(4, M - m);
+      const int8_t* xq = x.q.data() + m * K;
+      const int8_t* xr = x.r.data() + m * K;
+      const float* xd = x.d.data() + m * nb;
+      const float* gs = x.gsum.data() + m * nh;
+      T* ym = y + m * N + rb * 16;
+      auto pass = [&](auto tokens, auto unpacked_lines) {
+        constexpr int MT = decltype(tokens)::value;
+        constexpr bool U = decltype(unpacked_lines)::value;
+        if constexpr (U)
+          qgemm6_block<MT, Residual, true>(unpacked.data(), sb, xq, xr, xd, gs, K, ym, N, rows, next, nullptr);
+        else
+          qgemm6_block<MT, Residual, false>(wb, sb, xq, xr, xd, gs, K, ym, N, rows,
+                                            reinterpret_cast<const char*>(wb) + PREFETCH_VNNI,
+                                            M > 4 ? unpacked.data() : nullptr);
+      };
+      auto run = [&](auto unpacked_lines) {
+        switch (mt) {
+          case 4: pass(std::integral_constant<int, 4>{}, unpacked_lines); break;
+          case 3: pass(std::integral_constant<int, 3>{}, unpacked_lines); break;
+          case 2: pass(std::integral_constant<int, 2>{}, unpacked_lines); break;
+          default: pass(std::integral_constant<int, 1>{}, unpacked_lines); break;
+        }
+      };
+      if (m == 0) run(std::false_type{});
+      else run(std::true_type{});
+      m += mt;
+    }
+  }
+}
+#endif
+
 // Row blocks of 16 outputs, the tokens TILE at a time, through this class's block kernel above.
 template <int Bits, bool Residual, typename T>
 void qgemm_rows_terms(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M, int64_t K, int64_t group,
@@ -433,7 +593,10 @@ void qgemm_rows_terms(const uint8_t* w, const at::Half* dm, const QuantX& x, int
     // others read them again from L1/L2 and ask for the next block's instead, which then arrives while this one
     // computes (the rows' arithmetic and the weights' stream overlap, not add up).
     // (AVX2: unmeasured on an AVX2 host, left streaming.)
-    auto ahead = [&](int64_t m) { return MIAOTUI_VNNI && m > 0 && rb + 1 < rb_end ? line_bytes : PREFETCH; };
+    auto ahead = [&](int64_t m) {
+      if (!MIAOTUI_VNNI) return PREFETCH;
+      return m > 0 && rb + 1 < rb_end ? line_bytes : PREFETCH_VNNI;
+    };
     int64_t m = 0;
 #if MIAOTUI_AVX2
     if constexpr (Bits == 8) {
@@ -476,6 +639,13 @@ void qgemm_rows_terms(const uint8_t* w, const at::Half* dm, const QuantX& x, int
 template <int Bits, typename T>
 void qgemm_rows(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M, int64_t K, int64_t group,
                 int64_t N, T* y, int64_t rb_begin, int64_t rb_end) {
+#if MIAOTUI_VNNI
+  if constexpr (Bits == 6) {
+    const uint8_t* sc = reinterpret_cast<const uint8_t*>(dm);
+    if (x.residual) qgemm6_rows<true>(w, sc, x, M, K, N, y, rb_begin, rb_end);
+    else qgemm6_rows<false>(w, sc, x, M, K, N, y, rb_begin, rb_end);
+  } else
+#endif
   if (x.residual) qgemm_rows_terms<Bits, true>(w, dm, x, M, K, group, N, y, rb_begin, rb_end);
   else qgemm_rows_terms<Bits, false>(w, dm, x, M, K, group, N, y, rb_begin, rb_end);
 }
@@ -604,6 +774,28 @@ void widen_block_bf16(const uint8_t* w, const at::Half* dm, int64_t K, int64_t g
     for (int i = 0; i < 16; ++i) t[i] = 4 * L + i / per_line;
     idx[L] = _mm512_load_si512(t);
   }
+  // An 8-bit line (inputs k0..k0+3 of the 16 rows) with the scales of lane L's rows in d[L], m[L].
+  auto store8 = [&](__m512i line, const __m512* d, const __m512* m, int64_t k0) {
+    for (int L = 0; L < 4; ++L) {
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(line, L)));
+      const __m256i b = mt::bf16_lanes({_mm512_fmadd_ps(v, d[L], m[L])});
+      alignas(32) int64_t q[4];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(q), b);
+      for (int j = 0; j < 4; ++j) std::memcpy(out + (4 * L + j) * K + k0, q + j, 8);
+    }
+  };
+  if constexpr (Bits == 6) {  // per 16 inputs: four 8-bit lines, w = D s q - 32 D s
+    const uint8_t* sb = reinterpret_cast<const uint8_t*>(dm);
+    for (int64_t h = 0; h < K / 16; ++h, w += 192) {
+      const __m512 dv = scales6(sb + h / 16 * 288, h % 16), mv = _mm512_mul_ps(dv, _mm512_set1_ps(-32.f));
+      __m512 d[4], m[4];
+      for (int L = 0; L < 4; ++L) d[L] = _mm512_permutexvar_ps(idx[L], dv), m[L] = _mm512_permutexvar_ps(idx[L], mv);
+      __m512i v[4];
+      unpack6(w, v);
+      for (int p = 0; p < 4; ++p) store8(v[p], d, m, h * 16 + 4 * p);
+    }
+    return;
+  }
   for (int64_t g = 0; g < K / group; ++g) {
     const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + g * 32)));
     const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + g * 32 + 16)));
@@ -628,13 +820,7 @@ void widen_block_bf16(const uint8_t* w, const at::Half* dm, int64_t K, int64_t g
             _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (r + 1) * K + k0), _mm256_extracti128_si256(b, 1));
           }
       } else {
-        for (int L = 0; L < 4; ++L) {
-          const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(line, L)));
-          const __m256i b = mt::bf16_lanes({_mm512_fmadd_ps(v, d[L], m[L])});
-          alignas(32) int64_t q[4];
-          _mm256_store_si256(reinterpret_cast<__m256i*>(q), b);
-          for (int j = 0; j < 4; ++j) std::memcpy(out + (4 * L + j) * K + k0, q + j, 8);
-        }
+        store8(line, d, m, k0);
       }
     }
   }
@@ -663,8 +849,9 @@ Tensor dense_qmatmul_bf16(const Tensor& x, const Tensor& w, const Tensor& dm, in
     at::parallel_for(rb, rb_end, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const uint8_t* wl = w.data_ptr<uint8_t>() + b * line_bytes;
-        const at::Half* dl = dm.data_ptr<at::Half>() + b * (K / group) * 32;
+        const at::Half* dl = scales_of(dm) + b * scale_halves(bits, K, group);
         if (bits == 4) widen_block_bf16<4>(wl, dl, K, group, wp + (b - rb) * 16 * K);
+        else if (bits == 6) widen_block_bf16<6>(wl, dl, K, group, wp + (b - rb) * 16 * K);
         else widen_block_bf16<8>(wl, dl, K, group, wp + (b - rb) * 16 * K);
       }
     });
@@ -745,11 +932,46 @@ void qgemm_rows(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M
 }
 #endif
 
+// The 6-bit layout, one weight at a time: the code (0..63) of input k of row r in the row block at wb, and the
+// scale D * s of its group from the row block's scales sb.
+inline int code6(const uint8_t* wb, int64_t k, int r) {
+  const uint8_t* lines = wb + k / 16 * 192;
+  const int p = static_cast<int>(k % 16) / 4, j = static_cast<int>(k % 4);
+  const uint8_t nibbles = lines[(p / 2) * 64 + r * 4 + j];
+  return ((p % 2 ? nibbles >> 4 : nibbles) & 0x0F) | (((lines[128 + r * 4 + j] >> (2 * p)) & 3) << 4);
+}
+inline float scale6(const uint8_t* sb, int64_t k, int r) {
+  const uint8_t* s = sb + k / 256 * 288;
+  uint16_t d;
+  std::memcpy(&d, s + 2 * r, 2);
+  return static_cast<float>(c10::Half(d, c10::Half::from_bits())) *
+         static_cast<float>(static_cast<int8_t>(s[32 + (k % 256) / 16 * 16 + r]));
+}
+
 // The definition, in plain C++, one output at a time: every class's kernel is tested against it (`reference=True`).
 template <int Bits, typename T>
 void qgemm_rows_ref(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M, int64_t K, int64_t group,
                     int64_t N, T* y, int64_t rb_begin, int64_t rb_end) {
   const int64_t line_bytes = 16 * K * Bits / 8, ngroups = K / group, nb = K / QBLOCK;
+  if constexpr (Bits == 6) {  // y = Σ_groups D s (xd Σ q (x_q + x_r / 256) - 32 Σ x)
+    const uint8_t* sc = reinterpret_cast<const uint8_t*>(dm);
+    for (int64_t rb = rb_begin; rb < rb_end; ++rb)
+      for (int r = 0; r < 16 && rb * 16 + r < N; ++r)
+        for (int64_t m = 0; m < M; ++m) {
+          float acc = 0.f;
+          for (int64_t k0 = 0; k0 < K; k0 += 16) {
+            int32_t isum = 0;
+            for (int64_t k = k0; k < k0 + 16; ++k)
+              isum += code6(w + rb * line_bytes, k, r) *
+                      (x.q[m * K + k] * static_cast<int32_t>(RESIDUAL) + x.r[m * K + k]);
+            const float part = static_cast<float>(isum) * (x.d[m * nb + k0 / QBLOCK] / RESIDUAL) -
+                               32.f * x.gsum[m * (K / 16) + k0 / 16];
+            acc += part * scale6(sc + rb * K / 256 * 288, k0, r);
+          }
+          y[m * N + rb * 16 + r] = static_cast<T>(acc);
+        }
+    return;
+  }
   for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
     for (int64_t r = 0; r < 16 && rb * 16 + r < N; ++r) {
       for (int64_t m = 0; m < M; ++m) {
@@ -837,6 +1059,19 @@ void widen_rows(const uint8_t* w, const at::Half* dm, int64_t K, int64_t group, 
     }
   };
   __m512i* o = reinterpret_cast<__m512i*>(out);
+  if constexpr (Bits == 6) {  // per 16 inputs: four 8-bit lines, w = D s q - 32 D s
+    const uint8_t* sb = reinterpret_cast<const uint8_t*>(dm);
+    for (int64_t h = 0; h < K / 16; ++h, w += 192, o += 8) {
+      const __m512 dv = scales6(sb + h / 16 * 288, h % 16), mv = _mm512_mul_ps(dv, _mm512_set1_ps(-32.f));
+      d[0] = _mm512_permutexvar_ps(lo8, dv), d[1] = _mm512_permutexvar_ps(hi8, dv);
+      m[0] = _mm512_permutexvar_ps(lo8, mv), m[1] = _mm512_permutexvar_ps(hi8, mv);
+      for (int l = 0; l < 3; ++l) _mm_prefetch(reinterpret_cast<const char*>(w) + PREFETCH + 64 * l, _MM_HINT_T0);
+      __m512i v[4];
+      unpack6(w, v);
+      for (int p = 0; p < 4; ++p) widen(v[p], o + 2 * p);
+    }
+    return;
+  }
   for (int64_t b = 0; b < K / QBLOCK; ++b) {
     if (b * QBLOCK % group == 0) {
       const at::Half* g = dm + b * QBLOCK / group * 32;
@@ -947,12 +1182,14 @@ void amx_loop(const at::BFloat16* x, int64_t M, int64_t K, int64_t N, T* y, int6
 template <typename T>
 void amx_gemm(const uint8_t* w, const at::Half* dm, int bits, const at::BFloat16* x, int64_t M, int64_t K,
               int64_t group, int64_t N, T* y) {
-  const int64_t line_bytes = 16 * K * bits / 8, ngroups = K / group, rblocks = (N + 15) / 16;
+  const int64_t line_bytes = 16 * K * bits / 8, rblocks = (N + 15) / 16;
   auto panel = [&](int64_t p, at::BFloat16* buf) -> const at::BFloat16* {
     for (int64_t s = 0; s < std::min<int64_t>(2, rblocks - 2 * p); ++s) {
       const int64_t rb = 2 * p + s;
-      if (bits == 4) widen_rows<4>(w + rb * line_bytes, dm + rb * ngroups * 32, K, group, buf + s * 16 * K);
-      else widen_rows<8>(w + rb * line_bytes, dm + rb * ngroups * 32, K, group, buf + s * 16 * K);
+      const at::Half* dmb = dm + rb * scale_halves(bits, K, group);
+      if (bits == 4) widen_rows<4>(w + rb * line_bytes, dmb, K, group, buf + s * 16 * K);
+      else if (bits == 6) widen_rows<6>(w + rb * line_bytes, dmb, K, group, buf + s * 16 * K);
+      else widen_rows<8>(w + rb * line_bytes, dmb, K, group, buf + s * 16 * K);
     }
     return buf;
   };
@@ -1077,14 +1314,8 @@ inline void decode_q4k(const uint8_t* b, uint8_t* q, float* d, float* m) {
   }
 }
 
-// One Q6_K super-block (256 weights: 128 bytes of low nibbles, 64 of high bits, 16 int8 scales of 16 weights, d)
-// -> its 8 groups of 32 as 8-bit codes with their d and m. Q6_K has no exact 8-bit form: each group is requantized
-// to 255 levels of its largest weight. The 8 groups are decoded in passes (values, then steps, then codes) so that
-// their latency chains (a horizontal max, the step's rounding to fp16, the divisions) overlap.
-inline void decode_q6k(const uint8_t* b, uint8_t* q, float* d, float* m) {
-  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
-  const float dd = f16(b + 208);
-  alignas(64) int8_t c6[256];  // the codes less 32, in weight order
+// One Q6_K super-block's codes less 32 (-32..31), in weight order: 128 bytes of low nibbles, then 64 of high bits.
+inline void q6k_codes(const uint8_t* b, int8_t* c6) {
   for (int half = 0; half < 2; ++half)
     for (int part = 0; part < 4; ++part) {  // 4 groups of 32 per half of 128
       const uint8_t* ql = b + half * 64 + (part & 1) * 32;
@@ -1094,6 +1325,17 @@ inline void decode_q6k(const uint8_t* b, uint8_t* q, float* d, float* m) {
       for (int i = 0; i < 32; ++i)
         c[i] = static_cast<int8_t>((((ql[i] >> shift) & 0x0F) | (((qh[i] >> hshift) & 3) << 4)) - 32);
     }
+}
+
+// One Q6_K super-block (256 weights: 128 bytes of low nibbles, 64 of high bits, 16 int8 scales of 16 weights, d)
+// -> its 8 groups of 32 as 8-bit codes with their d and m. Q6_K has no exact 8-bit form: each group is requantized
+// to 255 levels of its largest weight. The 8 groups are decoded in passes (values, then steps, then codes) so that
+// their latency chains (a horizontal max, the step's rounding to fp16, the divisions) overlap.
+inline void decode_q6k(const uint8_t* b, uint8_t* q, float* d, float* m) {
+  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+  const float dd = f16(b + 208);
+  alignas(64) int8_t c6[256];  // the codes less 32, in weight order
+  q6k_codes(b, c6);
   constexpr int NV = 32 / mt::W;
   alignas(64) float v[256], step[8];
   for (int g = 0; g < 8; ++g) {
@@ -1164,13 +1406,25 @@ bool qmatmul_bf16_gemm() {
 #endif
 }
 
+// The layout's codes and scales: 4 or 8 bits with fp16 d and m per group of a multiple of 32; 6 bits (VNNI builds)
+// with their scale bytes per 16 and 256 inputs.
+static void check_layout(const char* op, const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t K) {
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && dm.is_contiguous(), op, ": contiguous uint8 codes");
+  if (bits == 6) {
+    TORCH_CHECK(MIAOTUI_VNNI, op, ": 6-bit codes need the VNNI build (this one is ", qmatmul_path(), ")");
+    TORCH_CHECK(dm.scalar_type() == at::kByte && group == 16 && K % 256 == 0,
+                op, ": 6-bit codes take uint8 scales, groups of 16 and K in super-blocks of 256");
+    return;
+  }
+  TORCH_CHECK(bits == 4 || bits == 8, op, ": 4, 6 or 8 bits");
+  TORCH_CHECK(dm.scalar_type() == at::kHalf, op, ": fp16 scales");
+  TORCH_CHECK(group % QBLOCK == 0 && K % group == 0, op, ": K must split into groups of a multiple of 32");
+}
+
 // Rows `ids` of a packed weight as fp32 [n, K]: an embedding lookup (one row per token) without a torch op per step
 // of the unpacking (~160 us a token through torch). The same values as dequantize_rows (the same dequantize_word).
 Tensor packed_rows(const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t K, const Tensor& ids_) {
-  TORCH_CHECK(bits == 4 || bits == 8, "packed_rows: 4 or 8 bits");
-  TORCH_CHECK(w.scalar_type() == at::kByte && dm.scalar_type() == at::kHalf && w.is_contiguous() && dm.is_contiguous(),
-              "packed_rows: contiguous uint8 codes and fp16 scales");
-  TORCH_CHECK(group % QBLOCK == 0 && K % group == 0, "packed_rows: K must split into groups of a multiple of 32");
+  check_layout("packed_rows", w, dm, bits, group, K);
   const Tensor ids = ids_.to(at::kLong).contiguous();
   const int64_t n = ids.numel(), ngroups = K / group, line_bytes = 16 * K * bits / 8;
   const int64_t rows_total = w.numel() / (K * bits / 8);
@@ -1179,13 +1433,22 @@ Tensor packed_rows(const Tensor& w, const Tensor& dm, int64_t bits, int64_t grou
     TORCH_CHECK(id[i] >= 0 && id[i] < rows_total, "packed_rows: row ", id[i], " is outside the weight");
   Tensor out = at::empty({n, K}, w.options().dtype(at::kFloat));
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  const at::Half* dp = dm.data_ptr<at::Half>();
+  const at::Half* dp = scales_of(dm);
   float* o = out.data_ptr<float>();
   const int64_t per_line = bits == 4 ? 8 : 4;  // inputs per 64-byte line
   // a token's embedding row, or every row of a weight (hybrid's dense copy): rows in parallel past a few
   at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t rb = id[i] / 16, r = id[i] % 16;
+      if (bits == 6) {
+        const uint8_t* sb = dm.const_data_ptr<uint8_t>() + rb * K / 256 * 288;
+        for (int64_t k0 = 0; k0 < K; k0 += 16) {
+          const float s = scale6(sb, k0, static_cast<int>(r));
+          for (int64_t k = k0; k < k0 + 16; ++k)
+            o[i * K + k] = s * static_cast<float>(code6(wp + rb * line_bytes, k, static_cast<int>(r)) - 32);
+        }
+        continue;
+      }
       const uint8_t* line = wp + rb * line_bytes + r * 4;
       const at::Half* dmb = dp + rb * ngroups * 32;
       float* orow = o + i * K;
@@ -1217,14 +1480,13 @@ Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits
                const c10::optional<Tensor>& in_scale_, bool reference, int64_t act_bits) {
   Tensor x = x_.contiguous();
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && dm.device().is_cpu(), "qmatmul: CPU tensors only");
-  TORCH_CHECK(bits == 4 || bits == 8, "qmatmul: 4 or 8 bits");
   TORCH_CHECK(act_bits == 16 || act_bits == 8, "qmatmul: activations in 16 bits (two int8 terms) or 8 (one)");
-  TORCH_CHECK(w.scalar_type() == at::kByte && dm.scalar_type() == at::kHalf, "qmatmul: uint8 codes, fp16 scales");
   const int64_t K = x.size(-1), M = x.numel() / K;
-  TORCH_CHECK(group % QBLOCK == 0 && K % group == 0, "qmatmul: K must split into groups of a multiple of 32");
+  check_layout("qmatmul", w, dm, bits, group, K);
   const int64_t rblocks = (N + 15) / 16;
   TORCH_CHECK(w.numel() == rblocks * 16 * K * bits / 8, "qmatmul: packed weight does not match K and N");
-  TORCH_CHECK(dm.numel() == rblocks * (K / group) * 32, "qmatmul: scales do not match K, N and the group");
+  TORCH_CHECK(dm.numel() * dm.element_size() == rblocks * scale_halves(bits, K, group) * 2,
+              "qmatmul: scales do not match K, N and the group");
   Tensor in_scale;
   if (in_scale_.has_value()) {  // taken in its own dtype when fp32 or bf16: no conversion per call
     in_scale = in_scale_->contiguous();
@@ -1249,7 +1511,7 @@ Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits
       if (!in_scale.defined()) xb = amx_rows(xp, static_cast<const float*>(nullptr), M, K);
       else if (in_scale.scalar_type() == at::kBFloat16) xb = amx_rows(xp, in_scale.data_ptr<at::BFloat16>(), M, K);
       else xb = amx_rows(xp, in_scale.data_ptr<float>(), M, K);
-      amx_gemm(w.data_ptr<uint8_t>(), dm.data_ptr<at::Half>(), bits, xb.data_ptr<at::BFloat16>(), M, K, group, N, yp);
+      amx_gemm(w.data_ptr<uint8_t>(), scales_of(dm), bits, xb.data_ptr<at::BFloat16>(), M, K, group, N, yp);
       return;
     }
 #endif
@@ -1267,14 +1529,18 @@ Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits
       for (int64_t i = 0; i < M * K; ++i) qx.a[i] = static_cast<int16_t>(qx.q[i] * 256 + qx.r[i]);
     }
     const uint8_t* wp = w.data_ptr<uint8_t>();
-    const at::Half* dp = dm.data_ptr<at::Half>();
+    const at::Half* dp = scales_of(dm);
     at::parallel_for(0, rblocks, 1, [&](int64_t b0, int64_t b1) {
       if (!reference) {
         if (bits == 4) qgemm_rows<4>(wp, dp, qx, M, K, group, N, yp, b0, b1);
+#if MIAOTUI_VNNI
+        else if (bits == 6) qgemm_rows<6>(wp, dp, qx, M, K, group, N, yp, b0, b1);
+#endif
         else qgemm_rows<8>(wp, dp, qx, M, K, group, N, yp, b0, b1);
         return;
       }
       if (bits == 4) qgemm_rows_ref<4>(wp, dp, qx, M, K, group, N, yp, b0, b1);
+      else if (bits == 6) qgemm_rows_ref<6>(wp, dp, qx, M, K, group, N, yp, b0, b1);
       else qgemm_rows_ref<8>(wp, dp, qx, M, K, group, N, yp, b0, b1);
     });
   };
@@ -1315,10 +1581,67 @@ Tensor tile_matmul(const Tensor& x_, const Tensor& tiles, int64_t N) {
   return y;
 }
 
+// Q6_K blocks as 6-bit codes, exactly (pack_blocks with 6 bits): a block of 16 rows is decoded a row at a time,
+// then written 16 inputs (three lines) at a time; the scales are copied as they are.
+static std::tuple<Tensor, Tensor, int64_t> pack_q6k(const Tensor& raw, int64_t N, int64_t K,
+                                                    const c10::optional<Tensor>& rows,
+                                                    const c10::optional<Tensor>& data_out,
+                                                    const c10::optional<Tensor>& dm_out) {
+  const int64_t rblocks = (N + 15) / 16, nsb = K / 256;
+  Tensor data = data_out ? *data_out : at::empty({rblocks, K * 6 / 32, 16, 4}, raw.options());
+  Tensor sc = dm_out ? *dm_out : at::empty({rblocks, nsb, 288}, raw.options());
+  TORCH_CHECK(MIAOTUI_VNNI, "pack_blocks: 6-bit codes need the VNNI build (this one is ", qmatmul_path(), ")");
+  TORCH_CHECK(data.scalar_type() == at::kByte && data.is_contiguous() && data.numel() == rblocks * 16 * K * 6 / 8 &&
+              sc.scalar_type() == at::kByte && sc.is_contiguous() && sc.numel() == rblocks * nsb * 288,
+              "pack_blocks: outputs do not match N, K and 6 bits");
+  const uint8_t* src = raw.data_ptr<uint8_t>();
+  const int64_t* perm = rows ? rows->data_ptr<int64_t>() : nullptr;
+  uint8_t* out = data.data_ptr<uint8_t>();
+  uint8_t* sco = sc.data_ptr<uint8_t>();
+  at::parallel_for(0, rblocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<int8_t> c(16 * K);  // the block's codes less 32, row by row
+    for (int64_t rb = b0; rb < b1; ++rb) {
+      uint8_t* sb = sco + rb * nsb * 288;
+      for (int r = 0; r < 16; ++r) {
+        if (rb * 16 + r >= N) {  // padding rows: zero codes, zero scales
+          std::memset(c.data() + r * K, 0, K);
+          for (int64_t s = 0; s < nsb; ++s) {
+            std::memset(sb + s * 288 + 2 * r, 0, 2);
+            for (int g = 0; g < 16; ++g) sb[s * 288 + 32 + g * 16 + r] = 0;
+          }
+          continue;
+        }
+        const uint8_t* row = src + (perm ? perm[rb * 16 + r] : rb * 16 + r) * (K / 256 * 210);
+        for (int64_t s = 0; s < nsb; ++s) {
+          const uint8_t* b = row + s * 210;
+          q6k_codes(b, c.data() + r * K + s * 256);
+          std::memcpy(sb + s * 288 + 2 * r, b + 208, 2);
+          for (int g = 0; g < 16; ++g) sb[s * 288 + 32 + g * 16 + r] = b[192 + g];
+        }
+      }
+      uint8_t* o = out + rb * 16 * K * 6 / 8;
+      for (int64_t h = 0; h < K / 16; ++h, o += 192)
+        for (int r = 0; r < 16; ++r) {
+          const int8_t* cr = c.data() + r * K + h * 16;
+          for (int j = 0; j < 4; ++j) {
+            int code[4];
+            for (int p = 0; p < 4; ++p) code[p] = cr[4 * p + j] + 32;
+            o[r * 4 + j] = static_cast<uint8_t>((code[0] & 0x0F) | ((code[1] & 0x0F) << 4));
+            o[64 + r * 4 + j] = static_cast<uint8_t>((code[2] & 0x0F) | ((code[3] & 0x0F) << 4));
+            o[128 + r * 4 + j] = static_cast<uint8_t>((code[0] >> 4) | ((code[1] >> 4) << 2) | ((code[2] >> 4) << 4) |
+                                                      ((code[3] >> 4) << 6));
+          }
+        }
+    }
+  });
+  return {data, sc, 6};
+}
+
 // The packed layout (data, dm) of a GGUF tensor [N, K] of block type `type` from its raw bytes (rows in file order;
 // output row r is file row rows[r] when a permutation is given), in `out_bits` (0: the type's own; 4-bit types may
-// be written as 8-bit codes). Written into data_out / dm_out when given (row blocks of a fused projection's
-// layout: its parts land in place, no concatenation), else into new tensors. Returns (data, dm, bits).
+// be written as 8-bit codes, Q6_K as 6-bit ones in VNNI builds). Written into data_out / dm_out when given (row
+// blocks of a fused projection's layout: its parts land in place, no concatenation), else into new tensors.
+// Returns (data, dm, bits).
 std::tuple<Tensor, Tensor, int64_t> pack_blocks(const Tensor& raw, const std::string& type, int64_t N, int64_t K,
                                                 const c10::optional<Tensor>& rows, int64_t out_bits,
                                                 const c10::optional<Tensor>& data_out,
@@ -1326,13 +1649,15 @@ std::tuple<Tensor, Tensor, int64_t> pack_blocks(const Tensor& raw, const std::st
   int64_t block_bytes, block_weights;
   int bits;
   const BlockType t = block_type(type, block_bytes, block_weights, bits);
-  TORCH_CHECK(out_bits == 0 || out_bits >= bits, "pack_blocks: ", type, " needs ", bits, " bits");
+  TORCH_CHECK(out_bits != 6 || t == BlockType::Q6_K, "pack_blocks: only Q6_K packs as 6-bit codes, not ", type);
+  TORCH_CHECK(out_bits == 0 || out_bits == 6 || out_bits >= bits, "pack_blocks: ", type, " needs ", bits, " bits");
   if (out_bits) bits = static_cast<int>(out_bits);
   TORCH_CHECK(raw.scalar_type() == at::kByte && raw.is_contiguous() && K % block_weights == 0 &&
               raw.numel() == N * K / block_weights * block_bytes, "pack_blocks: raw bytes do not match N, K and ", type);
   TORCH_CHECK(!rows || (rows->scalar_type() == at::kLong && rows->numel() == N), "pack_blocks: one int64 row each");
   const int64_t rblocks = (N + 15) / 16, ngroups = K / QBLOCK, row_bytes = K / block_weights * block_bytes;
   TORCH_CHECK(data_out.has_value() == dm_out.has_value(), "pack_blocks: give both outputs or neither");
+  if (bits == 6) return pack_q6k(raw, N, K, rows, data_out, dm_out);
   Tensor data = data_out ? *data_out : at::empty({rblocks, K * bits / 32, 16, 4}, raw.options());
   Tensor dm = dm_out ? *dm_out : at::empty({rblocks, ngroups, 2, 16}, raw.options().dtype(at::kHalf));
   TORCH_CHECK(data.scalar_type() == at::kByte && data.is_contiguous() && data.numel() == rblocks * 16 * K * bits / 8 &&

@@ -1,6 +1,6 @@
 """int8 weights: per-output-channel symmetric scales (torch's `aten._weight_int8pack_mm`), or a file's integer
-blocks of up to 8 bits held exactly as 8-bit codes — in miaotui's packed layout (quant/packed.py) wherever the
-CPU has its kernel."""
+blocks of up to 8 bits held exactly as 8-bit codes (Q6_K as 6-bit ones) — in miaotui's packed layout
+(quant/packed.py) wherever the CPU has its kernel."""
 
 from __future__ import annotations
 

@@ -62,6 +62,9 @@ def check(quantization: str, group_size: int) -> None:
 # native's 1,282-1,336. On Qwen2.5-1.5B it cost 12-17 s of load and 6.3 GB resident against native's 1.4-2.5 s and
 # 2.7 GB, and a 7B model's copy would not fit beside its codes in 24 GB.
 HYBRID_MAX_WEIGHTS = 600_000_000
+# The output head's codes under native and hybrid: at least 6 bits (a Q6_K head as it is, as llama.cpp keeps it; a
+# 4-bit one as 8-bit codes).
+HEAD_BITS = 6
 
 
 def matrix_weights(model: nn.Module) -> int:
@@ -172,9 +175,9 @@ def apply(model: nn.Module, quantization: str, group_size: int, dtype: torch.dty
         if method == "none":
             m.format = dense_weight(mat.values)
         elif method == "hybrid":
-            m.format = hybrid_format(mat, dtype, 8 if m is head else None)
+            m.format = hybrid_format(mat, dtype, HEAD_BITS if m is head else None)
         elif method == "native":
-            m.format = native_format(mat, dtype, 8 if m is head else None)
+            m.format = native_format(mat, dtype, HEAD_BITS if m is head else None)
         elif method == "int8" or eight_bit(m):
             m.format = int8_format(mat, dtype)
         else:
@@ -187,9 +190,9 @@ def apply(model: nn.Module, quantization: str, group_size: int, dtype: torch.dty
     elif method == "none":  # tied to the embedding table: the head gets its own copy, in a fast layout or int8
         model.head = dense_weight(mats[head].values)
     elif method == "hybrid":
-        model.head = hybrid_format(mats[head], dtype, 8)
+        model.head = hybrid_format(mats[head], dtype, HEAD_BITS)
     elif method == "native":
-        model.head = native_format(mats[head], dtype, 8)
+        model.head = native_format(mats[head], dtype, HEAD_BITS)
     else:
         model.head = int8_format(mats[head], dtype)
     for e in embeddings:
@@ -236,24 +239,25 @@ def int4_format(mat: Matrix, group: int, dtype: torch.dtype,
     return Int4Weight.from_float(mat.values, group, in_power)
 
 
-def native_format(mat: Matrix, dtype: torch.dtype, bits: int | None = None) -> Int4Weight | Int8Weight:
-    """The file's own codes at their own width (or `bits`): read straight from its blocks by the kernels' packer
-    where it can, else from the codes (and int8 per row from float for block types without 8-bit codes)."""
-    packed = PackedWeight.from_blocks(mat.src.blocks(), mat.shape[1], bits)
+def native_format(mat: Matrix, dtype: torch.dtype, min_bits: int | None = None) -> Int4Weight | Int8Weight:
+    """The file's own codes at their own width (8 where that is below `min_bits`): read straight from its blocks by
+    the kernels' packer where it can, else from the codes (and int8 per row from float for block types without
+    8-bit codes)."""
+    packed = PackedWeight.from_blocks(mat.src.blocks(), mat.shape[1], min_bits)
     if packed is not None:
         return Int4Weight(None, None, 32, packed.shape, fast=packed) if packed.bits == 4 else Int8Weight(None, None,
                                                                                                          packed)
     codes = mat.codes
-    if bits is None and codes is not None and codes.bits <= 4:
+    if min_bits is None and codes is not None and codes.bits <= 4:
         return Int4Weight.from_codes(codes)
     return int8_format(mat, dtype)
 
 
-def hybrid_format(mat: Matrix, dtype: torch.dtype, bits: int | None = None) -> HybridWeight:
+def hybrid_format(mat: Matrix, dtype: torch.dtype, min_bits: int | None = None) -> HybridWeight:
     """The file's own codes (native_format) for decoding beside a dense copy made from those codes: the two paths
     multiply the same values, and the copy skips the float detour (Qwen2.5-1.5B Q4_K_M: 68 -> 12-14 s to load; it had
     also requantized the file's 6-bit tensors to 4 bits)."""
-    small = native_format(mat, dtype, bits)
+    small = native_format(mat, dtype, min_bits)
     return HybridWeight(small, dense_weight(small.dequantize().to(device=mat.device, dtype=dtype)))
 
 

@@ -8,9 +8,9 @@ import torch
 
 from miaotui.errors import MiaotuiError
 from miaotui.loader.tensors import FileTensor
+from miaotui.quant import recipe
 from miaotui.quant.int4 import Int4Weight
 from miaotui.quant.int8 import Int8Weight
-from miaotui.quant import recipe
 from miaotui.quant.recipe import Matrix, check, int4_format, int8_format
 
 
@@ -231,8 +231,9 @@ def test_untied_embedding_takes_int4_rows():
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"])
 def test_native_holds_the_files_own_codes(name):
     """`native` (auto's choice for a quantized file wherever miaotui's kernels run, in fp32): every 4-bit block
-    matrix as int4 codes and every 5- to 8-bit one as int8 codes, both exactly the file's weights; other types
-    (Q6_K) int8 per row; no float copy. Its perplexity is the dense model's (activations keep ~15 bits)."""
+    matrix as int4 codes and every 5- to 8-bit one as int8 codes, both exactly the file's weights; Q6_K as 6-bit
+    codes exactly where the VNNI kernel is built, else requantized to 8-bit ones; no float copy. Its perplexity is
+    the dense model's (activations keep ~15 bits)."""
     import math
 
     from miaotui import LLM
@@ -249,6 +250,9 @@ def test_native_holds_the_files_own_codes(name):
     formats = [m.format for m in model.modules() if isinstance(m, Linear)]
     assert all(isinstance(f, (Int4Weight, Int8Weight)) and f.kernel() is not None for f in formats)
     assert isinstance(model.head, Int8Weight)
+    if name == "qwen2.5-coder-0.5b":  # its ffn_down are Q6_K
+        from miaotui.quant.packed import six_bit
+        assert any(f.kernel().packed.bits == 6 for f in formats) == six_bit()
     dense = LLM(str(path), dtype="float32", quantization="none", kv_cache_memory=32 * 2**20)
     # the file's own values: the codes dequantize to the dense model's weights up to the fp16 rounding of their
     # scales; Q6_K's (no exact 8-bit form) within half an 8-bit step of each group of 32
@@ -269,12 +273,12 @@ def test_native_holds_the_files_own_codes(name):
 
 def test_blocks_pack_straight_into_the_kernel_layout(smollm2_path, gemma3_path):
     """Loading packs a GGUF's blocks in C++ (no float detour): exactly the layout the codes give through torch, for
-    every block type in the real files (and llama's rearranged q/k rows); Q6_K, which has no exact 8-bit form, within
-    half a step of its values."""
+    every block type in the real files (and llama's rearranged q/k rows); Q6_K as 6-bit codes, exactly its values,
+    where the VNNI kernel is built, else as 8-bit ones (no exact 8-bit form) within half a step of its values."""
     from miaotui.kernels import has_packed
     from miaotui.loader.gguf import iter_weights, read_config
     from miaotui.loader.gguf_file import GGUFFile
-    from miaotui.quant.packed import PackedWeight
+    from miaotui.quant.packed import PackedWeight, six_bit
     from tests.conftest import model_path
 
     if not has_packed():
@@ -293,6 +297,10 @@ def test_blocks_pack_straight_into_the_kernel_layout(smollm2_path, gemma3_path):
             assert packed is not None and packed.shape == t.shape, name
             if kind[0] == "Q6_K":
                 w = t.values()
+                assert packed.bits == (6 if six_bit() else 8), name
+                if packed.bits == 6:
+                    assert torch.equal(packed.dequantize(), w) and packed.nbytes * 8 / w.numel() < 6.6, name
+                    continue
                 step = w.view(w.shape[0], -1, 32).abs().amax(-1, keepdim=True) / 127
                 assert ((packed.dequantize().view_as(step.expand(-1, -1, 32)) - w.view(w.shape[0], -1, 32)).abs()
                         <= step * 0.51 + 1e-6).all(), name

@@ -272,6 +272,72 @@ def test_qmatmul_many_rows_is_a_bf16_product(ops, bits, group, m, n, k, dtype):
     assert ((y.float() - ref).abs() <= tol * ref.abs().max()).all()
 
 
+def random_q6k(n: int, k: int):
+    """Seeded random GGUF Q6_K blocks [N, K] (raw bytes), their values (miaotui's dequantizer, gguf's bit for bit)
+    and each weight's scale D * s."""
+    from miaotui.loader.dequant import q6_k
+
+    torch.manual_seed(0)
+    raw = torch.randint(0, 256, (n, k // 256, 210), dtype=torch.uint8)
+    raw[..., 208:] = (torch.rand(n, k // 256) * 0.01 + 1e-3).half().view(torch.uint8).view(n, k // 256, 2)
+    scale = raw[..., 208:].contiguous().view(torch.float16).float() * raw[..., 192:208].contiguous().view(torch.int8)
+    return raw.reshape(-1), q6_k(raw.reshape(-1, 210)).reshape(n, k), scale.repeat_interleave(16, dim=-1).view(n, k)
+
+
+@pytest.mark.parametrize("m", [1, 3, 6, 9, 37])  # 6, 9, 37: passes of 4 tokens after a first that unpacks for them
+def test_q6k_blocks_multiply_as_6_bit_codes(ops, m):
+    """GGUF's Q6_K (w = D s (q - 32), an int8 s per 16 inputs) is held exactly as 6-bit codes by the VNNI class: rows
+    read back are the file's values bit for bit, and products agree with the plain C++ definition, with x @ Wᵀ to
+    the activations' rounding, and with one activation term, with llama.cpp's rounding exactly as the 4- and 8-bit
+    codes do. Other classes refuse 6 bits by name (they take Q6_K as 8-bit codes)."""
+    n, k = 50, 768
+    raw, values, scale = random_q6k(n, k)
+    if ops.qmatmul_path != "vnni":
+        with pytest.raises(RuntimeError, match="VNNI"):
+            ops.pack_blocks(raw, "Q6_K", n, k, bits=6)
+        return
+    data, sc, bits = ops.pack_blocks(raw, "Q6_K", n, k, bits=6)
+    assert bits == 6 and data.numel() == 64 * k * 6 // 8 and sc.numel() == 4 * (k // 256) * 288  # 4 row blocks
+    rows = torch.tensor([49, 3, 0, 17])
+    assert torch.equal(ops.packed_rows(data, sc, 6, 16, k, rows), values[rows])
+    x = torch.randn(m, k) * torch.where(torch.rand(k) < 0.05, 30.0, 1.0)
+    s = torch.rand(k) + 0.5
+
+    def qmatmul(act_bits=16, reference=False):
+        return ops.qmatmul(x, data, sc, 6, 16, n, s, reference=reference, act_bits=act_bits)
+
+    ref = (x * s) @ values.t()
+    y = qmatmul()
+    assert ((y - ref).abs().max() / ref.abs().max()) < 3e-4  # the residual term keeps ~15 bits of x
+    assert torch.allclose(y, qmatmul(reference=True), rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    xs = (x * s).view(m, -1, 32)
+    amax = xs.abs().amax(-1, keepdim=True)
+    xq = (torch.round(xs * (127 / amax)) * (amax / 127)).view(m, k).double()
+    ref8 = xq @ (values + 32 * scale).double().t() - 32 * (x * s).double() @ scale.double().t()
+    tol = 2e-6 * ref8.abs().max().item()
+    assert (qmatmul(8) - ref8).abs().max() <= tol and (qmatmul(8, reference=True) - ref8).abs().max() <= tol
+    with pytest.raises(RuntimeError, match="groups of 16"):
+        ops.qmatmul(x, data, sc, 6, 32, n, s)
+
+
+@pytest.mark.parametrize("m", [8, 40, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q6k_many_rows_widen_to_bf16(ops, m, dtype):
+    """6-bit codes widened to bf16 for the tile unit (from 8 rows) or torch's bf16 GEMM (prefill sizes, CPUs with
+    bf16 units): x @ Wᵀ as the dense bf16 weight gives it."""
+    if ops.qmatmul_path != "vnni" or not (ops.amx or (ops.bf16_gemm and dtype == torch.bfloat16 and m == 300)):
+        pytest.skip("neither AMX nor bf16 units in this build")
+    n, k = (2900 if m == 300 else 50), 768
+    raw, values, _ = random_q6k(n, k)
+    data, sc, _ = ops.pack_blocks(raw, "Q6_K", n, k, bits=6)
+    x = (torch.randn(m, k) * torch.where(torch.rand(k) < 0.05, 30.0, 1.0)).to(dtype)
+    ref = x.bfloat16().float() @ values.bfloat16().float().t()
+    y = ops.qmatmul(x, data, sc, 6, 16, n, None)
+    assert y.dtype == dtype and y.shape == (m, n)
+    tol = 1e-5 if dtype == torch.float32 else 2**-8
+    assert ((y.float() - ref).abs() <= tol * ref.abs().max()).all()
+
+
 def test_dense_matmul_equals_torch_and_is_batch_invariant(ops):
     """fp32 x @ wᵀ at decode sizes: torch's product within fp32 rounding, for widths with and without a scalar
     tail, a last pass of fewer than 4 weight rows and odd row counts; a row's result does not depend on the rows
