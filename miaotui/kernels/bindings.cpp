@@ -26,7 +26,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("in_scale") = py::none(), py::arg("reference") = false, py::arg("act_bits") = 16);
   m.def("pack_blocks", &pack_blocks, "GGUF blocks [N, K] straight into the packed layout: (data, dm, bits)",
         py::arg("raw"), py::arg("type"), py::arg("n"), py::arg("k"), py::arg("rows") = py::none(),
-        py::arg("bits") = 0, py::arg("data_out") = py::none(), py::arg("dm_out") = py::none());
+        py::arg("bits") = 0, py::arg("data_out") = py::none(), py::arg("dm_out") = py::none(),
+        py::arg("kscales") = false);
   m.def("packed_rows", &packed_rows, "rows ids of a packed weight as float32 [n, K] (an embedding lookup)",
         py::arg("w"), py::arg("dm"), py::arg("bits"), py::arg("group"), py::arg("k"), py::arg("ids"));
   m.def("tile_matmul", &tile_matmul, "x @ W^T for a bf16 weight in AMX tile order", py::arg("x"), py::arg("tiles"),

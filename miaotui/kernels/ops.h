@@ -31,4 +31,4 @@ Tensor packed_rows(const Tensor& w, const Tensor& dm, int64_t bits, int64_t grou
 std::tuple<Tensor, Tensor, int64_t> pack_blocks(const Tensor& raw, const std::string& type, int64_t N, int64_t K,
                                                 const c10::optional<Tensor>& rows, int64_t out_bits,
                                                 const c10::optional<Tensor>& data_out,
-                                                const c10::optional<Tensor>& dm_out);
+                                                const c10::optional<Tensor>& dm_out, bool kscales);

@@ -18,6 +18,10 @@
 //   scales: bytes [row blocks, K/256, 288], per super-block D of the 16 rows (fp16) then s [16 groups][16 rows].
 //   Unpacked, its three lines are four lines of the 8-bit layout (unpack6): 6.56 bits a weight where Q6_K held as
 //   8-bit codes takes 9 (and those were requantized).
+//   4-bit with K-quant scales (GGUF Q4_K exactly, VNNI builds; `KS` in the kernels): w = D * sc * q - Dmin * mn, a
+//   6-bit sc and mn per 32 inputs under an fp16 D and Dmin per 256. Scales: bytes [row blocks, K/256, 320], per
+//   super-block D of the 16 rows (fp16), then -Dmin, then sc [8 groups][16 rows] and mn (a byte each): 4.63 bits a
+//   weight where fp16 d and m per 32 take 5 (and round D * sc to fp16).
 //
 // From 8 rows on (prefill, batched decode), where the CPU has AMX, the same layout is widened to bf16 instead and
 // multiplied on the tile unit (see "Many rows" below).
@@ -95,9 +99,10 @@ struct QuantX {
 };
 constexpr float RESIDUAL = 256.f;  // a power of two: the two integer sums combine by a shift
 
-// A row block's scales in halves (fp16 d and m per group; 6-bit: 288 bytes per super-block of 256 inputs).
-inline int64_t scale_halves(int64_t bits, int64_t K, int64_t group) {
-  return bits == 6 ? K / 256 * 144 : K / group * 32;
+// A row block's scales in halves (fp16 d and m per group; 6-bit: 288 bytes per super-block of 256 inputs; K-quant
+// scales: 320).
+inline int64_t scale_halves(int64_t bits, int64_t K, int64_t group, bool ks = false) {
+  return bits == 6 ? K / 256 * 144 : ks ? K / 256 * 160 : K / group * 32;
 }
 // A layout's scales as the kernels take them (6-bit: its bytes, read through their own accessors).
 inline const at::Half* scales_of(const Tensor& dm) { return static_cast<const at::Half*>(dm.const_data_ptr()); }
@@ -188,6 +193,25 @@ inline __m512 scales6_s(const uint8_t* sb, int64_t hh) {
 }
 inline __m512 scales6(const uint8_t* sb, int64_t hh) { return _mm512_mul_ps(scales6_d(sb), scales6_s(sb, hh)); }
 
+// Group g's d and m of 16 rows: fp16 as stored, or (KS) from Q4_K's bytes, D * sc and -Dmin * mn (exact in fp32).
+template <bool KS>
+inline void group_scales(const at::Half* dm, int64_t g, __m512& dv, __m512& mv) {
+  if constexpr (KS) {
+    const uint8_t* sb = reinterpret_cast<const uint8_t*>(dm) + g / 8 * 320;
+    auto bytes = [&](int64_t off) {
+      return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + off))));
+    };
+    auto halves = [&](int64_t off) {
+      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + off)));
+    };
+    dv = _mm512_mul_ps(halves(0), bytes(64 + g % 8 * 16));
+    mv = _mm512_mul_ps(halves(32), bytes(192 + g % 8 * 16));
+  } else {
+    dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + g * 32)));
+    mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + g * 32 + 16)));
+  }
+}
+
 // One block of 16 output rows for MT tokens over 6-bit codes: per 16 inputs, three lines unpacked once for all MT
 // tokens, 4 products a term and token, then the group's scale: y += D s (xd Σ q x' - 32 Σ x) (x' the activation
 // codes, two terms as 256 q + r; the 1/256 in D s). Its conversions come per 16 inputs where the 8-bit kernel's
@@ -256,7 +280,7 @@ inline void qgemm6_block(const uint8_t* w, const uint8_t* sc, const int8_t* xq, 
 // decode step ran 2-4% slower with it (Zen 4, one engine alternated; its 8-bit lines loaded just in time where
 // this kernel's are loaded ahead of the products). The line loads stay written out here, not shared with
 // qgemm_block: through a shared inline helper GCC scheduled the 8-bit loads late again (read from the assembly).
-template <int Bits, bool Residual, typename T>
+template <int Bits, bool Residual, bool KS, typename T>
 inline void qgemm_token(const uint8_t* w, const at::Half* dm, const int8_t* xq, const int8_t* xr, const float* xd,
                         const float* gs, int64_t K, int64_t group, T* y, int64_t rows, int64_t ahead) {
   const int64_t ngroups = K / group, blocks_per_group = group / QBLOCK;
@@ -295,8 +319,8 @@ inline void qgemm_token(const uint8_t* w, const at::Half* dm, const int8_t* xq, 
       const __m512i both = Residual ? _mm512_add_epi32(_mm512_slli_epi32(q, 8), r) : _mm512_slli_epi32(q, 8);
       fd = _mm512_fmadd_ps(_mm512_cvtepi32_ps(both), _mm512_set1_ps(xd[b] / RESIDUAL), fd);
     }
-    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + g * 32)));
-    const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + g * 32 + 16)));
+    __m512 dv, mv;
+    group_scales<KS>(dm, g, dv, mv);
     acc = _mm512_fmadd_ps(fd, dv, acc);
     acc = _mm512_fmadd_ps(mv, _mm512_set1_ps(gs[g]), acc);
   }
@@ -311,12 +335,12 @@ inline void qgemm_token(const uint8_t* w, const at::Half* dm, const int8_t* xq, 
 // terms), a conversion and one multiply-add, the factor 1/256 of the two terms' sum going into the group's scale
 // (a power of two: the same roundings, the same results). With the broadcasts inside the products, 2-8% faster
 // at 4-9 rows with the weights in L3 (Qwen2.5-1.5B's gate|up and down, Zen 4).
-template <int Bits, int MT, bool Residual, typename T>
+template <int Bits, int MT, bool Residual, bool KS, typename T>
 inline void qgemm_block(const uint8_t* w, const at::Half* dm, const int8_t* xq, const int8_t* xr, const float* xd,
                         const float* gs, int64_t K, int64_t group, T* y, int64_t ldy, int64_t rows,
                         int64_t ahead) {
   if constexpr (MT == 1) {
-    qgemm_token<Bits, Residual>(w, dm, xq, xr, xd, gs, K, group, y, rows, ahead);
+    qgemm_token<Bits, Residual, KS>(w, dm, xq, xr, xd, gs, K, group, y, rows, ahead);
     return;
   }
   const int64_t ngroups = K / group, blocks_per_group = group / QBLOCK, nb = K / QBLOCK;
@@ -374,9 +398,9 @@ inline void qgemm_block(const uint8_t* w, const at::Half* dm, const int8_t* xq, 
         fd[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(xd[t * nb + b]), fd[t]);
       }
     }
-    __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + g * 32)));
+    __m512 dv, mv;
+    group_scales<KS>(dm, g, dv, mv);
     if constexpr (Residual) dv = _mm512_mul_ps(dv, _mm512_set1_ps(1.f / RESIDUAL));
-    const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + g * 32 + 16)));
     for (int t = 0; t < MT; ++t) {
       acc[t] = _mm512_fmadd_ps(fd[t], dv, acc[t]);
       acc[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(gs[t * ngroups + g]), acc[t]);
@@ -397,11 +421,11 @@ inline void qgemm_block(const uint8_t* w, const at::Half* dm, const int8_t* xq, 
 // (8 x 2 x 15 x 127 < 2^15) and are widened once per block; the integer sums are exactly the VNNI kernel's. Both
 // halves of a line take each activation broadcast. 4-bit codes only: 8-bit ones go through qgemm_block8 below.
 // Residual as in the VNNI kernel.
-template <int Bits, int MT, bool Residual, typename T>
+template <int Bits, int MT, bool Residual, bool KS, typename T>
 inline void qgemm_block(const uint8_t* w, const at::Half* dm, const int8_t* xq, const int8_t* xr,
                         const float* xd, const float* gs, int64_t K, int64_t group, T* y, int64_t ldy,
                         int64_t rows, int64_t ahead) {
-  static_assert(Bits == 4, "AVX2 multiplies 8-bit codes in qgemm_block8");
+  static_assert(Bits == 4 && !KS, "AVX2 multiplies 8-bit codes in qgemm_block8, fp16 scales only");
   const int64_t ngroups = K / group, blocks_per_group = group / QBLOCK, nb = K / QBLOCK;
   constexpr int chunks = 4;  // 64-byte lines per block of 32 inputs
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
@@ -578,7 +602,7 @@ void qgemm6_rows(const uint8_t* w, const uint8_t* sc, const QuantX& x, int64_t M
 #endif
 
 // Row blocks of 16 outputs, the tokens TILE at a time, through this class's block kernel above.
-template <int Bits, bool Residual, typename T>
+template <int Bits, bool Residual, bool KS, typename T>
 void qgemm_rows_terms(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M, int64_t K, int64_t group,
                       int64_t N, T* y, int64_t rb_begin, int64_t rb_end) {
   const int64_t line_bytes = 16 * K * Bits / 8, ngroups = K / group, nb = K / QBLOCK;
@@ -587,7 +611,7 @@ void qgemm_rows_terms(const uint8_t* w, const at::Half* dm, const QuantX& x, int
   constexpr int TILE = MIAOTUI_VNNI ? 4 : (Bits == 4 ? 4 : 2);
   for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
     const uint8_t* wb = w + rb * line_bytes;
-    const at::Half* dmb = dm + rb * ngroups * 32;
+    const at::Half* dmb = dm + rb * scale_halves(Bits, K, group, KS);
     const int64_t rows = std::min<int64_t>(16, N - rb * 16);
     // How far ahead a tile asks for weight lines: the first tile streams this row block's from memory; the
     // others read them again from L1/L2 and ask for the next block's instead, which then arrives while this one
@@ -611,43 +635,49 @@ void qgemm_rows_terms(const uint8_t* w, const at::Half* dm, const QuantX& x, int
     {
 #endif
       for (; m + TILE <= M; m += TILE)
-        qgemm_block<Bits, TILE, Residual>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
+        qgemm_block<Bits, TILE, Residual, KS>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
                                 x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows, ahead(m));
       // The rest in one pass where it fits (speculative steps: a few rows a sequence): 3 rows as a pair and a single
       // cost what 4 did.
       if constexpr (TILE > 3) {
         if (m + 3 == M) {
-          qgemm_block<Bits, 3, Residual>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
+          qgemm_block<Bits, 3, Residual, KS>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
                                x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows, ahead(m));
           m += 3;
         }
       }
       if constexpr (TILE > 2) {
         if (m + 2 <= M) {
-          qgemm_block<Bits, 2, Residual>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
+          qgemm_block<Bits, 2, Residual, KS>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
                                x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows, ahead(m));
           m += 2;
         }
       }
       for (; m < M; ++m)
-        qgemm_block<Bits, 1, Residual>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
+        qgemm_block<Bits, 1, Residual, KS>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
                              x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows, ahead(m));
     }
   }
 }
 
+// ks: Q4_K's scales (VNNI builds).
 template <int Bits, typename T>
 void qgemm_rows(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M, int64_t K, int64_t group,
-                int64_t N, T* y, int64_t rb_begin, int64_t rb_end) {
+                int64_t N, T* y, int64_t rb_begin, int64_t rb_end, bool ks) {
 #if MIAOTUI_VNNI
   if constexpr (Bits == 6) {
     const uint8_t* sc = reinterpret_cast<const uint8_t*>(dm);
     if (x.residual) qgemm6_rows<true>(w, sc, x, M, K, N, y, rb_begin, rb_end);
     else qgemm6_rows<false>(w, sc, x, M, K, N, y, rb_begin, rb_end);
+  } else if (ks) {
+    if constexpr (Bits == 4) {
+      if (x.residual) qgemm_rows_terms<Bits, true, true>(w, dm, x, M, K, group, N, y, rb_begin, rb_end);
+      else qgemm_rows_terms<Bits, false, true>(w, dm, x, M, K, group, N, y, rb_begin, rb_end);
+    }
   } else
 #endif
-  if (x.residual) qgemm_rows_terms<Bits, true>(w, dm, x, M, K, group, N, y, rb_begin, rb_end);
-  else qgemm_rows_terms<Bits, false>(w, dm, x, M, K, group, N, y, rb_begin, rb_end);
+  if (x.residual) qgemm_rows_terms<Bits, true, false>(w, dm, x, M, K, group, N, y, rb_begin, rb_end);
+  else qgemm_rows_terms<Bits, false, false>(w, dm, x, M, K, group, N, y, rb_begin, rb_end);
 }
 #endif
 
@@ -764,7 +794,7 @@ bool bf16_units() {
 
 // One block of 16 rows as bf16 [16, K] (row stride K): each 64-byte line's low and high nibble planes (4-bit) are
 // interleaved per 32-bit lane, so every 128-bit lane holds two rows' 8 consecutive inputs (8-bit: four rows' 4).
-template <int Bits>
+template <int Bits, bool KS = false>
 void widen_block_bf16(const uint8_t* w, const at::Half* dm, int64_t K, int64_t group, mt::BF16* out) {
   constexpr int per_line = Bits == 4 ? 8 : 4;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
@@ -797,8 +827,8 @@ void widen_block_bf16(const uint8_t* w, const at::Half* dm, int64_t K, int64_t g
     return;
   }
   for (int64_t g = 0; g < K / group; ++g) {
-    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + g * 32)));
-    const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + g * 32 + 16)));
+    __m512 dv, mv;
+    group_scales<KS>(dm, g, dv, mv);
     __m512 d[Bits == 4 ? 8 : 4], m[Bits == 4 ? 8 : 4];  // per (plane, lane) for 4-bit, per lane for 8-bit
     for (int L = 0; L < 4; ++L)
       for (int h = 0; h < (Bits == 4 ? 2 : 1); ++h) {  // 4-bit: the second plane holds rows 4L+2, 4L+3
@@ -830,7 +860,7 @@ void widen_block_bf16(const uint8_t* w, const at::Half* dm, int64_t K, int64_t g
 // chunk of at most BF16_M_CHUNK activation rows). oneDNN keeps state for every shape it meets, so the shapes are
 // kept few: full chunks, and a last one padded to a multiple of 16 rows.
 Tensor dense_qmatmul_bf16(const Tensor& x, const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t N,
-                          const Tensor& in_scale) {
+                          const Tensor& in_scale, bool ks) {
   const int64_t K = x.size(-1), M = x.numel() / K, rblocks = (N + 15) / 16, line_bytes = 16 * K * bits / 8;
   Tensor xb = x.reshape({M, K});
   if (in_scale.defined()) xb = xb.to(at::kFloat).mul(in_scale.to(at::kFloat)).to(at::kBFloat16);
@@ -849,8 +879,9 @@ Tensor dense_qmatmul_bf16(const Tensor& x, const Tensor& w, const Tensor& dm, in
     at::parallel_for(rb, rb_end, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const uint8_t* wl = w.data_ptr<uint8_t>() + b * line_bytes;
-        const at::Half* dl = scales_of(dm) + b * scale_halves(bits, K, group);
-        if (bits == 4) widen_block_bf16<4>(wl, dl, K, group, wp + (b - rb) * 16 * K);
+        const at::Half* dl = scales_of(dm) + b * scale_halves(bits, K, group, ks);
+        if (bits == 4 && ks) widen_block_bf16<4, true>(wl, dl, K, group, wp + (b - rb) * 16 * K);
+        else if (bits == 4) widen_block_bf16<4>(wl, dl, K, group, wp + (b - rb) * 16 * K);
         else if (bits == 6) widen_block_bf16<6>(wl, dl, K, group, wp + (b - rb) * 16 * K);
         else widen_block_bf16<8>(wl, dl, K, group, wp + (b - rb) * 16 * K);
       }
@@ -875,7 +906,7 @@ Tensor dense_qmatmul_bf16(const Tensor& x, const Tensor& w, const Tensor& dm, in
 // rows that the compiler vectorizes; the same integer sums as the VNNI kernel.
 template <int Bits, typename T>
 void qgemm_rows(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M, int64_t K, int64_t group,
-                int64_t N, T* y, int64_t rb_begin, int64_t rb_end) {
+                int64_t N, T* y, int64_t rb_begin, int64_t rb_end, bool /*ks: VNNI builds only*/) {
   const int64_t line_bytes = 16 * K * Bits / 8, ngroups = K / group, nb = K / QBLOCK;
   constexpr int chunks = Bits == 4 ? 4 : 8, per_chunk = QBLOCK / chunks;  // inputs per line
   std::vector<uint8_t> codes(16 * QBLOCK);  // one block of 32 inputs: [input][row]
@@ -932,6 +963,21 @@ void qgemm_rows(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M
 }
 #endif
 
+// Group g's d and m of row r in a row block's scales, as the kernels take them: fp16, or (ks) from Q4_K's bytes.
+inline void row_scales(const at::Half* dm, bool ks, int64_t g, int r, float& d, float& m) {
+  if (!ks) {
+    d = static_cast<float>(dm[g * 32 + r]);
+    m = static_cast<float>(dm[g * 32 + 16 + r]);
+    return;
+  }
+  const uint8_t* sb = reinterpret_cast<const uint8_t*>(dm) + g / 8 * 320;
+  uint16_t h[2];
+  std::memcpy(h, sb + 2 * r, 2);
+  std::memcpy(h + 1, sb + 32 + 2 * r, 2);
+  d = static_cast<float>(c10::Half(h[0], c10::Half::from_bits())) * static_cast<float>(sb[64 + g % 8 * 16 + r]);
+  m = static_cast<float>(c10::Half(h[1], c10::Half::from_bits())) * static_cast<float>(sb[192 + g % 8 * 16 + r]);
+}
+
 // The 6-bit layout, one weight at a time: the code (0..63) of input k of row r in the row block at wb, and the
 // scale D * s of its group from the row block's scales sb.
 inline int code6(const uint8_t* wb, int64_t k, int r) {
@@ -951,7 +997,7 @@ inline float scale6(const uint8_t* sb, int64_t k, int r) {
 // The definition, in plain C++, one output at a time: every class's kernel is tested against it (`reference=True`).
 template <int Bits, typename T>
 void qgemm_rows_ref(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M, int64_t K, int64_t group,
-                    int64_t N, T* y, int64_t rb_begin, int64_t rb_end) {
+                    int64_t N, T* y, int64_t rb_begin, int64_t rb_end, bool ks) {
   const int64_t line_bytes = 16 * K * Bits / 8, ngroups = K / group, nb = K / QBLOCK;
   if constexpr (Bits == 6) {  // y = Σ_groups D s (xd Σ q (x_q + x_r / 256) - 32 Σ x)
     const uint8_t* sc = reinterpret_cast<const uint8_t*>(dm);
@@ -993,8 +1039,9 @@ void qgemm_rows_ref(const uint8_t* w, const at::Half* dm, const QuantX& x, int64
             }
             fd += static_cast<float>(isum) * (x.d[m * nb + b] / RESIDUAL);
           }
-          const at::Half* dmg = dm + (rb * ngroups + g) * 32;
-          acc += fd * static_cast<float>(dmg[r]) + static_cast<float>(dmg[16 + r]) * x.gsum[m * ngroups + g];
+          float d, mg;
+          row_scales(dm + rb * scale_halves(Bits, K, group, ks), ks, g, static_cast<int>(r), d, mg);
+          acc += fd * d + mg * x.gsum[m * ngroups + g];
         }
         y[m * N + rb * 16 + r] = static_cast<T>(acc);
       }
@@ -1031,7 +1078,7 @@ void amx_configure() {
 
 // The weight's 16 rows starting at `w` as bf16 tiles for `tdpbf16ps`: per block of 32 inputs, 16 lines of 64 bytes,
 // line p holding inputs 2p and 2p+1 of each of the 16 rows.
-template <int Bits>
+template <int Bits, bool KS = false>
 void widen_rows(const uint8_t* w, const at::Half* dm, int64_t K, int64_t group, at::BFloat16* out) {
   // A 64-byte line of 16 rows x 4 codes (inputs 4j..4j+3) becomes two bf16 lines, pairs (0,1) then (2,3), each
   // from two 16-lane fp32 vectors (rows 0-7, rows 8-15); sel[v] moves each code into the low byte of its lane.
@@ -1074,9 +1121,8 @@ void widen_rows(const uint8_t* w, const at::Half* dm, int64_t K, int64_t group, 
   }
   for (int64_t b = 0; b < K / QBLOCK; ++b) {
     if (b * QBLOCK % group == 0) {
-      const at::Half* g = dm + b * QBLOCK / group * 32;
-      const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g)));
-      const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + 16)));
+      __m512 dv, mv;
+      group_scales<KS>(dm, b * QBLOCK / group, dv, mv);
       d[0] = _mm512_permutexvar_ps(lo8, dv), d[1] = _mm512_permutexvar_ps(hi8, dv);
       m[0] = _mm512_permutexvar_ps(lo8, mv), m[1] = _mm512_permutexvar_ps(hi8, mv);
     }
@@ -1180,14 +1226,15 @@ void amx_loop(const at::BFloat16* x, int64_t M, int64_t K, int64_t N, T* y, int6
 
 // Packed codes: each strip pair is widened once, then meets every row.
 template <typename T>
-void amx_gemm(const uint8_t* w, const at::Half* dm, int bits, const at::BFloat16* x, int64_t M, int64_t K,
+void amx_gemm(const uint8_t* w, const at::Half* dm, int bits, bool ks, const at::BFloat16* x, int64_t M, int64_t K,
               int64_t group, int64_t N, T* y) {
   const int64_t line_bytes = 16 * K * bits / 8, rblocks = (N + 15) / 16;
   auto panel = [&](int64_t p, at::BFloat16* buf) -> const at::BFloat16* {
     for (int64_t s = 0; s < std::min<int64_t>(2, rblocks - 2 * p); ++s) {
       const int64_t rb = 2 * p + s;
-      const at::Half* dmb = dm + rb * scale_halves(bits, K, group);
-      if (bits == 4) widen_rows<4>(w + rb * line_bytes, dmb, K, group, buf + s * 16 * K);
+      const at::Half* dmb = dm + rb * scale_halves(bits, K, group, ks);
+      if (bits == 4 && ks) widen_rows<4, true>(w + rb * line_bytes, dmb, K, group, buf + s * 16 * K);
+      else if (bits == 4) widen_rows<4>(w + rb * line_bytes, dmb, K, group, buf + s * 16 * K);
       else if (bits == 6) widen_rows<6>(w + rb * line_bytes, dmb, K, group, buf + s * 16 * K);
       else widen_rows<8>(w + rb * line_bytes, dmb, K, group, buf + s * 16 * K);
     }
@@ -1297,16 +1344,24 @@ inline void decode_group(BlockType t, const uint8_t* row, int64_t g, uint8_t* q,
   }
 }
 
-// One Q4_K super-block (256 weights: d, dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles) -> its 8
-// groups of 32 as 4-bit codes with their d and m (exact: w = d * scale * q - dmin * min).
-inline void decode_q4k(const uint8_t* b, uint8_t* q, float* d, float* m) {
-  const float dd = f16(b), dmin = f16(b + 2);
+// A Q4_K super-block's 8 groups' 6-bit scales and mins, from its 12 packed bytes.
+inline void q4k_scales(const uint8_t* b, uint8_t* scale, uint8_t* mn) {
   const uint8_t* sc = b + 4;
   for (int j = 0; j < 8; ++j) {
-    const int scale = j < 4 ? sc[j] & 63 : (sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4);
-    const int mn = j < 4 ? sc[j + 4] & 63 : (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
-    d[j] = dd * static_cast<float>(scale);
-    m[j] = -dmin * static_cast<float>(mn);
+    scale[j] = static_cast<uint8_t>(j < 4 ? sc[j] & 63 : (sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4));
+    mn[j] = static_cast<uint8_t>(j < 4 ? sc[j + 4] & 63 : (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4));
+  }
+}
+
+// One Q4_K super-block (256 weights: d, dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles) -> its 8
+// groups of 32 as 4-bit codes with their d and m (w = d * scale * q - dmin * min; the layout rounds d and m to fp16).
+inline void decode_q4k(const uint8_t* b, uint8_t* q, float* d, float* m) {
+  const float dd = f16(b), dmin = f16(b + 2);
+  uint8_t scale[8], mn[8];
+  q4k_scales(b, scale, mn);
+  for (int j = 0; j < 8; ++j) {
+    d[j] = dd * static_cast<float>(scale[j]);
+    m[j] = -dmin * static_cast<float>(mn[j]);
   }
   for (int p = 0; p < 4; ++p) {  // 32 bytes of nibbles: group 2p in the low ones, 2p + 1 in the high
     const uint8_t* qs = b + 16 + p * 32;
@@ -1408,25 +1463,32 @@ bool qmatmul_bf16_gemm() {
 
 // The layout's codes and scales: 4 or 8 bits with fp16 d and m per group of a multiple of 32; 6 bits (VNNI builds)
 // with their scale bytes per 16 and 256 inputs.
-static void check_layout(const char* op, const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t K) {
+// Returns whether the scales are Q4_K's bytes (4-bit codes with uint8 scales).
+static bool check_layout(const char* op, const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t K) {
   TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && dm.is_contiguous(), op, ": contiguous uint8 codes");
   if (bits == 6) {
     TORCH_CHECK(MIAOTUI_VNNI, op, ": 6-bit codes need the VNNI build (this one is ", qmatmul_path(), ")");
     TORCH_CHECK(dm.scalar_type() == at::kByte && group == 16 && K % 256 == 0,
                 op, ": 6-bit codes take uint8 scales, groups of 16 and K in super-blocks of 256");
-    return;
+    return false;
+  }
+  if (bits == 4 && dm.scalar_type() == at::kByte) {
+    TORCH_CHECK(MIAOTUI_VNNI, op, ": Q4_K's scales need the VNNI build (this one is ", qmatmul_path(), ")");
+    TORCH_CHECK(group == QBLOCK && K % 256 == 0, op, ": Q4_K's scales take groups of 32 and K in super-blocks of 256");
+    return true;
   }
   TORCH_CHECK(bits == 4 || bits == 8, op, ": 4, 6 or 8 bits");
   TORCH_CHECK(dm.scalar_type() == at::kHalf, op, ": fp16 scales");
   TORCH_CHECK(group % QBLOCK == 0 && K % group == 0, op, ": K must split into groups of a multiple of 32");
+  return false;
 }
 
 // Rows `ids` of a packed weight as fp32 [n, K]: an embedding lookup (one row per token) without a torch op per step
 // of the unpacking (~160 us a token through torch). The same values as dequantize_rows (the same dequantize_word).
 Tensor packed_rows(const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t K, const Tensor& ids_) {
-  check_layout("packed_rows", w, dm, bits, group, K);
+  const bool ks = check_layout("packed_rows", w, dm, bits, group, K);
   const Tensor ids = ids_.to(at::kLong).contiguous();
-  const int64_t n = ids.numel(), ngroups = K / group, line_bytes = 16 * K * bits / 8;
+  const int64_t n = ids.numel(), line_bytes = 16 * K * bits / 8;
   const int64_t rows_total = w.numel() / (K * bits / 8);
   const int64_t* id = ids.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i)
@@ -1450,11 +1512,12 @@ Tensor packed_rows(const Tensor& w, const Tensor& dm, int64_t bits, int64_t grou
         continue;
       }
       const uint8_t* line = wp + rb * line_bytes + r * 4;
-      const at::Half* dmb = dp + rb * ngroups * 32;
+      const at::Half* dmb = dp + rb * scale_halves(bits, K, group, ks);
       float* orow = o + i * K;
       for (int64_t c = 0; c < K / per_line; ++c, line += 64) {
         const int64_t k0 = c * per_line, g = k0 / group;
-        const float d = static_cast<float>(dmb[g * 32 + r]), m = static_cast<float>(dmb[g * 32 + 16 + r]);
+        float d, m;
+        row_scales(dmb, ks, g, static_cast<int>(r), d, m);
         uint32_t word;
         std::memcpy(&word, line, 4);
         if (bits == 4) dequantize_word<4>(word, d, m, orow + k0);
@@ -1482,10 +1545,10 @@ Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && dm.device().is_cpu(), "qmatmul: CPU tensors only");
   TORCH_CHECK(act_bits == 16 || act_bits == 8, "qmatmul: activations in 16 bits (two int8 terms) or 8 (one)");
   const int64_t K = x.size(-1), M = x.numel() / K;
-  check_layout("qmatmul", w, dm, bits, group, K);
+  const bool ks = check_layout("qmatmul", w, dm, bits, group, K);
   const int64_t rblocks = (N + 15) / 16;
   TORCH_CHECK(w.numel() == rblocks * 16 * K * bits / 8, "qmatmul: packed weight does not match K and N");
-  TORCH_CHECK(dm.numel() * dm.element_size() == rblocks * scale_halves(bits, K, group) * 2,
+  TORCH_CHECK(dm.numel() * dm.element_size() == rblocks * scale_halves(bits, K, group, ks) * 2,
               "qmatmul: scales do not match K, N and the group");
   Tensor in_scale;
   if (in_scale_.has_value()) {  // taken in its own dtype when fp32 or bf16: no conversion per call
@@ -1499,7 +1562,7 @@ Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits
 #if MIAOTUI_VNNI
   if (act_bits == 16 && !reference && x.scalar_type() == at::kBFloat16 && M >= BF16_MIN_ROWS && bf16_units() &&
       !amx_takes(M))
-    return dense_qmatmul_bf16(x, w, dm, bits, group, N, in_scale);
+    return dense_qmatmul_bf16(x, w, dm, bits, group, N, in_scale, ks);
 #endif
   auto shape = x.sizes().vec();
   shape.back() = N;
@@ -1511,7 +1574,7 @@ Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits
       if (!in_scale.defined()) xb = amx_rows(xp, static_cast<const float*>(nullptr), M, K);
       else if (in_scale.scalar_type() == at::kBFloat16) xb = amx_rows(xp, in_scale.data_ptr<at::BFloat16>(), M, K);
       else xb = amx_rows(xp, in_scale.data_ptr<float>(), M, K);
-      amx_gemm(w.data_ptr<uint8_t>(), scales_of(dm), bits, xb.data_ptr<at::BFloat16>(), M, K, group, N, yp);
+      amx_gemm(w.data_ptr<uint8_t>(), scales_of(dm), bits, ks, xb.data_ptr<at::BFloat16>(), M, K, group, N, yp);
       return;
     }
 #endif
@@ -1532,16 +1595,16 @@ Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits
     const at::Half* dp = scales_of(dm);
     at::parallel_for(0, rblocks, 1, [&](int64_t b0, int64_t b1) {
       if (!reference) {
-        if (bits == 4) qgemm_rows<4>(wp, dp, qx, M, K, group, N, yp, b0, b1);
+        if (bits == 4) qgemm_rows<4>(wp, dp, qx, M, K, group, N, yp, b0, b1, ks);
 #if MIAOTUI_VNNI
-        else if (bits == 6) qgemm_rows<6>(wp, dp, qx, M, K, group, N, yp, b0, b1);
+        else if (bits == 6) qgemm_rows<6>(wp, dp, qx, M, K, group, N, yp, b0, b1, false);
 #endif
-        else qgemm_rows<8>(wp, dp, qx, M, K, group, N, yp, b0, b1);
+        else qgemm_rows<8>(wp, dp, qx, M, K, group, N, yp, b0, b1, false);
         return;
       }
-      if (bits == 4) qgemm_rows_ref<4>(wp, dp, qx, M, K, group, N, yp, b0, b1);
-      else if (bits == 6) qgemm_rows_ref<6>(wp, dp, qx, M, K, group, N, yp, b0, b1);
-      else qgemm_rows_ref<8>(wp, dp, qx, M, K, group, N, yp, b0, b1);
+      if (bits == 4) qgemm_rows_ref<4>(wp, dp, qx, M, K, group, N, yp, b0, b1, ks);
+      else if (bits == 6) qgemm_rows_ref<6>(wp, dp, qx, M, K, group, N, yp, b0, b1, false);
+      else qgemm_rows_ref<8>(wp, dp, qx, M, K, group, N, yp, b0, b1, false);
     });
   };
   if (x.scalar_type() == at::kFloat) run(x.data_ptr<float>(), y.data_ptr<float>());
@@ -1639,13 +1702,13 @@ static std::tuple<Tensor, Tensor, int64_t> pack_q6k(const Tensor& raw, int64_t N
 
 // The packed layout (data, dm) of a GGUF tensor [N, K] of block type `type` from its raw bytes (rows in file order;
 // output row r is file row rows[r] when a permutation is given), in `out_bits` (0: the type's own; 4-bit types may
-// be written as 8-bit codes, Q6_K as 6-bit ones in VNNI builds). Written into data_out / dm_out when given (row
-// blocks of a fused projection's layout: its parts land in place, no concatenation), else into new tensors.
-// Returns (data, dm, bits).
+// be written as 8-bit codes, Q6_K as 6-bit ones in VNNI builds; `kscales`: Q4_K with its own scales, VNNI builds).
+// Written into data_out / dm_out when given (row blocks of a fused projection's layout: its parts land in place, no
+// concatenation), else into new tensors. Returns (data, dm, bits).
 std::tuple<Tensor, Tensor, int64_t> pack_blocks(const Tensor& raw, const std::string& type, int64_t N, int64_t K,
                                                 const c10::optional<Tensor>& rows, int64_t out_bits,
                                                 const c10::optional<Tensor>& data_out,
-                                                const c10::optional<Tensor>& dm_out) {
+                                                const c10::optional<Tensor>& dm_out, bool kscales) {
   int64_t block_bytes, block_weights;
   int bits;
   const BlockType t = block_type(type, block_bytes, block_weights, bits);
@@ -1658,15 +1721,22 @@ std::tuple<Tensor, Tensor, int64_t> pack_blocks(const Tensor& raw, const std::st
   const int64_t rblocks = (N + 15) / 16, ngroups = K / QBLOCK, row_bytes = K / block_weights * block_bytes;
   TORCH_CHECK(data_out.has_value() == dm_out.has_value(), "pack_blocks: give both outputs or neither");
   if (bits == 6) return pack_q6k(raw, N, K, rows, data_out, dm_out);
+  TORCH_CHECK(!kscales || (t == BlockType::Q4_K && bits == 4), "pack_blocks: only Q4_K keeps its scales, in 4 bits");
+  TORCH_CHECK(!kscales || MIAOTUI_VNNI, "pack_blocks: Q4_K's scales need the VNNI build (this one is ",
+              qmatmul_path(), ")");
   Tensor data = data_out ? *data_out : at::empty({rblocks, K * bits / 32, 16, 4}, raw.options());
-  Tensor dm = dm_out ? *dm_out : at::empty({rblocks, ngroups, 2, 16}, raw.options().dtype(at::kHalf));
+  Tensor dm = dm_out ? *dm_out
+          : kscales ? at::empty({rblocks, K / 256, 320}, raw.options())
+                    : at::empty({rblocks, ngroups, 2, 16}, raw.options().dtype(at::kHalf));
   TORCH_CHECK(data.scalar_type() == at::kByte && data.is_contiguous() && data.numel() == rblocks * 16 * K * bits / 8 &&
-              dm.scalar_type() == at::kHalf && dm.is_contiguous() && dm.numel() == rblocks * ngroups * 32,
+              dm.scalar_type() == (kscales ? at::kByte : at::kHalf) && dm.is_contiguous() &&
+              dm.numel() * dm.element_size() == rblocks * scale_halves(bits, K, QBLOCK, kscales) * 2,
               "pack_blocks: outputs do not match N, K and the bits");
   const uint8_t* src = raw.data_ptr<uint8_t>();
   const int64_t* perm = rows ? rows->data_ptr<int64_t>() : nullptr;
   uint8_t* out = data.data_ptr<uint8_t>();
-  at::Half* dmo = dm.data_ptr<at::Half>();
+  at::Half* dmo = kscales ? nullptr : dm.data_ptr<at::Half>();
+  uint8_t* kso = kscales ? dm.data_ptr<uint8_t>() : nullptr;
   const int64_t lines = K * bits / 32 / ngroups;  // 64-byte lines per group: 4 (4-bit) or 8
   at::parallel_for(0, rblocks, 1, [&](int64_t b0, int64_t b1) {
     // A block of 16 rows is decoded a row at a time (each row's bytes read in file order: 16 interleaved streams,
@@ -1679,18 +1749,32 @@ std::tuple<Tensor, Tensor, int64_t> pack_blocks(const Tensor& raw, const std::st
         uint8_t* qr = q.data() + r * K;
         float* dr = dq.data() + r * ngroups;
         float* mr = mq.data() + r * ngroups;
-        if (r >= rows_here) {  // padding rows: zero codes, zero scales
+        const uint8_t* row = r < rows_here ? src + (perm ? perm[rb * 16 + r] : rb * 16 + r) * row_bytes : nullptr;
+        for (int64_t s = 0; kscales && s < K / 256; ++s) {  // Q4_K's own scales: D, -Dmin, then the bytes
+          uint8_t* sb = kso + (rb * (K / 256) + s) * 320;
+          uint8_t scale[8] = {}, mn[8] = {};
+          uint16_t dd = 0, dmin = 0;
+          if (row) {
+            std::memcpy(&dd, row + s * 144, 2);
+            std::memcpy(&dmin, row + s * 144 + 2, 2);
+            dmin ^= 0x8000;  // -Dmin: the sign bit
+            q4k_scales(row + s * 144, scale, mn);
+          }
+          std::memcpy(sb + 2 * r, &dd, 2);
+          std::memcpy(sb + 32 + 2 * r, &dmin, 2);
+          for (int g = 0; g < 8; ++g) sb[64 + g * 16 + r] = scale[g], sb[192 + g * 16 + r] = mn[g];
+        }
+        if (!row) {  // padding rows: zero codes, zero scales
           std::memset(qr, 0, K);
           std::fill(dr, dr + ngroups, 0.f);
           std::fill(mr, mr + ngroups, 0.f);
           continue;
         }
-        const uint8_t* row = src + (perm ? perm[rb * 16 + r] : rb * 16 + r) * row_bytes;
         decode_row(t, row, ngroups, qr, dr, mr);
       }
       for (int64_t g = 0; g < ngroups; ++g) {  // one group of 16 rows: its scales, then its lines in order
-        at::Half* dmg = dmo + (rb * ngroups + g) * 32;
-        for (int r = 0; r < 16; ++r) {
+        for (int r = 0; dmo && r < 16; ++r) {
+          at::Half* dmg = dmo + (rb * ngroups + g) * 32;
           dmg[r] = at::Half(dq[r * ngroups + g]);
           dmg[16 + r] = at::Half(mq[r * ngroups + g]);
         }

@@ -4,9 +4,10 @@ A weight is unsigned codes q (4 or 8 bits) with an affine map per row and group 
 kernel quantizes activations to int8 per block of 32 and multiplies on the integer dot-product unit. On this
 machine it runs a decode-sized product 2-3x faster than torch's int4/int8 weight-only kernels (which widen every
 weight to float), and both int4 and int8 weights (8-bit codes are the int8 value + 128) share it. From 8 rows on,
-where the CPU has AMX, the same layout is widened to bf16 tiles instead (prefill, batched decode). GGUF's Q6_K
-(w = D * s * (q - 32), 6-bit q, int8 s per 16 inputs) is held exactly as 6-bit codes where the VNNI kernel is built:
-6.56 bits a weight, where 8-bit codes took 9 and requantized it.
+where the CPU has AMX, the same layout is widened to bf16 tiles instead (prefill, batched decode). GGUF's K-quants
+are held exactly as the file stores them where the VNNI kernel is built: Q6_K (w = D * s * (q - 32), int8 s per 16
+inputs) as 6-bit codes, 6.56 bits a weight where 8-bit codes took 9 and requantized it; Q4_K with its own scales
+(w = D * sc * q - Dmin * mn, bytes per 32 inputs), 4.63 bits a weight where fp16 d and m took 5 and rounded D * sc.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from miaotui.loader.tensors import RawBlocks
 BLOCK_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 8, "Q5_1": 8, "Q8_0": 8, "Q6_K": 8}  # what the packer reads
 
 
-def six_bit() -> bool:
-    """Whether Q6_K blocks are held as 6-bit codes: the VNNI kernel multiplies them (the AVX2 and portable ones
-    take them as 8-bit codes)."""
+def kquant_exact() -> bool:
+    """Whether Q6_K and Q4_K blocks are held as the file stores them (6-bit codes; 4-bit codes with their own
+    scales): the VNNI kernel multiplies them, the AVX2 and portable ones take 8-bit codes and fp16 scales."""
     ops = cpu_ops()
     return ops is not None and ops.qmatmul_path == "vnni"
 
@@ -31,7 +32,7 @@ def six_bit() -> bool:
 @dataclass
 class PackedWeight:
     data: torch.Tensor  # uint8 [N/16, K*bits/32, 16, 4]: one 64-byte line per 16 rows and 4-byte input chunk
-    dm: torch.Tensor  # fp16 [N/16, K/group, 2, 16]: d then m of 16 rows; 6 bits: uint8 [N/16, K/256, 288]
+    dm: torch.Tensor  # fp16 [N/16, K/group, 2, 16]: d then m of 16 rows; uint8 [N/16, K/256, 288 | 320]: Q6_K's, Q4_K's
     bits: int
     group: int
     shape: tuple[int, int]
@@ -64,31 +65,33 @@ class PackedWeight:
     @classmethod
     def from_blocks(cls, parts: list[RawBlocks] | None, k: int, min_bits: int | None = None) -> PackedWeight | None:
         """Straight from a file's raw blocks (one tensor, or the parts of a fused projection), read by the kernels'
-        packer with no float detour: 4-bit types as 4-bit codes, 5- to 8-bit types (and a mix) as 8-bit codes, Q6_K
-        alone as 6-bit codes exactly where `six_bit()`, else requantized to 8 bits per group of 32. `min_bits`: codes
-        of fewer bits go to 8. None where the packer cannot (no kernels, another block type, parts not in whole
-        blocks of 16 rows)."""
+        packer with no float detour: 4-bit types as 4-bit codes, 5- to 8-bit types (and a mix) as 8-bit codes; where
+        `kquant_exact()`, Q6_K alone as 6-bit codes and Q4_K alone with its own scales (else Q6_K requantized to 8
+        bits per group of 32). `min_bits`: codes of fewer bits go to 8. None where the packer cannot (no kernels,
+        another block type, parts not in whole blocks of 16 rows)."""
         ops = cpu_ops()
         if ops is None or not parts or k % 32 or any(p.type not in BLOCK_BITS for p in parts):
             return None
         if any(p.num_rows % 16 for p in parts[:-1]):
             return None
-        six = all(p.type == "Q6_K" for p in parts) and k % 256 == 0 and six_bit()
+        exact = k % 256 == 0 and kquant_exact()
+        six = exact and all(p.type == "Q6_K" for p in parts)
         bits = 6 if six else max(BLOCK_BITS[p.type] for p in parts)
         if min_bits and bits < min_bits:
             bits = 8
+        kscales = exact and bits == 4 and all(p.type == "Q4_K" for p in parts)
         n = sum(p.num_rows for p in parts)
         blocks = -(-n // 16)
         data = torch.empty(blocks, k * bits // 32, 16, 4, dtype=torch.uint8)
-        if six:  # per super-block of 256 inputs: 16 rows' fp16 D, then their int8 scales of 16 groups
-            dm = torch.empty(blocks, k // 256, 288, dtype=torch.uint8)
+        if six or kscales:  # per super-block of 256 inputs, 16 rows' fp16 D (and -Dmin), then their byte scales
+            dm = torch.empty(blocks, k // 256, 288 if six else 320, dtype=torch.uint8)
         else:
             dm = torch.empty(blocks, k // 32, 2, 16, dtype=torch.float16)
         start = 0  # in row blocks: every part but the last holds whole blocks of 16 rows
         for p in parts:
             size = -(-p.num_rows // 16)
             ops.pack_blocks(p.data, p.type, p.num_rows, k, p.rows, bits, data[start:start + size],
-                            dm[start:start + size])
+                            dm[start:start + size], kscales=kscales)
             start += size
         return cls(data, dm, bits, 16 if six else 32, (n, k))
 

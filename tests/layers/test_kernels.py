@@ -272,39 +272,66 @@ def test_qmatmul_many_rows_is_a_bf16_product(ops, bits, group, m, n, k, dtype):
     assert ((y.float() - ref).abs() <= tol * ref.abs().max()).all()
 
 
-def random_q6k(n: int, k: int):
-    """Seeded random GGUF Q6_K blocks [N, K] (raw bytes), their values (miaotui's dequantizer, gguf's bit for bit)
-    and each weight's scale D * s."""
-    from miaotui.loader.dequant import q6_k
+KQUANTS = {"Q6_K": (210, 6, 16), "Q4_K": (144, 4, 32)}  # block bytes, bits held, scale group
 
+
+def random_kquant(kind: str, n: int, k: int):
+    """Seeded random GGUF K-quant blocks [N, K] (raw bytes), their values (miaotui's dequantizer, gguf's bit for bit)
+    and each weight's d and m (w = d q + m, q the unsigned code)."""
+    from miaotui.loader.dequant import _k_scales, q4_k, q6_k
+
+    size, *_ = KQUANTS[kind]
     torch.manual_seed(0)
-    raw = torch.randint(0, 256, (n, k // 256, 210), dtype=torch.uint8)
-    raw[..., 208:] = (torch.rand(n, k // 256) * 0.01 + 1e-3).half().view(torch.uint8).view(n, k // 256, 2)
-    scale = raw[..., 208:].contiguous().view(torch.float16).float() * raw[..., 192:208].contiguous().view(torch.int8)
-    return raw.reshape(-1), q6_k(raw.reshape(-1, 210)).reshape(n, k), scale.repeat_interleave(16, dim=-1).view(n, k)
+    raw = torch.randint(0, 256, (n, k // 256, size), dtype=torch.uint8)
+
+    def halves(off):  # fp16 scales in [1e-3, 1.1e-2)
+        raw[..., off:off + 2] = (torch.rand(n, k // 256) * 0.01 + 1e-3).half().view(torch.uint8).view(n, k // 256, 2)
+        return raw[..., off:off + 2].contiguous().view(torch.float16).float()
+
+    if kind == "Q6_K":
+        d = halves(208) * raw[..., 192:208].contiguous().view(torch.int8)  # [n, k/256, 16]
+        m = -32 * d
+        values = q6_k(raw.reshape(-1, size))
+    else:
+        sc, mn = _k_scales(raw[..., 4:16].reshape(-1, 12))
+        d, m = halves(0) * sc.view(n, -1, 8), -halves(2) * mn.view(n, -1, 8)
+        values = q4_k(raw.reshape(-1, size))
+    group = 256 // d.shape[-1]
+    return (raw.reshape(-1), values.reshape(n, k), d.repeat_interleave(group, -1).view(n, k),
+            m.repeat_interleave(group, -1).view(n, k))
 
 
-@pytest.mark.parametrize("m", [1, 3, 6, 9, 37])  # 6, 9, 37: passes of 4 tokens after a first that unpacks for them
-def test_q6k_blocks_multiply_as_6_bit_codes(ops, m):
-    """GGUF's Q6_K (w = D s (q - 32), an int8 s per 16 inputs) is held exactly as 6-bit codes by the VNNI class: rows
-    read back are the file's values bit for bit, and products agree with the plain C++ definition, with x @ Wᵀ to
-    the activations' rounding, and with one activation term, with llama.cpp's rounding exactly as the 4- and 8-bit
-    codes do. Other classes refuse 6 bits by name (they take Q6_K as 8-bit codes)."""
+def pack_kquant(ops, kind: str, raw: torch.Tensor, n: int, k: int):
+    """The VNNI class's layout of the file's own K-quant blocks: (data, scales, bits, group)."""
+    _, bits, group = KQUANTS[kind]
+    data, sc, held = ops.pack_blocks(raw, kind, n, k, bits=bits, kscales=kind == "Q4_K")
+    assert held == bits and sc.dtype == torch.uint8
+    return data, sc, bits, group
+
+
+@pytest.mark.parametrize("kind", KQUANTS)
+@pytest.mark.parametrize("m", [1, 3, 6, 9, 37])  # 6, 9, 37: 6-bit passes of 4 tokens after one unpacking for them
+def test_kquant_blocks_multiply_as_the_file_holds_them(ops, kind, m):
+    """GGUF's K-quants are held exactly by the VNNI class — Q6_K (w = D s (q - 32), an int8 s per 16 inputs) as 6-bit
+    codes, Q4_K (w = D sc q - Dmin mn, 6-bit sc and mn per 32) as 4-bit codes with its own scales: rows read back are
+    the file's values bit for bit, and products agree with the plain C++ definition, with x @ Wᵀ to the
+    activations' rounding, and under one activation term with llama.cpp's rounding, as the fp16-scaled layouts do.
+    Other classes refuse both by name (they take 8-bit codes and fp16 scales)."""
     n, k = 50, 768
-    raw, values, scale = random_q6k(n, k)
+    raw, values, d, mw = random_kquant(kind, n, k)
     if ops.qmatmul_path != "vnni":
         with pytest.raises(RuntimeError, match="VNNI"):
-            ops.pack_blocks(raw, "Q6_K", n, k, bits=6)
+            pack_kquant(ops, kind, raw, n, k)
         return
-    data, sc, bits = ops.pack_blocks(raw, "Q6_K", n, k, bits=6)
-    assert bits == 6 and data.numel() == 64 * k * 6 // 8 and sc.numel() == 4 * (k // 256) * 288  # 4 row blocks
+    data, sc, bits, group = pack_kquant(ops, kind, raw, n, k)
+    assert data.numel() == 64 * k * bits // 8  # 50 rows padded to 64
     rows = torch.tensor([49, 3, 0, 17])
-    assert torch.equal(ops.packed_rows(data, sc, 6, 16, k, rows), values[rows])
+    assert torch.equal(ops.packed_rows(data, sc, bits, group, k, rows), values[rows])
     x = torch.randn(m, k) * torch.where(torch.rand(k) < 0.05, 30.0, 1.0)
     s = torch.rand(k) + 0.5
 
     def qmatmul(act_bits=16, reference=False):
-        return ops.qmatmul(x, data, sc, 6, 16, n, s, reference=reference, act_bits=act_bits)
+        return ops.qmatmul(x, data, sc, bits, group, n, s, reference=reference, act_bits=act_bits)
 
     ref = (x * s) @ values.t()
     y = qmatmul()
@@ -313,26 +340,27 @@ def test_q6k_blocks_multiply_as_6_bit_codes(ops, m):
     xs = (x * s).view(m, -1, 32)
     amax = xs.abs().amax(-1, keepdim=True)
     xq = (torch.round(xs * (127 / amax)) * (amax / 127)).view(m, k).double()
-    ref8 = xq @ (values + 32 * scale).double().t() - 32 * (x * s).double() @ scale.double().t()
+    ref8 = xq @ (values - mw).double().t() + (x * s).double() @ mw.double().t()
     tol = 2e-6 * ref8.abs().max().item()
     assert (qmatmul(8) - ref8).abs().max() <= tol and (qmatmul(8, reference=True) - ref8).abs().max() <= tol
-    with pytest.raises(RuntimeError, match="groups of 16"):
-        ops.qmatmul(x, data, sc, 6, 32, n, s)
+    with pytest.raises(RuntimeError, match="groups of"):
+        ops.qmatmul(x, data, sc, bits, 64, n, s)
 
 
+@pytest.mark.parametrize("kind", KQUANTS)
 @pytest.mark.parametrize("m", [8, 40, 300])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_q6k_many_rows_widen_to_bf16(ops, m, dtype):
-    """6-bit codes widened to bf16 for the tile unit (from 8 rows) or torch's bf16 GEMM (prefill sizes, CPUs with
-    bf16 units): x @ Wᵀ as the dense bf16 weight gives it."""
+def test_kquant_many_rows_widen_to_bf16(ops, kind, m, dtype):
+    """The file's own K-quant layouts widened to bf16 for the tile unit (from 8 rows) or torch's bf16 GEMM (prefill
+    sizes, CPUs with bf16 units): x @ Wᵀ as the dense bf16 weight gives it."""
     if ops.qmatmul_path != "vnni" or not (ops.amx or (ops.bf16_gemm and dtype == torch.bfloat16 and m == 300)):
         pytest.skip("neither AMX nor bf16 units in this build")
     n, k = (2900 if m == 300 else 50), 768
-    raw, values, _ = random_q6k(n, k)
-    data, sc, _ = ops.pack_blocks(raw, "Q6_K", n, k, bits=6)
+    raw, values, *_ = random_kquant(kind, n, k)
+    data, sc, bits, group = pack_kquant(ops, kind, raw, n, k)
     x = (torch.randn(m, k) * torch.where(torch.rand(k) < 0.05, 30.0, 1.0)).to(dtype)
     ref = x.bfloat16().float() @ values.bfloat16().float().t()
-    y = ops.qmatmul(x, data, sc, 6, 16, n, None)
+    y = ops.qmatmul(x, data, sc, bits, group, n, None)
     assert y.dtype == dtype and y.shape == (m, n)
     tol = 1e-5 if dtype == torch.float32 else 2**-8
     assert ((y.float() - ref).abs() <= tol * ref.abs().max()).all()
