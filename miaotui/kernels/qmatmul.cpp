@@ -79,7 +79,8 @@ constexpr int64_t QBLOCK = 32;  // activation quantization block
 // build showed no difference on that Zen 4, and an AVX2-only host was not there to measure. The VNNI kernels ask
 // from further ahead: at 8 KB a Qwen2.5-1.5B step of 4 rows ran 1.05-1.09x faster than at 2 KB, 1 and 9 rows level
 // (Zen 4, two builds alternated in one engine at 500 tokens of context, 14-40 pairs; its 6-bit products' 1-row step
-// 1.03-1.04x against 4 KB, 1.07x at 4 rows against 2 KB).
+// 1.03-1.04x against 4 KB, 1.07x at 4 rows against 2 KB); SmolLM2's 4-row step 0.98x (1 and 9 rows level; capping
+// the distance at one row block did not help it).
 constexpr int64_t PREFETCH = 2048;
 constexpr int64_t PREFETCH_VNNI = 4 * PREFETCH;
 
