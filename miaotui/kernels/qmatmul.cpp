@@ -79,8 +79,9 @@ constexpr int64_t QBLOCK = 32;  // activation quantization block
 // build showed no difference on that Zen 4, and an AVX2-only host was not there to measure. The VNNI kernels ask
 // from further ahead: at 8 KB a Qwen2.5-1.5B step of 4 rows ran 1.05-1.09x faster than at 2 KB, 1 and 9 rows level
 // (Zen 4, two builds alternated in one engine at 500 tokens of context, 14-40 pairs; its 6-bit products' 1-row step
-// 1.03-1.04x against 4 KB, 1.07x at 4 rows against 2 KB); SmolLM2's 4-row step 0.98x (1 and 9 rows level; capping
-// the distance at one row block did not help it).
+// 1.03-1.04x against 4 KB, 1.07x at 4 rows against 2 KB). Only for weights whose row blocks span that much: at 8 KB
+// for all, SmolLM2's 4-row step (row blocks of 4.5 KB) ran 0.98x, capped at one row block no better; keeping 2 KB
+// for such small rows made it 1.04x faster again (two runs, 20-24 pairs; Qwen's steps level).
 constexpr int64_t PREFETCH = 2048;
 constexpr int64_t PREFETCH_VNNI = 4 * PREFETCH;
 
@@ -620,7 +621,7 @@ void qgemm_rows_terms(const uint8_t* w, const at::Half* dm, const QuantX& x, int
     // (AVX2: unmeasured on an AVX2 host, left streaming.)
     auto ahead = [&](int64_t m) {
       if (!MIAOTUI_VNNI) return PREFETCH;
-      return m > 0 && rb + 1 < rb_end ? line_bytes : PREFETCH_VNNI;
+      return m > 0 && rb + 1 < rb_end ? line_bytes : line_bytes >= PREFETCH_VNNI ? PREFETCH_VNNI : PREFETCH;
     };
     int64_t m = 0;
 #if MIAOTUI_AVX2
