@@ -185,15 +185,17 @@ inline void unpack6(const uint8_t* w, __m512i v[4]) {
                                    0xEA);
 }
 
-// A 6-bit super-block's scales `sb`: the 16 rows' D, and their s of group hh (0..15) as floats (D * s is exact in
-// fp32: 11 x 8 bits).
-inline __m512 scales6_d(const uint8_t* sb) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb)));
+// 16 rows' fp16 values stored at p (the byte scale layouts' D and -Dmin).
+inline __m512 halves16(const uint8_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
+
+// A 6-bit super-block's scales `sb`: the 16 rows' s of group hh (0..15) as floats (D * s is exact in fp32: 11 x 8
+// bits).
 inline __m512 scales6_s(const uint8_t* sb, int64_t hh) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + 32 + 16 * hh))));
 }
-inline __m512 scales6(const uint8_t* sb, int64_t hh) { return _mm512_mul_ps(scales6_d(sb), scales6_s(sb, hh)); }
+inline __m512 scales6(const uint8_t* sb, int64_t hh) { return _mm512_mul_ps(halves16(sb), scales6_s(sb, hh)); }
 
 // Group g's d and m of 16 rows: fp16 as stored, or (KS) from Q4_K's bytes, D * sc and -Dmin * mn (exact in fp32).
 template <bool KS>
@@ -203,11 +205,8 @@ inline void group_scales(const at::Half* dm, int64_t g, __m512& dv, __m512& mv) 
     auto bytes = [&](int64_t off) {
       return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + off))));
     };
-    auto halves = [&](int64_t off) {
-      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + off)));
-    };
-    dv = _mm512_mul_ps(halves(0), bytes(64 + g % 8 * 16));
-    mv = _mm512_mul_ps(halves(32), bytes(192 + g % 8 * 16));
+    dv = _mm512_mul_ps(halves16(sb), bytes(64 + g % 8 * 16));
+    mv = _mm512_mul_ps(halves16(sb + 32), bytes(192 + g % 8 * 16));
   } else {
     dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + g * 32)));
     mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + g * 32 + 16)));
@@ -231,7 +230,7 @@ inline void qgemm6_block(const uint8_t* w, const uint8_t* sc, const int8_t* xq, 
   __m512 acc[MT];
   for (int t = 0; t < MT; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t sb = 0; sb < K / 256; ++sb, sc += 288) {
-    const __m512 d = _mm512_mul_ps(scales6_d(sc), unit);
+    const __m512 d = _mm512_mul_ps(halves16(sc), unit);
     for (int64_t hh = 0; hh < 16; ++hh, pf += 192) {
       const int64_t h = sb * 16 + hh, b = h / 2;
       __m512i v[4];
@@ -965,6 +964,13 @@ void qgemm_rows(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M
 }
 #endif
 
+// An fp16 value stored at p (file blocks and the byte scale layouts).
+inline float f16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
+
 // Group g's d and m of row r in a row block's scales, as the kernels take them: fp16, or (ks) from Q4_K's bytes.
 inline void row_scales(const at::Half* dm, bool ks, int64_t g, int r, float& d, float& m) {
   if (!ks) {
@@ -973,11 +979,8 @@ inline void row_scales(const at::Half* dm, bool ks, int64_t g, int r, float& d, 
     return;
   }
   const uint8_t* sb = reinterpret_cast<const uint8_t*>(dm) + g / 8 * 320;
-  uint16_t h[2];
-  std::memcpy(h, sb + 2 * r, 2);
-  std::memcpy(h + 1, sb + 32 + 2 * r, 2);
-  d = static_cast<float>(c10::Half(h[0], c10::Half::from_bits())) * static_cast<float>(sb[64 + g % 8 * 16 + r]);
-  m = static_cast<float>(c10::Half(h[1], c10::Half::from_bits())) * static_cast<float>(sb[192 + g % 8 * 16 + r]);
+  d = f16(sb + 2 * r) * static_cast<float>(sb[64 + g % 8 * 16 + r]);
+  m = f16(sb + 32 + 2 * r) * static_cast<float>(sb[192 + g % 8 * 16 + r]);
 }
 
 // The 6-bit layout, one weight at a time: the code (0..63) of input k of row r in the row block at wb, and the
@@ -990,10 +993,7 @@ inline int code6(const uint8_t* wb, int64_t k, int r) {
 }
 inline float scale6(const uint8_t* sb, int64_t k, int r) {
   const uint8_t* s = sb + k / 256 * 288;
-  uint16_t d;
-  std::memcpy(&d, s + 2 * r, 2);
-  return static_cast<float>(c10::Half(d, c10::Half::from_bits())) *
-         static_cast<float>(static_cast<int8_t>(s[32 + (k % 256) / 16 * 16 + r]));
+  return f16(s + 2 * r) * static_cast<float>(static_cast<int8_t>(s[32 + (k % 256) / 16 * 16 + r]));
 }
 
 // The definition, in plain C++, one output at a time: every class's kernel is tested against it (`reference=True`).
@@ -1300,12 +1300,6 @@ Tensor amx_rows(const T* x, const S* in_scale, int64_t M, int64_t K) {
 // GGUF blocks straight into the packed layout, for loading: no float detour, no torch ops per tensor. Each block
 // type decodes one group of 32 weights into unsigned codes with w = d * q + m (the layout's fp16 d and m).
 enum class BlockType { Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K };
-
-inline float f16(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
-}
 
 // Group g (of 32 inputs) of one row's blocks -> codes q[32], d, m (K-quants: decode_q4k, decode_q6k, a
 // super-block at a time).
