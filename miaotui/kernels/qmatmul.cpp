@@ -12,13 +12,13 @@
 //   4-bit: chunks of 8 inputs; byte 4r+j holds input j in its low nibble and input j+4 in its high nibble.
 //   8-bit: chunks of 4 inputs; byte 4r+j holds input j.
 // Scales: fp16 [row blocks, groups, 2, 16] (d then m for 16 rows), exact for GGUF's fp16 block scales.
-//   6-bit (GGUF Q6_K exactly, VNNI builds): w = D * s * (q - 32), q 0..63, an int8 s per 16 inputs and an fp16 D
-//   per 256. Per 16 inputs three lines: two of nibbles as in the 4-bit layout (line 0: inputs 0-3 low, 4-7 high;
+//   6-bit (GGUF Q6_K exactly, VNNI and AVX2 builds): w = D * s * (q - 32), q 0..63, an int8 s per 16 inputs and an
+//   fp16 D per 256. Per 16 inputs three lines: two of nibbles as in the 4-bit layout (line 0: inputs 0-3 low, 4-7 high;
 //   line 1: 8-11, 12-15), then one of high bits (byte 4r+j, bits 2p..2p+1: the high two bits of input 4p+j). Its
 //   scales: bytes [row blocks, K/256, 288], per super-block D of the 16 rows (fp16) then s [16 groups][16 rows].
 //   Unpacked, its three lines are four lines of the 8-bit layout (unpack6): 6.56 bits a weight where Q6_K held as
 //   8-bit codes takes 9 (and those were requantized).
-//   4-bit with K-quant scales (GGUF Q4_K exactly, VNNI builds; `KS` in the kernels): w = D * sc * q - Dmin * mn, a
+//   4-bit with K-quant scales (GGUF Q4_K exactly, every build; `KS` in the kernels): w = D * sc * q - Dmin * mn, a
 //   6-bit sc and mn per 32 inputs under an fp16 D and Dmin per 256. Scales: bytes [row blocks, K/256, 320], per
 //   super-block D of the 16 rows (fp16), then -Dmin, then sc [8 groups][16 rows] and mn (a byte each): 4.63 bits a
 //   weight where fp16 d and m per 32 take 5 (and round D * sc to fp16).
@@ -28,8 +28,8 @@
 //
 // Each CPU class has its integer kernel for the same layout and the same integer sums: AVX-512 VNNI (`vpdpbusd`:
 // 4 byte products summed per 32-bit lane), AVX2 (4-bit codes: `vpmaddubsw` + `vpmaddwd`, the same sums in two
-// steps; 8-bit codes: widened to int16 and multiplied by both activation terms at once in `vpmaddwd`), and portable
-// C++ (plain integer loops).
+// steps; 8-bit and 6-bit codes: widened to int16 and multiplied by both activation terms at once in `vpmaddwd`),
+// and portable C++ (plain integer loops).
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -416,6 +416,24 @@ inline void qgemm_block(const uint8_t* w, const at::Half* dm, const int8_t* xq, 
 #endif
 
 #if MIAOTUI_AVX2
+// Group g's d and m of rows 8h..8h+7: fp16 as stored, or (KS) from Q4_K's bytes, D * sc and -Dmin * mn (exact in
+// fp32), as the VNNI kernel's group_scales.
+template <bool KS>
+inline void group_scales8(const at::Half* dm, int64_t g, int h, __m256& dv, __m256& mv) {
+  auto halves8 = [](const void* p) { return _mm256_cvtph_ps(_mm_loadu_si128(static_cast<const __m128i*>(p))); };
+  if constexpr (KS) {
+    const uint8_t* sb = reinterpret_cast<const uint8_t*>(dm) + g / 8 * 320;
+    auto bytes = [&](int64_t off) {
+      return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sb + off))));
+    };
+    dv = _mm256_mul_ps(halves8(sb + 16 * h), bytes(64 + g % 8 * 16 + 8 * h));
+    mv = _mm256_mul_ps(halves8(sb + 32 + 16 * h), bytes(192 + g % 8 * 16 + 8 * h));
+  } else {
+    dv = halves8(dm + g * 32 + 8 * h);
+    mv = halves8(dm + g * 32 + 16 + 8 * h);
+  }
+}
+
 // One block of 16 output rows for MT tokens on AVX2, each 64-byte line as two halves of 8 rows x 4 bytes: `vpmaddubsw`
 // multiplies unsigned codes by signed activation bytes and sums pairs to int16, `vpmaddwd` by ones sums pairs of those
 // to int32 — per row the 4-byte sum `vpdpbusd` gives in one step. A block's int16 sums cannot overflow
@@ -426,7 +444,7 @@ template <int Bits, int MT, bool Residual, bool KS, typename T>
 inline void qgemm_block(const uint8_t* w, const at::Half* dm, const int8_t* xq, const int8_t* xr,
                         const float* xd, const float* gs, int64_t K, int64_t group, T* y, int64_t ldy,
                         int64_t rows, int64_t ahead) {
-  static_assert(Bits == 4 && !KS, "AVX2 multiplies 8-bit codes in qgemm_block8, fp16 scales only");
+  static_assert(Bits == 4, "AVX2 multiplies 8-bit codes in qgemm_block8");
   const int64_t ngroups = K / group, blocks_per_group = group / QBLOCK, nb = K / QBLOCK;
   constexpr int chunks = 4;  // 64-byte lines per block of 32 inputs
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
@@ -480,8 +498,8 @@ inline void qgemm_block(const uint8_t* w, const at::Half* dm, const int8_t* xq, 
       }
     }
     for (int h = 0; h < 2; ++h) {
-      const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dm + g * 32 + 8 * h)));
-      const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dm + g * 32 + 16 + 8 * h)));
+      __m256 dv, mv;
+      group_scales8<KS>(dm, g, h, dv, mv);
       for (int t = 0; t < MT; ++t) {
         __m256 a = _mm256_fmadd_ps(fd[t][h], dv, _mm256_load_ps(acc[t] + 8 * h));
         _mm256_store_ps(acc[t] + 8 * h, _mm256_fmadd_ps(mv, _mm256_set1_ps(gs[t * ngroups + g]), a));
@@ -538,8 +556,8 @@ inline void qgemm_block8(const uint8_t* w, const at::Half* dm, const int16_t* xa
       }
     }
     for (int h = 0; h < 2; ++h) {
-      const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dm + g * 32 + 8 * h)));
-      const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dm + g * 32 + 16 + 8 * h)));
+      __m256 dv, mv;
+      group_scales8<false>(dm, g, h, dv, mv);
       for (int t = 0; t < MT; ++t)
         acc[t][h] = _mm256_fmadd_ps(mv, _mm256_set1_ps(gs[t * ngroups + g]), _mm256_fmadd_ps(fd[t][h], dv, acc[t][h]));
     }
@@ -550,6 +568,64 @@ inline void qgemm_block8(const uint8_t* w, const at::Half* dm, const int16_t* xa
     _mm256_store_ps(out + 8, acc[t][1]);
     store_row(y + t * ldy, rows, out);
   }
+}
+#endif
+
+#if MIAOTUI_AVX2
+// 6-bit codes on AVX2, MT tokens: per 16 inputs and half of the block (8 rows), the three lines' 32 bytes become
+// four planes of codes 0..63 (shifts and masks; a plane's byte 4r+j is input 4p+j of row r, as unpack6's) and each
+// plane is widened to int16 by interleaving with zero, which puts rows (0 1 4 5) and (2 3 6 7) apart; `vpmaddwd`
+// against the broadcast int16 activations (a = 256 q + r, as qgemm_block8's) leaves two partial sums a row, and one
+// `vphaddd` of the two joins them with the rows back in order. Then the group's scale, as qgemm6_block's:
+// y += D s (xd / 256 Σ q a - 32 Σ x); |Σ q a| <= 16 * 63 * 32639 < 2^31.
+template <int MT, typename T>
+inline void qgemm6_block_avx2(const uint8_t* w, const uint8_t* sc, const int16_t* xa, const float* xd,
+                              const float* gs, int64_t K, T* y, int64_t ldy, int64_t rows) {
+  const int64_t nh = K / 16, nb = K / QBLOCK;
+  const __m256i low4 = _mm256_set1_epi8(0x0F), high2 = _mm256_set1_epi8(0x30), zero = _mm256_setzero_si256();
+  alignas(32) float acc[MT][16] = {};
+  for (int64_t sb = 0; sb < K / 256; ++sb, sc += 288) {
+    __m256 dd[2];
+    for (int h = 0; h < 2; ++h)
+      dd[h] = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 16 * h))),
+                            _mm256_set1_ps(1.f / RESIDUAL));
+    for (int64_t hh = 0; hh < 16; ++hh, w += 192) {
+      const int64_t g = sb * 16 + hh, b = g / 2;
+      for (int l = 0; l < 3; ++l) _mm_prefetch(reinterpret_cast<const char*>(w) + PREFETCH + 64 * l, _MM_HINT_T0);
+      for (int h = 0; h < 2; ++h) {  // rows 8h..8h+7: bytes 32h.. of each line
+        const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * h));
+        const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 + 32 * h));
+        const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 128 + 32 * h));
+        __m256i s[MT][2];
+        for (int t = 0; t < MT; ++t) s[t][0] = s[t][1] = _mm256_setzero_si256();
+        auto plane = [&](int p, __m256i codes) {
+          const __m256i lo = _mm256_unpacklo_epi8(codes, zero), up = _mm256_unpackhi_epi8(codes, zero);
+          for (int t = 0; t < MT; ++t) {
+            int64_t four;
+            std::memcpy(&four, xa + t * K + g * 16 + 4 * p, 8);
+            const __m256i xv = _mm256_set1_epi64x(four);
+            s[t][0] = _mm256_add_epi32(s[t][0], _mm256_madd_epi16(lo, xv));
+            s[t][1] = _mm256_add_epi32(s[t][1], _mm256_madd_epi16(up, xv));
+          }
+        };
+        plane(0, _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_and_si256(_mm256_slli_epi16(hi, 4), high2)));
+        plane(1, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4),
+                                 _mm256_and_si256(_mm256_slli_epi16(hi, 2), high2)));
+        plane(2, _mm256_or_si256(_mm256_and_si256(l1, low4), _mm256_and_si256(hi, high2)));
+        plane(3, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
+                                 _mm256_and_si256(_mm256_srli_epi16(hi, 2), high2)));
+        const __m256 ds = _mm256_mul_ps(dd[h], _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                                   _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + 32 + 16 * hh + 8 * h)))));
+        for (int t = 0; t < MT; ++t) {
+          const __m256 sum = _mm256_cvtepi32_ps(_mm256_hadd_epi32(s[t][0], s[t][1]));
+          const __m256 part = _mm256_fmadd_ps(sum, _mm256_set1_ps(xd[t * nb + b]),
+                                              _mm256_set1_ps(-32.f * RESIDUAL * gs[t * nh + g]));
+          _mm256_store_ps(acc[t] + 8 * h, _mm256_fmadd_ps(part, ds, _mm256_load_ps(acc[t] + 8 * h)));
+        }
+      }
+    }
+  }
+  for (int t = 0; t < MT; ++t) store_row(y + t * ldy, rows, acc[t]);
 }
 #endif
 
@@ -661,7 +737,33 @@ void qgemm_rows_terms(const uint8_t* w, const at::Half* dm, const QuantX& x, int
   }
 }
 
-// ks: Q4_K's scales (VNNI builds).
+#if MIAOTUI_AVX2
+// 6-bit row blocks on AVX2, the tokens up to three at a time (each pass unpacks the lines again): against passes of
+// two, a Qwen2.5-1.5B step of 9 rows 1.03x faster, of 4 rows 1.01x, 1 row level (the AVX2 build on a Zen 4).
+template <typename T>
+void qgemm6_rows_avx2(const uint8_t* w, const uint8_t* sc, const QuantX& x, int64_t M, int64_t K, int64_t N, T* y,
+                      int64_t rb_begin, int64_t rb_end) {
+  const int64_t line_bytes = 16 * K * 6 / 8, nh = K / 16, nb = K / QBLOCK;
+  for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
+    const uint8_t* wb = w + rb * line_bytes;
+    const uint8_t* sb = sc + rb * K / 256 * 288;
+    const int64_t rows = std::min<int64_t>(16, N - rb * 16);
+    for (int64_t m = 0; m < M;) {
+      const int64_t mt = M - m >= 3 ? 3 : M - m;
+      auto pass = [&](auto tokens) {
+        qgemm6_block_avx2<decltype(tokens)::value>(wb, sb, x.a.data() + m * K, x.d.data() + m * nb,
+                                                   x.gsum.data() + m * nh, K, y + m * N + rb * 16, N, rows);
+      };
+      if (mt == 3) pass(std::integral_constant<int, 3>{});
+      else if (mt == 2) pass(std::integral_constant<int, 2>{});
+      else pass(std::integral_constant<int, 1>{});
+      m += mt;
+    }
+  }
+}
+#endif
+
+// ks: Q4_K's scales.
 template <int Bits, typename T>
 void qgemm_rows(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M, int64_t K, int64_t group,
                 int64_t N, T* y, int64_t rb_begin, int64_t rb_end, bool ks) {
@@ -670,17 +772,60 @@ void qgemm_rows(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M
     const uint8_t* sc = reinterpret_cast<const uint8_t*>(dm);
     if (x.residual) qgemm6_rows<true>(w, sc, x, M, K, N, y, rb_begin, rb_end);
     else qgemm6_rows<false>(w, sc, x, M, K, N, y, rb_begin, rb_end);
-  } else if (ks) {
+  } else
+#elif MIAOTUI_AVX2
+  if constexpr (Bits == 6) {
+    qgemm6_rows_avx2(w, reinterpret_cast<const uint8_t*>(dm), x, M, K, N, y, rb_begin, rb_end);
+  } else
+#endif
+  if (ks) {
     if constexpr (Bits == 4) {
       if (x.residual) qgemm_rows_terms<Bits, true, true>(w, dm, x, M, K, group, N, y, rb_begin, rb_end);
       else qgemm_rows_terms<Bits, false, true>(w, dm, x, M, K, group, N, y, rb_begin, rb_end);
     }
-  } else
-#endif
-  if (x.residual) qgemm_rows_terms<Bits, true, false>(w, dm, x, M, K, group, N, y, rb_begin, rb_end);
+  } else if (x.residual) qgemm_rows_terms<Bits, true, false>(w, dm, x, M, K, group, N, y, rb_begin, rb_end);
   else qgemm_rows_terms<Bits, false, false>(w, dm, x, M, K, group, N, y, rb_begin, rb_end);
 }
 #endif
+
+// An fp16 value stored at p (file blocks and the byte scale layouts).
+inline float f16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
+
+// Group g's d and m of row r in a row block's scales, as the kernels take them: fp16, or (ks) from Q4_K's bytes.
+inline void row_scales(const at::Half* dm, bool ks, int64_t g, int r, float& d, float& m) {
+  if (!ks) {
+    d = static_cast<float>(dm[g * 32 + r]);
+    m = static_cast<float>(dm[g * 32 + 16 + r]);
+    return;
+  }
+  const uint8_t* sb = reinterpret_cast<const uint8_t*>(dm) + g / 8 * 320;
+  d = f16(sb + 2 * r) * static_cast<float>(sb[64 + g % 8 * 16 + r]);
+  m = f16(sb + 32 + 2 * r) * static_cast<float>(sb[192 + g % 8 * 16 + r]);
+}
+
+// The 6-bit layout, one weight at a time: the code (0..63) of input k of row r in the row block at wb, and the
+// scale D * s of its group from the row block's scales sb.
+inline int code6(const uint8_t* wb, int64_t k, int r) {
+  const uint8_t* lines = wb + k / 16 * 192;
+  const int p = static_cast<int>(k % 16) / 4, j = static_cast<int>(k % 4);
+  const uint8_t nibbles = lines[(p / 2) * 64 + r * 4 + j];
+  return ((p % 2 ? nibbles >> 4 : nibbles) & 0x0F) | (((lines[128 + r * 4 + j] >> (2 * p)) & 3) << 4);
+}
+inline float scale6(const uint8_t* sb, int64_t k, int r) {
+  const uint8_t* s = sb + k / 256 * 288;
+  return f16(s + 2 * r) * static_cast<float>(static_cast<int8_t>(s[32 + (k % 256) / 16 * 16 + r]));
+}
+// Row r of a 6-bit row block (codes wb, scales sb) as K floats D s (q - 32).
+inline void row6(const uint8_t* wb, const uint8_t* sb, int64_t K, int r, float* o) {
+  for (int64_t k0 = 0; k0 < K; k0 += 16) {
+    const float s = scale6(sb, k0, r);
+    for (int64_t k = k0; k < k0 + 16; ++k) o[k] = s * static_cast<float>(code6(wb, k, r) - 32);
+  }
+}
 
 // Prefill-sized products without VNNI: the weight is dequantized to fp32, a chunk of rows at a time, and multiplied
 // by torch's own fp32 GEMM (MKL / oneDNN). On an AVX2 core a 16-bit integer product and an fp32 FMA both do 16
@@ -721,18 +866,24 @@ inline void dequantize_word(uint32_t word, float d, float m, float* out) {
 
 template <int Bits>
 void dequantize_rows(const uint8_t* w, const at::Half* dm, int64_t K, int64_t group, int64_t rb_begin,
-                     int64_t rb_end, int64_t N, float* out) {
+                     int64_t rb_end, int64_t N, float* out, bool ks) {
   const int64_t line_bytes = 16 * K * Bits / 8, ngroups = K / group;
+  if constexpr (Bits == 6) {
+    at::parallel_for(rb_begin, rb_end, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t rb = b0; rb < b1; ++rb)
+        for (int r = 0; r < 16 && rb * 16 + r < N; ++r)
+          row6(w + rb * line_bytes, reinterpret_cast<const uint8_t*>(dm) + rb * K / 256 * 288, K, r,
+               out + ((rb - rb_begin) * 16 + r) * K);
+    });
+    return;
+  }
   constexpr int per_line = Bits == 4 ? 8 : 4;  // inputs per 64-byte line
   at::parallel_for(rb_begin, rb_end, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> d(16 * ngroups), m(16 * ngroups);
     for (int64_t rb = b0; rb < b1; ++rb) {
-      const at::Half* dmb = dm + rb * ngroups * 32;
+      const at::Half* dmb = dm + rb * scale_halves(Bits, K, group, ks);
       for (int64_t g = 0; g < ngroups; ++g)
-        for (int r = 0; r < 16; ++r) {
-          d[r * ngroups + g] = static_cast<float>(dmb[g * 32 + r]);
-          m[r * ngroups + g] = static_cast<float>(dmb[g * 32 + 16 + r]);
-        }
+        for (int r = 0; r < 16; ++r) row_scales(dmb, ks, g, r, d[r * ngroups + g], m[r * ngroups + g]);
       const int64_t rows = std::min<int64_t>(16, N - rb * 16);
       const uint8_t* line = w + rb * line_bytes;
       float* o = out + (rb - rb_begin) * 16 * K;
@@ -750,7 +901,7 @@ void dequantize_rows(const uint8_t* w, const at::Half* dm, int64_t K, int64_t gr
 
 // y = x @ W^T for prefill-sized M, a chunk of W's rows at a time.
 Tensor dense_qmatmul(const Tensor& x, const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t N,
-                     const Tensor& in_scale) {
+                     const Tensor& in_scale, bool ks) {
   const int64_t K = x.size(-1), M = x.numel() / K, rblocks = (N + 15) / 16;
   Tensor xf = x.reshape({M, K}).to(at::kFloat);
   if (in_scale.defined()) xf = xf.mul(in_scale.to(at::kFloat));
@@ -759,10 +910,12 @@ Tensor dense_qmatmul(const Tensor& x, const Tensor& w, const Tensor& dm, int64_t
   Tensor wf = at::empty({std::min(rblocks, chunk) * 16, K}, xf.options());
   for (int64_t rb = 0; rb < rblocks; rb += chunk) {
     const int64_t rb_end = std::min(rblocks, rb + chunk), n0 = rb * 16, n = std::min(N, rb_end * 16) - n0;
-    if (bits == 4) dequantize_rows<4>(w.data_ptr<uint8_t>(), dm.data_ptr<at::Half>(), K, group, rb, rb_end, N,
-                                      wf.data_ptr<float>());
-    else dequantize_rows<8>(w.data_ptr<uint8_t>(), dm.data_ptr<at::Half>(), K, group, rb, rb_end, N,
-                            wf.data_ptr<float>());
+    if (bits == 4) dequantize_rows<4>(w.data_ptr<uint8_t>(), scales_of(dm), K, group, rb, rb_end, N,
+                                      wf.data_ptr<float>(), ks);
+    else if (bits == 6) dequantize_rows<6>(w.data_ptr<uint8_t>(), scales_of(dm), K, group, rb, rb_end, N,
+                                           wf.data_ptr<float>(), false);
+    else dequantize_rows<8>(w.data_ptr<uint8_t>(), scales_of(dm), K, group, rb, rb_end, N, wf.data_ptr<float>(),
+                            false);
     if (n == N) at::mm_out(y, xf, wf.narrow(0, 0, n).t());  // one chunk: straight into y, no copy
     else y.narrow(1, n0, n).copy_(at::mm(xf, wf.narrow(0, 0, n).t()));
   }
@@ -907,14 +1060,14 @@ Tensor dense_qmatmul_bf16(const Tensor& x, const Tensor& w, const Tensor& dm, in
 // rows that the compiler vectorizes; the same integer sums as the VNNI kernel.
 template <int Bits, typename T>
 void qgemm_rows(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M, int64_t K, int64_t group,
-                int64_t N, T* y, int64_t rb_begin, int64_t rb_end, bool /*ks: VNNI builds only*/) {
+                int64_t N, T* y, int64_t rb_begin, int64_t rb_end, bool ks) {
   const int64_t line_bytes = 16 * K * Bits / 8, ngroups = K / group, nb = K / QBLOCK;
   constexpr int chunks = Bits == 4 ? 4 : 8, per_chunk = QBLOCK / chunks;  // inputs per line
   std::vector<uint8_t> codes(16 * QBLOCK);  // one block of 32 inputs: [input][row]
   std::vector<float> acc(16 * M);
   for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
     const uint8_t* wb = w + rb * line_bytes;
-    const at::Half* dmb = dm + rb * ngroups * 32;
+    const at::Half* dmb = dm + rb * scale_halves(Bits, K, group, ks);
     std::fill(acc.begin(), acc.end(), 0.f);
     for (int64_t g = 0; g < ngroups; ++g) {
       float fd[16 * 64];
@@ -947,13 +1100,14 @@ void qgemm_rows(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M
             for (int r = 0; r < 16; ++r) fd[t * 16 + r] += static_cast<float>(sq[r] * 256 + sr[r]) * unit;
           }
         }
-        const at::Half* dmg = dmb + g * 32;
+        float dg[16], mg[16];
+        for (int r = 0; r < 16; ++r) row_scales(dmb, ks, g, r, dg[r], mg[r]);
         for (int64_t t = 0; t < mc; ++t) {
           const float gsum = x.gsum[(m0 + t) * ngroups + g];
           for (int r = 0; r < 16; ++r) {
             float& a = acc[(m0 + t) * 16 + r];
-            a += fd[t * 16 + r] * static_cast<float>(dmg[r]);
-            a += static_cast<float>(dmg[16 + r]) * gsum;
+            a += fd[t * 16 + r] * dg[r];
+            a += mg[r] * gsum;
           }
         }
       }
@@ -963,38 +1117,6 @@ void qgemm_rows(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M
   }
 }
 #endif
-
-// An fp16 value stored at p (file blocks and the byte scale layouts).
-inline float f16(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
-}
-
-// Group g's d and m of row r in a row block's scales, as the kernels take them: fp16, or (ks) from Q4_K's bytes.
-inline void row_scales(const at::Half* dm, bool ks, int64_t g, int r, float& d, float& m) {
-  if (!ks) {
-    d = static_cast<float>(dm[g * 32 + r]);
-    m = static_cast<float>(dm[g * 32 + 16 + r]);
-    return;
-  }
-  const uint8_t* sb = reinterpret_cast<const uint8_t*>(dm) + g / 8 * 320;
-  d = f16(sb + 2 * r) * static_cast<float>(sb[64 + g % 8 * 16 + r]);
-  m = f16(sb + 32 + 2 * r) * static_cast<float>(sb[192 + g % 8 * 16 + r]);
-}
-
-// The 6-bit layout, one weight at a time: the code (0..63) of input k of row r in the row block at wb, and the
-// scale D * s of its group from the row block's scales sb.
-inline int code6(const uint8_t* wb, int64_t k, int r) {
-  const uint8_t* lines = wb + k / 16 * 192;
-  const int p = static_cast<int>(k % 16) / 4, j = static_cast<int>(k % 4);
-  const uint8_t nibbles = lines[(p / 2) * 64 + r * 4 + j];
-  return ((p % 2 ? nibbles >> 4 : nibbles) & 0x0F) | (((lines[128 + r * 4 + j] >> (2 * p)) & 3) << 4);
-}
-inline float scale6(const uint8_t* sb, int64_t k, int r) {
-  const uint8_t* s = sb + k / 256 * 288;
-  return f16(s + 2 * r) * static_cast<float>(static_cast<int8_t>(s[32 + (k % 256) / 16 * 16 + r]));
-}
 
 // The definition, in plain C++, one output at a time: every class's kernel is tested against it (`reference=True`).
 template <int Bits, typename T>
@@ -1457,19 +1579,19 @@ bool qmatmul_bf16_gemm() {
 #endif
 }
 
-// The layout's codes and scales: 4 or 8 bits with fp16 d and m per group of a multiple of 32; 6 bits (VNNI builds)
+// The layout's codes and scales: 4 or 8 bits with fp16 d and m per group of a multiple of 32; 6 bits (VNNI, AVX2)
 // with their scale bytes per 16 and 256 inputs.
 // Returns whether the scales are Q4_K's bytes (4-bit codes with uint8 scales).
 static bool check_layout(const char* op, const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t K) {
   TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && dm.is_contiguous(), op, ": contiguous uint8 codes");
   if (bits == 6) {
-    TORCH_CHECK(MIAOTUI_VNNI, op, ": 6-bit codes need the VNNI build (this one is ", qmatmul_path(), ")");
+    TORCH_CHECK(MIAOTUI_VNNI || MIAOTUI_AVX2, op, ": 6-bit codes need the VNNI or AVX2 build (this one is ",
+                qmatmul_path(), ")");
     TORCH_CHECK(dm.scalar_type() == at::kByte && group == 16 && K % 256 == 0,
                 op, ": 6-bit codes take uint8 scales, groups of 16 and K in super-blocks of 256");
     return false;
   }
   if (bits == 4 && dm.scalar_type() == at::kByte) {
-    TORCH_CHECK(MIAOTUI_VNNI, op, ": Q4_K's scales need the VNNI build (this one is ", qmatmul_path(), ")");
     TORCH_CHECK(group == QBLOCK && K % 256 == 0, op, ": Q4_K's scales take groups of 32 and K in super-blocks of 256");
     return true;
   }
@@ -1499,12 +1621,8 @@ Tensor packed_rows(const Tensor& w, const Tensor& dm, int64_t bits, int64_t grou
     for (int64_t i = begin; i < end; ++i) {
       const int64_t rb = id[i] / 16, r = id[i] % 16;
       if (bits == 6) {
-        const uint8_t* sb = dm.const_data_ptr<uint8_t>() + rb * K / 256 * 288;
-        for (int64_t k0 = 0; k0 < K; k0 += 16) {
-          const float s = scale6(sb, k0, static_cast<int>(r));
-          for (int64_t k = k0; k < k0 + 16; ++k)
-            o[i * K + k] = s * static_cast<float>(code6(wp + rb * line_bytes, k, static_cast<int>(r)) - 32);
-        }
+        row6(wp + rb * line_bytes, dm.const_data_ptr<uint8_t>() + rb * K / 256 * 288, K, static_cast<int>(r),
+             o + i * K);
         continue;
       }
       const uint8_t* line = wp + rb * line_bytes + r * 4;
@@ -1554,7 +1672,7 @@ Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits
     TORCH_CHECK(in_scale.numel() == K, "qmatmul: in_scale must have K elements");
   }
   if (!MIAOTUI_VNNI && !reference && M >= dense_min_rows(bits))  // (VNNI's 64 products per instruction keep the integers)
-    return dense_qmatmul(x, w, dm, bits, group, N, in_scale);
+    return dense_qmatmul(x, w, dm, bits, group, N, in_scale, ks);
 #if MIAOTUI_VNNI
   if (act_bits == 16 && !reference && x.scalar_type() == at::kBFloat16 && M >= BF16_MIN_ROWS && bf16_units() &&
       !amx_takes(M))
@@ -1583,7 +1701,7 @@ Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits
     if (!in_scale.defined()) quantize(static_cast<const float*>(nullptr));
     else if (in_scale.scalar_type() == at::kBFloat16) quantize(in_scale.data_ptr<at::BFloat16>());
     else quantize(in_scale.data_ptr<float>());
-    if (MIAOTUI_AVX2 && bits == 8 && !reference) {
+    if (MIAOTUI_AVX2 && (bits == 8 || bits == 6) && !reference) {
       qx.a.resize(M * K);
       for (int64_t i = 0; i < M * K; ++i) qx.a[i] = static_cast<int16_t>(qx.q[i] * 256 + qx.r[i]);
     }
@@ -1592,7 +1710,7 @@ Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits
     at::parallel_for(0, rblocks, 1, [&](int64_t b0, int64_t b1) {
       if (!reference) {
         if (bits == 4) qgemm_rows<4>(wp, dp, qx, M, K, group, N, yp, b0, b1, ks);
-#if MIAOTUI_VNNI
+#if MIAOTUI_VNNI || MIAOTUI_AVX2
         else if (bits == 6) qgemm_rows<6>(wp, dp, qx, M, K, group, N, yp, b0, b1, false);
 #endif
         else qgemm_rows<8>(wp, dp, qx, M, K, group, N, yp, b0, b1, false);
@@ -1649,7 +1767,8 @@ static std::tuple<Tensor, Tensor, int64_t> pack_q6k(const Tensor& raw, int64_t N
   const int64_t rblocks = (N + 15) / 16, nsb = K / 256;
   Tensor data = data_out ? *data_out : at::empty({rblocks, K * 6 / 32, 16, 4}, raw.options());
   Tensor sc = dm_out ? *dm_out : at::empty({rblocks, nsb, 288}, raw.options());
-  TORCH_CHECK(MIAOTUI_VNNI, "pack_blocks: 6-bit codes need the VNNI build (this one is ", qmatmul_path(), ")");
+  TORCH_CHECK(MIAOTUI_VNNI || MIAOTUI_AVX2, "pack_blocks: 6-bit codes need the VNNI or AVX2 build (this one is ",
+              qmatmul_path(), ")");
   TORCH_CHECK(data.scalar_type() == at::kByte && data.is_contiguous() && data.numel() == rblocks * 16 * K * 6 / 8 &&
               sc.scalar_type() == at::kByte && sc.is_contiguous() && sc.numel() == rblocks * nsb * 288,
               "pack_blocks: outputs do not match N, K and 6 bits");
@@ -1698,7 +1817,7 @@ static std::tuple<Tensor, Tensor, int64_t> pack_q6k(const Tensor& raw, int64_t N
 
 // The packed layout (data, dm) of a GGUF tensor [N, K] of block type `type` from its raw bytes (rows in file order;
 // output row r is file row rows[r] when a permutation is given), in `out_bits` (0: the type's own; 4-bit types may
-// be written as 8-bit codes, Q6_K as 6-bit ones in VNNI builds; `kscales`: Q4_K with its own scales, VNNI builds).
+// be written as 8-bit codes, Q6_K as 6-bit ones in VNNI and AVX2 builds; `kscales`: Q4_K with its own scales).
 // Written into data_out / dm_out when given (row blocks of a fused projection's layout: its parts land in place, no
 // concatenation), else into new tensors. Returns (data, dm, bits).
 std::tuple<Tensor, Tensor, int64_t> pack_blocks(const Tensor& raw, const std::string& type, int64_t N, int64_t K,
@@ -1718,8 +1837,6 @@ std::tuple<Tensor, Tensor, int64_t> pack_blocks(const Tensor& raw, const std::st
   TORCH_CHECK(data_out.has_value() == dm_out.has_value(), "pack_blocks: give both outputs or neither");
   if (bits == 6) return pack_q6k(raw, N, K, rows, data_out, dm_out);
   TORCH_CHECK(!kscales || (t == BlockType::Q4_K && bits == 4), "pack_blocks: only Q4_K keeps its scales, in 4 bits");
-  TORCH_CHECK(!kscales || MIAOTUI_VNNI, "pack_blocks: Q4_K's scales need the VNNI build (this one is ",
-              qmatmul_path(), ")");
   Tensor data = data_out ? *data_out : at::empty({rblocks, K * bits / 32, 16, 4}, raw.options());
   Tensor dm = dm_out ? *dm_out
           : kscales ? at::empty({rblocks, K / 256, 320}, raw.options())

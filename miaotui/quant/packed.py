@@ -5,9 +5,10 @@ kernel quantizes activations to int8 per block of 32 and multiplies on the integ
 machine it runs a decode-sized product 2-3x faster than torch's int4/int8 weight-only kernels (which widen every
 weight to float), and both int4 and int8 weights (8-bit codes are the int8 value + 128) share it. From 8 rows on,
 where the CPU has AMX, the same layout is widened to bf16 tiles instead (prefill, batched decode). GGUF's K-quants
-are held exactly as the file stores them where the VNNI kernel is built: Q6_K (w = D * s * (q - 32), int8 s per 16
-inputs) as 6-bit codes, 6.56 bits a weight where 8-bit codes took 9 and requantized it; Q4_K with its own scales
-(w = D * sc * q - Dmin * mn, bytes per 32 inputs), 4.63 bits a weight where fp16 d and m took 5 and rounded D * sc.
+are held exactly as the file stores them: Q4_K with its own scales (w = D * sc * q - Dmin * mn, bytes per 32
+inputs), 4.63 bits a weight where fp16 d and m took 5 and rounded D * sc, by every kernel class; Q6_K (w = D * s *
+(q - 32), int8 s per 16 inputs) as 6-bit codes where the VNNI kernel is built, 6.56 bits a weight where 8-bit codes
+took 9 and requantized it.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from miaotui.loader.tensors import RawBlocks
 BLOCK_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 8, "Q5_1": 8, "Q8_0": 8, "Q6_K": 8}  # what the packer reads
 
 
-def kquant_exact() -> bool:
-    """Whether Q6_K and Q4_K blocks are held as the file stores them (6-bit codes; 4-bit codes with their own
-    scales): the VNNI kernel multiplies them, the AVX2 and portable ones take 8-bit codes and fp16 scales."""
+def six_bit_codes() -> bool:
+    """Whether Q6_K blocks are held as the file stores them, 6-bit codes: the VNNI kernel multiplies them; the AVX2
+    and portable ones take them as 8-bit codes (Q4_K's own scales: every class)."""
     ops = cpu_ops()
-    return ops is not None and ops.qmatmul_path == "vnni"
+    return ops is not None and ops.qmatmul_path in ("vnni", "avx2")
 
 
 @dataclass
@@ -65,21 +66,20 @@ class PackedWeight:
     @classmethod
     def from_blocks(cls, parts: list[RawBlocks] | None, k: int, min_bits: int | None = None) -> PackedWeight | None:
         """Straight from a file's raw blocks (one tensor, or the parts of a fused projection), read by the kernels'
-        packer with no float detour: 4-bit types as 4-bit codes, 5- to 8-bit types (and a mix) as 8-bit codes; where
-        `kquant_exact()`, Q6_K alone as 6-bit codes and Q4_K alone with its own scales (else Q6_K requantized to 8
-        bits per group of 32). `min_bits`: codes of fewer bits go to 8. None where the packer cannot (no kernels,
-        another block type, parts not in whole blocks of 16 rows)."""
+        packer with no float detour: 4-bit types as 4-bit codes, 5- to 8-bit types (and a mix) as 8-bit codes; Q4_K
+        alone with its own scales; where `six_bit_codes()`, Q6_K alone as 6-bit codes (else requantized to 8 bits per
+        group of 32). `min_bits`: codes of fewer bits go to 8. None where the packer cannot (no kernels, another
+        block type, parts not in whole blocks of 16 rows)."""
         ops = cpu_ops()
         if ops is None or not parts or k % 32 or any(p.type not in BLOCK_BITS for p in parts):
             return None
         if any(p.num_rows % 16 for p in parts[:-1]):
             return None
-        exact = k % 256 == 0 and kquant_exact()
-        six = exact and all(p.type == "Q6_K" for p in parts)
+        six = k % 256 == 0 and six_bit_codes() and all(p.type == "Q6_K" for p in parts)
         bits = 6 if six else max(BLOCK_BITS[p.type] for p in parts)
         if min_bits and bits < min_bits:
             bits = 8
-        kscales = exact and bits == 4 and all(p.type == "Q4_K" for p in parts)
+        kscales = k % 256 == 0 and bits == 4 and all(p.type == "Q4_K" for p in parts)
         n = sum(p.num_rows for p in parts)
         blocks = -(-n // 16)
         data = torch.empty(blocks, k * bits // 32, 16, 4, dtype=torch.uint8)

@@ -251,8 +251,8 @@ def test_native_holds_the_files_own_codes(name):
     assert all(isinstance(f, (Int4Weight, Int8Weight)) and f.kernel() is not None for f in formats)
     assert isinstance(model.head, Int8Weight)
     if name == "qwen2.5-coder-0.5b":  # its ffn_down are Q6_K
-        from miaotui.quant.packed import kquant_exact
-        assert any(f.kernel().packed.bits == 6 for f in formats) == kquant_exact()
+        from miaotui.quant.packed import six_bit_codes
+        assert any(f.kernel().packed.bits == 6 for f in formats) == six_bit_codes()
     dense = LLM(str(path), dtype="float32", quantization="none", kv_cache_memory=32 * 2**20)
     # the file's own values: the codes dequantize to the dense model's weights up to the fp16 rounding of their
     # scales; Q6_K's (no exact 8-bit form) within half an 8-bit step of each group of 32
@@ -273,13 +273,13 @@ def test_native_holds_the_files_own_codes(name):
 
 def test_blocks_pack_straight_into_the_kernel_layout(smollm2_path, gemma3_path):
     """Loading packs a GGUF's blocks in C++ (no float detour): exactly the layout the codes give through torch, for
-    every block type in the real files (and llama's rearranged q/k rows). Where the VNNI kernel is built, the
-    K-quants exactly as stored (Q6_K as 6-bit codes, Q4_K with its own scales: their values bit for bit, in fewer
-    bytes); elsewhere Q6_K as 8-bit codes (no exact 8-bit form) within half a step of its values."""
+    every block type in the real files (and llama's rearranged q/k rows). The K-quants exactly as stored (their
+    values bit for bit, in fewer bytes): Q4_K with its own scales on every class, Q6_K as 6-bit codes where the VNNI
+    kernel is built, elsewhere as 8-bit codes (no exact 8-bit form) within half a step of its values."""
     from miaotui.kernels import has_packed
     from miaotui.loader.gguf import iter_weights, read_config
     from miaotui.loader.gguf_file import GGUFFile
-    from miaotui.quant.packed import PackedWeight, kquant_exact
+    from miaotui.quant.packed import PackedWeight, six_bit_codes
     from tests.conftest import model_path
 
     if not has_packed():
@@ -298,7 +298,7 @@ def test_blocks_pack_straight_into_the_kernel_layout(smollm2_path, gemma3_path):
             assert packed is not None and packed.shape == t.shape, name
             if kind[0] == "Q6_K":
                 w = t.values()
-                assert packed.bits == (6 if kquant_exact() else 8), name
+                assert packed.bits == (6 if six_bit_codes() else 8), name
                 if packed.bits == 6:
                     assert torch.equal(packed.dequantize(), w) and packed.nbytes * 8 / w.numel() < 6.6, name
                     continue
@@ -309,7 +309,7 @@ def test_blocks_pack_straight_into_the_kernel_layout(smollm2_path, gemma3_path):
             codes = t.codes()
             ref = PackedWeight.pack(codes.q, codes.d, codes.m, packed.bits)
             assert torch.equal(packed.data, ref.data), name
-            if kind[0] == "Q4_K" and kquant_exact():
+            if kind[0] == "Q4_K":
                 assert torch.equal(packed.dequantize(), t.values()) and packed.nbytes < ref.nbytes * 0.93, name
                 continue
             assert torch.equal(packed.dm, ref.dm), name

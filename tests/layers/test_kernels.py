@@ -302,7 +302,7 @@ def random_kquant(kind: str, n: int, k: int):
 
 
 def pack_kquant(ops, kind: str, raw: torch.Tensor, n: int, k: int):
-    """The VNNI class's layout of the file's own K-quant blocks: (data, scales, bits, group)."""
+    """The layout of the file's own K-quant blocks: (data, scales, bits, group)."""
     _, bits, group = KQUANTS[kind]
     data, sc, held = ops.pack_blocks(raw, kind, n, k, bits=bits, kscales=kind == "Q4_K")
     assert held == bits and sc.dtype == torch.uint8
@@ -310,16 +310,18 @@ def pack_kquant(ops, kind: str, raw: torch.Tensor, n: int, k: int):
 
 
 @pytest.mark.parametrize("kind", KQUANTS)
-@pytest.mark.parametrize("m", [1, 3, 6, 9, 37])  # 6, 9, 37: 6-bit passes of 4 tokens after one unpacking for them
+# 6, 9, 37: 6-bit passes of 4 tokens after one unpacking for them; 100: the fp32 GEMM without VNNI
+@pytest.mark.parametrize("m", [1, 3, 6, 9, 37, 100])
 def test_kquant_blocks_multiply_as_the_file_holds_them(ops, kind, m):
-    """GGUF's K-quants are held exactly by the VNNI class — Q6_K (w = D s (q - 32), an int8 s per 16 inputs) as 6-bit
-    codes, Q4_K (w = D sc q - Dmin mn, 6-bit sc and mn per 32) as 4-bit codes with its own scales: rows read back are
-    the file's values bit for bit, and products agree with the plain C++ definition, with x @ Wᵀ to the
+    """GGUF's K-quants held exactly — Q4_K (w = D sc q - Dmin mn, 6-bit sc and mn per 32) as 4-bit codes with its
+    own scales by every class, Q6_K (w = D s (q - 32), an int8 s per 16 inputs) as 6-bit codes by the VNNI class:
+    rows read back are the file's values bit for bit, and products (decode sizes, and on AVX2 and portable builds
+    from 96 rows on the fp32 GEMM over the dequantized rows) agree with the plain C++ definition, with x @ Wᵀ to the
     activations' rounding, and under one activation term with llama.cpp's rounding, as the fp16-scaled layouts do.
-    Other classes refuse both by name (they take 8-bit codes and fp16 scales)."""
+    Other classes refuse 6-bit codes by name (they take Q6_K as 8-bit codes)."""
     n, k = 50, 768
     raw, values, d, mw = random_kquant(kind, n, k)
-    if ops.qmatmul_path != "vnni":
+    if ops.qmatmul_path == "generic" and kind == "Q6_K":
         with pytest.raises(RuntimeError, match="VNNI"):
             pack_kquant(ops, kind, raw, n, k)
         return
@@ -335,6 +337,9 @@ def test_kquant_blocks_multiply_as_the_file_holds_them(ops, kind, m):
 
     ref = (x * s) @ values.t()
     y = qmatmul()
+    if m >= 96 and ops.qmatmul_path != "vnni":  # x @ Wᵀ in fp32 on the dequantized rows, whatever the rounding
+        assert ((y - ref).abs().max() / ref.abs().max()) < 1e-6
+        return
     assert ((y - ref).abs().max() / ref.abs().max()) < 3e-4  # the residual term keeps ~15 bits of x
     assert torch.allclose(y, qmatmul(reference=True), rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     xs = (x * s).view(m, -1, 32)
