@@ -572,9 +572,23 @@ inline void qgemm_block8(const uint8_t* w, const at::Half* dm, const int16_t* xa
 #endif
 
 #if MIAOTUI_AVX2
+// Half h (rows 8h..8h+7) of the 6-bit layout's three lines at w as four planes of codes 0..63: plane p's byte 4r+j
+// is input 4p+j of row r, as unpack6's lines (shifts and masks; 16-bit shifts, each byte then masked).
+inline void unpack6_half(const uint8_t* w, int h, __m256i v[4]) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F), high2 = _mm256_set1_epi8(0x30);
+  const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * h));
+  const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 + 32 * h));
+  const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 128 + 32 * h));
+  v[0] = _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_and_si256(_mm256_slli_epi16(hi, 4), high2));
+  v[1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4),
+                         _mm256_and_si256(_mm256_slli_epi16(hi, 2), high2));
+  v[2] = _mm256_or_si256(_mm256_and_si256(l1, low4), _mm256_and_si256(hi, high2));
+  v[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
+                         _mm256_and_si256(_mm256_srli_epi16(hi, 2), high2));
+}
+
 // 6-bit codes on AVX2, MT tokens: per 16 inputs and half of the block (8 rows), the three lines' 32 bytes become
-// four planes of codes 0..63 (shifts and masks; a plane's byte 4r+j is input 4p+j of row r, as unpack6's) and each
-// plane is widened to int16 by interleaving with zero, which puts rows (0 1 4 5) and (2 3 6 7) apart; `vpmaddwd`
+// four planes (unpack6_half) and each plane is widened to int16 by interleaving with zero, which puts rows (0 1 4 5) and (2 3 6 7) apart; `vpmaddwd`
 // against the broadcast int16 activations (a = 256 q + r, as qgemm_block8's) leaves two partial sums a row, and one
 // `vphaddd` of the two joins them with the rows back in order. Then the group's scale, as qgemm6_block's:
 // y += D s (xd / 256 Σ q a - 32 Σ x); |Σ q a| <= 16 * 63 * 32639 < 2^31.
@@ -582,7 +596,7 @@ template <int MT, typename T>
 inline void qgemm6_block_avx2(const uint8_t* w, const uint8_t* sc, const int16_t* xa, const float* xd,
                               const float* gs, int64_t K, T* y, int64_t ldy, int64_t rows) {
   const int64_t nh = K / 16, nb = K / QBLOCK;
-  const __m256i low4 = _mm256_set1_epi8(0x0F), high2 = _mm256_set1_epi8(0x30), zero = _mm256_setzero_si256();
+  const __m256i zero = _mm256_setzero_si256();
   alignas(32) float acc[MT][16] = {};
   for (int64_t sb = 0; sb < K / 256; ++sb, sc += 288) {
     __m256 dd[2];
@@ -592,14 +606,12 @@ inline void qgemm6_block_avx2(const uint8_t* w, const uint8_t* sc, const int16_t
     for (int64_t hh = 0; hh < 16; ++hh, w += 192) {
       const int64_t g = sb * 16 + hh, b = g / 2;
       for (int l = 0; l < 3; ++l) _mm_prefetch(reinterpret_cast<const char*>(w) + PREFETCH + 64 * l, _MM_HINT_T0);
-      for (int h = 0; h < 2; ++h) {  // rows 8h..8h+7: bytes 32h.. of each line
-        const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * h));
-        const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 + 32 * h));
-        const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 128 + 32 * h));
-        __m256i s[MT][2];
+      for (int h = 0; h < 2; ++h) {  // rows 8h..8h+7
+        __m256i v[4], s[MT][2];
+        unpack6_half(w, h, v);
         for (int t = 0; t < MT; ++t) s[t][0] = s[t][1] = _mm256_setzero_si256();
-        auto plane = [&](int p, __m256i codes) {
-          const __m256i lo = _mm256_unpacklo_epi8(codes, zero), up = _mm256_unpackhi_epi8(codes, zero);
+        for (int p = 0; p < 4; ++p) {
+          const __m256i lo = _mm256_unpacklo_epi8(v[p], zero), up = _mm256_unpackhi_epi8(v[p], zero);
           for (int t = 0; t < MT; ++t) {
             int64_t four;
             std::memcpy(&four, xa + t * K + g * 16 + 4 * p, 8);
@@ -607,13 +619,7 @@ inline void qgemm6_block_avx2(const uint8_t* w, const uint8_t* sc, const int16_t
             s[t][0] = _mm256_add_epi32(s[t][0], _mm256_madd_epi16(lo, xv));
             s[t][1] = _mm256_add_epi32(s[t][1], _mm256_madd_epi16(up, xv));
           }
-        };
-        plane(0, _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_and_si256(_mm256_slli_epi16(hi, 4), high2)));
-        plane(1, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4),
-                                 _mm256_and_si256(_mm256_slli_epi16(hi, 2), high2)));
-        plane(2, _mm256_or_si256(_mm256_and_si256(l1, low4), _mm256_and_si256(hi, high2)));
-        plane(3, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
-                                 _mm256_and_si256(_mm256_srli_epi16(hi, 2), high2)));
+        }
         const __m256 ds = _mm256_mul_ps(dd[h], _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
                                                    _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + 32 + 16 * hh + 8 * h)))));
         for (int t = 0; t < MT; ++t) {
@@ -870,10 +876,35 @@ void dequantize_rows(const uint8_t* w, const at::Half* dm, int64_t K, int64_t gr
   const int64_t line_bytes = 16 * K * Bits / 8, ngroups = K / group;
   if constexpr (Bits == 6) {
     at::parallel_for(rb_begin, rb_end, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t rb = b0; rb < b1; ++rb)
-        for (int r = 0; r < 16 && rb * 16 + r < N; ++r)
-          row6(w + rb * line_bytes, reinterpret_cast<const uint8_t*>(dm) + rb * K / 256 * 288, K, r,
-               out + ((rb - rb_begin) * 16 + r) * K);
+      for (int64_t rb = b0; rb < b1; ++rb) {
+        const uint8_t* wb = w + rb * line_bytes;
+        const uint8_t* sb = reinterpret_cast<const uint8_t*>(dm) + rb * K / 256 * 288;
+        const int rows = static_cast<int>(std::min<int64_t>(16, N - rb * 16));
+        float* o = out + (rb - rb_begin) * 16 * K;
+#if MIAOTUI_AVX2  // per 16 inputs and half block: the planes, then each row's 8 + 8 codes as floats (10x row6)
+        for (int64_t h = 0; h < K / 16; ++h, wb += 192)
+          for (int half = 0; half < 2; ++half) {
+            __m256i v[4];
+            unpack6_half(wb, half, v);
+            alignas(32) uint8_t planes[4][32];
+            for (int p = 0; p < 4; ++p) _mm256_store_si256(reinterpret_cast<__m256i*>(planes[p]), v[p]);
+            for (int r = 8 * half; r < std::min(rows, 8 * half + 8); ++r) {
+              const float d = scale6(sb, h * 16, r);
+              for (int q = 0; q < 2; ++q) {  // inputs 8q..8q+7: planes 2q and 2q+1
+                uint32_t lo, up;
+                std::memcpy(&lo, planes[2 * q] + (r % 8) * 4, 4);
+                std::memcpy(&up, planes[2 * q + 1] + (r % 8) * 4, 4);
+                const __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                    _mm_cvtsi64_si128(static_cast<int64_t>(lo | static_cast<uint64_t>(up) << 32))));
+                _mm256_storeu_ps(o + r * K + h * 16 + 8 * q,
+                                 _mm256_fmadd_ps(c, _mm256_set1_ps(d), _mm256_set1_ps(-32.f * d)));
+              }
+            }
+          }
+#else
+        for (int r = 0; r < rows; ++r) row6(wb, sb, K, r, o + r * K);
+#endif
+      }
     });
     return;
   }
