@@ -588,10 +588,11 @@ inline void unpack6_half(const uint8_t* w, int h, __m256i v[4]) {
 }
 
 // 6-bit codes on AVX2, MT tokens: per 16 inputs and half of the block (8 rows), the three lines' 32 bytes become
-// four planes (unpack6_half) and each plane is widened to int16 by interleaving with zero, which puts rows (0 1 4 5) and (2 3 6 7) apart; `vpmaddwd`
-// against the broadcast int16 activations (a = 256 q + r, as qgemm_block8's) leaves two partial sums a row, and one
-// `vphaddd` of the two joins them with the rows back in order. Then the group's scale, as qgemm6_block's:
-// y += D s (xd / 256 Σ q a - 32 Σ x); |Σ q a| <= 16 * 63 * 32639 < 2^31.
+// four planes (unpack6_half) and each plane is widened to int16 by interleaving with zero, which puts rows
+// (0 1 4 5) and (2 3 6 7) apart; `vpmaddwd` against the broadcast int16 activations (a = 256 q + r, as
+// qgemm_block8's) leaves two partial sums a row, and one `vphaddd` of the two joins them with the rows back in
+// order. Then the group's scale, as qgemm6_block's: y += D s (xd / 256 Σ q a - 32 Σ x); |Σ q a| <= 16 * 63 * 32639
+// < 2^31.
 template <int MT, typename T>
 inline void qgemm6_block_avx2(const uint8_t* w, const uint8_t* sc, const int16_t* xa, const float* xd,
                               const float* gs, int64_t K, T* y, int64_t ldy, int64_t rows) {
@@ -620,8 +621,8 @@ inline void qgemm6_block_avx2(const uint8_t* w, const uint8_t* sc, const int16_t
             s[t][1] = _mm256_add_epi32(s[t][1], _mm256_madd_epi16(up, xv));
           }
         }
-        const __m256 ds = _mm256_mul_ps(dd[h], _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-                                                   _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + 32 + 16 * hh + 8 * h)))));
+        const __m128i s8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + 32 + 16 * hh + 8 * h));
+        const __m256 ds = _mm256_mul_ps(dd[h], _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s8)));
         for (int t = 0; t < MT; ++t) {
           const __m256 sum = _mm256_cvtepi32_ps(_mm256_hadd_epi32(s[t][0], s[t][1]));
           const __m256 part = _mm256_fmadd_ps(sum, _mm256_set1_ps(xd[t * nb + b]),
