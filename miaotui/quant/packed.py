@@ -7,8 +7,8 @@ weight to float), and both int4 and int8 weights (8-bit codes are the int8 value
 where the CPU has AMX, the same layout is widened to bf16 tiles instead (prefill, batched decode). GGUF's K-quants
 are held exactly as the file stores them: Q4_K with its own scales (w = D * sc * q - Dmin * mn, bytes per 32
 inputs), 4.63 bits a weight where fp16 d and m took 5 and rounded D * sc, by every kernel class; Q6_K (w = D * s *
-(q - 32), int8 s per 16 inputs) as 6-bit codes where the VNNI kernel is built, 6.56 bits a weight where 8-bit codes
-took 9 and requantized it.
+(q - 32), int8 s per 16 inputs) as 6-bit codes where the VNNI or AVX2 kernel is built, 6.56 bits a weight where
+8-bit codes took 9 and requantized it.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ BLOCK_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 8, "Q5_1": 8, "Q8_0": 8, 
 
 
 def six_bit_codes() -> bool:
-    """Whether Q6_K blocks are held as the file stores them, 6-bit codes: the VNNI kernel multiplies them; the AVX2
-    and portable ones take them as 8-bit codes (Q4_K's own scales: every class)."""
+    """Whether Q6_K blocks are held as the file stores them, 6-bit codes: the VNNI and AVX2 kernels multiply them;
+    the portable one takes them as 8-bit codes (Q4_K's own scales: every class)."""
     ops = cpu_ops()
     return ops is not None and ops.qmatmul_path in ("vnni", "avx2")
 
