@@ -691,8 +691,8 @@ void qgemm_rows_terms(const uint8_t* w, const at::Half* dm, const QuantX& x, int
                       int64_t N, T* y, int64_t rb_begin, int64_t rb_end) {
   const int64_t line_bytes = 16 * K * Bits / 8, ngroups = K / group, nb = K / QBLOCK;
   // Tokens per pass: each line is unpacked once for them. AVX2 (measured on a Zen 3 at 4 and 32 rows): 4-bit codes
-  // 4 (10-18% faster than 2; 8 spills), 8-bit codes 2 (4 spills its 16 accumulators: 14% slower).
-  constexpr int TILE = MIAOTUI_VNNI ? 4 : (Bits == 4 ? 4 : 2);
+  // 4 (10-18% faster than 2; 8 spills), 8-bit codes 2 (4 spills its 16 accumulators: 14% slower). VNNI: 6, below.
+  constexpr int TILE = MIAOTUI_VNNI ? 6 : (Bits == 4 ? 4 : 2);
   for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
     const uint8_t* wb = w + rb * line_bytes;
     const at::Half* dmb = dm + rb * scale_halves(Bits, K, group, KS);
@@ -718,28 +718,25 @@ void qgemm_rows_terms(const uint8_t* w, const at::Half* dm, const QuantX& x, int
 #else
     {
 #endif
-      for (; m + TILE <= M; m += TILE)
-        qgemm_block<Bits, TILE, Residual, KS>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
-                                x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows, ahead(m));
-      // The rest in one pass where it fits (speculative steps: a few rows a sequence): 3 rows as a pair and a single
-      // cost what 4 did.
-      if constexpr (TILE > 3) {
-        if (m + 3 == M) {
-          qgemm_block<Bits, 3, Residual, KS>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
-                               x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows, ahead(m));
-          m += 3;
+      // Passes of TILE tokens, the rest in one pass of its own size (speculative checks: a few rows a sequence).
+      // VNNI at 6 (29 of 32 registers at two terms) against 4 with the rest in passes of 3, 2 and 1: steps of 5 / 9
+      // / 16 rows 1.04-1.06x / 1.02x / 1.02x faster (SmolLM2 and Qwen2.5-1.5B, Zen 4, paired), 1 and 4 rows level.
+      while (m < M) {
+        const int64_t n = std::min<int64_t>(TILE, M - m);
+        auto pass = [&](auto tokens) {
+          qgemm_block<Bits, decltype(tokens)::value, Residual, KS>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K,
+              x.d.data() + m * nb, x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows, ahead(m));
+        };
+        switch (n) {
+          case 1: pass(std::integral_constant<int, 1>{}); break;
+          case 2: pass(std::integral_constant<int, 2>{}); break;
+          case 3: pass(std::integral_constant<int, 3>{}); break;
+          case 4: pass(std::integral_constant<int, 4>{}); break;
+          case 5: if constexpr (TILE >= 5) pass(std::integral_constant<int, TILE >= 5 ? 5 : 1>{}); break;
+          default: if constexpr (TILE >= 6) pass(std::integral_constant<int, TILE >= 6 ? 6 : 1>{}); break;
         }
+        m += n;
       }
-      if constexpr (TILE > 2) {
-        if (m + 2 <= M) {
-          qgemm_block<Bits, 2, Residual, KS>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
-                               x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows, ahead(m));
-          m += 2;
-        }
-      }
-      for (; m < M; ++m)
-        qgemm_block<Bits, 1, Residual, KS>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
-                             x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows, ahead(m));
     }
   }
 }
@@ -971,8 +968,8 @@ Tensor dense_qmatmul(const Tensor& x, const Tensor& w, const Tensor& dm, int64_t
 // to 128 rows; 8-bit, whose integer product costs what the 4-bit one does: 1.5-2.5x up to 64 rows, ~1.0-1.2x at
 // 128), above it the GEMM gains 10-35% (256 and 512 rows).
 constexpr int64_t BF16_MIN_ROWS = 128;
-constexpr int64_t BF16_W_CHUNK = 4 << 20;  // bytes of bf16 weight rows per chunk (2 and 8 MB: no better)
-constexpr int64_t BF16_M_CHUNK = 256;      // activation rows per GEMM (128: 15% slower at 512 rows, 512: the same)
+constexpr int64_t BF16_W_CHUNK = 8 << 20;  // bytes of bf16 weight rows per chunk (4 MB: 1-8% slower at 512 rows)
+constexpr int64_t BF16_M_CHUNK = 512;      // activation rows per GEMM (256: 3-6% slower at 512 rows, 128: 15%)
 
 bool bf16_units() {
   static const bool ok = __builtin_cpu_supports("avx512bf16");

@@ -166,7 +166,8 @@ def random_packed(n: int, k: int, bits: int, group: int):
 
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 32), (8, 96)])
-@pytest.mark.parametrize("m", [1, 3, 7, 37, 100])  # 100: prefill-sized, dequantized for torch's GEMM without VNNI
+# 11: passes of 6 and 5 tokens (VNNI); 100: prefill-sized, dequantized for torch's GEMM without VNNI
+@pytest.mark.parametrize("m", [1, 3, 7, 11, 37, 100])
 def test_qmatmul_matches_the_dequantized_weight(ops, bits, group, m):
     """The integer kernel (two int8 terms per activation) against x @ (d q + m)ᵀ in fp32; rows not in blocks of 16,
     in_scale applied first; each class's kernel and the plain C++ definition agree to rounding (prefill-sized
@@ -203,7 +204,7 @@ def test_qmatmul_matches_the_dequantized_weight(ops, bits, group, m):
 
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 32)])
-@pytest.mark.parametrize("m", [1, 3, 7, 37])
+@pytest.mark.parametrize("m", [1, 3, 7, 11, 37])
 def test_qmatmul_with_one_activation_term_is_llama_cpps_rounding(ops, bits, group, m):
     """`act_bits=8`: each block of 32 activations (times in_scale) rounded once to int8 at amax / 127, as llama.cpp's
     Q8 activations, and multiplied exactly: x_q @ (d q)ᵀ + x @ mᵀ (the m term takes the exact sum of x, as with two
@@ -253,14 +254,14 @@ def test_one_activation_term_keeps_bf16_prompts_on_the_integer_kernel(ops, bits,
 
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (8, 96)])
-@pytest.mark.parametrize("m,n,k", [(8, 50, 384), (17, 50, 384), (40, 50, 384), (300, 2900, 768)])
+@pytest.mark.parametrize("m,n,k", [(8, 50, 384), (17, 50, 384), (40, 50, 384), (600, 5700, 768)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_qmatmul_many_rows_is_a_bf16_product(ops, bits, group, m, n, k, dtype):
     """From 8 rows on, the AMX path widens the weight to bf16 and multiplies bf16 activations with fp32 sums:
     x @ W^T as a dense bf16 weight would give it (rows padded to tiles, outputs not in blocks of 32). On a CPU
     with bf16 units and no tiles, bf16 activations of prefill size take torch's bf16 GEMM on the widened weight:
-    the same product (300 x 2900: more rows than one GEMM takes, more weight than one widened chunk)."""
-    if not ops.amx and not (ops.bf16_gemm and dtype == torch.bfloat16 and m == 300):
+    the same product (600 x 5700: more rows than one GEMM takes, more weight than one widened chunk)."""
+    if not ops.amx and not (ops.bf16_gemm and dtype == torch.bfloat16 and m == 600):
         pytest.skip("neither AMX nor bf16 units in this build")
     *_, w = random_packed(n, k, bits, group)
     x = (torch.randn(m, k) * torch.where(torch.rand(k) < 0.05, 30.0, 1.0)).to(dtype)
