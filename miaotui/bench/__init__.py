@@ -155,7 +155,7 @@ def main(cfg: BenchConfig, compare: bool, json_path: str | None, plot_path: str 
     avoid = set(mt.engine.tokenizer.stop_ids)
     acts = ", activations rounded to 8 bits" if mt.engine.config.activation_bits == 8 else ""
     setup = (f"{cfg.model}: {str(mt.engine.dtype).removeprefix('torch.')}, {mt.engine.quantization} weights{acts}, "
-             f"{mt.engine.device}; {describe()}")
+             f"{mt.engine.device}; {describe(mt.engine.config.activation_bits)}")
     print(f"benchmarking {setup}", file=sys.stderr)
     meter = EnergyMeter(str(mt.engine.device))
     results = {"miaotui": run_engine(mt, cfg, vocab, avoid, meter)}

@@ -184,12 +184,14 @@ def has_amx() -> bool:
     return ops is not None and bool(ops.amx)
 
 
-def describe() -> str:
-    """The CPU class and the kernel path this process runs, for logs and benchmarks."""
+def describe(activation_bits: int = 16) -> str:
+    """The CPU class and the kernel path this process runs, for logs and benchmarks (at 8-bit activations prompts
+    stay on the integer kernel where, at 16, a CPU with bf16 units and no tiles takes torch's bf16 GEMM)."""
     ops = cpu_ops()
     if ops is None:
         return f"{isa() if _X86 else 'generic'} CPU, plain torch (miaotui's kernels off); {cpu_model()}"
-    extra = ", AMX tiles" if ops.amx else ", bf16 GEMM for prefill" if ops.bf16_gemm else ""
+    gemm = ops.bf16_gemm and activation_bits == 16
+    extra = ", AMX tiles" if ops.amx else ", bf16 GEMM for prefill" if gemm else ""
     return f"{isa()} kernels (integer products: {ops.qmatmul_path}{extra}); {cpu_model()}"
 
 
