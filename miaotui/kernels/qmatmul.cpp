@@ -732,8 +732,8 @@ void qgemm_rows_terms(const uint8_t* w, const at::Half* dm, const QuantX& x, int
           case 2: pass(std::integral_constant<int, 2>{}); break;
           case 3: pass(std::integral_constant<int, 3>{}); break;
           case 4: pass(std::integral_constant<int, 4>{}); break;
-          case 5: if constexpr (TILE >= 5) pass(std::integral_constant<int, TILE >= 5 ? 5 : 1>{}); break;
-          default: if constexpr (TILE >= 6) pass(std::integral_constant<int, TILE >= 6 ? 6 : 1>{}); break;
+          case 5: if constexpr (TILE >= 5) pass(std::integral_constant<int, 5>{}); break;
+          default: if constexpr (TILE >= 6) pass(std::integral_constant<int, 6>{}); break;
         }
         m += n;
       }
