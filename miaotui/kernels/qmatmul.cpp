@@ -637,6 +637,25 @@ inline void qgemm6_block_avx2(const uint8_t* w, const uint8_t* sc, const int16_t
 #endif
 
 #if MIAOTUI_VNNI || MIAOTUI_AVX2
+// Tokens 0..M-1 in passes of Tile, the rest in one pass of its own size: f(m, tokens) for each pass from token m,
+// its size a compile-time constant (std::integral_constant) for the block kernels' templates.
+template <int Tile, typename F>
+inline void token_passes(int64_t M, F&& f) {
+  static_assert(Tile >= 1 && Tile <= 6, "token_passes: passes of 1 to 6 tokens");
+  for (int64_t m = 0; m < M;) {
+    const int64_t n = std::min<int64_t>(Tile, M - m);
+    switch (n) {
+      case 1: f(m, std::integral_constant<int, 1>{}); break;
+      case 2: if constexpr (Tile >= 2) f(m, std::integral_constant<int, 2>{}); break;
+      case 3: if constexpr (Tile >= 3) f(m, std::integral_constant<int, 3>{}); break;
+      case 4: if constexpr (Tile >= 4) f(m, std::integral_constant<int, 4>{}); break;
+      case 5: if constexpr (Tile >= 5) f(m, std::integral_constant<int, 5>{}); break;
+      default: if constexpr (Tile >= 6) f(m, std::integral_constant<int, 6>{}); break;
+    }
+    m += n;
+  }
+}
+
 #if MIAOTUI_VNNI
 // 6-bit row blocks, the tokens up to 4 at a time (as qgemm_rows_terms). Where they take more than one pass, the first
 // also keeps the block's lines unpacked (16 x K bytes, in L1/L2) and the others read those, asking meanwhile for the
@@ -652,35 +671,20 @@ void qgemm6_rows(const uint8_t* w, const uint8_t* sc, const QuantX& x, int64_t M
     const uint8_t* sb = sc + rb * K / 256 * 288;
     const char* next = reinterpret_cast<const char*>(rb + 1 < rb_end ? wb + line_bytes : wb + PREFETCH_VNNI);
     const int64_t rows = std::min<int64_t>(16, N - rb * 16);
-    for (int64_t m = 0; m < M;) {
-      const int64_t mt = std::min<int64_t>(4, M - m);
+    token_passes<4>(M, [&](int64_t m, auto tokens) {
+      constexpr int MT = decltype(tokens)::value;
       const int8_t* xq = x.q.data() + m * K;
       const int8_t* xr = x.r.data() + m * K;
       const float* xd = x.d.data() + m * nb;
       const float* gs = x.gsum.data() + m * nh;
       T* ym = y + m * N + rb * 16;
-      auto pass = [&](auto tokens, auto unpacked_lines) {
-        constexpr int MT = decltype(tokens)::value;
-        constexpr bool U = decltype(unpacked_lines)::value;
-        if constexpr (U)
-          qgemm6_block<MT, Residual, true>(unpacked.data(), sb, xq, xr, xd, gs, K, ym, N, rows, next, nullptr);
-        else
-          qgemm6_block<MT, Residual, false>(wb, sb, xq, xr, xd, gs, K, ym, N, rows,
-                                            reinterpret_cast<const char*>(wb) + PREFETCH_VNNI,
-                                            M > 4 ? unpacked.data() : nullptr);
-      };
-      auto run = [&](auto unpacked_lines) {
-        switch (mt) {
-          case 4: pass(std::integral_constant<int, 4>{}, unpacked_lines); break;
-          case 3: pass(std::integral_constant<int, 3>{}, unpacked_lines); break;
-          case 2: pass(std::integral_constant<int, 2>{}, unpacked_lines); break;
-          default: pass(std::integral_constant<int, 1>{}, unpacked_lines); break;
-        }
-      };
-      if (m == 0) run(std::false_type{});
-      else run(std::true_type{});
-      m += mt;
-    }
+      if (m > 0)
+        qgemm6_block<MT, Residual, true>(unpacked.data(), sb, xq, xr, xd, gs, K, ym, N, rows, next, nullptr);
+      else
+        qgemm6_block<MT, Residual, false>(wb, sb, xq, xr, xd, gs, K, ym, N, rows,
+                                          reinterpret_cast<const char*>(wb) + PREFETCH_VNNI,
+                                          M > 4 ? unpacked.data() : nullptr);
+    });
   }
 }
 #endif
@@ -705,15 +709,12 @@ void qgemm_rows_terms(const uint8_t* w, const at::Half* dm, const QuantX& x, int
       if (!MIAOTUI_VNNI) return PREFETCH;
       return m > 0 && rb + 1 < rb_end ? line_bytes : line_bytes >= PREFETCH_VNNI ? PREFETCH_VNNI : PREFETCH;
     };
-    int64_t m = 0;
 #if MIAOTUI_AVX2
     if constexpr (Bits == 8) {
-      for (; m + TILE <= M; m += TILE)
-        qgemm_block8<TILE>(wb, dmb, x.a.data() + m * K, x.d.data() + m * nb, x.gsum.data() + m * ngroups, K, group,
-                           y + m * N + rb * 16, N, rows);
-      for (; m < M; ++m)
-        qgemm_block8<1>(wb, dmb, x.a.data() + m * K, x.d.data() + m * nb, x.gsum.data() + m * ngroups, K, group,
-                        y + m * N + rb * 16, N, rows);
+      token_passes<TILE>(M, [&](int64_t m, auto tokens) {
+        qgemm_block8<decltype(tokens)::value>(wb, dmb, x.a.data() + m * K, x.d.data() + m * nb,
+                                              x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows);
+      });
     } else {
 #else
     {
@@ -721,22 +722,10 @@ void qgemm_rows_terms(const uint8_t* w, const at::Half* dm, const QuantX& x, int
       // Passes of TILE tokens, the rest in one pass of its own size (speculative checks: a few rows a sequence).
       // VNNI at 6 (29 of 32 registers at two terms) against 4 with the rest in passes of 3, 2 and 1: steps of 5 / 9
       // / 16 rows 1.04-1.06x / 1.02x / 1.02x faster (SmolLM2 and Qwen2.5-1.5B, Zen 4, paired), 1 and 4 rows level.
-      while (m < M) {
-        const int64_t n = std::min<int64_t>(TILE, M - m);
-        auto pass = [&](auto tokens) {
-          qgemm_block<Bits, decltype(tokens)::value, Residual, KS>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K,
-              x.d.data() + m * nb, x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows, ahead(m));
-        };
-        switch (n) {
-          case 1: pass(std::integral_constant<int, 1>{}); break;
-          case 2: pass(std::integral_constant<int, 2>{}); break;
-          case 3: pass(std::integral_constant<int, 3>{}); break;
-          case 4: pass(std::integral_constant<int, 4>{}); break;
-          case 5: if constexpr (TILE >= 5) pass(std::integral_constant<int, 5>{}); break;
-          default: if constexpr (TILE >= 6) pass(std::integral_constant<int, 6>{}); break;
-        }
-        m += n;
-      }
+      token_passes<TILE>(M, [&](int64_t m, auto tokens) {
+        qgemm_block<Bits, decltype(tokens)::value, Residual, KS>(wb, dmb, x.q.data() + m * K, x.r.data() + m * K,
+            x.d.data() + m * nb, x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N, rows, ahead(m));
+      });
     }
   }
 }
@@ -752,17 +741,10 @@ void qgemm6_rows_avx2(const uint8_t* w, const uint8_t* sc, const QuantX& x, int6
     const uint8_t* wb = w + rb * line_bytes;
     const uint8_t* sb = sc + rb * K / 256 * 288;
     const int64_t rows = std::min<int64_t>(16, N - rb * 16);
-    for (int64_t m = 0; m < M;) {
-      const int64_t mt = M - m >= 3 ? 3 : M - m;
-      auto pass = [&](auto tokens) {
-        qgemm6_block_avx2<decltype(tokens)::value>(wb, sb, x.a.data() + m * K, x.d.data() + m * nb,
-                                                   x.gsum.data() + m * nh, K, y + m * N + rb * 16, N, rows);
-      };
-      if (mt == 3) pass(std::integral_constant<int, 3>{});
-      else if (mt == 2) pass(std::integral_constant<int, 2>{});
-      else pass(std::integral_constant<int, 1>{});
-      m += mt;
-    }
+    token_passes<3>(M, [&](int64_t m, auto tokens) {
+      qgemm6_block_avx2<decltype(tokens)::value>(wb, sb, x.a.data() + m * K, x.d.data() + m * nb,
+                                                 x.gsum.data() + m * nh, K, y + m * N + rb * 16, N, rows);
+    });
   }
 }
 #endif
