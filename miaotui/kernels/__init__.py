@@ -186,7 +186,7 @@ def has_amx() -> bool:
 
 def describe(activation_bits: int = 16) -> str:
     """The CPU class and the kernel path this process runs, for logs and benchmarks (at 8-bit activations prompts
-    stay on the integer kernel where, at 16, a CPU with bf16 units and no tiles takes torch's bf16 GEMM)."""
+    stay on the integer kernel where, at 16, a CPU with bf16 units and no tiles takes its `vdpbf16ps` product)."""
     ops = cpu_ops()
     if ops is None:
         return f"{isa() if _X86 else 'generic'} CPU, plain torch (miaotui's kernels off); {cpu_model()}"

@@ -23,7 +23,7 @@ Tensor dense_matmul(const Tensor& x, const Tensor& w);
 // qmatmul.cpp
 const char* qmatmul_path();  // the integer kernel this build runs: "vnni", "avx2" or "generic"
 bool qmatmul_amx();
-bool qmatmul_bf16_gemm();  // prefill-sized bf16 products on torch's bf16 GEMM (CPUs with bf16 units, no AMX)
+bool qmatmul_bf16_gemm();  // prefill-sized bf16 products on `vdpbf16ps` (CPUs with bf16 units and VBMI, no AMX)
 Tensor qmatmul(const Tensor& x, const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t N,
                const c10::optional<Tensor>& in_scale, bool reference, int64_t act_bits);
 Tensor tile_matmul(const Tensor& x, const Tensor& tiles, int64_t N);

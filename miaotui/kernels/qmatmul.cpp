@@ -34,7 +34,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -937,136 +936,196 @@ Tensor dense_qmatmul(const Tensor& x, const Tensor& w, const Tensor& dm, int64_t
 }
 
 #if MIAOTUI_VNNI
-// Prefill-sized products on a CPU that multiplies bf16 itself (AVX512-BF16: Zen 4/5, Cooper Lake; an AMX build takes
-// its tile path first): the weight is widened to bf16 a chunk of rows at a time and multiplied by torch's bf16 GEMM
-// (oneDNN, `vdpbf16ps`: 32 multiply-adds an instruction where the integer path above, with its two activation
-// terms, gets 32 per `vpdpbusd` pair and pays per row and block for quantizing and rescaling). Measured here (Zen 4,
-// 2 threads, Qwen2.5-1.5B's products at 512 rows): 1.1x the integer kernel on 4-bit codes, 1.1-1.6x on 8-bit ones
-// (2.3x on 4-bit codes on another day of this class). The result is x @ bf16(d * q + m)^T, as the AMX path and a
-// dense bf16 weight give.
+// Prefill-sized products on a CPU that multiplies bf16 itself (`vdpbf16ps`, AVX512-BF16, with VBMI's `vpermb`: Zen
+// 4/5; an AMX build takes its tile path first): each thread widens the weight's rows 32 at a time to bf16 in L2 (the
+// AMX path's widening) and passes every activation row over them, 32 multiply-adds an instruction where the integer
+// path above, with its two activation terms, gets 32 per `vpdpbusd` pair and pays per row and block for quantizing
+// and rescaling. The result is x @ bf16(d * q + m)^T, as the AMX path and a dense bf16 weight give. It replaced
+// widening a chunk of rows to memory for torch's bf16 GEMM (oneDNN): Qwen2.5-1.5B's products at 512 rows 1.03-1.07x
+// on the kernel alone, a whole 512-token Qwen2.5-1.5B prompt 1.12x (Zen 4, 2 threads; oneDNN also packed each
+// widened chunk into its own layout, a second pass over it). These functions are compiled for those units within
+// the AVX-512 build and taken after a run-time check, so the build still runs on AVX-512 CPUs without them.
 
-// From this many rows on (measured here, 16 to 512 rows, SmolLM2's and Qwen2.5-1.5B's shapes, the two paths
-// alternated): below it the integer kernel is as fast or faster (4-bit: 1.0-1.2x the GEMM with its widening from 16
-// to 128 rows; 8-bit, whose integer product costs what the 4-bit one does: 1.5-2.5x up to 64 rows, ~1.0-1.2x at
-// 128), above it the GEMM gains 10-35% (256 and 512 rows).
-constexpr int64_t BF16_MIN_ROWS = 128;
-// Per chunk: bytes of bf16 weight rows and activation rows per GEMM. Qwen2.5-1.5B's products at 512 rows against 4
-// MB and 256 rows: 1.00-1.08x and 1.03-1.06x (a whole 512-token prompt 1.01x, quartiles 0.99-1.04); 64 MB, gate|up
-// widened whole, out of L3: 15% slower; 128 rows: 15% slower. The widening is ~10% of a product's time here.
-constexpr int64_t BF16_W_CHUNK = 8 << 20;
-constexpr int64_t BF16_M_CHUNK = 512;
+// From this many rows on (measured on Zen 4, 16 to 128 rows, Qwen2.5-1.5B's gate|up and down, the two paths
+// alternated): the integer kernel is faster below 64 rows (1.7x at 16, 1.2x at 32), level at 64, 0.9-0.95x at 96.
+constexpr int64_t BF16_MIN_ROWS = 96;
 
 bool bf16_units() {
-  static const bool ok = __builtin_cpu_supports("avx512bf16");
+  static const bool ok = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi");
   return ok;
 }
 
-// One block of 16 rows as bf16 [16, K] (row stride K): each 64-byte line's low and high nibble planes (4-bit) are
-// interleaved per 32-bit lane, so every 128-bit lane holds two rows' 8 consecutive inputs (8-bit: four rows' 4).
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512bf16,avx512vbmi"))), apply_to = function)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512bf16,avx512vbmi")
+#endif
+
+// The weight's 16 rows starting at `w` as bf16 lines for `vdpbf16ps` (and tiles for AMX's `tdpbf16ps`): per block of
+// 32 inputs, 16 lines of 64 bytes, line p holding inputs 2p and 2p+1 of each of the 16 rows.
 template <int Bits, bool KS = false>
-void widen_block_bf16(const uint8_t* w, const at::Half* dm, int64_t K, int64_t group, mt::BF16* out) {
-  constexpr int per_line = Bits == 4 ? 8 : 4;
+void widen_rows(const uint8_t* w, const at::Half* dm, int64_t K, int64_t group, at::BFloat16* out) {
+  // A 64-byte line of 16 rows x 4 codes (inputs 4j..4j+3) becomes two bf16 lines, pairs (0,1) then (2,3), each
+  // from two 16-lane fp32 vectors (rows 0-7, rows 8-15); sel[v] moves each code into the low byte of its lane.
+  alignas(64) static uint8_t sel_idx[4][64];
+  static const bool sel_ready = [] {
+    for (int v = 0; v < 4; ++v)  // v = 2 * pair + half
+      for (int i = 0; i < 16; ++i) sel_idx[v][4 * i] = 4 * ((v % 2) * 8 + i / 2) + (v / 2) * 2 + i % 2;
+    return true;
+  }();
+  (void)sel_ready;
+  __m512i sel[4];
+  for (int v = 0; v < 4; ++v) sel[v] = _mm512_load_si512(sel_idx[v]);
+  const __mmask64 low_bytes = 0x1111111111111111ULL;
+  const __m512i lo8 = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i hi8 = _mm512_add_epi32(lo8, _mm512_set1_epi32(8));
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  __m512i idx[4];  // lane L's rows' scales: row 4L + j repeated per_line times
-  for (int L = 0; L < 4; ++L) {
-    alignas(64) int32_t t[16];
-    for (int i = 0; i < 16; ++i) t[i] = 4 * L + i / per_line;
-    idx[L] = _mm512_load_si512(t);
-  }
-  // An 8-bit line (inputs k0..k0+3 of the 16 rows) with the scales of lane L's rows in d[L], m[L].
-  auto store8 = [&](__m512i line, const __m512* d, const __m512* m, int64_t k0) {
-    for (int L = 0; L < 4; ++L) {
-      const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(line, L)));
-      const __m256i b = mt::bf16_lanes({_mm512_fmadd_ps(v, d[L], m[L])});
-      alignas(32) int64_t q[4];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(q), b);
-      for (int j = 0; j < 4; ++j) std::memcpy(out + (4 * L + j) * K + k0, q + j, 8);
+  __m512 d[2], m[2];
+  auto widen = [&](__m512i quad, __m512i* dst) {
+    for (int pair = 0; pair < 2; ++pair) {
+      __m512 a = _mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(low_bytes, sel[2 * pair], quad));
+      __m512 b = _mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(low_bytes, sel[2 * pair + 1], quad));
+      a = _mm512_fmadd_ps(a, d[0], m[0]);
+      b = _mm512_fmadd_ps(b, d[1], m[1]);
+      _mm512_storeu_si512(dst + pair, (__m512i)_mm512_cvtne2ps_pbh(b, a));
     }
   };
+  __m512i* o = reinterpret_cast<__m512i*>(out);
   if constexpr (Bits == 6) {  // per 16 inputs: four 8-bit lines, w = D s q - 32 D s
     const uint8_t* sb = reinterpret_cast<const uint8_t*>(dm);
-    for (int64_t h = 0; h < K / 16; ++h, w += 192) {
+    for (int64_t h = 0; h < K / 16; ++h, w += 192, o += 8) {
       const __m512 dv = scales6(sb + h / 16 * 288, h % 16), mv = _mm512_mul_ps(dv, _mm512_set1_ps(-32.f));
-      __m512 d[4], m[4];
-      for (int L = 0; L < 4; ++L) d[L] = _mm512_permutexvar_ps(idx[L], dv), m[L] = _mm512_permutexvar_ps(idx[L], mv);
+      d[0] = _mm512_permutexvar_ps(lo8, dv), d[1] = _mm512_permutexvar_ps(hi8, dv);
+      m[0] = _mm512_permutexvar_ps(lo8, mv), m[1] = _mm512_permutexvar_ps(hi8, mv);
+      for (int l = 0; l < 3; ++l) _mm_prefetch(reinterpret_cast<const char*>(w) + PREFETCH + 64 * l, _MM_HINT_T0);
       __m512i v[4];
       unpack6(w, v);
-      for (int p = 0; p < 4; ++p) store8(v[p], d, m, h * 16 + 4 * p);
+      for (int p = 0; p < 4; ++p) widen(v[p], o + 2 * p);
     }
     return;
   }
-  for (int64_t g = 0; g < K / group; ++g) {
-    __m512 dv, mv;
-    group_scales<KS>(dm, g, dv, mv);
-    __m512 d[Bits == 4 ? 8 : 4], m[Bits == 4 ? 8 : 4];  // per (plane, lane) for 4-bit, per lane for 8-bit
-    for (int L = 0; L < 4; ++L)
-      for (int h = 0; h < (Bits == 4 ? 2 : 1); ++h) {  // 4-bit: the second plane holds rows 4L+2, 4L+3
-        const __m512i i2 = _mm512_add_epi32(idx[L], _mm512_set1_epi32(2 * h));
-        d[L * (Bits == 4 ? 2 : 1) + h] = _mm512_permutexvar_ps(i2, dv);
-        m[L * (Bits == 4 ? 2 : 1) + h] = _mm512_permutexvar_ps(i2, mv);
+  for (int64_t b = 0; b < K / QBLOCK; ++b) {
+    if (b * QBLOCK % group == 0) {
+      __m512 dv, mv;
+      group_scales<KS>(dm, b * QBLOCK / group, dv, mv);
+      d[0] = _mm512_permutexvar_ps(lo8, dv), d[1] = _mm512_permutexvar_ps(hi8, dv);
+      m[0] = _mm512_permutexvar_ps(lo8, mv), m[1] = _mm512_permutexvar_ps(hi8, mv);
+    }
+    if (Bits == 4) {
+      for (int c = 0; c < 4; ++c, w += 64, o += 4) {
+        const __m512i line = _mm512_loadu_si512(w);
+        _mm_prefetch(reinterpret_cast<const char*>(w) + PREFETCH, _MM_HINT_T0);
+        widen(_mm512_and_si512(line, low4), o);
+        widen(_mm512_and_si512(_mm512_srli_epi16(line, 4), low4), o + 2);
       }
-    for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += per_line, w += 64) {
-      const __m512i line = _mm512_loadu_si512(w);
-      if constexpr (Bits == 4) {
-        const __m512i lo = _mm512_and_si512(line, low4), hi = _mm512_and_si512(_mm512_srli_epi16(line, 4), low4);
-        const __m512i planes[2] = {_mm512_unpacklo_epi32(lo, hi), _mm512_unpackhi_epi32(lo, hi)};
-        for (int L = 0; L < 4; ++L)
-          for (int h = 0; h < 2; ++h) {
-            const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(planes[h], L)));
-            const __m256i b = mt::bf16_lanes({_mm512_fmadd_ps(v, d[2 * L + h], m[2 * L + h])});
-            const int64_t r = 4 * L + 2 * h;
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(out + r * K + k0), _mm256_castsi256_si128(b));
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (r + 1) * K + k0), _mm256_extracti128_si256(b, 1));
-          }
-      } else {
-        store8(line, d, m, k0);
+    } else {
+      for (int c = 0; c < 8; ++c, w += 64, o += 2) {
+        _mm_prefetch(reinterpret_cast<const char*>(w) + PREFETCH, _MM_HINT_T0);
+        widen(_mm512_loadu_si512(w), o);
       }
     }
   }
 }
 
-// y = x @ W^T in bf16 for prefill-sized M: W's rows a chunk at a time (widened in parallel, then one GEMM per
-// chunk of at most BF16_M_CHUNK activation rows). oneDNN keeps state for every shape it meets, so the shapes are
-// kept few: full chunks, and a last one padded to a multiple of 16 rows.
-Tensor dense_qmatmul_bf16(const Tensor& x, const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t N,
-                          const Tensor& in_scale, bool ks) {
-  const int64_t K = x.size(-1), M = x.numel() / K, rblocks = (N + 15) / 16, line_bytes = 16 * K * bits / 8;
-  Tensor xb = x.reshape({M, K});
-  if (in_scale.defined()) xb = xb.to(at::kFloat).mul(in_scale.to(at::kFloat)).to(at::kBFloat16);
-  Tensor y = at::empty({M, N}, xb.options());
-  const int64_t chunk = std::max<int64_t>(1, BF16_W_CHUNK / (16 * K * 2));  // row blocks per chunk
-  Tensor wb = at::empty({std::min(rblocks, chunk) * 16, K}, xb.options());
-  mt::BF16* wp = reinterpret_cast<mt::BF16*>(wb.data_ptr<at::BFloat16>());
-  const int64_t last = M % BF16_M_CHUNK, padded = (last + 15) / 16 * 16;
-  Tensor xpad;
-  if (padded != last) {  // the last rows, zero-padded to a multiple of 16
-    xpad = at::zeros({padded, K}, xb.options());
-    xpad.narrow(0, 0, last).copy_(xb.narrow(0, M - last, last));
-  }
-  for (int64_t rb = 0; rb < rblocks; rb += chunk) {
-    const int64_t rb_end = std::min(rblocks, rb + chunk), n0 = rb * 16, n = std::min(N, rb_end * 16) - n0;
-    at::parallel_for(rb, rb_end, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const uint8_t* wl = w.data_ptr<uint8_t>() + b * line_bytes;
-        const at::Half* dl = scales_of(dm) + b * scale_halves(bits, K, group, ks);
-        if (bits == 4 && ks) widen_block_bf16<4, true>(wl, dl, K, group, wp + (b - rb) * 16 * K);
-        else if (bits == 4) widen_block_bf16<4>(wl, dl, K, group, wp + (b - rb) * 16 * K);
-        else if (bits == 6) widen_block_bf16<6>(wl, dl, K, group, wp + (b - rb) * 16 * K);
-        else widen_block_bf16<8>(wl, dl, K, group, wp + (b - rb) * 16 * K);
+// Rows per pass of dp_tile: 2 * 14 accumulators, two weight lines and a broadcast take 31 of the 32 registers.
+constexpr int DP_ROWS = 14;
+
+// x [M, K] (bf16) as dp_tile reads it: per tile of DP_ROWS rows, each pair of inputs of the rows side by side
+// ([tiles][K / 2][DP_ROWS] 32-bit pairs), so every broadcast is at a fixed offset from one pointer; rows past M zero.
+Tensor dp_pack_rows(const at::BFloat16* x, int64_t M, int64_t K) {
+  const int64_t tiles = (M + DP_ROWS - 1) / DP_ROWS;
+  Tensor out_ = at::empty({tiles * (K / 2) * DP_ROWS}, at::kInt);
+  int32_t* out = out_.data_ptr<int32_t>();
+  const int32_t* xp = reinterpret_cast<const int32_t*>(x);
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int r = 0; r < DP_ROWS; ++r) {
+        const int64_t m = t * DP_ROWS + r;
+        int32_t* o = out + t * (K / 2) * DP_ROWS + r;
+        if (m < M)
+          for (int64_t j = 0; j < K / 2; ++j) o[j * DP_ROWS] = xp[m * (K / 2) + j];
+        else
+          for (int64_t j = 0; j < K / 2; ++j) o[j * DP_ROWS] = 0;
       }
-    });
-    const Tensor wt = wb.narrow(0, 0, n).t();
-    for (int64_t m0 = 0; m0 < M; m0 += BF16_M_CHUNK) {
-      const int64_t mc = std::min(BF16_M_CHUNK, M - m0);
-      const Tensor xc = mc == last && xpad.defined() ? xpad : xb.narrow(0, m0, mc);
-      Tensor yc = y.narrow(0, m0, mc);
-      if (n == N && !xpad.defined()) at::mm_out(yc, xc, wt);
-      else (n == N ? yc : yc.narrow(1, n0, n)).copy_(at::mm(xc, wt).narrow(0, 0, mc));
+  });
+  return out_;
+}
+
+// A tile of rows (dp_pack_rows) times a strip pair (w0, w1, as widen_rows lays them out: 64-byte line j holds inputs
+// 2j and 2j+1 of the strip's 16 outputs): each line meets every row's pair, broadcast, in one `vdpbf16ps` (16 outputs
+// x 2 inputs), 28 accumulators side by side. The tile's first `rows` rows of y get outputs n0 .. n0 + cols.
+inline void dp_tile(const int32_t* xt, int64_t K, const at::BFloat16* w0, const at::BFloat16* w1, at::BFloat16* y,
+                    int64_t rows, int64_t N, int64_t n0, int64_t cols) {
+  __m512 acc[DP_ROWS][2];
+  for (int r = 0; r < DP_ROWS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  const __m512i* l0 = reinterpret_cast<const __m512i*>(w0);
+  const __m512i* l1 = reinterpret_cast<const __m512i*>(w1);
+  for (int64_t j = 0; j < K / 2; ++j, xt += DP_ROWS) {
+    const __m512bh b0 = (__m512bh)_mm512_load_si512(l0 + j), b1 = (__m512bh)_mm512_load_si512(l1 + j);
+    for (int r = 0; r < DP_ROWS; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(xt[r]);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
     }
   }
+  for (int r = 0; r < rows; ++r)
+    for (int s = 0; s < 2 && 16 * s < cols; ++s) {
+      const int n = static_cast<int>(std::min<int64_t>(16, cols - 16 * s));
+      const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
+      _mm256_mask_storeu_epi16(y + r * N + n0 + 16 * s, mask, (__m256i)_mm512_cvtneps_pbh(acc[r][s]));
+    }
+}
+
+// y [M, N] = x [M, K] (bf16) @ bf16(d * q + m)^T: each thread widens a strip pair (32 outputs x K, in L2) once and
+// passes every tile of rows over it; the weight is never held widened whole.
+void dp_gemm(const uint8_t* w, const at::Half* dm, int bits, bool ks, const at::BFloat16* x, int64_t M, int64_t K,
+             int64_t group, int64_t N, at::BFloat16* y) {
+  const int64_t line_bytes = 16 * K * bits / 8, rblocks = (N + 15) / 16, tiles = (M + DP_ROWS - 1) / DP_ROWS;
+  const Tensor xt_ = dp_pack_rows(x, M, K);
+  const int32_t* xt = xt_.data_ptr<int32_t>();
+  at::parallel_for(0, (rblocks + 1) / 2, 1, [&](int64_t p0, int64_t p1) {
+    Tensor buf_ = at::empty({32 * K}, at::kBFloat16);  // 64-byte aligned: whole-line loads
+    at::BFloat16* buf = buf_.data_ptr<at::BFloat16>();
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t strips = std::min<int64_t>(2, rblocks - 2 * p);
+      for (int64_t s = 0; s < strips; ++s) {
+        const int64_t rb = 2 * p + s;
+        const uint8_t* wl = w + rb * line_bytes;
+        const at::Half* dmb = dm + rb * scale_halves(bits, K, group, ks);
+        if (bits == 4 && ks) widen_rows<4, true>(wl, dmb, K, group, buf + s * 16 * K);
+        else if (bits == 4) widen_rows<4>(wl, dmb, K, group, buf + s * 16 * K);
+        else if (bits == 6) widen_rows<6>(wl, dmb, K, group, buf + s * 16 * K);
+        else widen_rows<8>(wl, dmb, K, group, buf + s * 16 * K);
+      }
+      const at::BFloat16* w1 = buf + (strips - 1) * 16 * K;  // a lone last strip pairs with itself
+      const int64_t n0 = 32 * p, cols = std::min<int64_t>(32, N - n0);
+      for (int64_t t = 0; t < tiles; ++t)
+        dp_tile(xt + t * (K / 2) * DP_ROWS, K, buf, w1, y + t * DP_ROWS * N,
+                std::min<int64_t>(DP_ROWS, M - t * DP_ROWS), N, n0, cols);
+    }
+  });
+}
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#elif defined(__GNUC__)
+#pragma GCC pop_options
+#endif
+
+// y = x @ W^T for bf16 x of prefill size (in_scale applied first, as the integer path does).
+Tensor bf16_qmatmul(const Tensor& x, const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t N,
+                    const Tensor& in_scale, bool ks) {
+  const int64_t K = x.size(-1), M = x.numel() / K;
+  Tensor xb = x.reshape({M, K});
+  if (in_scale.defined()) xb = xb.to(at::kFloat).mul(in_scale.to(at::kFloat)).to(at::kBFloat16);
+  xb = xb.contiguous();
   auto shape = x.sizes().vec();
   shape.back() = N;
-  return y.view(shape);
+  Tensor y = at::empty(shape, x.options());
+  dp_gemm(w.data_ptr<uint8_t>(), scales_of(dm), static_cast<int>(bits), ks, xb.data_ptr<at::BFloat16>(), M, K, group,
+          N, y.data_ptr<at::BFloat16>());
+  return y;
 }
 #endif
 
@@ -1213,72 +1272,6 @@ void amx_configure() {
     cfg[48 + t] = 16;
   }
   _tile_loadconfig(cfg);
-}
-
-// The weight's 16 rows starting at `w` as bf16 tiles for `tdpbf16ps`: per block of 32 inputs, 16 lines of 64 bytes,
-// line p holding inputs 2p and 2p+1 of each of the 16 rows.
-template <int Bits, bool KS = false>
-void widen_rows(const uint8_t* w, const at::Half* dm, int64_t K, int64_t group, at::BFloat16* out) {
-  // A 64-byte line of 16 rows x 4 codes (inputs 4j..4j+3) becomes two bf16 lines, pairs (0,1) then (2,3), each
-  // from two 16-lane fp32 vectors (rows 0-7, rows 8-15); sel[v] moves each code into the low byte of its lane.
-  alignas(64) static uint8_t sel_idx[4][64];
-  static const bool sel_ready = [] {
-    for (int v = 0; v < 4; ++v)  // v = 2 * pair + half
-      for (int i = 0; i < 16; ++i) sel_idx[v][4 * i] = 4 * ((v % 2) * 8 + i / 2) + (v / 2) * 2 + i % 2;
-    return true;
-  }();
-  (void)sel_ready;
-  __m512i sel[4];
-  for (int v = 0; v < 4; ++v) sel[v] = _mm512_load_si512(sel_idx[v]);
-  const __mmask64 low_bytes = 0x1111111111111111ULL;
-  const __m512i lo8 = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-  const __m512i hi8 = _mm512_add_epi32(lo8, _mm512_set1_epi32(8));
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  __m512 d[2], m[2];
-  auto widen = [&](__m512i quad, __m512i* dst) {
-    for (int pair = 0; pair < 2; ++pair) {
-      __m512 a = _mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(low_bytes, sel[2 * pair], quad));
-      __m512 b = _mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(low_bytes, sel[2 * pair + 1], quad));
-      a = _mm512_fmadd_ps(a, d[0], m[0]);
-      b = _mm512_fmadd_ps(b, d[1], m[1]);
-      _mm512_storeu_si512(dst + pair, (__m512i)_mm512_cvtne2ps_pbh(b, a));
-    }
-  };
-  __m512i* o = reinterpret_cast<__m512i*>(out);
-  if constexpr (Bits == 6) {  // per 16 inputs: four 8-bit lines, w = D s q - 32 D s
-    const uint8_t* sb = reinterpret_cast<const uint8_t*>(dm);
-    for (int64_t h = 0; h < K / 16; ++h, w += 192, o += 8) {
-      const __m512 dv = scales6(sb + h / 16 * 288, h % 16), mv = _mm512_mul_ps(dv, _mm512_set1_ps(-32.f));
-      d[0] = _mm512_permutexvar_ps(lo8, dv), d[1] = _mm512_permutexvar_ps(hi8, dv);
-      m[0] = _mm512_permutexvar_ps(lo8, mv), m[1] = _mm512_permutexvar_ps(hi8, mv);
-      for (int l = 0; l < 3; ++l) _mm_prefetch(reinterpret_cast<const char*>(w) + PREFETCH + 64 * l, _MM_HINT_T0);
-      __m512i v[4];
-      unpack6(w, v);
-      for (int p = 0; p < 4; ++p) widen(v[p], o + 2 * p);
-    }
-    return;
-  }
-  for (int64_t b = 0; b < K / QBLOCK; ++b) {
-    if (b * QBLOCK % group == 0) {
-      __m512 dv, mv;
-      group_scales<KS>(dm, b * QBLOCK / group, dv, mv);
-      d[0] = _mm512_permutexvar_ps(lo8, dv), d[1] = _mm512_permutexvar_ps(hi8, dv);
-      m[0] = _mm512_permutexvar_ps(lo8, mv), m[1] = _mm512_permutexvar_ps(hi8, mv);
-    }
-    if (Bits == 4) {
-      for (int c = 0; c < 4; ++c, w += 64, o += 4) {
-        const __m512i line = _mm512_loadu_si512(w);
-        _mm_prefetch(reinterpret_cast<const char*>(w) + PREFETCH, _MM_HINT_T0);
-        widen(_mm512_and_si512(line, low4), o);
-        widen(_mm512_and_si512(_mm512_srli_epi16(line, 4), low4), o + 2);
-      }
-    } else {
-      for (int c = 0; c < 8; ++c, w += 64, o += 2) {
-        _mm_prefetch(reinterpret_cast<const char*>(w) + PREFETCH, _MM_HINT_T0);
-        widen(_mm512_loadu_si512(w), o);
-      }
-    }
-  }
 }
 
 // 16 * NT tokens (NT = 1 or 2) x 32 outputs (two bf16 strips w0, w1): weights in tmm0/1, activations in tmm2/3,
@@ -1691,7 +1684,7 @@ Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits
 #if MIAOTUI_VNNI
   if (act_bits == 16 && !reference && x.scalar_type() == at::kBFloat16 && M >= BF16_MIN_ROWS && bf16_units() &&
       !amx_takes(M))
-    return dense_qmatmul_bf16(x, w, dm, bits, group, N, in_scale, ks);
+    return bf16_qmatmul(x, w, dm, bits, group, N, in_scale, ks);
 #endif
   auto shape = x.sizes().vec();
   shape.back() = N;

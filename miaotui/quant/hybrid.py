@@ -1,7 +1,8 @@
-"""`hybrid`, what `auto` picks on a CPU with bf16 units for a small model's 4-bit file in bf16 (with activations in
-16 bits; with 8 it picks `native`, recipe.resolve): the file's codes for the few-row products of decoding
+"""`hybrid`, what `auto` picks on a CPU with AMX for a small model's 4-bit file in bf16 (with activations in 16
+bits; with 8 it picks `native`, recipe.resolve): the file's codes for the few-row products of decoding
 (bandwidth-bound: 4x fewer bytes per token) beside a dense bf16 copy made from those codes for prefill and batches
-(compute-bound)."""
+(compute-bound). On CPUs with bf16 units and no AMX the codes' own bf16 product (kernels/qmatmul.cpp) prefills as
+fast as a oneDNN copy, so `auto` keeps them alone there; the class takes either copy."""
 
 from __future__ import annotations
 

@@ -30,11 +30,11 @@ from tqdm import tqdm
 
 from miaotui.config import QUANTIZATIONS
 from miaotui.errors import MiaotuiError
-from miaotui.kernels import has_packed
+from miaotui.kernels import has_amx, has_packed
 from miaotui.layers.linear import Embedding, Linear
 from miaotui.loader.tensors import BlockCodes, FileTensor
 from miaotui.quant.base import WeightFormat
-from miaotui.quant.dense import DenseWeight, dense_weight, onednn_bf16
+from miaotui.quant.dense import DenseWeight, dense_weight
 from miaotui.quant.hybrid import HybridWeight
 from miaotui.quant.int4 import Int4Weight
 from miaotui.quant.int8 import Int8Weight
@@ -56,11 +56,13 @@ def check(quantization: str, group_size: int) -> None:
         raise MiaotuiError(f"int4 group size must be 32, 64 or 128, got {group_size}")
 
 
-# `auto` adds hybrid's dense bf16 copy (2 bytes a weight, made at load) only to models up to this many weights in
-# their products. Native codes already take torch's bf16 GEMM at prefill sizes (widened a chunk at a time, see
-# kernels/qmatmul.cpp); the copy saves that widening: SmolLM2 prefill 512 on AVX-512 Zen 4 1,412-1,521 tok/s against
-# native's 1,282-1,336. On Qwen2.5-1.5B it cost 12-17 s of load and 6.3 GB resident against native's 1.4-2.5 s and
-# 2.7 GB, and a 7B model's copy would not fit beside its codes in 24 GB.
+# `auto` adds hybrid's dense bf16 copy (2 bytes a weight, made at load; AMX tile order) only to models up to this
+# many weights in their products, and only where the CPU has AMX: there the copy's products beat widening the codes
+# from ~20 rows (quant/hybrid.py). Without AMX, native codes take miaotui's own `vdpbf16ps` product at prefill sizes,
+# widened in L2 (kernels/qmatmul.cpp), which left the copy nothing to save (AVX-512 Zen 4, 512-token prompts,
+# alternated: SmolLM2 1.02x, Qwen2.5-0.5B 1.00x, Gemma 3 270M 1.00x native over hybrid; 32 x (64 in, 128 out) on
+# SmolLM2 1.00x) while it cost load time and memory. On Qwen2.5-1.5B it cost 12-17 s of load and 6.3 GB resident
+# against native's 1.4-2.5 s and 2.7 GB, and a 7B model's copy would not fit beside its codes in 24 GB.
 HYBRID_MAX_WEIGHTS = 600_000_000
 # The output head's codes under native and hybrid: at least 6 bits (a Q6_K head as it is, as llama.cpp keeps it; a
 # 4-bit one as 8-bit codes).
@@ -76,8 +78,8 @@ def resolve(quantization: str, group_size: int, model: nn.Module, dtype: torch.d
             device: torch.device, activation_bits: int = 16) -> tuple[str, int]:
     """(method, group size) that `quantization` means for this model on this device. `auto` never costs quality:
     a file's low-bit blocks are affine maps of integer codes per 32 weights, which int4 (4-bit blocks) and int8
-    (5- to 8-bit blocks) hold exactly. In bf16 on a CPU with bf16 units, a small model's 4-bit file decodes on its
-    codes beside dense weights for prefill (`hybrid`); elsewhere every product runs on the codes (`native`); a
+    (5- to 8-bit blocks) hold exactly. In bf16 on a CPU with AMX, a small model's 4-bit file decodes on its codes
+    beside dense weights for prefill (`hybrid`); elsewhere every product runs on the codes (`native`); a
     `miaotui compress` folder keeps the method (and group) it was stored with; float files stay dense. With
     activations in one int8 term (`activation_bits` 8) hybrid's codes serve every batch and its copy would go
     unused (quant/hybrid.py), so `auto` is `native` there: the same products, without the copy's 2 bytes a weight
@@ -91,7 +93,7 @@ def resolve(quantization: str, group_size: int, model: nn.Module, dtype: torch.d
     elif cfg.quantization:
         method = cfg.quantization
         group_size = cfg.quantization_group or group_size
-    elif (dtype == torch.bfloat16 and cfg.weight_bits <= 4 and onednn_bf16() and activation_bits == 16
+    elif (dtype == torch.bfloat16 and cfg.weight_bits <= 4 and has_amx() and activation_bits == 16
           and matrix_weights(model) <= HYBRID_MAX_WEIGHTS):
         method = "hybrid"
     elif cfg.weight_bits < 16 and has_packed():

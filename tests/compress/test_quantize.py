@@ -88,10 +88,10 @@ def test_quantized_model_still_answers(smollm2_path, method):
     # Judged by perplexity below, not by the answer: it is a near tie on this Q4_1 file ("Paris" or "L'Étoile…", as
     # llama.cpp answers) that bf16 rounding decides — unquantized bf16 answers "L'Étoile…" on AVX-512, fp32 "Paris".
     assert out.text.strip()
-    from miaotui.quant.dense import onednn_bf16
+    from miaotui.kernels import has_amx
 
-    # auto on a small 4-bit file in bf16: its codes for decode beside dense weights where the CPU has bf16 units
-    assert llm.engine.quantization == {"auto": "hybrid" if onednn_bf16() else "native"}.get(method, method)
+    # auto on a small 4-bit file in bf16: its codes for decode beside dense weights where the CPU has AMX
+    assert llm.engine.quantization == {"auto": "hybrid" if has_amx() else "native"}.get(method, method)
     ref = LLM(str(smollm2_path), dtype="bfloat16", quantization="none", kv_cache_memory=32 * 2**20)
     ids = ref.tokenizer.encode("The history of the Roman Empire spans many centuries. " * 4)
     import math
@@ -129,13 +129,13 @@ def test_gguf_codes_go_to_the_kernels_exactly(smollm2_path):
 
 
 def test_auto_adds_a_dense_copy_only_to_small_models(smollm2_path, monkeypatch):
-    """hybrid's bf16 copy doubles prefill but costs load time and 2 bytes a weight: `auto` keeps it to small models
-    (SmolLM2: 106M weights in its products); past HYBRID_MAX_WEIGHTS it decodes and prefills on the codes, and so
-    it does with activations in one int8 term, where the codes beat the copy at every size."""
+    """hybrid's bf16 copy (AMX CPUs only: elsewhere the codes' own bf16 product left it nothing to save) costs load
+    time and 2 bytes a weight: `auto` keeps it to small models (SmolLM2: 106M weights in its products); past
+    HYBRID_MAX_WEIGHTS it decodes and prefills on the codes, and so it does with activations in one int8 term,
+    where the codes beat the copy at every size."""
     from miaotui import LLM
-    from miaotui.kernels import has_packed
+    from miaotui.kernels import has_amx, has_packed
     from miaotui.loader import load
-    from miaotui.quant.dense import onednn_bf16
 
     if not has_packed():
         pytest.skip("native needs miaotui's kernels, not built here")
@@ -146,7 +146,7 @@ def test_auto_adds_a_dense_copy_only_to_small_models(smollm2_path, monkeypatch):
     assert LLM(smollm2_path, dtype="bfloat16", activation_bits=8).engine.quantization == "native"
     monkeypatch.setattr(recipe, "HYBRID_MAX_WEIGHTS", 100_000_000)
     large = recipe.resolve("auto", 32, model, torch.bfloat16, torch.device("cpu"))[0]
-    assert (small, large) == (("hybrid" if onednn_bf16() else "native"), "native")
+    assert (small, large) == (("hybrid" if has_amx() else "native"), "native")
 
 
 @pytest.mark.parametrize("method", ["none", "int8"])

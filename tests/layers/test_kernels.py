@@ -259,8 +259,8 @@ def test_one_activation_term_keeps_bf16_prompts_on_the_integer_kernel(ops, bits,
 def test_qmatmul_many_rows_is_a_bf16_product(ops, bits, group, m, n, k, dtype):
     """From 8 rows on, the AMX path widens the weight to bf16 and multiplies bf16 activations with fp32 sums:
     x @ W^T as a dense bf16 weight would give it (rows padded to tiles, outputs not in blocks of 32). On a CPU
-    with bf16 units and no tiles, bf16 activations of prefill size take torch's bf16 GEMM on the widened weight:
-    the same product (600 x 5700: more rows than one GEMM takes, more weight than one widened chunk)."""
+    with bf16 units and no tiles, bf16 activations of prefill size take the `vdpbf16ps` product on strips widened
+    in L2: the same product (600 x 5700: rows not in whole passes of 14, a last strip of 4 outputs alone)."""
     if not ops.amx and not (ops.bf16_gemm and dtype == torch.bfloat16 and m == 600):
         pytest.skip("neither AMX nor bf16 units in this build")
     *_, w = random_packed(n, k, bits, group)
@@ -357,7 +357,7 @@ def test_kquant_blocks_multiply_as_the_file_holds_them(ops, kind, m):
 @pytest.mark.parametrize("m", [8, 40, 300])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kquant_many_rows_widen_to_bf16(ops, kind, m, dtype):
-    """The file's own K-quant layouts widened to bf16 for the tile unit (from 8 rows) or torch's bf16 GEMM (prefill
+    """The file's own K-quant layouts widened to bf16 for the tile unit (from 8 rows) or `vdpbf16ps` (prefill
     sizes, CPUs with bf16 units): x @ Wᵀ as the dense bf16 weight gives it."""
     if ops.qmatmul_path != "vnni" or not (ops.amx or (ops.bf16_gemm and dtype == torch.bfloat16 and m == 300)):
         pytest.skip("neither AMX nor bf16 units in this build")
