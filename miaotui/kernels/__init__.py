@@ -46,8 +46,9 @@ _REQUIRES = {  # /proc/cpuinfo flags each class needs
     "amx": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16", "avx512vbmi", "amx_tile",
             "amx_bf16"},
 }
-_SOURCES = [Path(__file__).with_name(n) for n in ("ops.cpp", "qmatmul.cpp", "stack.cpp", "bindings.cpp")]
-_HEADERS = [Path(__file__).with_name(n) for n in ("ops.h", "stack.h", "vec.h")]
+_SOURCES = [Path(__file__).with_name(n) for n in ("ops.cpp", "qmatmul.cpp", "attention.cpp", "stack.cpp",
+                                                         "bindings.cpp")]
+_HEADERS = [Path(__file__).with_name(n) for n in ("ops.h", "stack.h", "vec.h", "dp.h")]
 _modules: dict[str, object | None] = {}
 
 

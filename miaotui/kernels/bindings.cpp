@@ -1,7 +1,7 @@
-// The Python module: every kernel of ops.cpp, qmatmul.cpp and stack.cpp, and what this build runs on. Only pybind11
-// and torch's tensor type casters are included (torch/extension.h, the whole C++ frontend, took 43 s of the build
-// here; this file now ~18 s), so a first run waits less for its kernels. The classes are module-local: each CPU
-// class's build is its own module, and a process (the tests) may load several.
+// The Python module: every kernel of ops.cpp, qmatmul.cpp, attention.cpp and stack.cpp, and what this build runs on.
+// Only pybind11 and torch's tensor type casters are included (torch/extension.h, the whole C++ frontend, took 43 s of
+// the build here; this file now ~18 s), so a first run waits less for its kernels. The classes are module-local:
+// each CPU class's build is its own module, and a process (the tests) may load several.
 
 #include <torch/csrc/utils/pybind.h>
 
@@ -21,6 +21,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_rows", &topk_rows, "each row's k largest values and indices, largest first (float32 [rows, n])");
   m.def("dense_matmul", &dense_matmul, "x @ w^T for float32 x [M, K] with few rows and w [N, K]");
   m.def("paged_attention", &paged_attention, "one-token-per-sequence attention over the paged KV cache");
+  m.attr("prefill_attention_available") = prefill_attention_available();
+  m.def("prefill_attention", &prefill_attention, "causal attention over fresh prompts of `length` tokens (bf16)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("length"), py::arg("scale"));
   m.def("qmatmul", &qmatmul, "x @ W^T for 4/8-bit packed weights, activations quantized to int8 per 32",
         py::arg("x"), py::arg("w"), py::arg("dm"), py::arg("bits"), py::arg("group"), py::arg("n"),
         py::arg("in_scale") = py::none(), py::arg("reference") = false, py::arg("act_bits") = 16);

@@ -1,4 +1,5 @@
-// The kernels' entry points, shared by the translation units (ops.cpp, qmatmul.cpp, stack.cpp, bindings.cpp).
+// The kernels' entry points, shared by the translation units (ops.cpp, qmatmul.cpp, attention.cpp, stack.cpp,
+// bindings.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -19,6 +20,10 @@ Tensor paged_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_c
 Tensor argmax_rows(const Tensor& x);
 std::tuple<Tensor, Tensor> topk_rows(const Tensor& x, int64_t k);
 Tensor dense_matmul(const Tensor& x, const Tensor& w);
+
+// attention.cpp
+bool prefill_attention_available();  // AVX512-BF16 and VBMI in this build and CPU
+Tensor prefill_attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t length, double scale);
 
 // qmatmul.cpp
 const char* qmatmul_path();  // the integer kernel this build runs: "vnni", "avx2" or "generic"

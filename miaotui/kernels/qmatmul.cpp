@@ -42,6 +42,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "dp.h"
 #include "ops.h"
 #include "vec.h"
 
@@ -950,10 +951,7 @@ Tensor dense_qmatmul(const Tensor& x, const Tensor& w, const Tensor& dm, int64_t
 // alternated): the integer kernel is faster below 64 rows (1.7x at 16, 1.2x at 32), level at 64, 0.9-0.95x at 96.
 constexpr int64_t BF16_MIN_ROWS = 96;
 
-bool bf16_units() {
-  static const bool ok = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi");
-  return ok;
-}
+using dp::bf16_units;
 
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512bf16,avx512vbmi"))), apply_to = function)
@@ -1028,62 +1026,18 @@ void widen_rows(const uint8_t* w, const at::Half* dm, int64_t K, int64_t group, 
   }
 }
 
-// Rows per pass of dp_tile: 2 * 14 accumulators, two weight lines and a broadcast take 31 of the 32 registers.
-constexpr int DP_ROWS = 14;
-
-// x [M, K] (bf16) as dp_tile reads it: per tile of DP_ROWS rows, each pair of inputs of the rows side by side
-// ([tiles][K / 2][DP_ROWS] 32-bit pairs), so every broadcast is at a fixed offset from one pointer; rows past M zero.
-Tensor dp_pack_rows(const at::BFloat16* x, int64_t M, int64_t K) {
-  const int64_t tiles = (M + DP_ROWS - 1) / DP_ROWS;
-  Tensor out_ = at::empty({tiles * (K / 2) * DP_ROWS}, at::kInt);
-  int32_t* out = out_.data_ptr<int32_t>();
-  const int32_t* xp = reinterpret_cast<const int32_t*>(x);
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      for (int r = 0; r < DP_ROWS; ++r) {
-        const int64_t m = t * DP_ROWS + r;
-        int32_t* o = out + t * (K / 2) * DP_ROWS + r;
-        if (m < M)
-          for (int64_t j = 0; j < K / 2; ++j) o[j * DP_ROWS] = xp[m * (K / 2) + j];
-        else
-          for (int64_t j = 0; j < K / 2; ++j) o[j * DP_ROWS] = 0;
-      }
-  });
-  return out_;
-}
-
-// A tile of rows (dp_pack_rows) times a strip pair (w0, w1, as widen_rows lays them out: 64-byte line j holds inputs
-// 2j and 2j+1 of the strip's 16 outputs): each line meets every row's pair, broadcast, in one `vdpbf16ps` (16 outputs
-// x 2 inputs), 28 accumulators side by side. The tile's first `rows` rows of y get outputs n0 .. n0 + cols.
-inline void dp_tile(const int32_t* xt, int64_t K, const at::BFloat16* w0, const at::BFloat16* w1, at::BFloat16* y,
-                    int64_t rows, int64_t N, int64_t n0, int64_t cols) {
-  __m512 acc[DP_ROWS][2];
-  for (int r = 0; r < DP_ROWS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  const __m512i* l0 = reinterpret_cast<const __m512i*>(w0);
-  const __m512i* l1 = reinterpret_cast<const __m512i*>(w1);
-  for (int64_t j = 0; j < K / 2; ++j, xt += DP_ROWS) {
-    const __m512bh b0 = (__m512bh)_mm512_load_si512(l0 + j), b1 = (__m512bh)_mm512_load_si512(l1 + j);
-    for (int r = 0; r < DP_ROWS; ++r) {
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(xt[r]);
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
-      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
-    }
-  }
-  for (int r = 0; r < rows; ++r)
-    for (int s = 0; s < 2 && 16 * s < cols; ++s) {
-      const int n = static_cast<int>(std::min<int64_t>(16, cols - 16 * s));
-      const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
-      _mm256_mask_storeu_epi16(y + r * N + n0 + 16 * s, mask, (__m256i)_mm512_cvtneps_pbh(acc[r][s]));
-    }
-}
-
 // y [M, N] = x [M, K] (bf16) @ bf16(d * q + m)^T: each thread widens a strip pair (32 outputs x K, in L2) once and
 // passes every tile of rows over it; the weight is never held widened whole.
 void dp_gemm(const uint8_t* w, const at::Half* dm, int bits, bool ks, const at::BFloat16* x, int64_t M, int64_t K,
              int64_t group, int64_t N, at::BFloat16* y) {
-  const int64_t line_bytes = 16 * K * bits / 8, rblocks = (N + 15) / 16, tiles = (M + DP_ROWS - 1) / DP_ROWS;
-  const Tensor xt_ = dp_pack_rows(x, M, K);
-  const int32_t* xt = xt_.data_ptr<int32_t>();
+  const int64_t line_bytes = 16 * K * bits / 8, rblocks = (N + 15) / 16, tiles = (M + dp::ROWS - 1) / dp::ROWS;
+  Tensor xt_ = at::empty({tiles * (K / 2) * dp::ROWS}, at::kInt);
+  int32_t* xt = xt_.data_ptr<int32_t>();
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      dp::pack_tile(x + t * dp::ROWS * K, K, std::min<int64_t>(dp::ROWS, M - t * dp::ROWS), K,
+                    xt + t * (K / 2) * dp::ROWS);
+  });
   at::parallel_for(0, (rblocks + 1) / 2, 1, [&](int64_t p0, int64_t p1) {
     Tensor buf_ = at::empty({32 * K}, at::kBFloat16);  // 64-byte aligned: whole-line loads
     at::BFloat16* buf = buf_.data_ptr<at::BFloat16>();
@@ -1101,8 +1055,8 @@ void dp_gemm(const uint8_t* w, const at::Half* dm, int bits, bool ks, const at::
       const at::BFloat16* w1 = buf + (strips - 1) * 16 * K;  // a lone last strip pairs with itself
       const int64_t n0 = 32 * p, cols = std::min<int64_t>(32, N - n0);
       for (int64_t t = 0; t < tiles; ++t)
-        dp_tile(xt + t * (K / 2) * DP_ROWS, K, buf, w1, y + t * DP_ROWS * N,
-                std::min<int64_t>(DP_ROWS, M - t * DP_ROWS), N, n0, cols);
+        dp::tile(xt + t * (K / 2) * dp::ROWS, K, buf, w1, y + t * dp::ROWS * N,
+                 std::min<int64_t>(dp::ROWS, M - t * dp::ROWS), N, n0, cols);
     }
   });
 }

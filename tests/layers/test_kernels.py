@@ -372,6 +372,35 @@ def test_kquant_many_rows_widen_to_bf16(ops, kind, m, dtype):
     assert ((y.float() - ref).abs() <= tol * ref.abs().max()).all()
 
 
+@pytest.mark.parametrize("tokens,length,hq,hkv,d", [(512, 512, 12, 2, 128), (100, 50, 9, 3, 64),
+                                                     (37, 37, 4, 1, 256), (90, 15, 2, 2, 32)])
+def test_prefill_attention_is_causal_attention(ops, tokens, length, hq, hkv, d):
+    """Fresh prompts of `length` tokens side by side (a wave of equal prompts), grouped heads, q/k/v strided views
+    of one fused projection's output: torch's causal attention in fp32 on the same bf16 inputs, within the bf16
+    rounding of the softmax weights and the output (prompts not in whole passes of 14 queries or 32 keys)."""
+    if not getattr(ops, "prefill_attention_available", False):
+        pytest.skip("no bf16 units (AVX512-BF16 with VBMI) in this build or CPU")
+    torch.manual_seed(0)
+    qkv = (torch.randn(tokens, (hq + 2 * hkv) * d) * 2).bfloat16()
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=1)
+    q, k, v = q.view(tokens, hq, d), k.view(tokens, hkv, d), v.view(tokens, hkv, d)
+    y = ops.prefill_attention(q, k, v, length, d**-0.5)
+    def causal(i: int) -> torch.Tensor:
+        qi, ki, vi = (x[i : i + length].float().transpose(0, 1)[None] for x in (q, k, v))
+        return F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=d**-0.5, enable_gqa=True)[0]
+
+    ref = torch.cat([causal(i).transpose(0, 1) for i in range(0, tokens, length)])
+    assert y.dtype == torch.bfloat16 and y.shape == (tokens, hq, d)
+    # each weight rounded to bf16 moves the output by at most 2^-9 of the largest value, the output's own rounding
+    # 2^-9 of itself (twice both, for the fp32 sums)
+    assert ((y.float() - ref).abs() <= 2**-8 * (v.float().abs().max() + ref.abs())).all()
+    with pytest.raises(RuntimeError, match="whole prompts"):
+        ops.prefill_attention(q, k, v, length + 1, 1.0)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        ops.prefill_attention(q[..., :16].contiguous(), k[..., :16].contiguous(), v[..., :16].contiguous(), length,
+                              1.0)
+
+
 def test_dense_matmul_equals_torch_and_is_batch_invariant(ops):
     """fp32 x @ wᵀ at decode sizes: torch's product within fp32 rounding, for widths with and without a scalar
     tail, a last pass of fewer than 4 weight rows and odd row counts; a row's result does not depend on the rows
