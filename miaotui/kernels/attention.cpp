@@ -1,8 +1,9 @@
-// Causal attention over a fresh prompt (nothing cached before it) on `vdpbf16ps`, for bf16 queries, keys and values:
-// per query head, DP_ROWS queries at a time, the scores against every key up to the last of them (dp::tile, fp32),
-// their softmax in fp32, its weights rounded to bf16 and multiplied by the values (dp::tile again) — the weights
-// normalised before rounding, as torch's math path does. A Qwen2.5-1.5B layer's 512-token prompt on 2 Zen 4 cores:
-// 5.0 ms, 163 GFLOP/s, against torch's CPU flash attention's 11.0 ms (73 GFLOP/s; 8% of the prompt's time).
+// Causal attention of a prompt's queries (a fresh prompt, or a chunk after its cached prefix) on `vdpbf16ps`, for bf16
+// queries, keys and values: per query head, dp::ROWS queries at a time, the scores against every key up to the last
+// of them (dp::tile, fp32), their softmax in fp32, its weights rounded to bf16 and multiplied by the values (dp::tile
+// again) — the weights normalised before rounding, as torch's math path does. A Qwen2.5-1.5B layer's 512-token
+// prompt on 2 Zen 4 cores: 5.0 ms, 163 GFLOP/s, against torch's CPU flash attention's 11.0 ms (73 GFLOP/s; 8% of the
+// prompt's time).
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -94,24 +95,26 @@ bool prefill_attention_available() {
 #endif
 }
 
-// out [T, Hq, D] = causal attention of q [T, Hq, D] over k, v [T, Hkv, D] (bf16, last two dims contiguous, any row
-// stride), the T tokens being T / length prompts of `length` tokens each, every one fresh (positions 0 .. length-1).
+// out [T, Hq, D] = causal attention of q [T, Hq, D] over k, v [Tk, Hkv, D] (bf16, last two dims contiguous, any row
+// stride): T / length prompts side by side, each with `length` queries and Tk / (T / length) keys, its queries the
+// last `length` of its positions (keys past a query's position masked).
 Tensor prefill_attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t length, double scale) {
   TORCH_CHECK(prefill_attention_available(), "prefill_attention: needs AVX512-BF16 and VBMI");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "prefill_attention: [tokens, heads, head_dim]");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
                   v.scalar_type() == at::kBFloat16, "prefill_attention: bf16 q, k, v");
   const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1);
-  TORCH_CHECK(k.size(0) == T && v.size(0) == T && v.size(1) == Hkv && k.size(2) == D && v.size(2) == D &&
-                  Hq % Hkv == 0, "prefill_attention: q, k and v do not match");
   TORCH_CHECK(length > 0 && T % length == 0, "prefill_attention: tokens in whole prompts of `length`");
+  const int64_t prompts = T / length, klen = k.size(0) / prompts;
+  TORCH_CHECK(k.size(0) == prompts * klen && klen >= length && v.size(0) == k.size(0) && v.size(1) == Hkv &&
+                  k.size(2) == D && v.size(2) == D && Hq % Hkv == 0, "prefill_attention: q, k and v do not match");
   TORCH_CHECK(D % 32 == 0, "prefill_attention: head_dim a multiple of 32");
   for (const Tensor* t : {&q, &k, &v})
     TORCH_CHECK(t->stride(2) == 1 && t->stride(1) == D && t->stride(0) % 2 == 0,
                 "prefill_attention: each token's heads contiguous");
   Tensor out = at::empty({T, Hq, D}, q.options());
 #if MIAOTUI_DP
-  const int64_t prompts = T / length, npad = (length + 31) / 32 * 32, tiles = (length + dp::ROWS - 1) / dp::ROWS;
+  const int64_t npad = (klen + 31) / 32 * 32, tiles = (length + dp::ROWS - 1) / dp::ROWS, past = klen - length;
   const int64_t group = Hq / Hkv, os = Hq * D;
   const float sc = static_cast<float>(scale);
   // every prompt's and kv head's keys and values in dp::tile's order (64-byte aligned: whole-line loads)
@@ -125,8 +128,8 @@ Tensor prefill_attention(const Tensor& q, const Tensor& k, const Tensor& v, int6
   at::parallel_for(0, prompts * Hkv, 1, [&](int64_t a, int64_t b) {
     for (int64_t i = a; i < b; ++i) {
       const int64_t p = i / Hkv, g = i % Hkv;
-      pack_keys(kd + p * length * k.stride(0) + g * D, k.stride(0), length, npad, D, kp + i * npad * D / 2);
-      pack_values(vd + p * length * v.stride(0) + g * D, v.stride(0), length, npad, D, vp + i * npad * D);
+      pack_keys(kd + p * klen * k.stride(0) + g * D, k.stride(0), klen, npad, D, kp + i * npad * D / 2);
+      pack_values(vd + p * klen * v.stride(0) + g * D, v.stride(0), klen, npad, D, vp + i * npad * D);
     }
   });
   at::BFloat16* od = out.data_ptr<at::BFloat16>();
@@ -136,14 +139,14 @@ Tensor prefill_attention(const Tensor& q, const Tensor& k, const Tensor& v, int6
     for (int64_t item = a; item < b; ++item) {
       const int64_t p = item / (Hq * tiles), h = item / tiles % Hq, t = item % tiles;
       const int64_t i0 = t * dp::ROWS, rows = std::min<int64_t>(dp::ROWS, length - i0);
-      const int64_t kpad = (i0 + rows + 31) / 32 * 32;  // keys up to the tile's last query, in strip pairs
+      const int64_t kpad = (past + i0 + rows + 31) / 32 * 32;  // keys up to the tile's last query, in strip pairs
       const int64_t kv = p * Hkv + h / group;
       dp::pack_tile(qd + (p * length + i0) * q.stride(0) + h * D, q.stride(0), rows, D, qt.data());
       const at::BFloat16* ks = reinterpret_cast<const at::BFloat16*>(kp + kv * npad * D / 2);
       for (int64_t n0 = 0; n0 < kpad; n0 += 32)
         dp::tile(qt.data(), D, ks + n0 * D, ks + (n0 + 16) * D, s.data(), dp::ROWS, kpad, n0, 32);
       for (int r = 0; r < dp::ROWS; ++r) {
-        if (r < rows) softmax_row(s.data() + r * kpad, i0 + r + 1, kpad, sc, r, pt.data());
+        if (r < rows) softmax_row(s.data() + r * kpad, past + i0 + r + 1, kpad, sc, r, pt.data());
         else
           for (int64_t j = 0; j < kpad / 2; ++j) pt[j * dp::ROWS + r] = 0;
       }

@@ -372,24 +372,33 @@ def test_kquant_many_rows_widen_to_bf16(ops, kind, m, dtype):
     assert ((y.float() - ref).abs() <= tol * ref.abs().max()).all()
 
 
-@pytest.mark.parametrize("tokens,length,hq,hkv,d", [(512, 512, 12, 2, 128), (100, 50, 9, 3, 64),
-                                                     (37, 37, 4, 1, 256), (90, 15, 2, 2, 32)])
-def test_prefill_attention_is_causal_attention(ops, tokens, length, hq, hkv, d):
-    """Fresh prompts of `length` tokens side by side (a wave of equal prompts), grouped heads, q/k/v strided views
-    of one fused projection's output: torch's causal attention in fp32 on the same bf16 inputs, within the bf16
-    rounding of the softmax weights and the output (prompts not in whole passes of 14 queries or 32 keys)."""
+@pytest.mark.parametrize("tokens,length,keys,hq,hkv,d", [(512, 512, 512, 12, 2, 128), (100, 50, 50, 9, 3, 64),
+                                                          (37, 37, 37, 4, 1, 256), (90, 15, 15, 2, 2, 32),
+                                                          (90, 15, 90, 2, 2, 32), (45, 45, 300, 6, 2, 64),
+                                                          (1, 1, 33, 2, 1, 32)])
+def test_prefill_attention_is_causal_attention(ops, tokens, length, keys, hq, hkv, d):
+    """Prompts of `length` queries side by side (a wave of equal fresh prompts; or chunks after their cached
+    prefixes, the queries the last of each prompt's `keys` positions), grouped heads, q/k/v strided views of one
+    fused projection's output: torch's causal attention in fp32 on the same bf16 inputs, within the bf16 rounding of
+    the softmax weights and the output (prompts not in whole passes of 14 queries or 32 keys)."""
     if not getattr(ops, "prefill_attention_available", False):
         pytest.skip("no bf16 units (AVX512-BF16 with VBMI) in this build or CPU")
     torch.manual_seed(0)
-    qkv = (torch.randn(tokens, (hq + 2 * hkv) * d) * 2).bfloat16()
-    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=1)
-    q, k, v = q.view(tokens, hq, d), k.view(tokens, hkv, d), v.view(tokens, hkv, d)
+    prompts, width = tokens // length, (hq + 2 * hkv) * d
+    q = (torch.randn(tokens, width) * 2).bfloat16()[:, : hq * d].view(tokens, hq, d)
+    kv = (torch.randn(keys * prompts, width) * 2).bfloat16()
+    k, v = kv[:, hq * d : (hq + hkv) * d].view(-1, hkv, d), kv[:, (hq + hkv) * d :].view(-1, hkv, d)
     y = ops.prefill_attention(q, k, v, length, d**-0.5)
-    def causal(i: int) -> torch.Tensor:
-        qi, ki, vi = (x[i : i + length].float().transpose(0, 1)[None] for x in (q, k, v))
-        return F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=d**-0.5, enable_gqa=True)[0]
 
-    ref = torch.cat([causal(i).transpose(0, 1) for i in range(0, tokens, length)])
+    def causal(p: int) -> torch.Tensor:
+        qp = q[p * length : (p + 1) * length].float().transpose(0, 1)
+        kp, vp = (x[p * keys : (p + 1) * keys].float().transpose(0, 1) for x in (k, v))
+        allowed = torch.arange(keys)[None, :] <= torch.arange(keys - length, keys)[:, None]
+        res = F.scaled_dot_product_attention(qp[None], kp[None], vp[None], attn_mask=allowed, scale=d**-0.5,
+                                             enable_gqa=True)
+        return res[0].transpose(0, 1)
+
+    ref = torch.cat([causal(p) for p in range(prompts)])
     assert y.dtype == torch.bfloat16 and y.shape == (tokens, hq, d)
     # each weight rounded to bf16 moves the output by at most 2^-9 of the largest value, the output's own rounding
     # 2^-9 of itself (twice both, for the fp32 sums)
