@@ -3,7 +3,8 @@
 The runner builds one `AttentionMetadata` per step (`backend.prepare`), before the forward pass, and hands it to
 the model explicitly; each attention layer then calls `backend.forward` with it. A backend writes this step's
 keys and values into their cache slots and attends: decode rows (one query token per sequence) in its own way,
-prompt chunks through torch's SDPA (shared here). A new backend (CUDA, another CPU class) is one new file.
+prompt chunks through `prefill` (shared here: miaotui's bf16 kernel where the CPU has bf16 units, else torch's
+SDPA). A new backend (CUDA, another CPU class) is one new file.
 
 With an int8 cache (`kv_cache_dtype="int8"`) every cached token keeps one scale per head (its absolute maximum
 / 127): keys and values are quantized as they are written and dequantized blockwise as they are read, which
@@ -103,7 +104,7 @@ class AttentionBackend(ABC):
     def mixed(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               meta: AttentionMetadata) -> torch.Tensor:
         """A step with prompt chunks (its keys and values already cached): decode rows as `decode` does them, the
-        chunks through torch's SDPA."""
+        chunks through `prefill`."""
         if meta.num_seqs == 1:
             return prefill(layer, meta, 0, q, k, v)
         out = torch.empty_like(q)
@@ -111,7 +112,7 @@ class AttentionBackend(ABC):
             rows = torch.tensor([meta.query_start[s] for s in meta.decode_seqs], device=q.device)
             out[rows] = self.decode(layer, q[rows], meta)
         seqs, i = meta.prefill_seqs, 0
-        while i < len(seqs):  # runs of fresh prompts of one length go through SDPA as one batch
+        while i < len(seqs):  # runs of fresh prompts of one length go through attention as one batch
             n, j = _fresh(layer, meta, seqs[i]), i + 1
             while n and j < len(seqs) and seqs[j] == seqs[j - 1] + 1 and _fresh(layer, meta, seqs[j]) == n:
                 j += 1
