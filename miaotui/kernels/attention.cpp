@@ -18,12 +18,7 @@
 #if MIAOTUI_DP
 namespace {
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512bf16,avx512vbmi"))), apply_to = function)
-#elif defined(__GNUC__)
-#pragma GCC push_options
-#pragma GCC target("avx512bf16,avx512vbmi")
-#endif
+MIAOTUI_BF16_BEGIN
 
 using BF16 = at::BFloat16;
 
@@ -78,11 +73,7 @@ void softmax_row(float* s, int64_t valid, int64_t kpad, float scale, int r, int3
   }
 }
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#elif defined(__GNUC__)
-#pragma GCC pop_options
-#endif
+MIAOTUI_BF16_END
 
 }  // namespace
 #endif

@@ -29,12 +29,18 @@ inline bool bf16_units() {
 // Rows per pass: 2 * 14 accumulators, two weight lines and a broadcast take 31 of the 32 registers.
 constexpr int ROWS = 14;
 
+// The functions between MIAOTUI_BF16_BEGIN and MIAOTUI_BF16_END are compiled for the bf16 units (and VBMI), the rest
+// of the file for its build's class.
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512bf16,avx512vbmi"))), apply_to = function)
-#elif defined(__GNUC__)
-#pragma GCC push_options
-#pragma GCC target("avx512bf16,avx512vbmi")
+#define MIAOTUI_BF16_BEGIN \
+  _Pragma("clang attribute push(__attribute__((target(\"avx512bf16,avx512vbmi\"))), apply_to = function)")
+#define MIAOTUI_BF16_END _Pragma("clang attribute pop")
+#else
+#define MIAOTUI_BF16_BEGIN _Pragma("GCC push_options") _Pragma("GCC target(\"avx512bf16,avx512vbmi\")")
+#define MIAOTUI_BF16_END _Pragma("GCC pop_options")
 #endif
+
+MIAOTUI_BF16_BEGIN
 
 // `rows` (<= ROWS) rows of x (bf16, K inputs, row stride `stride`) as `tile` reads them: each pair of inputs of the
 // rows side by side ([K / 2][ROWS] 32-bit pairs), so every broadcast is at a fixed offset from one pointer; rows past
@@ -78,11 +84,7 @@ inline void tile(const int32_t* xt, int64_t K, const at::BFloat16* w0, const at:
     }
 }
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#elif defined(__GNUC__)
-#pragma GCC pop_options
-#endif
+MIAOTUI_BF16_END
 
 }  // namespace dp
 #endif

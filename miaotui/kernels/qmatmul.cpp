@@ -953,12 +953,7 @@ constexpr int64_t BF16_MIN_ROWS = 96;
 
 using dp::bf16_units;
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512bf16,avx512vbmi"))), apply_to = function)
-#elif defined(__GNUC__)
-#pragma GCC push_options
-#pragma GCC target("avx512bf16,avx512vbmi")
-#endif
+MIAOTUI_BF16_BEGIN
 
 // The weight's 16 rows starting at `w` as bf16 lines for `vdpbf16ps` (and tiles for AMX's `tdpbf16ps`): per block of
 // 32 inputs, 16 lines of 64 bytes, line p holding inputs 2p and 2p+1 of each of the 16 rows.
@@ -1061,11 +1056,7 @@ void dp_gemm(const uint8_t* w, const at::Half* dm, int bits, bool ks, const at::
   });
 }
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#elif defined(__GNUC__)
-#pragma GCC pop_options
-#endif
+MIAOTUI_BF16_END
 
 // y = x @ W^T for bf16 x of prefill size (in_scale applied first, as the integer path does).
 Tensor bf16_qmatmul(const Tensor& x, const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t N,
