@@ -1,5 +1,5 @@
 // bf16 products on `vdpbf16ps` (AVX512-BF16), shared by the prefill-sized products of qmatmul.cpp and the prefill
-// attention of attention.cpp: a tile of DP_ROWS rows (x) against two strips of 16 outputs (w), the inputs in pairs.
+// attention of attention.cpp: a tile of dp::ROWS rows (x) against two strips of 16 outputs (w), the inputs in pairs.
 // Compiled into the AVX-512 builds for these functions only (a target region) and taken after `bf16_units()`, so
 // those builds still run on AVX-512 CPUs without the units.
 #pragma once
