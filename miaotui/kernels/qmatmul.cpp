@@ -5,7 +5,7 @@
 // Weights are unsigned codes with an affine map per (row, group): w = d * q + m, where q is 4-bit (0..15; GGUF
 // Q4_1 stores exactly this) or 8-bit (0..255: a symmetric int8 weight w = s * c is q = c + 128, d = s, m = -128 s).
 // With activations x ~ dx * xq (two int8 terms, see QuantX), a group's contribution is d * Σ_blocks dx * Σ q xq
-// + m * Σ x: the integer sums run on VNNI, the second term needs only the sum of the activations.
+// + m * Σ dx xq: the integer sums run on VNNI, the second term needs only the sum of the (rounded) activations.
 //
 // Layout (packed once in Python, miaotui/quant/packed.py): rows in blocks of 16, one 64-byte line per
 // (row block, input chunk) holding 16 rows x 4 bytes, so one vector load feeds one `vpdpbusd` for 16 outputs.
@@ -88,9 +88,14 @@ constexpr int64_t PREFETCH_VNNI = 4 * PREFETCH;
 // Activations quantized in two int8 terms, x = d * q + (d / 256) * r: q rounds x at the block's scale and r rounds
 // what is left (at most half a step) at a 256x finer one, so x keeps ~15 bits and the products stay on VNNI. With
 // one term (llama.cpp's Q8 activations; `act_bits` 8, r all zero and its products skipped) an outlier coarsens its
-// whole block: perplexity +2.9% on SmolLM2, +0.3% on Qwen2.5-Coder-1.5B, greedy text drifts from the reference's;
-// the product of 4 rows or more takes ~0.63 of the time (Zen 4, weights in L3), a 2-9-row step of Qwen 0.8-0.85.
-// gsum: per weight group, the exact sum of x, for the m term (groups of 16 for 6-bit codes: per half block).
+// whole block: perplexity +0.6% on SmolLM2, +0.14% on Qwen2.5-Coder-1.5B (fp32), greedy text drifts from the
+// reference's; the product of 4 rows or more takes ~0.63 of the time (Zen 4, weights in L3), a 2-9-row step of Qwen
+// 0.8-0.85.
+// gsum: per weight group, the sum of x as rounded (d * (q + r / 256)), for the m term (groups of 16 for 6-bit codes:
+// per half block). Rounded, not exact: then the product is the rounded x times the weights w = d q + m exactly, and
+// the rounding's error meets w, centred on zero; with x's exact sum it met d q alone, codes on one side of zero, and
+// one term cost 3x the perplexity (SmolLM2 +2.9% against +0.6% now in fp32, Gemma 3 270M +1.7% against +0.2% in
+// bf16; at two terms 0.001% or less).
 struct QuantX {
   std::vector<int8_t> q;
   std::vector<int8_t> r;
@@ -123,30 +128,34 @@ void quantize_rows(const T* x, const S* in_scale, int64_t M, int64_t K, int64_t 
         const T* xb = x + m * K + b * QBLOCK;
         if (b % gb == 0 && group >= QBLOCK) gsum[m * ngroups + b / gb] = 0.f;
         mt::Vec v[NV];
-        mt::Vec vmax = mt::zero(), vsum = mt::zero();
+        mt::Vec vmax = mt::zero();
         for (int h = 0; h < NV; ++h) {
           v[h] = mt::load(xb + mt::W * h);
           if (in_scale) v[h] = v[h] * mt::load(in_scale + b * QBLOCK + mt::W * h);
           vmax = mt::vmax(vmax, mt::vabs(v[h]));
-          vsum = vsum + v[h];
         }
         const float amax = mt::reduce_max(vmax);
         const mt::Vec inv = mt::set1(amax > 0.f ? 127.f / amax : 0.f);
         for (int h = 0; h < NV; ++h) {
           const mt::Vec t = v[h] * inv;
           const mt::Vec c = mt::vround(t);
-          const mt::Vec res = residual ? mt::vround((t - c) * mt::set1(RESIDUAL)) : mt::zero();
+          const mt::Vec res = residual ? mt::vmax(mt::vmin(mt::vround((t - c) * mt::set1(RESIDUAL)), mt::set1(127.f)),
+                                                  mt::set1(-127.f))
+                                       : mt::zero();
           mt::store_i8(q + m * K + b * QBLOCK + mt::W * h, c);
-          mt::store_i8(r + m * K + b * QBLOCK + mt::W * h, mt::vmax(mt::vmin(res, mt::set1(127.f)), mt::set1(-127.f)));
+          mt::store_i8(r + m * K + b * QBLOCK + mt::W * h, res);
+          v[h] = c + res * mt::set1(1.f / RESIDUAL);  // the value the products see, in steps of d
         }
         d[m * nb + b] = amax / 127.f;
         if (group >= QBLOCK) {
-          gsum[m * ngroups + b / gb] += mt::reduce_add(vsum);
+          mt::Vec bs = mt::zero();
+          for (int h = 0; h < NV; ++h) bs = bs + v[h];
+          gsum[m * ngroups + b / gb] += d[m * nb + b] * mt::reduce_add(bs);
         } else {  // groups of 16: each half of the block
           for (int half = 0; half < 2; ++half) {
             mt::Vec hs = mt::zero();
             for (int h = half * NV / 2; h < (half + 1) * NV / 2; ++h) hs = hs + v[h];
-            gsum[m * ngroups + 2 * b + half] = mt::reduce_add(hs);
+            gsum[m * ngroups + 2 * b + half] = d[m * nb + b] * mt::reduce_add(hs);
           }
         }
       }

@@ -207,8 +207,10 @@ def test_qmatmul_matches_the_dequantized_weight(ops, bits, group, m):
 @pytest.mark.parametrize("m", [1, 3, 7, 11, 37])
 def test_qmatmul_with_one_activation_term_is_llama_cpps_rounding(ops, bits, group, m):
     """`act_bits=8`: each block of 32 activations (times in_scale) rounded once to int8 at amax / 127, as llama.cpp's
-    Q8 activations, and multiplied exactly: x_q @ (d q)ᵀ + x @ mᵀ (the m term takes the exact sum of x, as with two
-    terms), on every class's kernel and the plain C++ definition; visibly coarser than the default's two terms."""
+    Q8 activations, and multiplied exactly: x_q @ (d q + m)ᵀ, the m term too taking the rounded activations' sum
+    (with x's exact sum there, the rounding's error met d q, whose codes sit on one side of zero, instead of the
+    centred weight: SmolLM2's perplexity +1.2% instead of +0.4%), on every class's kernel and the plain C++
+    definition; visibly coarser than the default's two terms."""
     n, k = 50, 384
     codes, d, mn, w = random_packed(n, k, bits, group)
     if w is None:
@@ -220,7 +222,7 @@ def test_qmatmul_with_one_activation_term_is_llama_cpps_rounding(ops, bits, grou
     xs = (x * s).view(m, -1, 32)
     amax = xs.abs().amax(-1, keepdim=True)
     xq = (torch.round(xs * (127 / amax)) * (amax / 127)).view(m, k)
-    ref = xq.double() @ dq.t() + xs.reshape(m, k).double() @ mfull.t()
+    ref = xq.double() @ (dq + mfull).t()
 
     def qmatmul(act_bits, reference=False):
         return ops.qmatmul(x, w.data, w.dm, bits, w.group, n, s, reference=reference, act_bits=act_bits)
@@ -277,29 +279,17 @@ KQUANTS = {"Q6_K": (210, 6, 16), "Q4_K": (144, 4, 32)}  # block bytes, bits held
 
 
 def random_kquant(kind: str, n: int, k: int):
-    """Seeded random GGUF K-quant blocks [N, K] (raw bytes), their values (miaotui's dequantizer, gguf's bit for bit)
-    and each weight's d and m (w = d q + m, q the unsigned code)."""
-    from miaotui.loader.dequant import _k_scales, q4_k, q6_k
+    """Seeded random GGUF K-quant blocks [N, K] (raw bytes) with fp16 scales in [1e-3, 1.1e-2), and their values
+    (miaotui's dequantizer, gguf's bit for bit)."""
+    from miaotui.loader.dequant import q4_k, q6_k
 
     size, *_ = KQUANTS[kind]
     torch.manual_seed(0)
     raw = torch.randint(0, 256, (n, k // 256, size), dtype=torch.uint8)
-
-    def halves(off):  # fp16 scales in [1e-3, 1.1e-2)
+    for off in (208,) if kind == "Q6_K" else (0, 2):  # Q6_K's d; Q4_K's D and Dmin
         raw[..., off:off + 2] = (torch.rand(n, k // 256) * 0.01 + 1e-3).half().view(torch.uint8).view(n, k // 256, 2)
-        return raw[..., off:off + 2].contiguous().view(torch.float16).float()
-
-    if kind == "Q6_K":
-        d = halves(208) * raw[..., 192:208].contiguous().view(torch.int8)  # [n, k/256, 16]
-        m = -32 * d
-        values = q6_k(raw.reshape(-1, size))
-    else:
-        sc, mn = _k_scales(raw[..., 4:16].reshape(-1, 12))
-        d, m = halves(0) * sc.view(n, -1, 8), -halves(2) * mn.view(n, -1, 8)
-        values = q4_k(raw.reshape(-1, size))
-    group = 256 // d.shape[-1]
-    return (raw.reshape(-1), values.reshape(n, k), d.repeat_interleave(group, -1).view(n, k),
-            m.repeat_interleave(group, -1).view(n, k))
+    values = (q6_k if kind == "Q6_K" else q4_k)(raw.reshape(-1, size))
+    return raw.reshape(-1), values.reshape(n, k)
 
 
 def pack_kquant(ops, kind: str, raw: torch.Tensor, n: int, k: int):
@@ -321,7 +311,7 @@ def test_kquant_blocks_multiply_as_the_file_holds_them(ops, kind, m):
     activations' rounding, and under one activation term with llama.cpp's rounding, as the fp16-scaled layouts do.
     Other classes refuse 6-bit codes by name (they take Q6_K as 8-bit codes)."""
     n, k = 50, 768
-    raw, values, d, mw = random_kquant(kind, n, k)
+    raw, values = random_kquant(kind, n, k)
     if ops.qmatmul_path == "generic" and kind == "Q6_K":
         with pytest.raises(RuntimeError, match="VNNI"):
             pack_kquant(ops, kind, raw, n, k)
@@ -346,7 +336,7 @@ def test_kquant_blocks_multiply_as_the_file_holds_them(ops, kind, m):
     xs = (x * s).view(m, -1, 32)
     amax = xs.abs().amax(-1, keepdim=True)
     xq = (torch.round(xs * (127 / amax)) * (amax / 127)).view(m, k).double()
-    ref8 = xq @ (values - mw).double().t() + (x * s).double() @ mw.double().t()
+    ref8 = xq @ values.double().t()
     tol = 2e-6 * ref8.abs().max().item()
     assert (qmatmul(8) - ref8).abs().max() <= tol and (qmatmul(8, reference=True) - ref8).abs().max() <= tol
     with pytest.raises(RuntimeError, match="groups of"):
@@ -362,7 +352,7 @@ def test_kquant_many_rows_widen_to_bf16(ops, kind, m, dtype):
     if ops.qmatmul_path != "vnni" or not (ops.amx or (ops.bf16_gemm and dtype == torch.bfloat16 and m == 300)):
         pytest.skip("neither AMX nor bf16 units in this build")
     n, k = (2900 if m == 300 else 50), 768
-    raw, values, *_ = random_kquant(kind, n, k)
+    raw, values = random_kquant(kind, n, k)
     data, sc, bits, group = pack_kquant(ops, kind, raw, n, k)
     x = (torch.randn(m, k) * torch.where(torch.rand(k) < 0.05, 30.0, 1.0)).to(dtype)
     ref = x.bfloat16().float() @ values.bfloat16().float().t()
