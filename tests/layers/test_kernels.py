@@ -301,7 +301,8 @@ def pack_kquant(ops, kind: str, raw: torch.Tensor, n: int, k: int):
 
 
 @pytest.mark.parametrize("kind", KQUANTS)
-# 6, 9, 37: 6-bit passes of 4 tokens after one unpacking for them; 100: the fp32 GEMM without VNNI
+# 6: one 6-bit pass of 6 tokens; 9, 37: passes of 6 after one unpacking for them, the rest a pass of its own;
+# 100: the fp32 GEMM without VNNI
 @pytest.mark.parametrize("m", [1, 3, 6, 9, 37, 100])
 def test_kquant_blocks_multiply_as_the_file_holds_them(ops, kind, m):
     """GGUF's K-quants held exactly — Q4_K (w = D sc q - Dmin mn, 6-bit sc and mn per 32) as 4-bit codes with its
