@@ -88,6 +88,7 @@ def test_a_draft_head_over_a_shortlist_proposes_from_it_and_changes_no_output(pl
     proposals come from it, the copy task is still taken in runs, and the output is unchanged."""
     monkeypatch.setattr(draft_model, "SHORTLIST", 4096)
     monkeypatch.setattr(draft_model, "LOOKUP_MIN", 10**9)  # every proposal from the draft's head
+    monkeypatch.setattr(draft_model, "TAIL", 10**9)  # which reads the whole passage it is to copy
     tok = plain.engine.tokenizer
     ids = draft_model.shortlist(tok, 49152).tolist()
     assert ids[:4096] == list(range(4096)) and tok.stop_ids <= set(ids)
@@ -136,6 +137,22 @@ def test_a_request_too_near_its_end_to_pay_back_the_draft_does_not_start_it(monk
     assert len(out.token_ids) == short > 4 and not passes
     run(model, SamplingParams(temperature=0, max_tokens=48), PROMPTS[1:2])
     assert passes
+
+
+def test_the_draft_reads_a_long_prompts_head_and_tail_only(plain, monkeypatch):
+    """Of a prompt longer than HEAD + TAIL tokens the draft's first pass reads those and the token the model took;
+    its proposals still hold, and the output is plain decoding's."""
+    monkeypatch.setattr(draft_model, "LOOKUP_MIN", 10**9)  # every proposal from a draft pass
+    model = llm("smollm2-135m", {"method": "draft_model", "model": "smollm2-135m"})
+    runner = model.engine.speculator.proposer.runner
+    counts, forward = [], runner.forward
+    monkeypatch.setattr(runner, "forward", lambda seqs, n: counts.append(n) or forward(seqs, n))
+    params = SamplingParams(temperature=0, max_tokens=32)
+    out = run(model, params, PROMPTS[1:2])[0]
+    assert out.token_ids == run(plain, params, PROMPTS[1:2])[0].token_ids
+    assert len(out.prompt_token_ids) > draft_model.HEAD + draft_model.TAIL + 8
+    assert counts[0] == [draft_model.HEAD + draft_model.TAIL + 1]
+    assert out.metrics.accepted_tokens >= out.metrics.proposed_tokens / 2
 
 
 @pytest.mark.parametrize("alias", ["gemma3-270m", "qwen2.5-coder-0.5b"])
