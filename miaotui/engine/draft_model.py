@@ -59,7 +59,7 @@ def shortlist(tokenizer, vocab_size: int) -> torch.Tensor | None:
 
 
 class DraftModelProposer(Proposer):
-    retries = False  # a try after a pause would first read every token since: a request it stops paying for stops
+    retries = False  # a try after a pause would first read every token since: where it stops paying, lookups go on
 
     def __init__(self, config: SpeculativeConfig, engine):
         loaded = load(config.model, engine.device, engine.dtype)
@@ -80,6 +80,7 @@ class DraftModelProposer(Proposer):
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=False)
         self.runner = ModelRunner(loaded.model, num_blocks, block_size, engine.dtype, engine.device)
         self.shadows: dict[int, Sequence] = {}  # id(target sequence) -> its sequence in the draft's cache
+        self.lookup_only: set[int] = set()  # id(target sequence) of requests whose draft passes stopped paying
         self.lookup_max = config.prompt_lookup_max
         self.lookups: dict[int, NgramIndex] = {}  # id(target sequence) -> its text's n-grams
         log.info("draft model %s: %d KV blocks (%.0f MiB)", loaded.files.name, num_blocks,
@@ -92,7 +93,8 @@ class DraftModelProposer(Proposer):
         for i, (seq, k) in enumerate(zip(seqs, ks)):
             index = self.lookups.setdefault(id(seq), NgramIndex(LOOKUP_MIN, max(LOOKUP_MIN, self.lookup_max)))
             found = index.lookup(seq.token_ids, k)
-            if len(found) == k or not (id(seq) in self.shadows or self._pays_back(seq)):
+            dear = id(seq) not in self.lookup_only and (id(seq) in self.shadows or self._pays_back(seq))
+            if len(found) == k or not dear:
                 drafts[i] = found
             else:
                 rest.append(i)
@@ -144,7 +146,16 @@ class DraftModelProposer(Proposer):
         """A draft step of one row."""
         return pass_seconds(self.runner, self.kv, 0)[0]
 
+    def stop_dear(self, seq: Sequence) -> bool:
+        """No more draft passes for the request (its shadow's cache given back); its lookups go on."""
+        self.lookup_only.add(id(seq))
+        shadow = self.shadows.pop(id(seq), None)
+        if shadow is not None:
+            self.kv.release(shadow)
+        return True
+
     def release(self, seq: Sequence) -> None:
+        self.lookup_only.discard(id(seq))
         self.lookups.pop(id(seq), None)
         shadow = self.shadows.pop(id(seq), None)
         if shadow is not None:

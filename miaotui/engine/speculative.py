@@ -47,6 +47,11 @@ class Proposer(ABC):
         """What proposing one token takes, measured at start (lookups: nothing)."""
         return 0.0
 
+    def stop_dear(self, seq: Sequence) -> bool:
+        """The request's proposals stopped paying for what they cost: drop the dear kind and what was kept for it,
+        keeping the free kind (a draft model's lookups) — False where all cost alike."""
+        return False
+
     # Seconds of the last `propose` that were a one-off for a request (a draft model reading its prompt), not the
     # price of proposing: the Speculator leaves them out of what a proposal costs.
     overhead: float = 0.0
@@ -172,6 +177,7 @@ class _Adaptive:
     wait: int = 0  # steps left before it proposes again
     backoff: int = 1
     off: bool = False  # no k paid and the proposer does not retry: plain decoding to the end
+    free: bool = False  # no k paid for the proposer's dear proposals: only its free ones from now on
 
 
 def best_k(rate: float, row_cost: float, top: int) -> int:
@@ -270,12 +276,12 @@ class Speculator:
         batch = len(running) + waiting
         if batch > self.config.disable_by_batch_size or not self.pays(batch):
             return
-        price = self.price(batch)
+        price, free = self.price(batch), self.price(batch, proposing=False)
         ready, ks = [], []
         for seq in running:
             if seq.num_computed != seq.num_tokens - 1 or seq.finished:  # still in its prompt
                 continue
-            k = self._k(seq, price)
+            k = self._k(seq, free if seq.spec and seq.spec.free else price)
             p = seq.params
             if p.max_tokens is not None:
                 k = min(k, p.max_tokens - len(seq.output_ids) - 1)
@@ -307,7 +313,9 @@ class Speculator:
     def _k(self, seq: Sequence, price: float) -> int:
         """k from the request's acceptance and the price of a proposal (`best_k`); a request for which no k pays waits
         (1, 2, 4 ... steps) and then tries one proposal, to learn whether its text has become predictable — or,
-        where the proposer's tries are not free (`retries`), stops speculating and gives back what it held."""
+        where the proposer's tries are not free (`retries`), stops its dear proposals and goes on with the free ones
+        (a draft model's lookups: a summary whose draft guesses fail still copies spans of its article), or where
+        there are none stops speculating and gives back what it held."""
         state = seq.spec = seq.spec or _Adaptive()
         if state.off:
             return 0
@@ -322,11 +330,14 @@ class Speculator:
             return 0
         k = best_k(state.accepted / (state.accepted + state.rejected), price, self.config.num_speculative_tokens)
         if k == 0:
-            if not self.proposer.retries:
+            if not self.proposer.retries and not state.free:
                 if m.proposed_tokens < TRIALS:  # learn the request's own rate first, one proposal a step
                     return 1
-                state.off = True
-                self.proposer.release(seq)
+                if self.proposer.stop_dear(seq):  # the free ones start afresh, at the free price
+                    seq.spec = _Adaptive(seen=state.seen, free=True)
+                else:
+                    state.off = True
+                    self.proposer.release(seq)
                 return 0
             state.wait, state.backoff = state.backoff, min(2 * state.backoff, MAX_BACKOFF)
             return 1

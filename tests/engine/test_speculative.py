@@ -285,6 +285,47 @@ def test_a_proposer_whose_retries_cost_stops_for_good_and_gives_back_what_it_hel
     assert draft.released == ["a"]
 
 
+def test_a_proposer_whose_dear_proposals_stop_paying_goes_on_with_its_free_ones():
+    class Draft(Proposer):
+        retries = False
+        stopped: list[str] = []
+
+        def propose(self, seqs, ks):
+            return [[7] * k for k in ks]
+
+        def stop_dear(self, seq):
+            self.stopped.append(seq.request_id)
+            return True
+
+    draft = Draft()
+    spec = Speculator(SpeculativeConfig(num_speculative_tokens=4), draft, 1000,
+                      StepPrice(1.0, 0.1, per_proposal=1.0, learn=False))
+    seq = Sequence("a", [1, 2, 3], 3, SamplingParams(max_tokens=500), None, num_computed=2)
+    ks = []
+    for i in range(120):  # every proposal fails until the 30th step, then every one holds
+        spec.propose([seq])
+        ks.append(len(seq.draft))
+        seq.metrics.proposed_tokens += len(seq.draft)
+        seq.metrics.accepted_tokens += len(seq.draft) * (i >= 30)
+        seq.draft = []
+    stop = ks.index(0)
+    assert sum(ks[:stop]) >= TRIALS and stop < 2 * TRIALS and draft.stopped == ["a"]
+    assert ks[stop:30].count(0) > 10  # then tries after pauses
+    assert ks[-10:] == [4] * 10  # and where they hold, k grows to the top at the free price (a dear one: 0)
+
+
+def test_a_draft_model_whose_passes_stop_paying_keeps_proposing_lookups(plain):
+    """Draft passes priced far above a step stop after their trials; the copy task's lookups still run, and the
+    output is plain decoding's."""
+    model = llm("smollm2-135m", {"method": "draft_model", "model": "smollm2-135m"})
+    model.engine.speculator.price = StepPrice(1.0, 0.05, per_proposal=5.0, learn=False)
+    params = SamplingParams(temperature=0, max_tokens=48)
+    out = run(model, params, PROMPTS[:1])[0]
+    assert out.token_ids == run(plain, params, PROMPTS[:1])[0].token_ids
+    assert out.metrics.accepted_tokens > 2 * TRIALS
+    assert not model.engine.speculator.proposer.shadows  # the draft's cache given back
+
+
 def test_k_weighs_acceptance_against_the_cost_of_a_row():
     assert best_k(0.9, 0.05, 8) >= 6  # rows ride along with the weight reads: guess far
     assert best_k(0.86, 0.55, 4) in (1, 2)  # compute-bound rows (AVX2): a short guess
