@@ -260,56 +260,54 @@ def test_k_adapts_and_a_full_batch_does_not_speculate():
     assert len(near_end.draft) == 1  # one output token so far, three allowed: one proposal and the last token
 
 
-def test_a_proposer_whose_retries_cost_stops_for_good_and_gives_back_what_it_held():
-    class Draft(Proposer):
-        retries = False
-        released: list[str] = []
+class CostlyProposer(Proposer):
+    """Proposes k copies of one token, and its tries cost (as a draft model's); `free`: it has free proposals too."""
 
-        def propose(self, seqs, ks):
-            return [[7] * k for k in ks]
+    retries = False
 
-        def release(self, seq):
-            self.released.append(seq.request_id)
+    def __init__(self, free: bool):
+        self.free, self.released, self.stopped = free, [], []
 
-    draft = Draft()
-    spec = Speculator(SpeculativeConfig(num_speculative_tokens=4), draft, 1000, StepPrice.fixed(0.3))
+    def propose(self, seqs, ks):
+        return [[7] * k for k in ks]
+
+    def release(self, seq):
+        self.released.append(seq.request_id)
+
+    def stop_dear(self, seq):
+        self.stopped.append(seq.request_id)
+        return self.free
+
+
+def drive(spec: Speculator, steps: int, holds_from: int) -> list[int]:
+    """One request's k, step by step, its proposals failing until step `holds_from` and holding from then on."""
     seq = Sequence("a", [1, 2, 3], 3, SamplingParams(max_tokens=500), None, num_computed=2)
     ks = []
-    for _ in range(200):  # every proposal fails
+    for i in range(steps):
         spec.propose([seq])
         ks.append(len(seq.draft))
         seq.metrics.proposed_tokens += len(seq.draft)
+        seq.metrics.accepted_tokens += len(seq.draft) * (i >= holds_from)
         seq.draft = []
+    return ks
+
+
+def test_a_proposer_whose_retries_cost_stops_for_good_and_gives_back_what_it_held():
+    draft = CostlyProposer(free=False)
+    spec = Speculator(SpeculativeConfig(num_speculative_tokens=4), draft, 1000, StepPrice.fixed(0.3))
+    ks = drive(spec, 200, holds_from=200)  # every proposal fails
     stop = ks.index(0)
     assert sum(ks[:stop]) >= TRIALS and stop < 2 * TRIALS and not any(ks[stop:])  # then no tries after pauses
     assert draft.released == ["a"]
 
 
 def test_a_proposer_whose_dear_proposals_stop_paying_goes_on_with_its_free_ones():
-    class Draft(Proposer):
-        retries = False
-        stopped: list[str] = []
-
-        def propose(self, seqs, ks):
-            return [[7] * k for k in ks]
-
-        def stop_dear(self, seq):
-            self.stopped.append(seq.request_id)
-            return True
-
-    draft = Draft()
+    draft = CostlyProposer(free=True)
     spec = Speculator(SpeculativeConfig(num_speculative_tokens=4), draft, 1000,
                       StepPrice(1.0, 0.1, per_proposal=1.0, learn=False))
-    seq = Sequence("a", [1, 2, 3], 3, SamplingParams(max_tokens=500), None, num_computed=2)
-    ks = []
-    for i in range(120):  # every proposal fails until the 30th step, then every one holds
-        spec.propose([seq])
-        ks.append(len(seq.draft))
-        seq.metrics.proposed_tokens += len(seq.draft)
-        seq.metrics.accepted_tokens += len(seq.draft) * (i >= 30)
-        seq.draft = []
+    ks = drive(spec, 120, holds_from=30)  # every proposal fails until the 30th step, then every one holds
     stop = ks.index(0)
-    assert sum(ks[:stop]) >= TRIALS and stop < 2 * TRIALS and draft.stopped == ["a"]
+    assert sum(ks[:stop]) >= TRIALS and stop < 2 * TRIALS and draft.stopped == ["a"] and not draft.released
     assert ks[stop:30].count(0) > 10  # then tries after pauses
     assert ks[-10:] == [4] * 10  # and where they hold, k grows to the top at the free price (a dear one: 0)
 
