@@ -4,8 +4,10 @@ checked the proposals, the shadow keeps the cache entries of the tokens both agr
 
 Where the text's last LOOKUP_MIN or more tokens occurred before in it (an answer copying its prompt: code edits,
 summaries, quotes), their continuation there is the proposal and no draft pass runs: a lookup costs nothing, and a
-draft pass ~0.3 of the model's step. The draft catches up on those tokens at its next pass. (Qwen2.5-Coder-1.5B
-with the 0.5B in int4, code edits: 1.35x plain decode with the draft alone, 1.69x with the lookup first.)
+draft pass ~0.3 of the model's step. The draft catches up on those tokens at its next pass. A request that makes
+no draft pass (its draft stopped paying, or would not pay back its first pass) looks up down to
+`prompt_lookup_min` tokens, as the n-gram method does. (Qwen2.5-Coder-1.5B with the 0.5B in int4, code edits: 1.35x
+plain decode with the draft alone, 1.69x with the lookup first.)
 
 Of a long prompt the draft reads only the first HEAD tokens and the last TAIL, then every token since: its first
 pass over the prompt was the largest cost left (~0.4 s for a 300-token code edit against ~4 s of answer), and a guesser
@@ -81,7 +83,7 @@ class DraftModelProposer(Proposer):
         self.runner = ModelRunner(loaded.model, num_blocks, block_size, engine.dtype, engine.device)
         self.shadows: dict[int, Sequence] = {}  # id(target sequence) -> its sequence in the draft's cache
         self.lookup_only: set[int] = set()  # id(target sequence) of requests whose draft passes stopped paying
-        self.lookup_max = config.prompt_lookup_max
+        self.lookup_min, self.lookup_max = config.prompt_lookup_min, config.prompt_lookup_max
         self.lookups: dict[int, NgramIndex] = {}  # id(target sequence) -> its text's n-grams
         log.info("draft model %s: %d KV blocks (%.0f MiB)", loaded.files.name, num_blocks,
                  num_blocks * block_size * kv_bytes_per_token(loaded.config, engine.dtype) / 2**20)
@@ -91,9 +93,10 @@ class DraftModelProposer(Proposer):
         drafts: list[list[int]] = [[] for _ in seqs]
         rest = []
         for i, (seq, k) in enumerate(zip(seqs, ks)):
-            index = self.lookups.setdefault(id(seq), NgramIndex(LOOKUP_MIN, max(LOOKUP_MIN, self.lookup_max)))
-            found = index.lookup(seq.token_ids, k)
+            index = self.lookups.setdefault(id(seq), NgramIndex(min(LOOKUP_MIN, self.lookup_min),
+                                                                max(LOOKUP_MIN, self.lookup_max)))
             dear = id(seq) not in self.lookup_only and (id(seq) in self.shadows or self._pays_back(seq))
+            found = index.lookup(seq.token_ids, k, LOOKUP_MIN if dear else self.lookup_min)
             if len(found) == k or not dear:
                 drafts[i] = found
             else:

@@ -72,14 +72,14 @@ class NgramIndex:
         self.after: dict[tuple[int, ...], int] = {}  # n-gram -> where the token after its latest occurrence is
         self.size = 0  # tokens seen: every n-gram that ends before the last of them is indexed
 
-    def lookup(self, tokens: list[int], k: int) -> list[int]:
-        """The k tokens after the latest earlier occurrence of the text's last n tokens, longest n first
-        (`tokens`: the text, of which the index has seen a prefix, or all)."""
+    def lookup(self, tokens: list[int], k: int, min_n: int | None = None) -> list[int]:
+        """The k tokens after the latest earlier occurrence of the text's last n tokens, longest n first, n down to
+        `min_n` (at least the index's; `tokens`: the text, of which the index has seen a prefix, or all)."""
         for p in range(max(self.size, 1), len(tokens)):  # the n-grams that gained their next token
             for n in range(self.min_n, min(self.max_n, p) + 1):
                 self.after[tuple(tokens[p - n : p])] = p
         self.size = len(tokens)
-        for n in range(min(self.max_n, self.size - 1), self.min_n - 1, -1):
+        for n in range(min(self.max_n, self.size - 1), max(self.min_n, min_n or 0) - 1, -1):
             start = self.after.get(tuple(tokens[self.size - n :]))
             if start is not None:
                 return list(tokens[start : start + k])

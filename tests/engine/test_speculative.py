@@ -389,12 +389,15 @@ def scanned_lookup(tokens: list[int], min_n: int, max_n: int, k: int) -> list[in
 @given(st.lists(st.integers(0, 3), max_size=60), st.integers(1, 3), st.integers(0, 3), st.integers(1, 5))
 def test_the_ngram_index_finds_what_a_scan_finds(text, min_n, extra, k):
     """Kept up to date token by token (as a request's text grows between steps) or built at once, the index
-    proposes what scanning the whole text proposes, at every length of it."""
+    proposes what scanning the whole text proposes, at every length of it; asked for longer matches only (a draft
+    model's lookups while it drafts), what a scan for those proposes."""
     index = NgramIndex(min_n, min_n + extra)
     for size in range(len(text) + 1):
         expected = scanned_lookup(text[:size], min_n, min_n + extra, k)
         assert index.lookup(text[:size], k) == expected
         assert NgramIndex(min_n, min_n + extra).lookup(text[:size], k) == expected
+        if extra:
+            assert index.lookup(text[:size], k, min_n + 1) == scanned_lookup(text[:size], min_n + 1, min_n + extra, k)
 
 
 def test_lookup_and_suffix_index():
