@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from miaotui.kernels import cpu_ops, has_packed
+from miaotui.kernels import cpu_ops, has_packed, pages
 from miaotui.loader.tensors import RawBlocks
 
 BLOCK_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 8, "Q5_1": 8, "Q8_0": 8, "Q6_K": 8}  # what the packer reads
@@ -61,7 +61,7 @@ class PackedWeight:
             data = v[..., 0] | (v[..., 1] << 4)
         else:
             data = codes.view(rows // 16, 16, k // 4, 4).permute(0, 2, 1, 3)
-        return cls(data.contiguous(), dm, bits, group, (n, k))
+        return cls(pages.copy(data.contiguous()), pages.copy(dm), bits, group, (n, k))
 
     @classmethod
     def from_blocks(cls, parts: list[RawBlocks] | None, k: int, min_bits: int | None = None) -> PackedWeight | None:
@@ -82,11 +82,11 @@ class PackedWeight:
         kscales = k % 256 == 0 and bits == 4 and all(p.type == "Q4_K" for p in parts)
         n = sum(p.num_rows for p in parts)
         blocks = -(-n // 16)
-        data = torch.empty(blocks, k * bits // 32, 16, 4, dtype=torch.uint8)
+        data = pages.empty(blocks, k * bits // 32, 16, 4, dtype=torch.uint8)
         if six or kscales:  # per super-block of 256 inputs, 16 rows' fp16 D (and -Dmin), then their byte scales
-            dm = torch.empty(blocks, k // 256, 288 if six else 320, dtype=torch.uint8)
+            dm = pages.empty(blocks, k // 256, 288 if six else 320, dtype=torch.uint8)
         else:
-            dm = torch.empty(blocks, k // 32, 2, 16, dtype=torch.float16)
+            dm = pages.empty(blocks, k // 32, 2, 16, dtype=torch.float16)
         start = 0  # in row blocks: every part but the last holds whole blocks of 16 rows
         for p in parts:
             size = -(-p.num_rows // 16)

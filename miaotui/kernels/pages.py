@@ -1,0 +1,93 @@
+"""Memory that the kernels stream through, in 2 MB pages where the operating system grants them.
+
+A decode step reads every weight once. In 4 KB pages that is a TLB miss and a page walk every 4 KB, and the
+hardware prefetchers stop at each page's end; Linux's transparent huge pages come to memory that asks for them
+(`madvise`, most distributions' default). A 4-bit product (8960 x 1536) streamed from 2 MB pages ran 1.06x (1 row)
+to 1.08x (5 rows) faster than from 4 KB ones, at 5 rows as fast as with the weight in L3; a Qwen2.5-Coder-1.5B step
+with its weights and KV cache in them 1.026x (1 row), 1.031x (2), 1.034x (5), 1.024x (9), SmolLM2's 32-request
+batch level (AVX-512 Zen 4, two engines alternated in one process).
+
+Tensors are carved out of arenas of 2 MB-aligned anonymous memory, never freed one by one: an arena goes when the
+last tensor in it goes (each holds its arena's buffer). Where the system has no such pages (not Linux, or THP set
+to `never`) `empty` is `torch.empty`.
+"""
+
+from __future__ import annotations
+
+import mmap
+import threading
+from pathlib import Path
+
+import torch
+
+PAGE = 2 << 20  # a huge page
+ARENA = 64 << 20  # tensors up to a quarter of this share arenas; larger ones get one of their own
+ALIGN = 64  # a cache line, for the kernels' aligned loads
+
+
+def _granted() -> bool:
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return False
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    return "[never]" not in mode
+
+
+GRANTED = _granted()
+
+
+class _Arena:
+    """A 2 MB-aligned stretch of anonymous memory that asked for huge pages, handed out front to back."""
+
+    def __init__(self, size: int):
+        size = -(-size // PAGE) * PAGE
+        region = mmap.mmap(-1, size + PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        region.madvise(mmap.MADV_HUGEPAGE)  # before any page is touched: each is then faulted in whole
+        whole = torch.frombuffer(region, dtype=torch.uint8)  # holds `region` for as long as any view of it lives
+        start = -whole.data_ptr() % PAGE
+        self.bytes = whole[start:start + size]
+        self.used = 0
+
+    def take(self, nbytes: int) -> torch.Tensor | None:
+        start = -(-self.used // ALIGN) * ALIGN
+        if start + nbytes > self.bytes.numel():
+            return None
+        self.used = start + nbytes
+        return self.bytes[start:start + nbytes]
+
+
+_lock = threading.Lock()
+_shared: _Arena | None = None
+
+
+def empty(*shape: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """An uninitialized contiguous tensor, in 2 MB pages where it is on the CPU and they are granted (else
+    `torch.empty`)."""
+    global _shared
+    if not GRANTED or torch.device(device).type != "cpu":
+        return torch.empty(*shape, dtype=dtype, device=device)
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
+    if not nbytes:
+        return torch.empty(*shape, dtype=dtype)
+    with _lock:
+        if nbytes > ARENA // 4:
+            raw = _Arena(nbytes).take(nbytes)
+        else:
+            raw = _shared.take(nbytes) if _shared is not None else None
+            if raw is None:
+                _shared = _Arena(ARENA)
+                raw = _shared.take(nbytes)
+    assert raw is not None
+    return raw.view(dtype).view(shape)
+
+
+def copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of CPU tensor `t` in 2 MB pages, contiguous (`t` as it is where it is not on the CPU or none are
+    granted)."""
+    if not GRANTED or t.device.type != "cpu":
+        return t
+    out = empty(*t.shape, dtype=t.dtype)
+    out.copy_(t)
+    return out
