@@ -84,10 +84,9 @@ def empty(*shape: int, dtype: torch.dtype, device: torch.device | str = "cpu") -
 
 
 def copy(t: torch.Tensor) -> torch.Tensor:
-    """A copy of CPU tensor `t` in 2 MB pages, contiguous (`t` as it is where it is not on the CPU or none are
-    granted)."""
+    """`t` contiguous, copied into 2 MB pages where it is on the CPU and they are granted."""
     if not GRANTED or t.device.type != "cpu":
-        return t
+        return t.contiguous()
     out = empty(*t.shape, dtype=t.dtype)
     out.copy_(t)
     return out

@@ -8,7 +8,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from miaotui.kernels import cpu_ops, has_amx, use_cpu_ops
+from miaotui.kernels import cpu_ops, has_amx, pages, use_cpu_ops
 from miaotui.quant.base import StackWeight, add_bias
 
 SMALL_ROWS = 16  # fp32 products of up to this many rows run on miaotui's kernel on CPU
@@ -99,7 +99,7 @@ class TiledWeight:
         w = w.to(torch.bfloat16)
         if rows != n:
             w = torch.cat([w, w.new_zeros(rows - n, k)])
-        self.tiles = w.view(rows // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
+        self.tiles = pages.copy(w.view(rows // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4))  # streamed: 2 MB pages
         self.shape = (n, k)
 
     @staticmethod

@@ -61,7 +61,7 @@ class PackedWeight:
             data = v[..., 0] | (v[..., 1] << 4)
         else:
             data = codes.view(rows // 16, 16, k // 4, 4).permute(0, 2, 1, 3)
-        return cls(pages.copy(data.contiguous()), pages.copy(dm), bits, group, (n, k))
+        return cls(pages.copy(data), pages.copy(dm), bits, group, (n, k))
 
     @classmethod
     def from_blocks(cls, parts: list[RawBlocks] | None, k: int, min_bits: int | None = None) -> PackedWeight | None:
