@@ -46,26 +46,11 @@ void pack_values(const BF16* v, int64_t stride, int64_t n, int64_t npad, int64_t
 // Row r's scores s[0 .. valid) (others masked) as softmax weights, scaled first, written in bf16 pairs into the
 // packed tile `pt` ([kpad / 2][ROWS]); weights past `valid` zero.
 void softmax_row(float* s, int64_t valid, int64_t kpad, float scale, int r, int32_t* pt) {
-  using mt::Vec;
-  constexpr int W = mt::W;
-  Vec vmx = mt::set1(-INFINITY);
-  int64_t i = 0;
-  for (; i + W <= valid; i += W) vmx = mt::vmax(vmx, mt::load(s + i));
-  float mx = mt::reduce_max(vmx);
-  for (; i < valid; ++i) mx = std::max(mx, s[i]);
-  const Vec vm = mt::set1(mx), vs = mt::set1(scale);
-  Vec vsum = mt::zero();
-  for (i = 0; i + W <= valid; i += W) {
-    const Vec e = mt::exp((mt::load(s + i) - vm) * vs);
-    mt::store(s + i, e);
-    vsum = vsum + e;
-  }
-  float sum = mt::reduce_add(vsum);
-  for (; i < valid; ++i) sum += (s[i] = std::exp((s[i] - mx) * scale));
-  for (i = valid; i < kpad; ++i) s[i] = 0.f;
+  const float sum = mt::exp_scores(s, valid, scale).sum;
+  for (int64_t i = valid; i < kpad; ++i) s[i] = 0.f;
   const __m512 inv = _mm512_set1_ps(1.f / sum);
   alignas(64) int32_t pairs[16];
-  for (i = 0; i < kpad; i += 32) {  // 32 weights: 16 pairs
+  for (int64_t i = 0; i < kpad; i += 32) {  // 32 weights: 16 pairs
     const __m512 a = _mm512_mul_ps(_mm512_loadu_ps(s + i), inv), b = _mm512_mul_ps(_mm512_loadu_ps(s + i + 16), inv);
     // cvtne2ps_pbh(hi, lo): lo's 16 values then hi's, as bf16 — in memory the weights in order, two to a pair
     _mm512_store_si512(pairs, (__m512i)_mm512_cvtne2ps_pbh(b, a));

@@ -298,33 +298,8 @@ inline void weighted_sum(const float* p, const C* cache, const int64_t* rows, in
     for (int64_t j = 0; j < D; ++j) out[j] += p[i] * mt::to_f(cache[rows[i] * D + j]);
 }
 
-// In place over n scores: exp(s - max), every pass W lanes at a time (a scalar running maximum is a chain of
-// dependent `vmaxss` that perf put at a fifth of the whole attention); returns the max and the sum, so that a span of
-// a longer row merges with the others. (Returned by value: through reference outputs, the softmax built on it ran
-// 14% slower on 256-wide heads.)
-struct MaxSum {
-  float max, sum;
-};
-inline MaxSum exp_scores(float* s, int64_t n) {
-  int64_t i = 0;
-  Vec vmx = mt::set1(-INFINITY);
-  for (; i + W <= n; i += W) vmx = mt::vmax(vmx, mt::load(s + i));
-  float mx = mt::reduce_max(vmx);
-  for (; i < n; ++i) mx = std::max(mx, s[i]);
-  Vec vsum = mt::zero();
-  const Vec vm = mt::set1(mx);
-  for (i = 0; i + W <= n; i += W) {
-    const Vec e = mt::exp(mt::load(s + i) - vm);
-    mt::store(s + i, e);
-    vsum = vsum + e;
-  }
-  float sum = mt::reduce_add(vsum);
-  for (; i < n; ++i) sum += (s[i] = std::exp(s[i] - mx));
-  return {mx, sum};
-}
-
 inline void softmax(float* s, int64_t n) {
-  const float inv = 1.f / exp_scores(s, n).sum;
+  const float inv = 1.f / mt::exp_scores(s, n).sum;
   const Vec vinv = mt::set1(inv);
   int64_t i = 0;
   for (; i + W <= n; i += W) mt::store(s + i, mt::load(s + i) * vinv);
@@ -399,7 +374,7 @@ void paged_attention_impl(const T* q, T* out, const C* kc, const C* vc, const T*
           if (ks)
             for (int64_t i = 0; i < n; ++i) sg[i] *= mt::to_f(ks[rows[i]]);
           if (split) {
-            const MaxSum ms = exp_scores(sg, n);
+            const mt::MaxSum ms = mt::exp_scores(sg, n);
             part_max[item * group + g] = ms.max;
             part_sum[item * group + g] = ms.sum;
           } else {

@@ -242,6 +242,32 @@ inline Vec exp(Vec x) {
   for (int i = 1; i < 8; ++i) p = fmadd(p, f, set1(EXP_C[i]));
   return exp2i_mul(p, n);
 }
+
+// In place over n scores: e^((s - max) * scale), every pass W lanes at a time (a scalar running maximum is a chain
+// of dependent `vmaxss` that perf put at a fifth of the whole attention); returns the max and the sum, so that a
+// span of a longer row merges with the others. (Returned by value: through reference outputs, the softmax built on
+// it ran 14% slower on 256-wide heads.) A scale of 1 changes nothing: (s - max) * 1 is exact.
+struct MaxSum {
+  float max, sum;
+};
+inline MaxSum exp_scores(float* s, int64_t n, float scale = 1.f) {
+  int64_t i = 0;
+  Vec vmx = set1(-INFINITY);
+  for (; i + W <= n; i += W) vmx = vmax(vmx, load(s + i));
+  float mx = reduce_max(vmx);
+  for (; i < n; ++i) mx = std::max(mx, s[i]);
+  Vec vsum = zero();
+  const Vec vm = set1(mx), vs = set1(scale);
+  for (i = 0; i + W <= n; i += W) {
+    const Vec e = exp((load(s + i) - vm) * vs);
+    store(s + i, e);
+    vsum = vsum + e;
+  }
+  float sum = reduce_add(vsum);
+  for (; i < n; ++i) sum += (s[i] = std::exp((s[i] - mx) * scale));
+  return {mx, sum};
+}
+
 inline Vec round_to(const float*, Vec a) { return a; }
 inline Vec round_to(const BF16*, Vec a) {
   alignas(64) BF16 t[W];
