@@ -1,5 +1,6 @@
-"""`miaotui bench`: miaotui's figures, and with --compare the peers' on the same file and prompts, in one run,
-one engine after the other (never at the same time: two engines on two cores slow each other several-fold)."""
+"""`miaotui bench`: miaotui's figures, and with --compare the peers' on the same file and prompts, in one run:
+the engines loaded side by side and run in turns, one run at a time (never at the same time: two engines on two
+cores slow each other several-fold)."""
 
 from __future__ import annotations
 
@@ -21,50 +22,70 @@ from miaotui.errors import MiaotuiError
 from miaotui.kernels import describe
 
 
-def _median(fn, repeats: int) -> float:
-    return statistics.median(fn() for _ in range(repeats))
-
-
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_engine(bench, cfg: BenchConfig, vocab: int, avoid: set[int], meter: EnergyMeter) -> dict[str, Any]:
-    """The scenarios every engine supports; `latency` and `prefix` are miaotui's alone (peers lack batching).
-    Each of decode, prefill and throughput also gets its joules per token over all its timed runs (the decode
-    runs' short prompts included), from `meter`."""
-    res: dict[str, Any] = {"load_s": bench.load_seconds}
+def in_turns(benches: dict[str, Any], cfg: BenchConfig, vocab: int, avoid: set[int],
+             meter: EnergyMeter) -> dict[str, dict[str, Any]]:
+    """The scenarios every engine supports (decode, sampled, prefill, throughput), the engines taking turns run by
+    run, the order rotating each round, medians per engine. A host's speed drifts: the 2-core development machine's
+    memory bandwidth moved between 32 and 50 GB/s within minutes, and one engine's runs all before the other's once
+    made a 1.05x decode ratio read 1.46x. Each of decode, prefill and throughput also gets its joules per token over
+    its engine's timed runs, from `meter`."""
+    names = list(benches)
+    res: dict[str, dict[str, Any]] = {n: {} for n in names}
+
+    def turns(key: str, runs: int, run, units: int, energy: str | None = None) -> None:
+        values: dict[str, list[float]] = {n: [] for n in names}
+        joules = dict.fromkeys(names, 0.0)
+        for i in range(runs):
+            for n in names[i % len(names):] + names[: i % len(names)]:
+                span = meter.start()
+                values[n].append(run(benches[n], i))
+                joules[n] += meter.stop(span).joules
+        for n in names:
+            res[n][key] = statistics.median(values[n])
+            if energy:
+                res[n][energy] = joules[n] / (units * runs)
+
     decode_prompt = random_prompts(vocab, 1, 32, cfg.seed, avoid)[0]
     if "decode" in cfg.scenarios:
-        bench.decode(decode_prompt, 8)  # warm-up
-        span = meter.start()
-        res["decode_tok_s"] = _median(lambda: bench.decode(decode_prompt, cfg.decode_tokens), cfg.repeats)
-        res["decode_j_tok"] = meter.stop(span).joules / (cfg.decode_tokens * cfg.repeats)
+        for b in benches.values():
+            b.decode(decode_prompt, 8)  # warm-up
+        turns("decode_tok_s", cfg.repeats, lambda b, i: b.decode(decode_prompt, cfg.decode_tokens),
+              cfg.decode_tokens, "decode_j_tok")
     if "sampled" in cfg.scenarios:
-        bench.decode(decode_prompt, 8, sampled=True)  # warm-up
-        res["sampled_tok_s"] = _median(lambda: bench.decode(decode_prompt, cfg.decode_tokens, sampled=True),
-                                       cfg.repeats)
+        for b in benches.values():
+            b.decode(decode_prompt, 8, sampled=True)
+        turns("sampled_tok_s", cfg.repeats, lambda b, i: b.decode(decode_prompt, cfg.decode_tokens, sampled=True), 1)
     if "prefill" in cfg.scenarios:
         prompts = random_prompts(vocab, cfg.repeats + 1, cfg.prefill_tokens, cfg.seed + 1, avoid)
-        bench.prefill(prompts[-1])  # warm-up
-        span = meter.start()
-        res["prefill_tok_s"] = statistics.median(bench.prefill(p) for p in prompts[: cfg.repeats])
-        res["prefill_j_tok"] = meter.stop(span).joules / (cfg.prefill_tokens * cfg.repeats)
+        for b in benches.values():
+            b.prefill(prompts[-1])
+        turns("prefill_tok_s", cfg.repeats, lambda b, i: b.prefill(prompts[i]), cfg.prefill_tokens, "prefill_j_tok")
     if "throughput" in cfg.scenarios:
         prompts = random_prompts(vocab, cfg.num_prompts, cfg.input_len, cfg.seed + 2, avoid)
-        span = meter.start()
-        res["throughput_tok_s"] = bench.throughput(prompts, cfg.output_len)
-        res["throughput_j_tok"] = meter.stop(span).joules / (cfg.num_prompts * cfg.output_len)
-    if isinstance(bench, MiaotuiBench):
-        if "latency" in cfg.scenarios:
-            prompts = random_prompts(vocab, cfg.serve_requests, cfg.input_len, cfg.seed + 3, avoid)
-            res["latency"] = bench.latency(prompts, cfg.output_len, cfg.concurrency)
-        if "prefix" in cfg.scenarios:
-            prefix = random_prompts(vocab, 1, 1000, cfg.seed + 4, avoid)[0]
-            res["prefix"] = bench.prefix_reuse(prefix, random_prompts(vocab, 2, 16, cfg.seed + 5, avoid))
-        if "speculative" in cfg.scenarios:
-            res["speculative"] = run_speculative(bench.engine, None, cfg.output_len, cfg.num_prompts)
-        res["peak_rss_mb"] = _peak_rss_mb()
+        turns("throughput_tok_s", 1, lambda b, i: b.throughput(prompts, cfg.output_len),
+              cfg.num_prompts * cfg.output_len, "throughput_j_tok")
+    return res
+
+
+def run_engine(bench: MiaotuiBench, cfg: BenchConfig, vocab: int, avoid: set[int],
+               meter: EnergyMeter) -> dict[str, Any]:
+    """miaotui alone: the shared scenarios (`in_turns`), then its own — `latency` and `prefix` (peers lack
+    batching) and `speculative` — and its peak memory."""
+    res: dict[str, Any] = {"load_s": bench.load_seconds, **in_turns({"miaotui": bench}, cfg, vocab, avoid,
+                                                                      meter)["miaotui"]}
+    if "latency" in cfg.scenarios:
+        prompts = random_prompts(vocab, cfg.serve_requests, cfg.input_len, cfg.seed + 3, avoid)
+        res["latency"] = bench.latency(prompts, cfg.output_len, cfg.concurrency)
+    if "prefix" in cfg.scenarios:
+        prefix = random_prompts(vocab, 1, 1000, cfg.seed + 4, avoid)[0]
+        res["prefix"] = bench.prefix_reuse(prefix, random_prompts(vocab, 2, 16, cfg.seed + 5, avoid))
+    if "speculative" in cfg.scenarios:
+        res["speculative"] = run_speculative(bench.engine, None, cfg.output_len, cfg.num_prompts)
+    res["peak_rss_mb"] = _peak_rss_mb()
     return res
 
 
@@ -166,9 +187,10 @@ def main(cfg: BenchConfig, compare: bool, json_path: str | None, plot_path: str 
         print("benchmarking llama.cpp's prompt lookup", file=sys.stderr)  # its method nearest ours: ngram
         k = results["miaotui"]["speculative"]["k"]
         results["miaotui"]["speculative_llama_cpp"] = run_llama_cpp_lookup(mt.engine, k, cfg.output_len)
-    del mt
-    gc.collect()
     if compare:
+        # The peers load beside miaotui (its peak memory is taken above, before they do), and the shared scenarios
+        # run again with the engines in turns: the ratios come from runs side by side in time.
+        benches: dict[str, Any] = {"miaotui": mt}
         for peer in (LlamaCppBench, TransformersBench):
             if peer.name not in peers:
                 continue
@@ -176,11 +198,17 @@ def main(cfg: BenchConfig, compare: bool, json_path: str | None, plot_path: str 
                 hint = "pip install llama-cpp-python" if peer is LlamaCppBench else "pip install 'miaotui[bench]'"
                 print(f"{peer.name}: not installed, skipped ({hint})", file=sys.stderr)
                 continue
-            print(f"benchmarking {peer.name}", file=sys.stderr)
+            print(f"loading {peer.name}", file=sys.stderr)
             bench = peer(cfg, fastest) if peer is TransformersBench else peer(cfg)
-            results[bench.name] = run_engine(bench, cfg, vocab, avoid, meter)
-            del bench
-            gc.collect()
+            benches[bench.name] = bench
+            results[bench.name] = {"load_s": bench.load_seconds}
+        if len(benches) > 1:
+            print(f"benchmarking {', '.join(benches)} in turns", file=sys.stderr)
+            for name, figures in in_turns(benches, cfg, vocab, avoid, meter).items():
+                results[name].update(figures)
+        del benches
+    del mt
+    gc.collect()
     print(f"{setup}\n")
     print(format_table(results, cfg))
     if json_path:
