@@ -19,7 +19,6 @@ from miaotui.engine.sampler import Sampler
 from miaotui.engine.scheduler import ScheduledBatch
 from miaotui.engine.sequence import Position, Sequence, TokenLogprob
 from miaotui.engine.tensor_parallel import Peers, StepPlan
-from miaotui.kernels import pages
 from miaotui.models.base import CausalLM
 from miaotui.sampling import SamplingParams
 
@@ -52,8 +51,8 @@ class ModelRunner:
         layers = model.attention_layers()
         # One tensor for all layers: [2, layers, blocks, block_size, kv_heads, head_dim] (this rank's KV heads)
         shape = (2, cfg.num_layers, cache_blocks, block_size, layers[0].num_kv_heads)
-        self.kv_cache = pages.empty(*shape, cfg.head_dim, dtype=torch.int8 if int8 else dtype, device=device)
-        self.kv_scale = pages.empty(*shape, 1, dtype=dtype, device=device) if int8 else None
+        self.kv_cache = torch.empty(*shape, cfg.head_dim, dtype=torch.int8 if int8 else dtype, device=device)
+        self.kv_scale = torch.empty(*shape, 1, dtype=dtype, device=device) if int8 else None
         self.zero_blocks([0])  # block 0 also pads block tables: keep it finite from the start
         assert len(layers) == cfg.num_layers, "every layer must have exactly one Attention module"
         self.windows = {attn.sliding_window for attn in layers}

@@ -3,9 +3,12 @@
 A decode step reads every weight once. In 4 KB pages that is a TLB miss and a page walk every 4 KB, and the
 hardware prefetchers stop at each page's end; Linux's transparent huge pages come to memory that asks for them
 (`madvise`, most distributions' default). A 4-bit product (8960 x 1536) streamed from 2 MB pages ran 1.06x (1 row)
-to 1.08x (5 rows) faster than from 4 KB ones, at 5 rows as fast as with the weight in L3; a Qwen2.5-Coder-1.5B step
-with its weights and KV cache in them 1.026x (1 row), 1.031x (2), 1.034x (5), 1.024x (9), SmolLM2's 32-request
-batch level (AVX-512 Zen 4, two engines alternated in one process).
+to 1.08x (5 rows) faster than from 4 KB ones, at 5 rows as fast as with the weight in L3; Qwen2.5-Coder-1.5B's
+decode steps with its weights in them 0.94-1.21x (1 row, median 1.07x) and 1.03-1.19x (5 rows, median 1.08x) over
+9 processes, each alternating two engines step by step (AVX-512 Zen 4; SmolLM2's 32-request batch level), and its
+load 1.13-1.18 s -> 0.91-1.05 s (512 page faults where there were 262,144). The KV cache stays in 4 KB pages: a
+cache is mostly untouched at start, and in 2 MB pages the first block of each layer's plane faulted in 2 MB of it
+(0.4-1.4 s more at load), where attention reads a few MB a step.
 
 Tensors are carved out of arenas of 2 MB-aligned anonymous memory, never freed one by one: an arena goes when the
 last tensor in it goes (each holds its arena's buffer). Where the system has no such pages (not Linux, or THP set
@@ -62,12 +65,11 @@ _lock = threading.Lock()
 _shared: _Arena | None = None
 
 
-def empty(*shape: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
-    """An uninitialized contiguous tensor, in 2 MB pages where it is on the CPU and they are granted (else
-    `torch.empty`)."""
+def empty(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized contiguous CPU tensor, in 2 MB pages where they are granted (else `torch.empty`)."""
     global _shared
-    if not GRANTED or torch.device(device).type != "cpu":
-        return torch.empty(*shape, dtype=dtype, device=device)
+    if not GRANTED:
+        return torch.empty(*shape, dtype=dtype)
     nbytes = torch.Size(shape).numel() * dtype.itemsize
     if not nbytes:
         return torch.empty(*shape, dtype=dtype)
