@@ -86,6 +86,16 @@ constexpr int64_t QBLOCK = 32;  // activation quantization block
 constexpr int64_t PREFETCH = 2048;
 constexpr int64_t PREFETCH_VNNI = 4 * PREFETCH;
 
+// n Ts left as they are: quantize_rows writes every one (a std::vector zeroed them first, ~1-2% of a batched decode
+// step in memset).
+template <typename T>
+struct Scratch {
+  std::unique_ptr<T[]> p;
+  explicit Scratch(int64_t n) : p(new T[n]) {}
+  T* data() const { return p.get(); }
+  T& operator[](int64_t i) const { return p[i]; }
+};
+
 // Activations quantized in two int8 terms, x = d * q + (d / 256) * r: q rounds x at the block's scale and r rounds
 // what is left (at most half a step) at a 256x finer one, so x keeps ~15 bits and the products stay on VNNI. With
 // one term (llama.cpp's Q8 activations; `act_bits` 8, r all zero and its products skipped) an outlier coarsens its
@@ -97,16 +107,6 @@ constexpr int64_t PREFETCH_VNNI = 4 * PREFETCH;
 // the rounding's error meets w, centred on zero; with x's exact sum it met d q alone, codes on one side of zero, and
 // one term cost 3x the perplexity (SmolLM2 +2.9% against +0.6% now in fp32, Gemma 3 270M +1.7% against +0.2% in
 // bf16; at two terms 0.001% or less).
-// n Ts left as they are: quantize_rows writes every one (a std::vector zeroed them first, ~1-2% of a batched decode
-// step in memset).
-template <typename T>
-struct Scratch {
-  std::unique_ptr<T[]> p;
-  explicit Scratch(int64_t n) : p(new T[n]) {}
-  T* data() const { return p.get(); }
-  T& operator[](int64_t i) const { return p[i]; }
-};
-
 struct QuantX {
   Scratch<int8_t> q;
   Scratch<int8_t> r;
