@@ -36,7 +36,8 @@ def in_turns(benches: dict[str, Any], cfg: BenchConfig, vocab: int, avoid: set[i
     names = list(benches)
     res: dict[str, dict[str, Any]] = {n: {} for n in names}
 
-    def turns(key: str, runs: int, run, units: int, energy: str | None = None) -> None:
+    def turns(key: str, runs: int, run, energy: tuple[str, int] | None = None) -> None:
+        """`energy`: where to put the joules per unit, and the units (tokens) a run makes."""
         values: dict[str, list[float]] = {n: [] for n in names}
         joules = dict.fromkeys(names, 0.0)
         for i in range(runs):
@@ -47,27 +48,27 @@ def in_turns(benches: dict[str, Any], cfg: BenchConfig, vocab: int, avoid: set[i
         for n in names:
             res[n][key] = statistics.median(values[n])
             if energy:
-                res[n][energy] = joules[n] / (units * runs)
+                res[n][energy[0]] = joules[n] / (energy[1] * runs)
 
     decode_prompt = random_prompts(vocab, 1, 32, cfg.seed, avoid)[0]
     if "decode" in cfg.scenarios:
         for b in benches.values():
             b.decode(decode_prompt, 8)  # warm-up
         turns("decode_tok_s", cfg.repeats, lambda b, i: b.decode(decode_prompt, cfg.decode_tokens),
-              cfg.decode_tokens, "decode_j_tok")
+              ("decode_j_tok", cfg.decode_tokens))
     if "sampled" in cfg.scenarios:
         for b in benches.values():
             b.decode(decode_prompt, 8, sampled=True)
-        turns("sampled_tok_s", cfg.repeats, lambda b, i: b.decode(decode_prompt, cfg.decode_tokens, sampled=True), 1)
+        turns("sampled_tok_s", cfg.repeats, lambda b, i: b.decode(decode_prompt, cfg.decode_tokens, sampled=True))
     if "prefill" in cfg.scenarios:
         prompts = random_prompts(vocab, cfg.repeats + 1, cfg.prefill_tokens, cfg.seed + 1, avoid)
         for b in benches.values():
             b.prefill(prompts[-1])
-        turns("prefill_tok_s", cfg.repeats, lambda b, i: b.prefill(prompts[i]), cfg.prefill_tokens, "prefill_j_tok")
+        turns("prefill_tok_s", cfg.repeats, lambda b, i: b.prefill(prompts[i]), ("prefill_j_tok", cfg.prefill_tokens))
     if "throughput" in cfg.scenarios:
         prompts = random_prompts(vocab, cfg.num_prompts, cfg.input_len, cfg.seed + 2, avoid)
         turns("throughput_tok_s", 1, lambda b, i: b.throughput(prompts, cfg.output_len),
-              cfg.num_prompts * cfg.output_len, "throughput_j_tok")
+              ("throughput_j_tok", cfg.num_prompts * cfg.output_len))
     return res
 
 
