@@ -8,7 +8,10 @@ decode steps with its weights in them 0.94-1.21x (1 row, median 1.07x) and 1.03-
 9 processes, each alternating two engines step by step (AVX-512 Zen 4; SmolLM2's 32-request batch level), and its
 load 1.13-1.18 s -> 0.91-1.05 s (512 page faults where there were 262,144). The KV cache stays in 4 KB pages: a
 cache is mostly untouched at start, and in 2 MB pages the first block of each layer's plane faulted in 2 MB of it
-(0.4-1.4 s more at load), where attention reads a few MB a step.
+(0.4-1.4 s more at load). Batched decode does read much of it (SmolLM2, 32 sequences at 128 tokens: ~94 MB a step,
+as much as the weights), but its blocks are handed out in runs: decode attention over blocks scattered at random
+ran 1.06-1.17x faster from 2 MB pages, whole steps of an engine's own blocks 0.98-1.03x (SmolLM2 16 x 1,024 and
+32 x 512 tokens of context, Qwen2.5-1.5B 8 x 2,048; Zen 4, two engines alternated).
 
 Tensors are carved out of arenas of 2 MB-aligned anonymous memory, never freed one by one: an arena goes when the
 last tensor in it goes (each holds its arena's buffer). Where the system has no such pages (not Linux, or THP set
