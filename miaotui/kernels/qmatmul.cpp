@@ -28,8 +28,9 @@
 //
 // Each CPU class has its integer kernel for the same layout and the same integer sums: AVX-512 VNNI (`vpdpbusd`:
 // 4 byte products summed per 32-bit lane), AVX2 (4-bit codes: `vpmaddubsw` + `vpmaddwd`, the same sums in two
-// steps; 8-bit and 6-bit codes: widened to int16 and multiplied by both activation terms at once in `vpmaddwd`),
-// and portable C++ (plain integer loops).
+// steps; 8-bit and 6-bit codes, and 4-bit ones from 8 rows on: widened to int16 and multiplied by both activation
+// terms at once in `vpmaddwd`), and portable C++ (plain integer loops). Prompt-sized products without VNNI are
+// taken in fp32 (see dense_min_rows).
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -654,6 +655,84 @@ inline void qgemm6_block_avx2(const uint8_t* w, const uint8_t* sc, const int16_t
   }
   for (int t = 0; t < MT; ++t) store_row(y + t * ldy, rows, acc[t]);
 }
+
+// Many rows on AVX2 (prefill, batched decode): a row block's 4- or 8-bit codes are widened once to int16, in pairs of
+// inputs (pair p: rows 0-7 then 8-15, two inputs each), and every activation row meets them in `vpmaddwd` against its
+// broadcast pair of int16 terms (a = 256 q + r, as qgemm_block8's): 16 products an instruction with no nibble
+// unpacking per pass of tokens.
+// The integer sums per block are the block kernels' (|Σ| <= 32 * 255 * 32639 < 2^31) and the float steps after
+// them are theirs in the same order, so a row's result does not depend on which kernel took it: a batch's rows and
+// a speculative check's equal the one-row step's, bit for bit (the fp32 kernel of prompts would not: it keeps to
+// dense_min_rows).
+template <int Bits>
+inline void widen_pairs(const uint8_t* w, int64_t K, int16_t* out) {
+  // Within each 128-bit lane (4 rows x 4 bytes): bytes j and j + 1 of each row, each zero-extended to int16.
+  const __m256i pair01 = _mm256_setr_epi8(0, -1, 1, -1, 4, -1, 5, -1, 8, -1, 9, -1, 12, -1, 13, -1,
+                                          0, -1, 1, -1, 4, -1, 5, -1, 8, -1, 9, -1, 12, -1, 13, -1);
+  const __m256i pair23 = _mm256_add_epi8(pair01, _mm256_setr_epi8(2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0,
+                                                                  2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0));
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  __m256i* o = reinterpret_cast<__m256i*>(out);
+  for (int64_t c = 0; c < K * Bits / 32; ++c, w += 64, o += 2 * 16 / Bits) {  // line c: 16 / Bits pairs
+    for (int h = 0; h < 2; ++h) {  // rows 8h..8h+7
+      const __m256i line = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * h));
+      if constexpr (Bits == 4) {  // inputs 0-3 in the low nibbles, 4-7 in the high ones: pairs 0, 1 and 2, 3
+        const __m256i lo = _mm256_and_si256(line, low4), hi = _mm256_and_si256(_mm256_srli_epi16(line, 4), low4);
+        _mm256_storeu_si256(o + h, _mm256_shuffle_epi8(lo, pair01));
+        _mm256_storeu_si256(o + 2 + h, _mm256_shuffle_epi8(lo, pair23));
+        _mm256_storeu_si256(o + 4 + h, _mm256_shuffle_epi8(hi, pair01));
+        _mm256_storeu_si256(o + 6 + h, _mm256_shuffle_epi8(hi, pair23));
+      } else {
+        _mm256_storeu_si256(o + h, _mm256_shuffle_epi8(line, pair01));
+        _mm256_storeu_si256(o + 2 + h, _mm256_shuffle_epi8(line, pair23));
+      }
+    }
+  }
+}
+
+// MT tokens against one widened row block (KS: Q4_K's scales; 8-bit codes take fp16 ones).
+template <int MT, bool KS, typename T>
+inline void qgemm_wide_block(const int16_t* wide, const at::Half* dm, const int16_t* xa, const float* xd,
+                             const float* gs, int64_t K, int64_t group, T* y, int64_t ldy, int64_t rows) {
+  const int64_t ngroups = K / group, blocks_per_group = group / QBLOCK, nb = K / QBLOCK;
+  const __m256 unit = _mm256_set1_ps(1.f / RESIDUAL);
+  alignas(32) float acc[MT][16] = {};
+  for (int64_t g = 0; g < ngroups; ++g) {
+    alignas(32) float fd[MT][16] = {};
+    for (int64_t bb = 0; bb < blocks_per_group; ++bb) {
+      const int64_t b = g * blocks_per_group + bb;
+      const __m256i* wp = reinterpret_cast<const __m256i*>(wide + b * QBLOCK * 16);
+      __m256i s[MT][2];
+      for (int t = 0; t < MT; ++t) s[t][0] = s[t][1] = _mm256_setzero_si256();
+#pragma GCC unroll 2
+      for (int p = 0; p < QBLOCK / 2; ++p, wp += 2) {
+        const __m256i w0 = _mm256_load_si256(wp), w1 = _mm256_load_si256(wp + 1);
+        for (int t = 0; t < MT; ++t) {
+          int32_t two;
+          std::memcpy(&two, xa + t * K + b * QBLOCK + 2 * p, 4);
+          const __m256i xv = _mm256_set1_epi32(two);
+          s[t][0] = _mm256_add_epi32(s[t][0], _mm256_madd_epi16(w0, xv));
+          s[t][1] = _mm256_add_epi32(s[t][1], _mm256_madd_epi16(w1, xv));
+        }
+      }
+      for (int t = 0; t < MT; ++t) {
+        const __m256 scale = _mm256_mul_ps(_mm256_set1_ps(xd[t * nb + b]), unit);
+        for (int h = 0; h < 2; ++h)
+          _mm256_store_ps(fd[t] + 8 * h,
+                          _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[t][h]), scale, _mm256_load_ps(fd[t] + 8 * h)));
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      __m256 dv, mv;
+      group_scales8<KS>(dm, g, h, dv, mv);
+      for (int t = 0; t < MT; ++t) {
+        const __m256 a = _mm256_fmadd_ps(_mm256_load_ps(fd[t] + 8 * h), dv, _mm256_load_ps(acc[t] + 8 * h));
+        _mm256_store_ps(acc[t] + 8 * h, _mm256_fmadd_ps(mv, _mm256_set1_ps(gs[t * ngroups + g]), a));
+      }
+    }
+  }
+  for (int t = 0; t < MT; ++t) store_row(y + t * ldy, rows, acc[t]);
+}
 #endif
 
 #if MIAOTUI_VNNI || MIAOTUI_AVX2
@@ -770,6 +849,33 @@ void qgemm6_rows_avx2(const uint8_t* w, const uint8_t* sc, const QuantX& x, int6
     });
   }
 }
+
+// From this many rows on, AVX2 takes 4- and 8-bit codes through the widened kernel above (up to dense_min_rows).
+// Against the block kernels (the avx2 build on a Zen 4, alternated in one process, SmolLM2-135M's five products):
+// 1.0-1.1x at 8 rows, 1.0-1.3x at 12-32, 1.1-1.2x at 96; SmolLM2's 32 x (64, 128) batch 1.07x (324 -> 346 tok/s).
+constexpr int64_t WIDE_MIN_ROWS = 8;
+
+// Row blocks through qgemm_wide_block, each widened once into this thread's buffer (16 x K int16, in L2) and then
+// passed over by every token, 3 at a time: 6 sums, two weight vectors and a broadcast. At 4-6 tokens a pass GCC
+// spilled sums inside the loop (12 sums leave no room for its copies) and SmolLM2's products at 32 and 96 rows ran
+// 0.70-0.80x as fast as at 3 (the avx2 build on a Zen 4, variants alternated in one process).
+template <int Bits, bool KS, typename T>
+void qgemm_wide_rows(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M, int64_t K, int64_t group,
+                     int64_t N, T* y, int64_t rb_begin, int64_t rb_end) {
+  const int64_t line_bytes = 16 * K * Bits / 8, ngroups = K / group, nb = K / QBLOCK;
+  std::unique_ptr<int16_t[], decltype(&std::free)> wide(
+      static_cast<int16_t*>(std::aligned_alloc(64, 16 * K * sizeof(int16_t))), &std::free);
+  for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
+    widen_pairs<Bits>(w + rb * line_bytes, K, wide.get());
+    const at::Half* dmb = dm + rb * scale_halves(Bits, K, group, KS);
+    const int64_t rows = std::min<int64_t>(16, N - rb * 16);
+    token_passes<3>(M, [&](int64_t m, auto tokens) {
+      qgemm_wide_block<decltype(tokens)::value, KS>(wide.get(), dmb, x.a.data() + m * K, x.d.data() + m * nb,
+                                                    x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N,
+                                                    rows);
+    });
+  }
+}
 #endif
 
 // ks: Q4_K's scales.
@@ -836,14 +942,12 @@ inline void row6(const uint8_t* wb, const uint8_t* sb, int64_t K, int r, float* 
   }
 }
 
-// Prefill-sized products without VNNI: the weight is dequantized to fp32, a chunk of rows at a time, and multiplied
-// by torch's own fp32 GEMM (MKL / oneDNN). On an AVX2 core a 16-bit integer product and an fp32 FMA both do 16
-// multiply-adds a cycle (measured here: vpmaddwd 1, vfmadd 2 per cycle), and the activations need 16 bits, so the
-// integer path has nothing to gain; the GEMM, tuned for years, reaches 60-80% of that peak where our integer loop
-// reached 30-45%. Dequantizing costs ~4.5 bytes of memory traffic per weight, a few percent of a 512-token product.
-// The result is x @ (d q + m)^T in fp32: the dense model's product on the same weights. Where it pays (measured
-// here, the GEMM against the integer kernel): from 96 rows for 4-bit codes, from 40 for 8-bit ones (their integer
-// product costs twice the 4-bit one: two nibble planes).
+// Prefill-sized products without VNNI are taken in fp32: the result is x @ (d q + m)^T, the dense model's product
+// on the same weights. On an AVX2 core a 16-bit integer product and an fp32 FMA both do 16 multiply-adds a cycle
+// (measured on a Zen 4: `vpmaddwd` 1, `vfmadd` 2 per cycle), and the activations need 16 bits, so the integers have
+// nothing to gain there; AVX2 builds multiply in their own kernel (fgemm_rows, below), the portable build
+// dequantizes a chunk of rows for torch's GEMM. Where it pays (measured against the integer block kernels, when
+// torch's GEMM took these): from 96 rows for 4-bit codes, from 40 for 8-bit ones.
 inline int64_t dense_min_rows(int64_t bits) { return bits == 4 ? 96 : 40; }
 constexpr int64_t DENSE_CHUNK_ELEMS = 1 << 22;  // rows per chunk: 16 MB of fp32 weights
 
@@ -873,45 +977,12 @@ inline void dequantize_word(uint32_t word, float d, float m, float* out) {
   }
 }
 
+// Row blocks rb_begin .. rb_end of 4- or 8-bit codes as fp32 rows d * q + m (the portable build's prompts; 6-bit
+// codes exist only in the VNNI and AVX2 builds, whose prompts take their own kernels).
 template <int Bits>
 void dequantize_rows(const uint8_t* w, const at::Half* dm, int64_t K, int64_t group, int64_t rb_begin,
                      int64_t rb_end, int64_t N, float* out, bool ks) {
   const int64_t line_bytes = 16 * K * Bits / 8, ngroups = K / group;
-  if constexpr (Bits == 6) {
-    at::parallel_for(rb_begin, rb_end, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t rb = b0; rb < b1; ++rb) {
-        const uint8_t* wb = w + rb * line_bytes;
-        const uint8_t* sb = reinterpret_cast<const uint8_t*>(dm) + rb * K / 256 * 288;
-        const int rows = static_cast<int>(std::min<int64_t>(16, N - rb * 16));
-        float* o = out + (rb - rb_begin) * 16 * K;
-#if MIAOTUI_AVX2  // per 16 inputs and half block: the planes, then each row's 8 + 8 codes as floats (a 512-row
-                  // product 0.97-1.03x its 8-bit codes' on the fp32 GEMM; through row6 per weight 0.88-0.91x)
-        for (int64_t h = 0; h < K / 16; ++h, wb += 192)
-          for (int half = 0; half < 2; ++half) {
-            __m256i v[4];
-            unpack6_half(wb, half, v);
-            alignas(32) uint8_t planes[4][32];
-            for (int p = 0; p < 4; ++p) _mm256_store_si256(reinterpret_cast<__m256i*>(planes[p]), v[p]);
-            for (int r = 8 * half; r < std::min(rows, 8 * half + 8); ++r) {
-              const float d = scale6(sb, h * 16, r);
-              for (int q = 0; q < 2; ++q) {  // inputs 8q..8q+7: planes 2q and 2q+1
-                uint32_t lo, up;
-                std::memcpy(&lo, planes[2 * q] + (r % 8) * 4, 4);
-                std::memcpy(&up, planes[2 * q + 1] + (r % 8) * 4, 4);
-                const __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
-                    _mm_cvtsi64_si128(static_cast<int64_t>(lo | static_cast<uint64_t>(up) << 32))));
-                _mm256_storeu_ps(o + r * K + h * 16 + 8 * q,
-                                 _mm256_fmadd_ps(c, _mm256_set1_ps(d), _mm256_set1_ps(-32.f * d)));
-              }
-            }
-          }
-#else
-        for (int r = 0; r < rows; ++r) row6(wb, sb, K, r, o + r * K);
-#endif
-      }
-    });
-    return;
-  }
   constexpr int per_line = Bits == 4 ? 8 : 4;  // inputs per 64-byte line
   at::parallel_for(rb_begin, rb_end, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> d(16 * ngroups), m(16 * ngroups);
@@ -934,6 +1005,123 @@ void dequantize_rows(const uint8_t* w, const at::Half* dm, int64_t K, int64_t gr
   });
 }
 
+#if MIAOTUI_AVX2
+// Prefill-sized products on AVX2 (dense_qmatmul) in fp32 FMA. Each thread widens a chunk of FKC inputs of FG row
+// blocks to fp32, input-major (16 outputs of an input side by side, in L1/L2), and every activation row passes over
+// it 5 at a time: 10 sums, two weight vectors and a broadcast (at 6, 15 registers, GCC spilled two sums inside the
+// loop: 0.5x). Against torch's fp32 GEMM over a dequantized chunk of rows in memory, which this replaced (the avx2
+// build on a Zen 4, the two alternated in one process): SmolLM2-135M's products at 96-512 rows 1.1-1.4x, a 512-token
+// prompt 1.21x (542 -> 655 tok/s); Qwen2.5-Coder-1.5B's 512-token prompt 1.11x (58 -> 65 tok/s), ~85% of the
+// 16-a-cycle peak. The values are the same d * q + m (D s (q - 32) for 6-bit codes).
+constexpr int64_t FKC = 256;  // inputs a chunk: a row block's 16 KB, in L1
+constexpr int64_t FG = 4;  // row blocks a chunk: each activation row's chunk is read once for 64 outputs
+
+// A half line's 32 bytes (rows 8h..8h+7 x 4 bytes, byte 4r+j: input j of row r) regrouped input-major: bytes
+// 8j..8j+7 hold input j of the 8 rows.
+inline __m256i inputs_major(__m256i v) {
+  const __m256i by_input = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                            0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(v, by_input), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// Inputs k .. k+3 of 8 rows (bytes from inputs_major) as floats fma(q, d, m) at out + 16 (k + j), d and m per row.
+inline void store_inputs(__m256i t, __m256 d, __m256 m, float* out) {
+  const __m128i lo = _mm256_castsi256_si128(t), hi = _mm256_extracti128_si256(t, 1);
+  const __m128i part[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+  for (int j = 0; j < 4; ++j)
+    _mm256_store_ps(out + 16 * j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part[j])), d, m));
+}
+
+// Inputs k0 .. k0+kc of one row block (codes w, scales dm) as fp32 out [kc][16].
+template <int Bits, bool KS>
+void widen_f32(const uint8_t* w, const at::Half* dm, int64_t K, int64_t group, int64_t k0, int64_t kc, float* out) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  if constexpr (Bits == 6) {  // per 16 inputs three lines (192 bytes) and a scale byte per row; k0 % 256 == 0
+    const uint8_t* sc = reinterpret_cast<const uint8_t*>(dm) + k0 / 256 * 288;
+    __m256 dd[2];
+    for (int h = 0; h < 2; ++h) dd[h] = halves8(sc + 16 * h);
+    for (int64_t hh = 0; hh < kc / 16; ++hh)
+      for (int h = 0; h < 2; ++h) {
+        __m256i v[4];
+        unpack6_half(w + (k0 / 16 + hh) * 192, h, v);
+        const __m128i s8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + 32 + 16 * hh + 8 * h));
+        const __m256 ds = _mm256_mul_ps(dd[h], _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s8)));
+        const __m256 ms = _mm256_mul_ps(ds, _mm256_set1_ps(-32.f));
+        for (int p = 0; p < 4; ++p) store_inputs(inputs_major(v[p]), ds, ms, out + (16 * hh + 4 * p) * 16 + 8 * h);
+      }
+  } else {
+    constexpr int per_line = Bits == 4 ? 8 : 4;
+    for (int64_t k = 0; k < kc; k += per_line) {
+      const uint8_t* line = w + (k0 + k) / per_line * 64;
+      const int64_t g = (k0 + k) / group;  // a line's inputs lie in one group
+      for (int h = 0; h < 2; ++h) {
+        __m256 d, m;
+        group_scales8<KS>(dm, g, h, d, m);
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(line + 32 * h));
+        float* o = out + k * 16 + 8 * h;
+        if constexpr (Bits == 4) {  // inputs 0-3 in the low nibbles, 4-7 in the high ones
+          store_inputs(inputs_major(_mm256_and_si256(v, low4)), d, m, o);
+          store_inputs(inputs_major(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4)), d, m, o + 64);
+        } else {
+          store_inputs(inputs_major(v), d, m, o);
+        }
+      }
+    }
+  }
+}
+
+// MT activation rows (x, row stride ldx) times a widened chunk wt [kc][16], added to y's 16 outputs (row stride
+// ldy; set on the first chunk). No masks here: two more live registers made GCC spill sums inside the loop.
+template <int MT>
+inline void ftile(const float* x, int64_t ldx, const float* wt, int64_t kc, float* y, int64_t ldy, bool first) {
+  __m256 acc[MT][2];
+  for (int t = 0; t < MT; ++t)
+    for (int h = 0; h < 2; ++h) acc[t][h] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y + t * ldy + 8 * h);
+  for (int64_t k = 0; k < kc; ++k, wt += 16) {
+    const __m256 w0 = _mm256_load_ps(wt), w1 = _mm256_load_ps(wt + 8);
+    for (int t = 0; t < MT; ++t) {
+      const __m256 xb = _mm256_broadcast_ss(x + t * ldx + k);
+      acc[t][0] = _mm256_fmadd_ps(w0, xb, acc[t][0]);
+      acc[t][1] = _mm256_fmadd_ps(w1, xb, acc[t][1]);
+    }
+  }
+  for (int t = 0; t < MT; ++t)
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(y + t * ldy + 8 * h, acc[t][h]);
+}
+
+// y [M, N] = x [M, K] @ W^T in fp32, row blocks rb_begin .. rb_end of W. A last row block short of 16 outputs sums
+// into a tile of its own first.
+template <int Bits, bool KS>
+void fgemm_rows(const uint8_t* w, const at::Half* dm, const float* x, int64_t M, int64_t K, int64_t group, int64_t N,
+                float* y, int64_t rb_begin, int64_t rb_end) {
+  const int64_t line_bytes = 16 * K * Bits / 8, halves = scale_halves(Bits, K, group, KS);
+  std::unique_ptr<float[], decltype(&std::free)> wt(
+      static_cast<float*>(std::aligned_alloc(64, FG * FKC * 16 * sizeof(float))), &std::free);
+  const bool short_block = rb_end * 16 > N;
+  std::vector<float> tail(short_block ? M * 16 : 0);
+  for (int64_t rb0 = rb_begin; rb0 < rb_end; rb0 += FG) {
+    const int64_t nblk = std::min(FG, rb_end - rb0);
+    for (int64_t k0 = 0; k0 < K; k0 += FKC) {
+      const int64_t kc = std::min(FKC, K - k0);
+      for (int64_t i = 0; i < nblk; ++i)
+        widen_f32<Bits, KS>(w + (rb0 + i) * line_bytes, dm + (rb0 + i) * halves, K, group, k0, kc,
+                            wt.get() + i * kc * 16);
+      token_passes<5>(M, [&](int64_t m, auto tokens) {
+        for (int64_t i = 0; i < nblk; ++i) {
+          const int64_t n0 = (rb0 + i) * 16;
+          const bool own = n0 + 16 > N;
+          ftile<decltype(tokens)::value>(x + m * K + k0, K, wt.get() + i * kc * 16, kc,
+                                         own ? tail.data() + m * 16 : y + m * N + n0, own ? 16 : N, k0 == 0);
+        }
+      });
+    }
+  }
+  if (short_block)
+    for (int64_t m = 0; m < M; ++m)
+      std::memcpy(y + m * N + (rb_end - 1) * 16, tail.data() + m * 16, (N - (rb_end - 1) * 16) * sizeof(float));
+}
+#endif
+
 // y = x @ W^T for prefill-sized M, a chunk of W's rows at a time.
 Tensor dense_qmatmul(const Tensor& x, const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t N,
                      const Tensor& in_scale, bool ks) {
@@ -941,19 +1129,31 @@ Tensor dense_qmatmul(const Tensor& x, const Tensor& w, const Tensor& dm, int64_t
   Tensor xf = x.reshape({M, K}).to(at::kFloat);
   if (in_scale.defined()) xf = xf.mul(in_scale.to(at::kFloat));
   Tensor y = at::empty({M, N}, xf.options());
+#if MIAOTUI_AVX2
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const at::Half* dp = scales_of(dm);
+  const float* xp = xf.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, (rblocks + FG - 1) / FG, 1, [&](int64_t g0, int64_t g1) {
+    const int64_t b0 = g0 * FG, b1 = std::min(rblocks, g1 * FG);
+    if (bits == 6) fgemm_rows<6, false>(wp, dp, xp, M, K, group, N, yp, b0, b1);
+    else if (bits == 8) fgemm_rows<8, false>(wp, dp, xp, M, K, group, N, yp, b0, b1);
+    else if (ks) fgemm_rows<4, true>(wp, dp, xp, M, K, group, N, yp, b0, b1);
+    else fgemm_rows<4, false>(wp, dp, xp, M, K, group, N, yp, b0, b1);
+  });
+#else
   const int64_t chunk = std::max<int64_t>(1, DENSE_CHUNK_ELEMS / (16 * K));  // row blocks per chunk
   Tensor wf = at::empty({std::min(rblocks, chunk) * 16, K}, xf.options());
   for (int64_t rb = 0; rb < rblocks; rb += chunk) {
     const int64_t rb_end = std::min(rblocks, rb + chunk), n0 = rb * 16, n = std::min(N, rb_end * 16) - n0;
     if (bits == 4) dequantize_rows<4>(w.data_ptr<uint8_t>(), scales_of(dm), K, group, rb, rb_end, N,
                                       wf.data_ptr<float>(), ks);
-    else if (bits == 6) dequantize_rows<6>(w.data_ptr<uint8_t>(), scales_of(dm), K, group, rb, rb_end, N,
-                                           wf.data_ptr<float>(), false);
     else dequantize_rows<8>(w.data_ptr<uint8_t>(), scales_of(dm), K, group, rb, rb_end, N, wf.data_ptr<float>(),
                             false);
     if (n == N) at::mm_out(y, xf, wf.narrow(0, 0, n).t());  // one chunk: straight into y, no copy
     else y.narrow(1, n0, n).copy_(at::mm(xf, wf.narrow(0, 0, n).t()));
   }
+#endif
   auto shape = x.sizes().vec();
   shape.back() = N;
   return y.view(shape).to(x.scalar_type());
@@ -1677,13 +1877,26 @@ Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits
     if (!in_scale.defined()) quantize(static_cast<const float*>(nullptr));
     else if (in_scale.scalar_type() == at::kBFloat16) quantize(in_scale.data_ptr<at::BFloat16>());
     else quantize(in_scale.data_ptr<float>());
-    if (MIAOTUI_AVX2 && (bits == 8 || bits == 6) && !reference) {
+#if MIAOTUI_AVX2
+    const bool wide = !reference && bits != 6 && M >= WIDE_MIN_ROWS;
+#else
+    const bool wide = false;
+#endif
+    if (MIAOTUI_AVX2 && (bits == 8 || bits == 6 || wide) && !reference) {
       qx.a.resize(M * K);
       for (int64_t i = 0; i < M * K; ++i) qx.a[i] = static_cast<int16_t>(qx.q[i] * 256 + qx.r[i]);
     }
     const uint8_t* wp = w.data_ptr<uint8_t>();
     const at::Half* dp = scales_of(dm);
     at::parallel_for(0, rblocks, 1, [&](int64_t b0, int64_t b1) {
+#if MIAOTUI_AVX2
+      if (wide) {
+        if (bits == 8) qgemm_wide_rows<8, false>(wp, dp, qx, M, K, group, N, yp, b0, b1);
+        else if (ks) qgemm_wide_rows<4, true>(wp, dp, qx, M, K, group, N, yp, b0, b1);
+        else qgemm_wide_rows<4, false>(wp, dp, qx, M, K, group, N, yp, b0, b1);
+        return;
+      }
+#endif
       if (!reference) {
         if (bits == 4) qgemm_rows<4>(wp, dp, qx, M, K, group, N, yp, b0, b1, ks);
 #if MIAOTUI_VNNI || MIAOTUI_AVX2

@@ -166,12 +166,12 @@ def random_packed(n: int, k: int, bits: int, group: int):
 
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 32), (8, 96)])
-# 11: passes of 6 and 5 tokens (VNNI); 100: prefill-sized, dequantized for torch's GEMM without VNNI
+# 11: passes of 6 and 5 tokens (VNNI), the widened int16 kernel (AVX2); 100: prefill-sized, fp32 without VNNI
 @pytest.mark.parametrize("m", [1, 3, 7, 11, 37, 100])
 def test_qmatmul_matches_the_dequantized_weight(ops, bits, group, m):
     """The integer kernel (two int8 terms per activation) against x @ (d q + m)ᵀ in fp32; rows not in blocks of 16,
     in_scale applied first; each class's kernel and the plain C++ definition agree to rounding (prefill-sized
-    products on CPUs without VNNI go through torch's fp32 GEMM on the dequantized weight: closer still)."""
+    products on CPUs without VNNI are taken in fp32 on the dequantized weight: closer still)."""
     n, k = 50, 384
     codes, d, mn, w = random_packed(n, k, bits, group)
     if w is None:
@@ -201,6 +201,34 @@ def test_qmatmul_matches_the_dequantized_weight(ops, bits, group, m):
     assert torch.equal(qmatmul(x, sb), qmatmul(x, sb.float()))
     yb = qmatmul(x.bfloat16(), s)
     assert yb.dtype == torch.bfloat16 and ((yb.float() - ref).abs().max() / ref.abs().max()) < 1e-2
+
+
+@pytest.mark.parametrize("layout", [(4, 32), (4, 128), (8, 32), "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qmatmul_rows_do_not_depend_on_the_batch(ops, layout, dtype):
+    """Below prompt sizes a row's product is the same bits whether it goes alone, in a speculative check of a few
+    rows or in a batch of 37 (AVX2 takes 4- and 8-bit codes from 8 rows on through its widened int16 kernel, the
+    VNNI kernel passes of 6 tokens): a batch or a check gives the one-row step's logits. AMX widens to bf16 from 8
+    rows on, so there only smaller groups are compared."""
+    if isinstance(layout, str):
+        if ops.qmatmul_path == "generic" and layout == "Q6_K":
+            pytest.skip("the portable build takes Q6_K as 8-bit codes")
+        n, k = 50, 768
+        raw, _ = random_kquant(layout, n, k)
+        data, sc, bits, group = pack_kquant(ops, layout, raw, n, k)
+    else:
+        (bits, group), n, k = layout, 50, 384
+        *_, w = random_packed(n, k, bits, group)
+        data, sc, group = w.data, w.dm, w.group
+    torch.manual_seed(1)
+    x = (torch.randn(37, k) * torch.where(torch.rand(k) < 0.05, 30.0, 1.0)).to(dtype)
+    s = torch.rand(k) + 0.5
+    y = ops.qmatmul(x, data, sc, bits, group, n, s)
+    for start, size in [(0, 1), (36, 1), (3, 5), (10, 7), (1, 8), (20, 11), (0, 36)]:
+        if ops.amx and size >= 8:
+            continue
+        part = ops.qmatmul(x[start:start + size], data, sc, bits, group, n, s)
+        assert torch.equal(part, y[start:start + size]), (start, size)
 
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 32)])
@@ -302,13 +330,13 @@ def pack_kquant(ops, kind: str, raw: torch.Tensor, n: int, k: int):
 
 @pytest.mark.parametrize("kind", KQUANTS)
 # 6: one 6-bit pass of 6 tokens; 9, 37: passes of 6 after one unpacking for them, the rest a pass of its own;
-# 100: the fp32 GEMM without VNNI
+# 100: fp32 products without VNNI
 @pytest.mark.parametrize("m", [1, 3, 6, 9, 37, 100])
 def test_kquant_blocks_multiply_as_the_file_holds_them(ops, kind, m):
     """GGUF's K-quants held exactly — Q4_K (w = D sc q - Dmin mn, 6-bit sc and mn per 32) as 4-bit codes with its
     own scales by every class, Q6_K (w = D s (q - 32), an int8 s per 16 inputs) as 6-bit codes by the VNNI class:
     rows read back are the file's values bit for bit, and products (decode sizes, and on AVX2 and portable builds
-    from 96 rows on the fp32 GEMM over the dequantized rows) agree with the plain C++ definition, with x @ Wᵀ to the
+    from 96 rows on in fp32 over the dequantized rows) agree with the plain C++ definition, with x @ Wᵀ to the
     activations' rounding, and under one activation term with llama.cpp's rounding, as the fp16-scaled layouts do.
     Other classes refuse 6-bit codes by name (they take Q6_K as 8-bit codes)."""
     n, k = 50, 768
