@@ -113,7 +113,7 @@ struct QuantX {
   Scratch<int8_t> r;
   Scratch<float> d;
   Scratch<float> gsum;
-  std::vector<int16_t> a;  // q * 256 + r as one int16 (|a| <= 32639), for the AVX2 kernel of 8-bit codes
+  std::vector<int16_t> a;  // q * 256 + r as one int16 (|a| <= 32639), for the AVX2 kernels on `vpmaddwd`
   bool residual = true;  // false: one term, r is zero and the kernels skip its products
 };
 constexpr float RESIDUAL = 256.f;  // a power of two: the two integer sums combine by a shift
@@ -130,7 +130,7 @@ inline const at::Half* scales_of(const Tensor& dm) { return static_cast<const at
 // rounds the same way, so the codes are the same on every CPU.
 template <typename T, typename S>
 void quantize_rows(const T* x, const S* in_scale, int64_t M, int64_t K, int64_t group, int8_t* q, int8_t* r,
-                   float* d, float* gsum, bool residual) {
+                   float* d, float* gsum, bool residual, int16_t* a = nullptr) {
   const int64_t nb = K / QBLOCK, gb = std::max<int64_t>(1, group / QBLOCK), ngroups = K / group;
   constexpr int NV = QBLOCK / mt::W;
   static_assert(NV % 2 == 0, "a block's halves in whole vectors");
@@ -159,6 +159,9 @@ void quantize_rows(const T* x, const S* in_scale, int64_t M, int64_t K, int64_t 
           v[h] = c + res * mt::set1(1.f / RESIDUAL);  // the value the products see, in steps of d
         }
         d[m * nb + b] = amax / 127.f;
+        if (a)  // both terms as one int16, 256 q + r, for the AVX2 kernels that multiply in `vpmaddwd`
+          for (int64_t j = m * K + b * QBLOCK; j < m * K + (b + 1) * QBLOCK; ++j)
+            a[j] = static_cast<int16_t>(q[j] * 256 + r[j]);
         if (group >= QBLOCK) {
           mt::Vec bs = mt::zero();
           for (int h = 0; h < NV; ++h) bs = bs + v[h];
@@ -1871,21 +1874,19 @@ Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits
     QuantX qx{Scratch<int8_t>(M * K), Scratch<int8_t>(M * K), Scratch<float>(M * K / QBLOCK),
               Scratch<float>(M * K / group)};
     qx.residual = act_bits == 16;
-    auto quantize = [&](auto* sp) {
-      quantize_rows(xp, sp, M, K, group, qx.q.data(), qx.r.data(), qx.d.data(), qx.gsum.data(), qx.residual);
-    };
-    if (!in_scale.defined()) quantize(static_cast<const float*>(nullptr));
-    else if (in_scale.scalar_type() == at::kBFloat16) quantize(in_scale.data_ptr<at::BFloat16>());
-    else quantize(in_scale.data_ptr<float>());
 #if MIAOTUI_AVX2
     const bool wide = !reference && bits != 6 && M >= WIDE_MIN_ROWS;
 #else
     const bool wide = false;
 #endif
-    if (MIAOTUI_AVX2 && (bits == 8 || bits == 6 || wide) && !reference) {
-      qx.a.resize(M * K);
-      for (int64_t i = 0; i < M * K; ++i) qx.a[i] = static_cast<int16_t>(qx.q[i] * 256 + qx.r[i]);
-    }
+    if (MIAOTUI_AVX2 && (bits == 8 || bits == 6 || wide) && !reference) qx.a.resize(M * K);
+    auto quantize = [&](auto* sp) {
+      quantize_rows(xp, sp, M, K, group, qx.q.data(), qx.r.data(), qx.d.data(), qx.gsum.data(), qx.residual,
+                    qx.a.empty() ? nullptr : qx.a.data());
+    };
+    if (!in_scale.defined()) quantize(static_cast<const float*>(nullptr));
+    else if (in_scale.scalar_type() == at::kBFloat16) quantize(in_scale.data_ptr<at::BFloat16>());
+    else quantize(in_scale.data_ptr<float>());
     const uint8_t* wp = w.data_ptr<uint8_t>();
     const at::Half* dp = scales_of(dm);
     at::parallel_for(0, rblocks, 1, [&](int64_t b0, int64_t b1) {
