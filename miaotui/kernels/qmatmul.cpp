@@ -867,14 +867,14 @@ template <int Bits, bool KS, typename T>
 void qgemm_wide_rows(const uint8_t* w, const at::Half* dm, const QuantX& x, int64_t M, int64_t K, int64_t group,
                      int64_t N, T* y, int64_t rb_begin, int64_t rb_end) {
   const int64_t line_bytes = 16 * K * Bits / 8, ngroups = K / group, nb = K / QBLOCK;
-  std::unique_ptr<int16_t[], decltype(&std::free)> wide(
-      static_cast<int16_t*>(std::aligned_alloc(64, 16 * K * sizeof(int16_t))), &std::free);
+  Tensor wide_ = at::empty({16 * K}, at::kShort);  // 64-byte aligned: the kernel's aligned loads
+  int16_t* wide = wide_.data_ptr<int16_t>();
   for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
-    widen_pairs<Bits>(w + rb * line_bytes, K, wide.get());
+    widen_pairs<Bits>(w + rb * line_bytes, K, wide);
     const at::Half* dmb = dm + rb * scale_halves(Bits, K, group, KS);
     const int64_t rows = std::min<int64_t>(16, N - rb * 16);
     token_passes<3>(M, [&](int64_t m, auto tokens) {
-      qgemm_wide_block<decltype(tokens)::value, KS>(wide.get(), dmb, x.a.data() + m * K, x.d.data() + m * nb,
+      qgemm_wide_block<decltype(tokens)::value, KS>(wide, dmb, x.a.data() + m * K, x.d.data() + m * nb,
                                                     x.gsum.data() + m * ngroups, K, group, y + m * N + rb * 16, N,
                                                     rows);
     });
@@ -1099,8 +1099,8 @@ template <int Bits, bool KS>
 void fgemm_rows(const uint8_t* w, const at::Half* dm, const float* x, int64_t M, int64_t K, int64_t group, int64_t N,
                 float* y, int64_t rb_begin, int64_t rb_end) {
   const int64_t line_bytes = 16 * K * Bits / 8, halves = scale_halves(Bits, K, group, KS);
-  std::unique_ptr<float[], decltype(&std::free)> wt(
-      static_cast<float*>(std::aligned_alloc(64, FG * FKC * 16 * sizeof(float))), &std::free);
+  Tensor wt_ = at::empty({FG * FKC * 16}, at::kFloat);  // 64-byte aligned: ftile's aligned loads
+  float* wt = wt_.data_ptr<float>();
   const bool short_block = rb_end * 16 > N;
   std::vector<float> tail(short_block ? M * 16 : 0);
   for (int64_t rb0 = rb_begin; rb0 < rb_end; rb0 += FG) {
@@ -1109,12 +1109,12 @@ void fgemm_rows(const uint8_t* w, const at::Half* dm, const float* x, int64_t M,
       const int64_t kc = std::min(FKC, K - k0);
       for (int64_t i = 0; i < nblk; ++i)
         widen_f32<Bits, KS>(w + (rb0 + i) * line_bytes, dm + (rb0 + i) * halves, K, group, k0, kc,
-                            wt.get() + i * kc * 16);
+                            wt + i * kc * 16);
       token_passes<5>(M, [&](int64_t m, auto tokens) {
         for (int64_t i = 0; i < nblk; ++i) {
           const int64_t n0 = (rb0 + i) * 16;
           const bool own = n0 + 16 > N;
-          ftile<decltype(tokens)::value>(x + m * K + k0, K, wt.get() + i * kc * 16, kc,
+          ftile<decltype(tokens)::value>(x + m * K + k0, K, wt + i * kc * 16, kc,
                                          own ? tail.data() + m * 16 : y + m * N + n0, own ? 16 : N, k0 == 0);
         }
       });
