@@ -10,6 +10,7 @@ import itertools
 
 import torch
 
+from miaotui import kernels
 from miaotui.attention import select_backend
 from miaotui.attention.base import AttentionMetadata
 from miaotui.config import ModelConfig
@@ -161,13 +162,17 @@ class ModelRunner:
             return logits
         ids, positions, meta = self._tensors(plan)
         stack = self._decode_stack(meta, meta.num_seqs)
-        if stack is not None:
-            hidden = self.model.norm(stack.decode(self.model.embed(ids, positions), positions, meta))
-        else:
-            hidden = self.model(ids, positions, meta)
-        if not all_logits and meta.query_start[-1] != len(meta.query_start) - 1:  # (one token a row: all are last)
-            hidden = hidden[torch.tensor(meta.query_start[1:], device=self.device) - 1]
-        return self.model.compute_logits(hidden)
+        # a decode step's proposals are scored with a lone row's arithmetic, as plain decoding's steps of the few
+        # requests that speculate compute each row (a step that carries a prompt's rows stays as it would be)
+        exact = meta.all_decode and self.device.type == "cpu" and any(s.draft for s in seqs)
+        with kernels.row_exact(exact):
+            if stack is not None:
+                hidden = self.model.norm(stack.decode(self.model.embed(ids, positions), positions, meta))
+            else:
+                hidden = self.model(ids, positions, meta)
+            if not all_logits and meta.query_start[-1] != len(meta.query_start) - 1:  # (one token a row: all last)
+                hidden = hidden[torch.tensor(meta.query_start[1:], device=self.device) - 1]
+            return self.model.compute_logits(hidden)
 
     def _decode_stack(self, meta: AttentionMetadata, rows: int) -> fused.DecodeStack | None:
         """The fused stack for a pure decode step it serves (built on first use, for this runner's cache); module

@@ -14,6 +14,7 @@ the host.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -22,6 +23,7 @@ import os
 import platform
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -176,6 +178,22 @@ def use_cpu_ops(*tensors: torch.Tensor):
 def has_packed() -> bool:
     """Whether the packed low-bit layout (quant/packed.py) has miaotui's integer kernel here."""
     return cpu_ops() is not None
+
+
+@contextlib.contextmanager
+def row_exact(on: bool = True) -> Iterator[None]:
+    """Within it (this thread), products of packed codes take a lone row's arithmetic at any row count: the integer
+    kernel, never AMX tiles, a dense copy or a prompt-sized float product. The runner sets it for steps that score
+    speculative proposals, so their rows give the logits plain one-row decode steps give (in bf16 too)."""
+    ops = cpu_ops() if on else None
+    if ops is None:
+        yield
+        return
+    before = ops.set_row_exact(True)
+    try:
+        yield
+    finally:
+        ops.set_row_exact(before)
 
 
 def has_amx() -> bool:

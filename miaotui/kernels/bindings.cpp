@@ -14,6 +14,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("qmatmul_path") = qmatmul_path();
   m.attr("amx") = qmatmul_amx();
   m.attr("bf16_gemm") = qmatmul_bf16_gemm();
+  m.def("row_exact", &row_exact, "whether this thread's products take a lone row's arithmetic at any row count");
+  m.def("set_row_exact", &set_row_exact, "set it for this thread; returns the previous setting", py::arg("on"));
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim");
   m.def("gated_act", &gated_act, "act(gate) * up over a fused [gate | up] last dim (gelu_tanh or silu)");
   m.def("rope_", &rope_, "NEOX rotary embedding in place on [T, H, D]");

@@ -32,6 +32,11 @@ bool qmatmul_bf16_gemm();  // prefill-sized bf16 products on `vdpbf16ps` (CPUs w
 Tensor qmatmul(const Tensor& x, const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t N,
                const c10::optional<Tensor>& in_scale, bool reference, int64_t act_bits);
 Tensor tile_matmul(const Tensor& x, const Tensor& tiles, int64_t N);
+// While set (per thread: the one that calls the products), every product of packed codes takes a lone row's
+// arithmetic at any row count — the integer kernel, never the tiles or a prompt-sized float product — so a step's
+// rows give the logits one-row steps give. The runner sets it for steps that score speculative proposals.
+bool row_exact();
+bool set_row_exact(bool on);  // returns the previous setting
 Tensor packed_rows(const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t K, const Tensor& ids);
 std::tuple<Tensor, Tensor, int64_t> pack_blocks(const Tensor& raw, const std::string& type, int64_t N, int64_t K,
                                                 const c10::optional<Tensor>& rows, int64_t out_bits,

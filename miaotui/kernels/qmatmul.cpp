@@ -23,8 +23,8 @@
 //   super-block D of the 16 rows (fp16), then -Dmin, then sc [8 groups][16 rows] and mn (a byte each): 4.63 bits a
 //   weight where fp16 d and m per 32 take 5 (and round D * sc to fp16).
 //
-// From 8 rows on (prefill, batched decode), where the CPU has AMX, the same layout is widened to bf16 instead and
-// multiplied on the tile unit (see "Many rows" below).
+// From 8 rows of bf16 activations on (prefill, batched decode), where the CPU has AMX, the same layout is widened to
+// bf16 instead and multiplied on the tile unit (see "Many rows" below).
 //
 // Each CPU class has its integer kernel for the same layout and the same integer sums: AVX-512 VNNI (`vpdpbusd`:
 // 4 byte products summed per 32-bit lane), AVX2 (4-bit codes: `vpmaddubsw` + `vpmaddwd`, the same sums in two
@@ -42,6 +42,7 @@
 #include <memory>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "dp.h"
@@ -1743,6 +1744,14 @@ BlockType block_type(const std::string& name, int64_t& block_bytes, int64_t& blo
 
 const char* qmatmul_path() { return MIAOTUI_VNNI ? "vnni" : MIAOTUI_AVX2 ? "avx2" : "generic"; }
 
+namespace {
+thread_local bool row_exact_ = false;
+}  // namespace
+
+bool row_exact() { return row_exact_; }
+
+bool set_row_exact(bool on) { return std::exchange(row_exact_, on); }
+
 bool qmatmul_amx() {
 #if MIAOTUI_AMX
   return amx_ready();
@@ -1822,12 +1831,15 @@ Tensor packed_rows(const Tensor& w, const Tensor& dm, int64_t bits, int64_t grou
   return out;
 }
 
-// Whether the tile path takes a product of M rows (AMX builds, on CPUs that grant the tiles).
-inline bool amx_takes(int64_t M) {
+// Whether the tile path takes a product of M rows (AMX builds, on CPUs that grant the tiles): bf16 activations
+// only. Tiles multiply bf16(d q + m) by bf16 rows, so fp32 activations, which ask for fp32's precision, stay on the
+// integer kernel (~15 bits of each activation, the codes exact) as on every other class; at fp32 a batch's or a
+// speculative check's rows are then the one-row step's.
+inline bool amx_takes(int64_t M, const Tensor& x) {
 #if MIAOTUI_AMX
-  return M >= AMX_MIN_ROWS && amx_ready();
+  return M >= AMX_MIN_ROWS && x.scalar_type() == at::kBFloat16 && !row_exact() && amx_ready();
 #else
-  (void)M;
+  (void)M, (void)x;
   return false;
 #endif
 }
@@ -1855,11 +1867,11 @@ Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits
   // `vpmaddubsw` does 32 a cycle where fp32 does 16 (the avx2 build on a Zen 4, `--activation-bits 8`, alternated in
   // one engine: 512-token prompts 1.23x on Qwen2.5-1.5B, 1.10x on SmolLM2, against the fp32 kernel).
   const bool one_term_bytes = MIAOTUI_AVX2 && bits == 4 && act_bits == 8;
-  if (!MIAOTUI_VNNI && !reference && M >= dense_min_rows(bits) && !one_term_bytes)
+  if (!MIAOTUI_VNNI && !reference && M >= dense_min_rows(bits) && !one_term_bytes && !row_exact())
     return dense_qmatmul(x, w, dm, bits, group, N, in_scale, ks);
 #if MIAOTUI_VNNI
   if (act_bits == 16 && !reference && x.scalar_type() == at::kBFloat16 && M >= BF16_MIN_ROWS && bf16_units() &&
-      !amx_takes(M))
+      !row_exact() && !amx_takes(M, x))
     return bf16_qmatmul(x, w, dm, bits, group, N, in_scale, ks);
 #endif
   auto shape = x.sizes().vec();
@@ -1867,7 +1879,7 @@ Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits
   Tensor y = at::empty(shape, x.options());
   auto run = [&](auto* xp, auto* yp) {
 #if MIAOTUI_AMX
-    if (!reference && amx_takes(M)) {
+    if (!reference && amx_takes(M, x)) {
       Tensor xb;
       if (!in_scale.defined()) xb = amx_rows(xp, static_cast<const float*>(nullptr), M, K);
       else if (in_scale.scalar_type() == at::kBFloat16) xb = amx_rows(xp, in_scale.data_ptr<at::BFloat16>(), M, K);

@@ -16,7 +16,7 @@
 using mt::BF16;
 
 Tensor Proj::operator()(const Tensor& x) const {
-  Tensor y = tiles && (!w || x.size(0) >= tile_rows)
+  Tensor y = tiles && (!w || (x.size(0) >= tile_rows && !row_exact()))
                  ? tile_matmul(x, *tiles, n)
                  : qmatmul(x, *w, *dm, bits, group, n, in_scale, false, act_bits);
   return bias ? y.add_(*bias) : y;

@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+from miaotui.kernels import use_cpu_ops
 from miaotui.quant.base import StackWeight
 from miaotui.quant.dense import DenseWeight, OneDNNWeight, TiledWeight
 from miaotui.quant.int4 import Int4Weight
@@ -30,7 +31,8 @@ class HybridWeight:
     copy), so they serve up to SMALL_BATCH_8BIT. With activations in one int8 term (`--activation-bits 8`) the codes'
     products take ~0.65 the time and beat oneDNN's copy at every size (AVX-512 Zen 4, SmolLM2 at 32 / 64 / 512 rows:
     head 3.9 / 7.6 / 69 ms against 5.9 / 10.0 / 80, gate|up 0.24 / 0.48 / 3.3 against 0.33 / 0.60 / 4.2), so there
-    they serve every batch, prefill included."""
+    they serve every batch, prefill included. A step that scores speculative proposals (`kernels.row_exact`)
+    stays on the codes at any size, so its rows give what one-row steps give."""
 
     SMALL_BATCH = 32
     SMALL_BATCH_8BIT = 16
@@ -51,7 +53,8 @@ class HybridWeight:
         return self.SMALL_BATCH_8BIT if isinstance(self.small, Int8Weight) else self.SMALL_BATCH
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return (self.small if x.shape[0] <= self.small_batch else self.dense).matmul(x, bias)
+        small = x.shape[0] <= self.small_batch or ((ops := use_cpu_ops(x)) is not None and ops.row_exact())
+        return (self.small if small else self.dense).matmul(x, bias)
 
     def lookup(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.small.lookup(ids, dtype)

@@ -164,6 +164,23 @@ def test_greedy_outputs_match_on_the_other_models(alias):
     assert sum(o.metrics.accepted_tokens for o in ours) > 0
 
 
+def test_a_request_alone_is_exact_at_the_default_dtype():
+    """At the default dtype (bf16 where the CPU has bf16 units) a check of 9 rows would take the products that
+    prompts take (AMX tiles or a dense copy from 8 rows); a decode step that scores proposals takes a lone row's
+    arithmetic instead, so a request decoding alone gets plain decoding's tokens whatever this CPU's class."""
+    spec = LLM(str(model_path("smollm2-135m")), speculative={"method": "ngram", "num_speculative_tokens": 8},
+               kv_cache_memory=64 * 2**20, max_model_len=1024)
+    spec.engine.speculator.price = StepPrice.fixed(0.05)
+    plain = LLM(str(model_path("smollm2-135m")), kv_cache_memory=64 * 2**20, max_model_len=1024)
+    params = SamplingParams(temperature=0, max_tokens=64, logprobs=1)
+    for prompt in PROMPTS[:3]:
+        ours, theirs = run(spec, params, [prompt])[0], run(plain, params, [prompt])[0]
+        assert ours.token_ids == theirs.token_ids
+        assert [x.logprob for x in ours.logprobs] == [x.logprob for x in theirs.logprobs]  # the same logits
+        if prompt == PROMPTS[0]:  # the copy task: checks of 9 rows
+            assert ours.metrics.accepted_tokens >= 24
+
+
 def test_one_activation_term_keeps_speculation_exact_and_is_refused_where_nothing_uses_it(plain):
     """activation_bits=8 (one int8 term per activation, llama.cpp's rounding) changes the model's numbers — its
     logprobs differ from the default's — and speculative greedy output is still token for token its own plain

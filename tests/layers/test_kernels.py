@@ -208,8 +208,10 @@ def test_qmatmul_matches_the_dequantized_weight(ops, bits, group, m):
 def test_qmatmul_rows_do_not_depend_on_the_batch(ops, layout, dtype):
     """Below prompt sizes a row's product is the same bits whether it goes alone, in a speculative check of a few
     rows or in a batch of 37 (AVX2 takes 4- and 8-bit codes from 8 rows on through its widened int16 kernel, the
-    VNNI kernel passes of 6 tokens): a batch or a check gives the one-row step's logits. AMX widens to bf16 from 8
-    rows on, so there only smaller groups are compared."""
+    VNNI kernel passes of 6 tokens): a batch or a check gives the one-row step's logits. AMX widens bf16 rows to
+    bf16 tiles from 8 rows on, so there only smaller groups of them are compared; its fp32 rows stay exact. Under
+    `set_row_exact` (a step that scores speculative proposals) every row, at any row count, is the lone row's,
+    on every class: no tiles and no prompt-sized float product (100 rows)."""
     if isinstance(layout, str):
         if ops.qmatmul_path == "generic" and layout == "Q6_K":
             pytest.skip("the portable build takes Q6_K as 8-bit codes")
@@ -221,14 +223,20 @@ def test_qmatmul_rows_do_not_depend_on_the_batch(ops, layout, dtype):
         *_, w = random_packed(n, k, bits, group)
         data, sc, group = w.data, w.dm, w.group
     torch.manual_seed(1)
-    x = (torch.randn(37, k) * torch.where(torch.rand(k) < 0.05, 30.0, 1.0)).to(dtype)
+    x = (torch.randn(100, k) * torch.where(torch.rand(k) < 0.05, 30.0, 1.0)).to(dtype)
     s = torch.rand(k) + 0.5
-    y = ops.qmatmul(x, data, sc, bits, group, n, s)
-    for start, size in [(0, 1), (36, 1), (3, 5), (10, 7), (1, 8), (20, 11), (0, 36)]:
-        if ops.amx and size >= 8:
+    alone = torch.cat([ops.qmatmul(x[i:i + 1], data, sc, bits, group, n, s) for i in range(100)])
+    for start, size in [(3, 5), (10, 7), (1, 8), (20, 11), (0, 36), (0, 37)]:
+        if ops.amx and dtype == torch.bfloat16 and size >= 8:
             continue
         part = ops.qmatmul(x[start:start + size], data, sc, bits, group, n, s)
-        assert torch.equal(part, y[start:start + size]), (start, size)
+        assert torch.equal(part, alone[start:start + size]), (start, size)
+    before = ops.set_row_exact(True)
+    try:
+        assert ops.row_exact() and torch.equal(ops.qmatmul(x, data, sc, bits, group, n, s), alone)
+    finally:
+        ops.set_row_exact(before)
+    assert not ops.row_exact()
 
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 32)])
@@ -269,10 +277,13 @@ def test_one_activation_term_keeps_bf16_prompts_on_the_integer_kernel(ops, bits,
     CPU has bf16 units; under one term the integer kernel is faster (Qwen2.5-1.5B at 512 rows: 1.4-1.5x), so a
     prompt's rows stay there and are rounded as a decode row is: each row's result is what it is in a small batch.
     So do AVX2's 4-bit codes (one term: `vpmaddubsw`, twice fp32's products a cycle); its 8-bit codes and the
-    generic class take an fp32 product from 40-96 rows whatever the rounding."""
+    generic class take an fp32 product from 40-96 rows whatever the rounding, and AMX bf16 tiles from 8 rows (5-6x
+    the integer kernel's speed at 96-128 rows)."""
     cls = request.node.callspec.params["ops"]
     if cls == "generic" or (cls == "avx2" and bits == 8):
         pytest.skip("prompts take an fp32 product at either rounding here")
+    if ops.amx:
+        pytest.skip("bf16 prompts take the AMX tiles at either rounding")
     n, k, m = 64, 256, 160
     codes, d, mn, w = random_packed(n, k, bits, 32)
     if w is None:
@@ -287,22 +298,21 @@ def test_one_activation_term_keeps_bf16_prompts_on_the_integer_kernel(ops, bits,
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (8, 96)])
 @pytest.mark.parametrize("m,n,k", [(8, 50, 384), (17, 50, 384), (40, 50, 384), (600, 5700, 768)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_qmatmul_many_rows_is_a_bf16_product(ops, bits, group, m, n, k, dtype):
+def test_qmatmul_many_rows_is_a_bf16_product(ops, bits, group, m, n, k):
     """From 8 rows on, the AMX path widens the weight to bf16 and multiplies bf16 activations with fp32 sums:
     x @ W^T as a dense bf16 weight would give it (rows padded to tiles, outputs not in blocks of 32). On a CPU
     with bf16 units and no tiles, bf16 activations of prefill size take the `vdpbf16ps` product on strips widened
-    in L2: the same product (600 x 5700: rows not in whole passes of 14, a last strip of 4 outputs alone)."""
-    if not ops.amx and not (ops.bf16_gemm and dtype == torch.bfloat16 and m == 600):
+    in L2: the same product (600 x 5700: rows not in whole passes of 14, a last strip of 4 outputs alone). fp32
+    activations stay on the integer kernel at every size (test_qmatmul_matches_the_dequantized_weight)."""
+    if not ops.amx and not (ops.bf16_gemm and m == 600):
         pytest.skip("neither AMX nor bf16 units in this build")
     *_, w = random_packed(n, k, bits, group)
-    x = (torch.randn(m, k) * torch.where(torch.rand(k) < 0.05, 30.0, 1.0)).to(dtype)
+    x = (torch.randn(m, k) * torch.where(torch.rand(k) < 0.05, 30.0, 1.0)).bfloat16()
     s = torch.rand(k) + 0.5
     ref = (x.float() * s).bfloat16().float() @ w.dequantize().bfloat16().float().t()
     y = ops.qmatmul(x, w.data, w.dm, bits, w.group, n, s)
-    assert y.dtype == dtype and y.shape == (m, n)
-    tol = 1e-5 if dtype == torch.float32 else 2**-8
-    assert ((y.float() - ref).abs() <= tol * ref.abs().max()).all()
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    assert ((y.float() - ref).abs() <= 2**-8 * ref.abs().max()).all()
 
 
 KQUANTS = {"Q6_K": (210, 6, 16), "Q4_K": (144, 4, 32)}  # block bytes, bits held, scale group
@@ -376,21 +386,19 @@ def test_kquant_blocks_multiply_as_the_file_holds_them(ops, kind, m):
 
 @pytest.mark.parametrize("kind", KQUANTS)
 @pytest.mark.parametrize("m", [8, 40, 300])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kquant_many_rows_widen_to_bf16(ops, kind, m, dtype):
-    """The file's own K-quant layouts widened to bf16 for the tile unit (from 8 rows) or `vdpbf16ps` (prefill
+def test_kquant_many_rows_widen_to_bf16(ops, kind, m):
+    """The file's own K-quant layouts widened to bf16 for the tile unit (from 8 bf16 rows) or `vdpbf16ps` (prefill
     sizes, CPUs with bf16 units): x @ Wᵀ as the dense bf16 weight gives it."""
-    if ops.qmatmul_path != "vnni" or not (ops.amx or (ops.bf16_gemm and dtype == torch.bfloat16 and m == 300)):
+    if ops.qmatmul_path != "vnni" or not (ops.amx or (ops.bf16_gemm and m == 300)):
         pytest.skip("neither AMX nor bf16 units in this build")
     n, k = (2900 if m == 300 else 50), 768
     raw, values = random_kquant(kind, n, k)
     data, sc, bits, group = pack_kquant(ops, kind, raw, n, k)
-    x = (torch.randn(m, k) * torch.where(torch.rand(k) < 0.05, 30.0, 1.0)).to(dtype)
-    ref = x.bfloat16().float() @ values.bfloat16().float().t()
+    x = (torch.randn(m, k) * torch.where(torch.rand(k) < 0.05, 30.0, 1.0)).bfloat16()
+    ref = x.float() @ values.bfloat16().float().t()
     y = ops.qmatmul(x, data, sc, bits, group, n, None)
-    assert y.dtype == dtype and y.shape == (m, n)
-    tol = 1e-5 if dtype == torch.float32 else 2**-8
-    assert ((y.float() - ref).abs() <= tol * ref.abs().max()).all()
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    assert ((y.float() - ref).abs() <= 2**-8 * ref.abs().max()).all()
 
 
 @pytest.mark.parametrize("tokens,length,keys,hq,hkv,d", [(512, 512, 512, 12, 2, 128), (100, 50, 50, 9, 3, 64),
