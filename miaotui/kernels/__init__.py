@@ -197,7 +197,7 @@ def row_exact(on: bool = True) -> Iterator[None]:
 
 
 def has_amx() -> bool:
-    """Whether the AMX tile unit is there: products of 8 rows or more of a packed weight run on it (bf16, the
+    """Whether the AMX tile unit is there: products of 8 bf16 rows or more of a packed weight run on it (the
     weight widened 16 rows at a time), and every product of a bf16 weight kept in tile order (`TiledWeight`)."""
     ops = cpu_ops()
     return ops is not None and bool(ops.amx)
