@@ -47,10 +47,11 @@ SPECS = [{"method": "ngram", "num_speculative_tokens": 4},
 
 
 def llm(alias: str, speculative=None, **kw) -> LLM:
-    """fp32 on every CPU class, so both sides of a comparison run the same kernels. Speculation is priced as on
-    a machine where rows are cheap, so these tests exercise it whatever this CPU's row cost."""
+    """fp32 unless asked otherwise, on every CPU class, so both sides of a comparison run the same kernels.
+    Speculation is priced as on a machine where rows are cheap, so these tests exercise it whatever this CPU's row
+    cost."""
     model = LLM(str(model_path(alias)), speculative=speculative, kv_cache_memory=kw.pop("kv", 64 * 2**20),
-                dtype="float32", max_model_len=1024, **kw)
+                dtype=kw.pop("dtype", "float32"), max_model_len=1024, **kw)
     if speculative is not None:
         model.engine.speculator.price = StepPrice.fixed(0.05)
     return model
@@ -168,10 +169,8 @@ def test_a_request_alone_is_exact_at_the_default_dtype():
     """At the default dtype (bf16 where the CPU has bf16 units) a check of 9 rows would take the products that
     prompts take (AMX tiles or a dense copy from 8 rows); a decode step that scores proposals takes a lone row's
     arithmetic instead, so a request decoding alone gets plain decoding's tokens whatever this CPU's class."""
-    spec = LLM(str(model_path("smollm2-135m")), speculative={"method": "ngram", "num_speculative_tokens": 8},
-               kv_cache_memory=64 * 2**20, max_model_len=1024)
-    spec.engine.speculator.price = StepPrice.fixed(0.05)
-    plain = LLM(str(model_path("smollm2-135m")), kv_cache_memory=64 * 2**20, max_model_len=1024)
+    spec = llm("smollm2-135m", {"method": "ngram", "num_speculative_tokens": 8}, dtype="auto")
+    plain = llm("smollm2-135m", dtype="auto")
     params = SamplingParams(temperature=0, max_tokens=64, logprobs=1)
     for prompt in PROMPTS[:3]:
         ours, theirs = run(spec, params, [prompt])[0], run(plain, params, [prompt])[0]
