@@ -205,17 +205,21 @@ def has_amx() -> bool:
 
 def describe(activation_bits: int = 16) -> str:
     """The CPU class and the kernel path this process runs, for logs and benchmarks (at 8-bit activations prompts
-    stay on the integer kernel where, at 16, a CPU with bf16 units and no tiles takes its `vdpbf16ps` product;
-    without VNNI prompts are multiplied in fp32: miaotui's FMA kernel on AVX2, except 4-bit codes at 8 bits, and
-    torch's GEMM in the portable build)."""
+    stay on the integer kernel where, at 16, a CPU with bf16 units and no tiles takes its `vdpbf16ps` product and
+    an AVX-512 CPU without them miaotui's fp32 FMA kernel; without VNNI prompts are multiplied in fp32: that kernel
+    on AVX2, except 4-bit codes at 8 bits, and torch's GEMM in the portable build)."""
     ops = cpu_ops()
     if ops is None:
         return f"{isa() if _X86 else 'generic'} CPU, plain torch (miaotui's kernels off); {cpu_model()}"
-    gemm = ops.bf16_gemm and activation_bits == 16
-    extra = (", AMX tiles" if ops.amx else ", bf16 GEMM for prefill" if gemm
-             else ", fp32 FMA for prefill" + (" of 6/8-bit codes" if activation_bits == 8 else "")
-             if ops.qmatmul_path == "avx2"
-             else ", torch's fp32 GEMM for prefill" if ops.qmatmul_path == "generic" else "")
+    path = ops.qmatmul_path
+    if ops.amx:
+        extra = ", AMX tiles"
+    elif path == "vnni" and activation_bits == 16:
+        extra = ", bf16 GEMM for prefill" if ops.bf16_gemm else ", fp32 FMA for prefill"
+    elif path == "avx2":
+        extra = ", fp32 FMA for prefill" + (" of 6/8-bit codes" if activation_bits == 8 else "")
+    else:
+        extra = ", torch's fp32 GEMM for prefill" if path == "generic" else ""
     return f"{isa()} kernels (integer products: {ops.qmatmul_path}{extra}); {cpu_model()}"
 
 

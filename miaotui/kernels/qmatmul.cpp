@@ -29,8 +29,8 @@
 // Each CPU class has its integer kernel for the same layout and the same integer sums: AVX-512 VNNI (`vpdpbusd`:
 // 4 byte products summed per 32-bit lane), AVX2 (4-bit codes: `vpmaddubsw` + `vpmaddwd`, the same sums in two
 // steps; 8-bit and 6-bit codes, and 4-bit ones from 8 rows on: widened to int16 and multiplied by both activation
-// terms at once in `vpmaddwd`), and portable C++ (plain integer loops). Prompt-sized products without VNNI are
-// taken in fp32 (see dense_min_rows).
+// terms at once in `vpmaddwd`), and portable C++ (plain integer loops). Prompt-sized products without VNNI, and on
+// AVX-512 CPUs without BF16 units, are taken in fp32 (see dense_min_rows).
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -440,7 +440,7 @@ inline void qgemm_block(const uint8_t* w, const at::Half* dm, const int8_t* xq, 
 }
 #endif
 
-#if MIAOTUI_AVX2
+#if MIAOTUI_AVX2 || MIAOTUI_VNNI
 // 8 rows' fp16 values stored at p, as floats.
 inline __m256 halves8(const void* p) { return _mm256_cvtph_ps(_mm_loadu_si128(static_cast<const __m128i*>(p))); }
 
@@ -460,6 +460,9 @@ inline void group_scales8(const at::Half* dm, int64_t g, int h, __m256& dv, __m2
     mv = halves8(dm + g * 32 + 16 + 8 * h);
   }
 }
+#endif
+
+#if MIAOTUI_AVX2
 
 // One block of 16 output rows for MT tokens on AVX2, each 64-byte line as two halves of 8 rows x 4 bytes: `vpmaddubsw`
 // multiplies unsigned codes by signed activation bytes and sums pairs to int16, `vpmaddwd` by ones sums pairs of those
@@ -598,7 +601,7 @@ inline void qgemm_block8(const uint8_t* w, const at::Half* dm, const int16_t* xa
 }
 #endif
 
-#if MIAOTUI_AVX2
+#if MIAOTUI_AVX2 || MIAOTUI_VNNI
 // Half h (rows 8h..8h+7) of the 6-bit layout's three lines at w as four planes of codes 0..63: plane p's byte 4r+j
 // is input 4p+j of row r, as unpack6's lines (shifts and masks; 16-bit shifts, each byte then masked).
 inline void unpack6_half(const uint8_t* w, int h, __m256i v[4]) {
@@ -613,6 +616,9 @@ inline void unpack6_half(const uint8_t* w, int h, __m256i v[4]) {
   v[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
                          _mm256_and_si256(_mm256_srli_epi16(hi, 2), high2));
 }
+#endif
+
+#if MIAOTUI_AVX2
 
 // 6-bit codes on AVX2, MT tokens: per 16 inputs and half of the block (8 rows), the three lines' 32 bytes become
 // four planes (unpack6_half) and each plane is widened to int16 by interleaving with zero, which puts rows
@@ -953,7 +959,33 @@ inline void row6(const uint8_t* wb, const uint8_t* sb, int64_t K, int r, float* 
 // nothing to gain there; AVX2 builds multiply in their own kernel (fgemm_rows, below), the portable build
 // dequantizes a chunk of rows for torch's GEMM. Where it pays (measured against the integer block kernels, when
 // torch's GEMM took these): from 96 rows for 4-bit codes, from 40 for 8-bit ones.
-inline int64_t dense_min_rows(int64_t bits) { return bits == 4 ? 96 : 40; }
+// The AVX-512 build takes them in fp32 too where the CPU has no BF16 units (Intel's AVX-512 cores before Sapphire
+// Rapids; a server core's two FMA ports do 32 fp32 multiply-adds a cycle, and the integer kernel's two activation
+// terms cost it twice the `vpdpbusd` work plus the terms' quantizing and rescaling). Against the integer kernel on an
+// Ice Lake Xeon (family 6 model 106, 2 cores, the two in turn on the models' own weights, medians of 7):
+// Qwen2.5-Coder-1.5B's products at 512 rows 1.15-1.40x, at 48-64 rows 1.1-1.4x, level at 32 (6-bit codes
+// 1.13-1.19x), 0.84-0.87x at 16 (6-bit level); SmolLM2-135M's 4-bit ones 1.1-1.2x at 48, level at 24-32. With one
+// activation term (`--activation-bits 8`) the integers stay ahead (0.7-1.0x at 48-512 rows), as do CPUs with the
+// BF16 units, whose bf16 activations take bf16_qmatmul and whose fp32 ones (not the default there, not measured
+// against this kernel) the integers.
+// (6-bit codes from 48 too: from 32 they would be 1.13-1.19x faster, but then a batch of 32-47 rows would no longer
+// give each row what it gives alone, as every smaller batch does on every class.)
+inline int64_t dense_min_rows(int64_t bits) {
+  if (MIAOTUI_VNNI) return 48;
+  return bits == 4 ? 96 : 40;
+}
+// Whether prefill-sized products go to fp32 on this build and CPU (see above). AVX2's 4-bit codes under one
+// activation term stay on integers: `vpmaddubsw` does 32 products a cycle where fp32 does 16 (the avx2 build on a Zen
+// 4, `--activation-bits 8`, alternated in one engine: 512-token prompts 1.23x on Qwen2.5-1.5B, 1.10x on SmolLM2).
+inline bool fp32_prompts(int64_t bits, int64_t act_bits) {
+#if MIAOTUI_VNNI
+  return act_bits == 16 && !dp::bf16_units();
+#elif MIAOTUI_AVX2
+  return !(bits == 4 && act_bits == 8);
+#else
+  return true;
+#endif
+}
 constexpr int64_t DENSE_CHUNK_ELEMS = 1 << 22;  // rows per chunk: 16 MB of fp32 weights
 
 // One row's 4 bytes of a 64-byte line as floats d * q + m: 8 values (4-bit: inputs 0-3 in the low nibbles, 4-7 in
@@ -1010,14 +1042,16 @@ void dequantize_rows(const uint8_t* w, const at::Half* dm, int64_t K, int64_t gr
   });
 }
 
-#if MIAOTUI_AVX2
-// Prefill-sized products on AVX2 (dense_qmatmul) in fp32 FMA. Each thread widens a chunk of FKC inputs of FG row
-// blocks to fp32, input-major (16 outputs of an input side by side, in L1/L2), and every activation row passes over
-// it 5 at a time: 10 sums, two weight vectors and a broadcast (at 6, 15 registers, GCC spilled two sums inside the
-// loop: 0.5x). Against torch's fp32 GEMM over a dequantized chunk of rows in memory, which this replaced (the avx2
-// build on a Zen 4, the two alternated in one process): SmolLM2-135M's products at 96-512 rows 1.1-1.4x, a 512-token
-// prompt 1.21x (542 -> 655 tok/s); Qwen2.5-Coder-1.5B's 512-token prompt 1.11x (58 -> 65 tok/s), ~85% of the
-// 16-a-cycle peak. The values are the same d * q + m (D s (q - 32) for 6-bit codes).
+#if MIAOTUI_AVX2 || MIAOTUI_VNNI
+// Prefill-sized products on AVX2, and on AVX-512 without BF16 units (dense_qmatmul), in fp32 FMA. Each thread widens
+// a chunk of FKC inputs of FG row blocks to fp32, input-major (16 outputs of an input side by side, in L1/L2), and
+// every activation row passes over it 5 at a time on AVX2: 10 sums, two weight vectors and a broadcast (at 6, 15
+// registers, GCC spilled two sums inside the loop: 0.5x); 6 at a time against all 4 blocks on AVX-512 (ftile16).
+// Against torch's fp32 GEMM over a dequantized chunk of rows in memory, which this replaced (the avx2 build on a Zen
+// 4, the two alternated in one process): SmolLM2-135M's products at 96-512 rows 1.1-1.4x, a 512-token prompt 1.21x
+// (542 -> 655 tok/s); Qwen2.5-Coder-1.5B's 512-token prompt 1.11x (58 -> 65 tok/s), ~85% of the 16-a-cycle peak. On
+// an Ice Lake's AVX-512 the same shapes reach 190-260 GFLOP/s on 2 cores, torch's fp32 GEMM on dense weights 200-300.
+// The values are the same d * q + m (D s (q - 32) for 6-bit codes).
 constexpr int64_t FKC = 256;  // inputs a chunk: a row block's 16 KB, in L1
 constexpr int64_t FG = 4;  // row blocks a chunk: each activation row's chunk is read once for 64 outputs
 
@@ -1075,8 +1109,33 @@ void widen_f32(const uint8_t* w, const at::Half* dm, int64_t K, int64_t group, i
   }
 }
 
+#if MIAOTUI_VNNI
+// The AVX-512 build's tile (Intel cores without BF16 units, see fp32_prompts): a row block's 16 outputs are one
+// vector, so MT activation rows meet all NB widened blocks of a chunk (wt: NB chunks [kc][16], kc * 16 floats
+// apart) — MT x NB sums, NB weight vectors and a broadcast, 29 of the 32 registers at 6 x 4. Block i's outputs go
+// to yb[i] (row stride ld[i]; set on the first chunk).
+constexpr int FT = 6;  // activation rows a pass
+template <int MT, int NB>
+inline void ftile16(const float* x, int64_t ldx, const float* wt, int64_t kc, float* const* yb, const int64_t* ld,
+                    bool first) {
+  __m512 acc[MT][NB];
+  for (int t = 0; t < MT; ++t)
+    for (int i = 0; i < NB; ++i) acc[t][i] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(yb[i] + t * ld[i]);
+  for (int64_t k = 0; k < kc; ++k) {
+    __m512 w[NB];
+    for (int i = 0; i < NB; ++i) w[i] = _mm512_load_ps(wt + (i * kc + k) * 16);
+    for (int t = 0; t < MT; ++t) {
+      const __m512 xb = _mm512_set1_ps(x[t * ldx + k]);
+      for (int i = 0; i < NB; ++i) acc[t][i] = _mm512_fmadd_ps(w[i], xb, acc[t][i]);
+    }
+  }
+  for (int t = 0; t < MT; ++t)
+    for (int i = 0; i < NB; ++i) _mm512_storeu_ps(yb[i] + t * ld[i], acc[t][i]);
+}
+#else
 // MT activation rows (x, row stride ldx) times a widened chunk wt [kc][16], added to y's 16 outputs (row stride
 // ldy; set on the first chunk). No masks here: two more live registers made GCC spill sums inside the loop.
+constexpr int FT = 5;  // activation rows a pass
 template <int MT>
 inline void ftile(const float* x, int64_t ldx, const float* wt, int64_t kc, float* y, int64_t ldy, bool first) {
   __m256 acc[MT][2];
@@ -1093,6 +1152,7 @@ inline void ftile(const float* x, int64_t ldx, const float* wt, int64_t kc, floa
   for (int t = 0; t < MT; ++t)
     for (int h = 0; h < 2; ++h) _mm256_storeu_ps(y + t * ldy + 8 * h, acc[t][h]);
 }
+#endif
 
 // y [M, N] = x [M, K] @ W^T in fp32, row blocks rb_begin .. rb_end of W. A last row block short of 16 outputs sums
 // into a tile of its own first.
@@ -1111,13 +1171,32 @@ void fgemm_rows(const uint8_t* w, const at::Half* dm, const float* x, int64_t M,
       for (int64_t i = 0; i < nblk; ++i)
         widen_f32<Bits, KS>(w + (rb0 + i) * line_bytes, dm + (rb0 + i) * halves, K, group, k0, kc,
                             wt + i * kc * 16);
-      token_passes<5>(M, [&](int64_t m, auto tokens) {
+      token_passes<FT>(M, [&](int64_t m, auto tokens) {
+        constexpr int MT = decltype(tokens)::value;
+#if MIAOTUI_VNNI
+        float* yb[FG];
+        int64_t ld[FG];
         for (int64_t i = 0; i < nblk; ++i) {
           const int64_t n0 = (rb0 + i) * 16;
           const bool own = n0 + 16 > N;
-          ftile<decltype(tokens)::value>(x + m * K + k0, K, wt + i * kc * 16, kc,
-                                         own ? tail.data() + m * 16 : y + m * N + n0, own ? 16 : N, k0 == 0);
+          yb[i] = own ? tail.data() + m * 16 : y + m * N + n0;
+          ld[i] = own ? 16 : N;
         }
+        const float* xm = x + m * K + k0;
+        switch (nblk) {
+          case 1: ftile16<MT, 1>(xm, K, wt, kc, yb, ld, k0 == 0); break;
+          case 2: ftile16<MT, 2>(xm, K, wt, kc, yb, ld, k0 == 0); break;
+          case 3: ftile16<MT, 3>(xm, K, wt, kc, yb, ld, k0 == 0); break;
+          default: ftile16<MT, 4>(xm, K, wt, kc, yb, ld, k0 == 0); break;
+        }
+#else
+        for (int64_t i = 0; i < nblk; ++i) {
+          const int64_t n0 = (rb0 + i) * 16;
+          const bool own = n0 + 16 > N;
+          ftile<MT>(x + m * K + k0, K, wt + i * kc * 16, kc, own ? tail.data() + m * 16 : y + m * N + n0,
+                    own ? 16 : N, k0 == 0);
+        }
+#endif
       });
     }
   }
@@ -1134,7 +1213,7 @@ Tensor dense_qmatmul(const Tensor& x, const Tensor& w, const Tensor& dm, int64_t
   Tensor xf = x.reshape({M, K}).to(at::kFloat);
   if (in_scale.defined()) xf = xf.mul(in_scale.to(at::kFloat));
   Tensor y = at::empty({M, N}, xf.options());
-#if MIAOTUI_AVX2
+#if MIAOTUI_AVX2 || MIAOTUI_VNNI
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const at::Half* dp = scales_of(dm);
   const float* xp = xf.data_ptr<float>();
@@ -1760,6 +1839,10 @@ bool qmatmul_amx() {
 #endif
 }
 
+int64_t qmatmul_fp32_rows(int64_t bits, int64_t act_bits) {
+  return fp32_prompts(bits, act_bits) ? dense_min_rows(bits) : 0;
+}
+
 bool qmatmul_bf16_gemm() {
 #if MIAOTUI_VNNI
   return bf16_units() && !qmatmul_amx();
@@ -1863,11 +1946,7 @@ Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits
       in_scale = in_scale.to(at::kFloat);
     TORCH_CHECK(in_scale.numel() == K, "qmatmul: in_scale must have K elements");
   }
-  // VNNI's 64 products an instruction keep the integers; so do AVX2's 4-bit codes under one activation term, whose
-  // `vpmaddubsw` does 32 a cycle where fp32 does 16 (the avx2 build on a Zen 4, `--activation-bits 8`, alternated in
-  // one engine: 512-token prompts 1.23x on Qwen2.5-1.5B, 1.10x on SmolLM2, against the fp32 kernel).
-  const bool one_term_bytes = MIAOTUI_AVX2 && bits == 4 && act_bits == 8;
-  if (!MIAOTUI_VNNI && !reference && M >= dense_min_rows(bits) && !one_term_bytes && !row_exact())
+  if (fp32_prompts(bits, act_bits) && !reference && M >= dense_min_rows(bits) && !row_exact())
     return dense_qmatmul(x, w, dm, bits, group, N, in_scale, ks);
 #if MIAOTUI_VNNI
   if (act_bits == 16 && !reference && x.scalar_type() == at::kBFloat16 && M >= BF16_MIN_ROWS && bf16_units() &&
