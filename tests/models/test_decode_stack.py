@@ -25,6 +25,9 @@ def _generate(llm: LLM, fused: bool, monkeypatch, prompts: list[str] = PROMPTS) 
         return stack
 
     monkeypatch.setattr(ModelRunner, "_decode_stack", spy)
+    # Each run computes its prompts whole: a prefix cached by the other would spare this one rows of its prompt
+    # step, and a step's row count picks its products (fp32 from 48 rows where AVX-512 has no bf16 units).
+    llm.engine.kv.reset_prefix_cache()
     outs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=3),
                         use_tqdm=False)
     return [(o.token_ids, [(lp.logprob, lp.top) for lp in o.logprobs]) for o in outs], used[0]
