@@ -1173,8 +1173,7 @@ void fgemm_rows(const uint8_t* w, const at::Half* dm, const float* x, int64_t M,
                             wt + i * kc * 16);
       token_passes<FT>(M, [&](int64_t m, auto tokens) {
         constexpr int MT = decltype(tokens)::value;
-#if MIAOTUI_VNNI
-        float* yb[FG];
+        float* yb[FG];  // each block's outputs for these rows, and their row stride
         int64_t ld[FG];
         for (int64_t i = 0; i < nblk; ++i) {
           const int64_t n0 = (rb0 + i) * 16;
@@ -1183,6 +1182,7 @@ void fgemm_rows(const uint8_t* w, const at::Half* dm, const float* x, int64_t M,
           ld[i] = own ? 16 : N;
         }
         const float* xm = x + m * K + k0;
+#if MIAOTUI_VNNI
         switch (nblk) {
           case 1: ftile16<MT, 1>(xm, K, wt, kc, yb, ld, k0 == 0); break;
           case 2: ftile16<MT, 2>(xm, K, wt, kc, yb, ld, k0 == 0); break;
@@ -1190,12 +1190,7 @@ void fgemm_rows(const uint8_t* w, const at::Half* dm, const float* x, int64_t M,
           default: ftile16<MT, 4>(xm, K, wt, kc, yb, ld, k0 == 0); break;
         }
 #else
-        for (int64_t i = 0; i < nblk; ++i) {
-          const int64_t n0 = (rb0 + i) * 16;
-          const bool own = n0 + 16 > N;
-          ftile<MT>(x + m * K + k0, K, wt + i * kc * 16, kc, own ? tail.data() + m * 16 : y + m * N + n0,
-                    own ? 16 : N, k0 == 0);
-        }
+        for (int64_t i = 0; i < nblk; ++i) ftile<MT>(xm, K, wt + i * kc * 16, kc, yb[i], ld[i], k0 == 0);
 #endif
       });
     }
