@@ -211,15 +211,15 @@ def describe(activation_bits: int = 16) -> str:
     ops = cpu_ops()
     if ops is None:
         return f"{isa() if _X86 else 'generic'} CPU, plain torch (miaotui's kernels off); {cpu_model()}"
-    path = ops.qmatmul_path
     if ops.amx:
         extra = ", AMX tiles"
-    elif path == "vnni" and activation_bits == 16:
-        extra = ", bf16 GEMM for prefill" if ops.bf16_gemm else ", fp32 FMA for prefill"
-    elif path == "avx2":
-        extra = ", fp32 FMA for prefill" + (" of 6/8-bit codes" if activation_bits == 8 else "")
+    elif ops.bf16_gemm and activation_bits == 16:
+        extra = ", bf16 GEMM for prefill"
+    elif ops.fp32_rows(8, activation_bits):  # the build's own rule, asked for 8-bit codes and for 4-bit ones
+        how = "torch's fp32 GEMM" if ops.qmatmul_path == "generic" else "fp32 FMA"
+        extra = f", {how} for prefill" + ("" if ops.fp32_rows(4, activation_bits) else " of 6/8-bit codes")
     else:
-        extra = ", torch's fp32 GEMM for prefill" if path == "generic" else ""
+        extra = ""
     return f"{isa()} kernels (integer products: {ops.qmatmul_path}{extra}); {cpu_model()}"
 
 
