@@ -205,12 +205,16 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from miaotui.loader.sources import cached_models, home
+    from miaotui.quant import pack_cache
 
     models = cached_models()
     if not models:
         print(f"no models in {home() / 'models'}; `miaotui pull {DEFAULT_MODEL}` fetches the default")
     for name, path, size in models:
         print(f"{name:<24} {size / 1e6:>9.1f} MB  {path}")
+    if kept := pack_cache.usage():
+        print(f"\npacked weights kept for faster loads: {kept / 1e6:.1f} MB in {pack_cache.root()} (delete it to free "
+              "the space; MIAOTUI_PACK_CACHE=0 keeps none)")
     print("\navailable aliases: " + ", ".join(f"{a.name} ({a.description})" for a in ALIASES.values()))
     return 0
 

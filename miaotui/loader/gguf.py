@@ -162,7 +162,8 @@ def iter_weights(f: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[str, FileTenso
         def blocks(info=info):
             with warnings.catch_warnings():  # the memory map is read-only; the packer only reads it
                 warnings.simplefilter("ignore", UserWarning)
-                return [RawBlocks(torch.from_numpy(f.raw(info.name)), info.qtype.name, info.shape[0])]
+                return [RawBlocks(torch.from_numpy(f.raw(info.name)), info.qtype.name, info.shape[0],
+                                  source=(f.path, info.name))]
 
         coded = name.endswith(_CODED)
         t = FileTensor(info.shape, _BITS.get(info.qtype.name[:2], 16), values, codes if coded else None,

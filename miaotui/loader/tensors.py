@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -40,12 +41,14 @@ class BlockCodes:
 @dataclass(frozen=True, slots=True)
 class RawBlocks:
     """A tensor's bytes as the file stores them (GGUF block type `type`, e.g. "Q4_K"), for a packer that reads
-    them directly; output row r is file row rows[r] where the rows were rearranged."""
+    them directly; output row r is file row rows[r] where the rows were rearranged. `source` (the file and the
+    tensor's name in it) lets the packed form be kept on disk for later loads (quant/pack_cache.py)."""
 
     data: torch.Tensor  # uint8, the file's bytes (a view of the memory map)
     type: str
     num_rows: int
     rows: torch.Tensor | None = None
+    source: tuple[Path, str] | None = None
 
 
 class FileTensor:
@@ -84,7 +87,7 @@ class FileTensor:
         def rearranged() -> list[RawBlocks]:
             (b,) = blocks()
             rows = torch.arange(self.shape[0]) if b.rows is None else b.rows
-            return [RawBlocks(b.data, b.type, self.shape[0], fn(rows[:, None]).reshape(-1))]
+            return [RawBlocks(b.data, b.type, self.shape[0], fn(rows[:, None]).reshape(-1), b.source)]
 
         return FileTensor(self.shape, self.bits, lambda: fn(self._values()),
                           None if codes is None else lambda: _map(codes(), fn), None if blocks is None else rearranged)

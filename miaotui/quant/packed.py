@@ -19,6 +19,7 @@ import torch
 
 from miaotui.kernels import cpu_ops, has_packed, pages
 from miaotui.loader.tensors import RawBlocks
+from miaotui.quant import pack_cache
 
 BLOCK_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 8, "Q5_1": 8, "Q8_0": 8, "Q6_K": 8}  # what the packer reads
 
@@ -69,7 +70,8 @@ class PackedWeight:
         packer with no float detour: 4-bit types as 4-bit codes, 5- to 8-bit types (and a mix) as 8-bit codes; Q4_K
         alone with its own scales; where `six_bit_codes()`, Q6_K alone as 6-bit codes (else requantized to 8 bits per
         group of 32). `min_bits`: codes of fewer bits go to 8. None where the packer cannot (no kernels, another
-        block type, parts not in whole blocks of 16 rows)."""
+        block type, parts not in whole blocks of 16 rows). A large file's packed matrices are kept on disk and read
+        back on its later loads (quant/pack_cache.py)."""
         ops = cpu_ops()
         if ops is None or not parts or k % 32 or any(p.type not in BLOCK_BITS for p in parts):
             return None
@@ -82,6 +84,10 @@ class PackedWeight:
         kscales = k % 256 == 0 and bits == 4 and all(p.type == "Q4_K" for p in parts)
         n = sum(p.num_rows for p in parts)
         blocks = -(-n // 16)
+        kept = pack_cache.entry(parts, k, min_bits)
+        hit = kept.read() if kept is not None else None
+        if hit is not None and hit["bits"] == bits and hit["data"].shape == (blocks, k * bits // 32, 16, 4):
+            return cls(hit["data"], hit["dm"], bits, hit["group"], (n, k))
         data = pages.empty(blocks, k * bits // 32, 16, 4, dtype=torch.uint8)
         if six or kscales:  # per super-block of 256 inputs, 16 rows' fp16 D (and -Dmin), then their byte scales
             dm = pages.empty(blocks, k // 256, 288 if six else 320, dtype=torch.uint8)
@@ -93,6 +99,8 @@ class PackedWeight:
             ops.pack_blocks(p.data, p.type, p.num_rows, k, p.rows, bits, data[start:start + size],
                             dm[start:start + size], kscales=kscales)
             start += size
+        if kept is not None:
+            kept.write(data, dm, bits, 16 if six else 32)
         return cls(data, dm, bits, 16 if six else 32, (n, k))
 
     def matmul(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
