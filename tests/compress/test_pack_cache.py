@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -120,3 +122,11 @@ def test_off_or_unwritable_the_load_goes_on(cache, smollm2_path, monkeypatch, tm
     with caplog.at_level(logging.WARNING):
         assert same(pack_all(smollm2_path), first)
     assert caplog.text.count("cannot keep packed weights") == 1
+
+
+def test_miaotui_list_shows_the_space_it_takes(cache, smollm2_path):
+    pack_all(smollm2_path)
+    r = subprocess.run([sys.executable, "-m", "miaotui.cli", "list"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "MIAOTUI_HOME": str(cache.parent)}, check=False)
+    assert r.returncode == 0, r.stderr
+    assert f"packed weights kept for faster loads: {pack_cache.usage() / 1e6:.1f} MB in {cache}" in r.stdout
