@@ -313,7 +313,7 @@ inline void softmax(float* s, int64_t n) {
 constexpr int64_t SPAN = 256;
 
 template <int V, typename T, typename C>
-void paged_attention_impl(const T* q, T* out, const C* kc, const C* vc, const T* ks, const T* vs,
+void paged_attention_impl(const T* q, int64_t q_stride, T* out, const C* kc, const C* vc, const T* ks, const T* vs,
                           const int64_t* tables, int64_t table_width, const int64_t* lens, int64_t B, int64_t Hq,
                           int64_t Hkv, int64_t D, int64_t BS, float scale, int64_t window) {
   const int64_t group = Hq / Hkv, units = B * Hkv;
@@ -357,16 +357,17 @@ void paged_attention_impl(const T* q, T* out, const C* kc, const C* vc, const T*
         qf.resize(group * D);
         acc.resize(group * D);
         const int64_t head0 = b * Hq + kvh * group;
+        const T* qg = q + b * q_stride + kvh * group * D;  // the group's query heads (a row may be strided)
         bool bf16_units = false;  // a bf16 query and cache on AVX-512 BF16: both products on `vdpbf16ps`
 #if MIAOTUI_VEC_AVX512 && defined(__GNUC__)
         constexpr bool bf16_rows = std::is_same_v<T, BF16> && std::is_same_v<C, BF16> && V % 2 == 0;
         if constexpr (bf16_rows) {
           bf16_units = bf16_dot();
-          if (bf16_units) grouped_scores_bf16<V>(q + head0 * D, group, scale, kc, rows.data(), n, scores.data());
+          if (bf16_units) grouped_scores_bf16<V>(qg, group, scale, kc, rows.data(), n, scores.data());
         }
 #endif
         if (!bf16_units) {
-          for (int64_t j = 0; j < group * D; j += W) mt::store(&qf[j], mt::load(q + head0 * D + j) * mt::set1(scale));
+          for (int64_t j = 0; j < group * D; j += W) mt::store(&qf[j], mt::load(qg + j) * mt::set1(scale));
           grouped_scores<V>(qf.data(), group, kc, rows.data(), n, scores.data());
         }
         for (int64_t g = 0; g < group; ++g) {
@@ -401,7 +402,7 @@ void paged_attention_impl(const T* q, T* out, const C* kc, const C* vc, const T*
       p.resize(n);
       for (int64_t g = 0; g < group; ++g) {
         const int64_t head = b * Hq + kvh * group + g;
-        for (int64_t j = 0; j < D; ++j) qf[j] = mt::to_f(q[head * D + j]) * scale;
+        for (int64_t j = 0; j < D; ++j) qf[j] = mt::to_f(q[b * q_stride + (kvh * group + g) * D + j]) * scale;
         for (int64_t i = 0; i < n; ++i)
           scores[i] = dot_head(qf.data(), kc + rows[i] * D, D) * (ks ? mt::to_f(ks[rows[i]]) : 1.f);
         softmax(scores.data(), n);
@@ -437,15 +438,23 @@ void paged_attention_impl(const T* q, T* out, const C* kc, const C* vc, const T*
 
 Tensor rms_norm(const Tensor& x_, const Tensor& w, double eps) {
   Tensor x = x_.contiguous();
-  check_cpu(w, "weight");
-  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "rms_norm: x and weight dtypes differ");
-  const int64_t d = x.size(-1);
   Tensor y = at::empty_like(x);
+  rms_norm_out(x, w, eps, y);
+  return y;
+}
+
+void rms_norm_out(const Tensor& x, const Tensor& w, double eps, Tensor& y) {
+  check_cpu(x, "x");
+  check_cpu(w, "weight");
+  check_cpu(y, "out");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type() && y.scalar_type() == x.scalar_type(),
+              "rms_norm: x, weight and out dtypes differ");
+  const int64_t d = x.size(-1);
+  TORCH_CHECK(w.numel() == d && y.numel() == x.numel(), "rms_norm: shapes do not match");
   DISPATCH_FLOAT(x.scalar_type(), "rms_norm", [&] {
     rms_norm_impl<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), x.numel() / d,
                             d, static_cast<float>(eps));
   });
-  return y;
 }
 
 Tensor gated_act(const Tensor& x_, bool gelu) {
@@ -461,35 +470,56 @@ Tensor gated_act(const Tensor& x_, bool gelu) {
   return y;
 }
 
-void rope_(Tensor& x, const Tensor& positions, const Tensor& cos, const Tensor& sin) {
-  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "rope: x must be [T, H, D] with contiguous heads");
+namespace {
+
+void rope_of(Tensor& x, int64_t t_stride, int64_t h_stride, int64_t T_, int64_t H, int64_t D,
+             const Tensor& positions, const Tensor& cos, const Tensor& sin) {
   check_cpu(positions, "positions");
   check_cpu(cos, "cos");
   check_cpu(sin, "sin");
   TORCH_CHECK(positions.scalar_type() == at::kLong && cos.scalar_type() == at::kFloat, "rope: dtypes");
-  TORCH_CHECK(cos.dim() == 2 && cos.size(1) == x.size(2) && sin.sizes() == cos.sizes(), "rope: table shapes");
+  TORCH_CHECK(cos.dim() == 2 && cos.size(1) == D && sin.sizes() == cos.sizes(), "rope: table shapes");
+  TORCH_CHECK(positions.numel() == T_, "rope: one position a row");
   const int64_t* pos = positions.data_ptr<int64_t>();
-  for (int64_t t = 0; t < positions.numel(); ++t)
+  for (int64_t t = 0; t < T_; ++t)
     TORCH_CHECK(pos[t] >= 0 && pos[t] < cos.size(0), "rope: position ", pos[t], " is beyond the angle table");
   DISPATCH_FLOAT(x.scalar_type(), "rope", [&] {
-    rope_impl<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), pos, cos.data_ptr<float>(),
-                        sin.data_ptr<float>(), x.size(0), x.size(1), x.size(2));
+    rope_impl<scalar_t>(x.data_ptr<scalar_t>(), t_stride, h_stride, pos, cos.data_ptr<float>(), sin.data_ptr<float>(),
+                        T_, H, D);
   });
 }
 
-Tensor paged_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                       const c10::optional<Tensor>& k_scale, const c10::optional<Tensor>& v_scale,
-                       const Tensor& block_tables, const Tensor& context_lens, double scale, int64_t window) {
-  check_cpu(q, "q");
+}  // namespace
+
+void rope_(Tensor& x, const Tensor& positions, const Tensor& cos, const Tensor& sin) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "rope: x must be [T, H, D] with contiguous heads");
+  rope_of(x, x.stride(0), x.stride(1), x.size(0), x.size(1), x.size(2), positions, cos, sin);
+}
+
+void rope_rows_(Tensor& rows, int64_t heads, int64_t D, const Tensor& positions, const Tensor& cos,
+                const Tensor& sin) {
+  TORCH_CHECK(rows.device().is_cpu() && rows.dim() == 2 && rows.stride(1) == 1 && rows.size(1) >= heads * D,
+              "rope: rows of at least heads x D values");
+  rope_of(rows, rows.stride(0), D, rows.size(0), heads, D, positions, cos, sin);
+}
+
+namespace {
+
+// q: row b's query heads start at q[b * q_stride], Hq heads of D contiguous values; the output [B, Hq, D], or
+// [B, Hq * D] where `flat`.
+Tensor attention_of(const Tensor& q, int64_t q_stride, int64_t B, int64_t Hq, bool flat, const Tensor& k_cache,
+                    const Tensor& v_cache, const c10::optional<Tensor>& k_scale, const c10::optional<Tensor>& v_scale,
+                    const Tensor& block_tables, const Tensor& context_lens, double scale, int64_t window) {
   check_cpu(k_cache, "k_cache");
   check_cpu(v_cache, "v_cache");
   check_cpu(block_tables, "block_tables");
   check_cpu(context_lens, "context_lens");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
               "paged_attention: block tables and lengths must be int64");
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), BS = k_cache.size(1), Hkv = k_cache.size(2);
-  TORCH_CHECK(Hq % Hkv == 0 && k_cache.size(3) == D, "paged_attention: shapes do not match");
-  Tensor out = at::empty_like(q);
+  const int64_t D = k_cache.size(3), BS = k_cache.size(1), Hkv = k_cache.size(2);
+  TORCH_CHECK(Hq % Hkv == 0, "paged_attention: shapes do not match");
+  TORCH_CHECK(block_tables.size(0) >= B && context_lens.numel() >= B, "paged_attention: a table and length a row");
+  Tensor out = flat ? at::empty({B, Hq * D}, q.options()) : at::empty({B, Hq, D}, q.options());
   const bool int8 = k_cache.scalar_type() == at::kChar;
   TORCH_CHECK(int8 == k_scale.has_value(), "paged_attention: an int8 cache needs its scales");
   DISPATCH_FLOAT(q.scalar_type(), "paged_attention", [&] {
@@ -502,14 +532,35 @@ Tensor paged_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_c
                 : D == 16 * W ? paged_attention_impl<16, scalar_t, C>
                 : D == 32 * W ? paged_attention_impl<32, scalar_t, C>
                               : paged_attention_impl<0, scalar_t, C>;
-      impl(q.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), kc, vc, ks, vs, block_tables.data_ptr<int64_t>(),
-           block_tables.size(1), context_lens.data_ptr<int64_t>(), B, Hq, Hkv, D, BS, static_cast<float>(scale),
-           window);
+      impl(q.data_ptr<scalar_t>(), q_stride, out.data_ptr<scalar_t>(), kc, vc, ks, vs,
+           block_tables.data_ptr<int64_t>(), block_tables.size(1), context_lens.data_ptr<int64_t>(), B, Hq, Hkv, D,
+           BS, static_cast<float>(scale), window);
     };
     if (int8) run(k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>());
     else run(k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>());
   });
   return out;
+}
+
+}  // namespace
+
+Tensor paged_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                       const c10::optional<Tensor>& k_scale, const c10::optional<Tensor>& v_scale,
+                       const Tensor& block_tables, const Tensor& context_lens, double scale, int64_t window) {
+  check_cpu(q, "q");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && k_cache.size(3) == q.size(2),
+              "paged_attention: shapes do not match");
+  return attention_of(q, q.size(1) * q.size(2), q.size(0), q.size(1), false, k_cache, v_cache, k_scale, v_scale,
+                      block_tables, context_lens, scale, window);
+}
+
+Tensor paged_attention_rows(const Tensor& rows, int64_t heads, const Tensor& k_cache, const Tensor& v_cache,
+                            const c10::optional<Tensor>& k_scale, const c10::optional<Tensor>& v_scale,
+                            const Tensor& block_tables, const Tensor& context_lens, double scale, int64_t window) {
+  TORCH_CHECK(rows.device().is_cpu() && rows.dim() == 2 && rows.stride(1) == 1 && k_cache.dim() == 4 &&
+              rows.size(1) >= heads * k_cache.size(3), "paged_attention: rows of at least heads x D values");
+  return attention_of(rows, rows.stride(0), rows.size(0), heads, true, k_cache, v_cache, k_scale, v_scale, block_tables,
+                      context_lens, scale, window);
 }
 
 // The index of each row's maximum (the first one, as torch.argmax; NaNs are never chosen): torch's CPU argmax walks

@@ -12,11 +12,20 @@ using at::Tensor;
 
 // ops.cpp
 Tensor rms_norm(const Tensor& x, const Tensor& w, double eps);
+void rms_norm_out(const Tensor& x, const Tensor& w, double eps, Tensor& y);  // into y, of x's shape
 Tensor gated_act(const Tensor& x, bool gelu);
 void rope_(Tensor& x, const Tensor& positions, const Tensor& cos, const Tensor& sin);
+// The same on the first `heads` heads of D values of each row of a 2-D [T, >= heads * D] tensor (q|k of a fused qkv
+// output, with no view made of it: the decode stack ran 30 layers' narrow-and-view ops at 1-2 us each).
+void rope_rows_(Tensor& rows, int64_t heads, int64_t D, const Tensor& positions, const Tensor& cos, const Tensor& sin);
 Tensor paged_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                        const c10::optional<Tensor>& k_scale, const c10::optional<Tensor>& v_scale,
                        const Tensor& block_tables, const Tensor& context_lens, double scale, int64_t window);
+// The same with the queries the first `heads` heads of each row of a 2-D tensor (a fused qkv output); the output
+// rows [B, heads * D].
+Tensor paged_attention_rows(const Tensor& rows, int64_t heads, const Tensor& k_cache, const Tensor& v_cache,
+                            const c10::optional<Tensor>& k_scale, const c10::optional<Tensor>& v_scale,
+                            const Tensor& block_tables, const Tensor& context_lens, double scale, int64_t window);
 Tensor argmax_rows(const Tensor& x);
 std::tuple<Tensor, Tensor> topk_rows(const Tensor& x, int64_t k);
 Tensor dense_matmul(const Tensor& x, const Tensor& w);

@@ -7,6 +7,8 @@
 
 #include "stack.h"
 
+#include <ATen/ops/empty.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -69,13 +71,14 @@ Tensor LlamaStack::decode(const Tensor& x_, const Tensor& positions, const Tenso
               slots.numel() == B, "decode: one int64 slot per token, a contiguous CPU tensor");
   const int64_t* slot = slots.data_ptr<int64_t>();
   Tensor x = x_.clone(at::MemoryFormat::Contiguous);  // the residual stream, added to in place
+  Tensor h = at::empty(x.sizes(), x.options());  // each norm's output: one allocation a step, not two a layer
   for (const LlamaLayer& l : layers) {
     TORCH_CHECK(l.k_cache.scalar_type() == (l.k_scale ? at::kChar : x.scalar_type()),
                 "decode: the cache must be int8 with scales, or in the activations' dtype");
     const int64_t rows = l.k_cache.numel() / (KV * D);
-    Tensor qkv = l.qkv(rms_norm(x, l.ln1, eps));
-    Tensor qk = qkv.narrow(1, 0, (H + KV) * D).view({B, H + KV, D});
-    rope_(qk, positions, cos, sin);
+    rms_norm_out(x, l.ln1, eps, h);
+    Tensor qkv = l.qkv(h);
+    rope_rows_(qkv, H + KV, D, positions, cos, sin);
     // this step's keys and values into their slots (the module path's write_kv)
     for (int64_t b = 0; b < B; ++b)
       TORCH_CHECK(slot[b] >= 0 && slot[b] < rows, "decode: slot ", slot[b], " is outside the cache");
@@ -88,10 +91,11 @@ Tensor LlamaStack::decode(const Tensor& x_, const Tensor& positions, const Tenso
     };
     if (x.scalar_type() == at::kFloat) write(qkv.data_ptr<float>());
     else write(qkv.data_ptr<BF16>());
-    Tensor q = qkv.narrow(1, 0, H * D).view({B, H, D}).contiguous();
-    Tensor attn = paged_attention(q, l.k_cache, l.v_cache, l.k_scale, l.v_scale, tables, lens, scale, l.window);
-    add_into(x, l.o(attn.view({B, H * D})));
-    add_into(x, l.down(gated_act(l.gate_up(rms_norm(x, l.ln2, eps)), false)));
+    Tensor attn = paged_attention_rows(qkv, H, l.k_cache, l.v_cache, l.k_scale, l.v_scale, tables, lens, scale,
+                                       l.window);
+    add_into(x, l.o(attn));
+    rms_norm_out(x, l.ln2, eps, h);
+    add_into(x, l.down(gated_act(l.gate_up(h), false)));
   }
   return x;
 }
