@@ -101,7 +101,7 @@ class Entry:
             self.folder.mkdir(parents=True, exist_ok=True)
             if new:
                 (self.folder / "source.json").write_text(json.dumps(self.source))
-                _trim(self.folder)
+                _trim(self.folder, self.source)
             header: dict = {"__metadata__": {"bits": str(bits), "group": str(group)}}
             offset = 0
             for name, t in (("data", data), ("dm", dm)):
@@ -164,28 +164,31 @@ def entry(parts: list[RawBlocks], k: int, min_bits: int | None) -> Entry | None:
         return None
     if stat.st_size < MIN_FILE_BYTES:
         return None
-    version = {"path": str(source.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    key = hashlib.sha256(f"{json.dumps(version)} {_layout(ops)}".encode()).hexdigest()[:16]
+    name, version = _folder(source, stat.st_size, stat.st_mtime_ns, ops)
     h = hashlib.sha256(f"{k} {min_bits}".encode())
     for p in parts:
         h.update(f"|{p.source[1]} {p.type} {p.num_rows}".encode())
         if p.rows is not None:
             h.update(p.rows.to(torch.int64).numpy().tobytes())
-    return Entry(root() / f"{source.stem}-{key}", version, h.hexdigest()[:24])
+    return Entry(root() / name, version, h.hexdigest()[:24])
 
 
 @functools.cache
-def _layout(ops) -> str:
-    """What decides the packed bytes besides the file: the kernel build (named by its class and a hash of its
-    sources and flags) and the Python that picks each matrix's widths (packed.py)."""
-    return f"{Path(ops.__file__).parent.name} {hashlib.sha256(_PACKER.read_bytes()).hexdigest()[:16]}"
+def _folder(source: Path, size: int, mtime_ns: int, ops) -> tuple[str, dict]:
+    """The folder's name for one version of a file packed by this build, and the version as its source.json records it
+    (worked out once a load, not once a matrix). What decides the packed bytes besides the file: the kernel build
+    (named by its class and a hash of its sources and flags) and the Python that picks each matrix's widths
+    (packed.py)."""
+    version = {"path": str(source.resolve()), "size": size, "mtime_ns": mtime_ns}
+    layout = f"{Path(ops.__file__).parent.name} {hashlib.sha256(_PACKER.read_bytes()).hexdigest()[:16]}"
+    key = hashlib.sha256(f"{json.dumps(version)} {layout}".encode()).hexdigest()[:16]
+    return f"{source.stem}-{key}", version
 
 
-def _trim(new: Path) -> None:
-    """Drop the folders of other versions of `new`'s file, those whose file is gone, all but the most recently used
-    other build's of the same file (two classes' kernels, as tests force, share a file without repacking it at
-    every load), then the least recently used beyond MAX_BYTES."""
-    source = json.loads((new / "source.json").read_text())
+def _trim(new: Path, source: dict) -> None:
+    """Drop the folders of other versions of `new`'s file (`source`), those whose file is gone, all but the most
+    recently used other build's of the same version (two classes' kernels, as tests force, share a file without
+    repacking it at every load), then the least recently used beyond MAX_BYTES."""
     kept: list[tuple[float, int, Path]] = []
     same: list[tuple[float, Path]] = []
     for folder in new.parent.iterdir():
@@ -195,7 +198,7 @@ def _trim(new: Path) -> None:
             other = json.loads((folder / "source.json").read_text())
         except (OSError, ValueError):
             continue  # another process's folder, a moment old: left alone
-        if other.get("path") == source["path"] and other == source:
+        if other == source:
             same.append((folder.stat().st_mtime, folder))
         elif other.get("path") == source["path"] or not Path(other.get("path", "")).exists():
             shutil.rmtree(folder, ignore_errors=True)
