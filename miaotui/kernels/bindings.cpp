@@ -15,7 +15,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("amx") = qmatmul_amx();
   m.attr("bf16_gemm") = qmatmul_bf16_gemm();
   m.def("fp32_rows", &qmatmul_fp32_rows, "from how many rows a product is taken in fp32 (0: never)", py::arg("bits"),
-        py::arg("act_bits") = 16);
+        py::arg("group") = 32, py::arg("act_bits") = 16);
   m.def("row_exact", &row_exact, "whether this thread's products take a lone row's arithmetic at any row count");
   m.def("set_row_exact", &set_row_exact, "set it for this thread; returns the previous setting", py::arg("on"));
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim");

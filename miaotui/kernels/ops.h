@@ -40,7 +40,7 @@ bool qmatmul_amx();
 bool qmatmul_bf16_gemm();  // prefill-sized bf16 products on `vdpbf16ps` (CPUs with bf16 units and VBMI, no AMX)
 // From how many rows a product of `bits`-bit codes under `act_bits` activations is taken in fp32 (0: never; AMX
 // tiles and the bf16 GEMM above are asked about separately).
-int64_t qmatmul_fp32_rows(int64_t bits, int64_t act_bits);
+int64_t qmatmul_fp32_rows(int64_t bits, int64_t group, int64_t act_bits);
 Tensor qmatmul(const Tensor& x, const Tensor& w, const Tensor& dm, int64_t bits, int64_t group, int64_t N,
                const c10::optional<Tensor>& in_scale, bool reference, int64_t act_bits);
 Tensor tile_matmul(const Tensor& x, const Tensor& tiles, int64_t N);

@@ -30,7 +30,7 @@
 // 4 byte products summed per 32-bit lane), AVX2 (4-bit codes: `vpmaddubsw` + `vpmaddwd`, the same sums in two
 // steps; 8-bit and 6-bit codes, and 4-bit ones from 8 rows on: widened to int16 and multiplied by both activation
 // terms at once in `vpmaddwd`), and portable C++ (plain integer loops). Prompt-sized products without VNNI, and on
-// AVX-512 CPUs without BF16 units, are taken in fp32 (see dense_min_rows).
+// AVX-512 CPUs without BF16 units those of 6-bit codes, are taken in fp32 (see dense_min_rows).
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -438,6 +438,89 @@ inline void qgemm_block(const uint8_t* w, const at::Half* dm, const int8_t* xq, 
     store_row(y + t * ldy, rows, out);
   }
 }
+
+// An activation word broadcast into a register of its own, for products that share it: left to itself GCC folds
+// `_mm512_set1_epi32(*p)` into every product as a memory operand, one broadcast load a product again.
+inline __m512i bcast_reg(const int32_t* p) {
+  __m512i v = _mm512_set1_epi32(*p);
+  asm("" : "+v"(v));
+  return v;
+}
+
+// Two blocks of 16 output rows (w0, w1; one group a block of 32 inputs) for MT tokens: each activation broadcast
+// feeds two products, one a row block. An Ice Lake Xeon (family 6 model 106) retires two register `vpdpbusd` a
+// cycle but only ~1.15 when each product takes a broadcast of its own (from memory or its own load; measured in a
+// loop of 12 independent products: 5.2 against 3.0 G a second), so qgemm_block, one broadcast a product, reached
+// half the products' rate there. The sums are those of qgemm_block, in the same order: a row's result is the same.
+template <int Bits, int MT, bool Residual, bool KS, typename T>
+inline void qgemm_block2(const uint8_t* w0, const uint8_t* w1, const at::Half* dm0, const at::Half* dm1,
+                         const int8_t* xq, const int8_t* xr, const float* xd, const float* gs, int64_t K, T* y,
+                         int64_t ldy, int64_t rows1, int64_t ahead0, int64_t ahead1) {
+  const int64_t nb = K / QBLOCK;
+  constexpr int chunks = Bits == 4 ? 4 : 8;  // 64-byte lines per block of 32 inputs
+  constexpr int ops = Bits == 4 ? 2 : 1;     // products a line, token, term and row block
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512 acc[MT][2];
+  for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i qs[MT][2], rs[MT][2];
+    for (int t = 0; t < MT; ++t) qs[t][0] = qs[t][1] = rs[t][0] = rs[t][1] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int c = 0; c < chunks; ++c) {
+      __m512i v[2][ops];  // per row block: 4-bit, the line's low and high nibble planes; 8-bit, the line
+      const __m512i l0 = _mm512_loadu_si512(w0), l1 = _mm512_loadu_si512(w1);
+      if constexpr (Bits == 4) {
+        v[0][0] = _mm512_and_si512(l0, low4);
+        v[0][1] = _mm512_and_si512(_mm512_srli_epi16(l0, 4), low4);
+        v[1][0] = _mm512_and_si512(l1, low4);
+        v[1][1] = _mm512_and_si512(_mm512_srli_epi16(l1, 4), low4);
+      } else {
+        v[0][0] = l0;
+        v[1][0] = l1;
+      }
+      _mm_prefetch(reinterpret_cast<const char*>(w0) + ahead0, _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(w1) + ahead1, _MM_HINT_T1);
+      w0 += 64;
+      w1 += 64;
+      // 4-bit: line c's bytes hold inputs 8c..8c+3 (low nibbles) and 8c+4..8c+7 (high); 8-bit: 4c..4c+3
+      for (int t = 0; t < MT; ++t) {
+        const int64_t off = t * K + b * QBLOCK + c * (Bits == 4 ? 8 : 4);
+        const int32_t* xp = reinterpret_cast<const int32_t*>(xq + off);
+        const int32_t* rp = reinterpret_cast<const int32_t*>(xr + off);
+        for (int i = 0; i < ops; ++i) {
+          const __m512i bq = bcast_reg(xp + i);
+          qs[t][0] = _mm512_dpbusd_epi32(qs[t][0], v[0][i], bq);
+          qs[t][1] = _mm512_dpbusd_epi32(qs[t][1], v[1][i], bq);
+          if constexpr (Residual) {
+            const __m512i br = bcast_reg(rp + i);
+            rs[t][0] = _mm512_dpbusd_epi32(rs[t][0], v[0][i], br);
+            rs[t][1] = _mm512_dpbusd_epi32(rs[t][1], v[1][i], br);
+          }
+        }
+      }
+    }
+    __m512 dv[2], mv[2];
+    group_scales<KS>(dm0, b, dv[0], mv[0]);
+    group_scales<KS>(dm1, b, dv[1], mv[1]);
+    for (int r = 0; r < 2; ++r)
+      if constexpr (Residual) dv[r] = _mm512_mul_ps(dv[r], _mm512_set1_ps(1.f / RESIDUAL));
+    for (int t = 0; t < MT; ++t) {
+      const __m512 d = _mm512_set1_ps(xd[t * nb + b]), s = _mm512_set1_ps(gs[t * nb + b]);
+      for (int r = 0; r < 2; ++r) {
+        const __m512i sum = Residual ? _mm512_add_epi32(_mm512_slli_epi32(qs[t][r], 8), rs[t][r]) : qs[t][r];
+        const __m512 fd = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d, _mm512_setzero_ps());
+        acc[t][r] = _mm512_fmadd_ps(fd, dv[r], acc[t][r]);
+        acc[t][r] = _mm512_fmadd_ps(mv[r], s, acc[t][r]);
+      }
+    }
+  }
+  for (int t = 0; t < MT; ++t) {
+    alignas(64) float out[32];
+    _mm512_store_ps(out, acc[t][0]);
+    _mm512_store_ps(out + 16, acc[t][1]);
+    store_row(y + t * ldy, 16 + rows1, out);
+  }
+}
 #endif
 
 #if MIAOTUI_AVX2 || MIAOTUI_VNNI
@@ -809,6 +892,32 @@ void qgemm_rows_terms(const uint8_t* w, const at::Half* dm, const QuantX& x, int
   // Tokens per pass: each line is unpacked once for them. AVX2 (measured on a Zen 3 at 4 and 32 rows): 4-bit codes
   // 4 (10-18% faster than 2; 8 spills), 8-bit codes 2 (4 spills its 16 accumulators: 14% slower). VNNI: 6, below.
   constexpr int TILE = MIAOTUI_VNNI ? 6 : (Bits == 4 ? 4 : 2);
+#if MIAOTUI_VNNI
+  // Row blocks two at a time where more than one token shares them (one token streams its weights from memory:
+  // its products wait on the bytes, not on the broadcasts). Ice Lake Xeon, one thread, 16 x 4-bit rows of 576
+  // inputs at 32 tokens: 1.67x qgemm_block's rate at two terms (2.9 against 1.76 G products a second; 4 tokens a
+  // pass, 3 within noise of it, 5 spills: 0.6x), 1.7x at one term (6 tokens a pass, 5 level); Qwen2.5-1.5B-sized
+  // 4-bit rows streamed from memory (24 copies), two threads: 4 rows 1.2x, 8 rows 1.5x, 1-3 rows level.
+  if (group == QBLOCK && M > 1) {
+    constexpr int TILE2 = Residual ? 4 : 6;
+    const int64_t sh = scale_halves(Bits, K, group, KS);
+    // (Prompt-sized, each pair passes over every token's activations, from L3 where they outgrow L2: chunks of
+    // tokens kept in L2 across the pairs ran 0.8-0.9x on Qwen2.5-1.5B-sized rows at 512 tokens, the weights read
+    // again a chunk.)
+    for (; rb_begin + 1 < rb_end; rb_begin += 2) {
+      const uint8_t* wb = w + rb_begin * line_bytes;
+      const at::Half* dmb = dm + rb_begin * sh;
+      const int64_t rows1 = std::min<int64_t>(16, N - rb_begin * 16 - 16);
+      token_passes<TILE2>(M, [&](int64_t m, auto tokens) {
+        const int64_t ahead = m > 0 && rb_begin + 3 < rb_end ? 2 * line_bytes
+                              : line_bytes >= PREFETCH_VNNI ? PREFETCH_VNNI : PREFETCH;
+        qgemm_block2<Bits, decltype(tokens)::value, Residual, KS>(wb, wb + line_bytes, dmb, dmb + sh,
+            x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb, x.gsum.data() + m * ngroups, K,
+            y + m * N + rb_begin * 16, N, rows1, ahead, ahead);
+      });
+    }
+  }
+#endif
   for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
     const uint8_t* wb = w + rb * line_bytes;
     const at::Half* dmb = dm + rb * scale_halves(Bits, K, group, KS);
@@ -960,14 +1069,15 @@ inline void row6(const uint8_t* wb, const uint8_t* sb, int64_t K, int r, float* 
 // dequantizes a chunk of rows for torch's GEMM. Where it pays (measured against the integer block kernels, when
 // torch's GEMM took these): from 96 rows for 4-bit codes, from 40 for 8-bit ones.
 // The AVX-512 build takes them in fp32 too where the CPU has no BF16 units (Intel's AVX-512 cores before Sapphire
-// Rapids; a server core's two FMA ports do 32 fp32 multiply-adds a cycle, and the integer kernel's two activation
-// terms cost it twice the `vpdpbusd` work plus the terms' quantizing and rescaling). Against the integer kernel on an
-// Ice Lake Xeon (family 6 model 106, 2 cores, the two in turn on the models' own weights, medians of 7):
-// Qwen2.5-Coder-1.5B's products at 512 rows 1.15-1.40x, at 48-64 rows 1.1-1.4x, level at 32 (6-bit codes
-// 1.13-1.19x), 0.84-0.87x at 16 (6-bit level); SmolLM2-135M's 4-bit ones 1.1-1.2x at 48, level at 24-32. With one
-// activation term (`--activation-bits 8`) the integers stay ahead (0.7-1.0x at 48-512 rows), as do CPUs with the
-// BF16 units, whose bf16 activations take bf16_qmatmul and whose fp32 ones (not the default there, not measured
-// against this kernel) the integers.
+// Rapids; a server core's two FMA ports do 32 fp32 multiply-adds a cycle) for the codes its two-row-block kernel
+// does not take: 6-bit codes and groups other than 32. Those run qgemm_block, one broadcast a product, which an Ice
+// Lake Xeon (family 6 model 106, 2 cores, the two in turn on the models' own weights, medians of 7) took 1.15-1.40x
+// slower than fp32 at 48-512 rows (6-bit codes 1.13-1.19x at 32; 0.84-0.87x at 16). 4- and 8-bit codes in groups of
+// 32 stay on integers at every row count since qgemm_block2 (one thread, alternated processes, 3 each): Qwen2.5-
+// 1.5B-sized 4-bit products 1.35-1.5x faster than fp32 at 512 rows and 1.2-1.45x at 64, SmolLM2's 1.1-1.3x at 64
+// and level to 1.1x at 512. With one activation term (`--activation-bits 8`) the integers stay ahead everywhere,
+// as do CPUs with the BF16 units, whose bf16 activations take bf16_qmatmul and whose fp32 ones (not the default
+// there, not measured against this kernel) the integers.
 // (6-bit codes from 48 too: from 32 they would be 1.13-1.19x faster, but then a batch of 32-47 rows would no longer
 // give each row what it gives alone, as every smaller batch does on every class.)
 inline int64_t dense_min_rows(int64_t bits) {
@@ -977,12 +1087,14 @@ inline int64_t dense_min_rows(int64_t bits) {
 // Whether prefill-sized products go to fp32 on this build and CPU (see above). AVX2's 4-bit codes under one
 // activation term stay on integers: `vpmaddubsw` does 32 products a cycle where fp32 does 16 (the avx2 build on a Zen
 // 4, `--activation-bits 8`, alternated in one engine: 512-token prompts 1.23x on Qwen2.5-1.5B, 1.10x on SmolLM2).
-inline bool fp32_prompts(int64_t bits, int64_t act_bits) {
+inline bool fp32_prompts(int64_t bits, int64_t group, int64_t act_bits) {
 #if MIAOTUI_VNNI
-  return act_bits == 16 && !dp::bf16_units();
+  return act_bits == 16 && !dp::bf16_units() && (bits == 6 || group != QBLOCK);
 #elif MIAOTUI_AVX2
+  (void)group;
   return !(bits == 4 && act_bits == 8);
 #else
+  (void)group, (void)bits, (void)act_bits;
   return true;
 #endif
 }
@@ -1834,8 +1946,8 @@ bool qmatmul_amx() {
 #endif
 }
 
-int64_t qmatmul_fp32_rows(int64_t bits, int64_t act_bits) {
-  return fp32_prompts(bits, act_bits) ? dense_min_rows(bits) : 0;
+int64_t qmatmul_fp32_rows(int64_t bits, int64_t group, int64_t act_bits) {
+  return fp32_prompts(bits, group, act_bits) ? dense_min_rows(bits) : 0;
 }
 
 bool qmatmul_bf16_gemm() {
@@ -1941,7 +2053,7 @@ Tensor qmatmul(const Tensor& x_, const Tensor& w, const Tensor& dm, int64_t bits
       in_scale = in_scale.to(at::kFloat);
     TORCH_CHECK(in_scale.numel() == K, "qmatmul: in_scale must have K elements");
   }
-  if (fp32_prompts(bits, act_bits) && !reference && M >= dense_min_rows(bits) && !row_exact())
+  if (fp32_prompts(bits, group, act_bits) && !reference && M >= dense_min_rows(bits) && !row_exact())
     return dense_qmatmul(x, w, dm, bits, group, N, in_scale, ks);
 #if MIAOTUI_VNNI
   if (act_bits == 16 && !reference && x.scalar_type() == at::kBFloat16 && M >= BF16_MIN_ROWS && bf16_units() &&

@@ -166,14 +166,14 @@ def random_packed(n: int, k: int, bits: int, group: int):
 
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 32), (8, 96)])
-# 11: passes of 6 and 5 tokens (VNNI), the widened int16 kernel (AVX2); 100: prefill-sized, fp32 without VNNI or
-# BF16 units
+# 11: passes of 6 and 5 tokens (VNNI; at groups of 32, two row blocks at a time, passes of 4 and 3), the widened
+# int16 kernel (AVX2); 100: prefill-sized, fp32 without VNNI, and without BF16 units at groups other than 32
 @pytest.mark.parametrize("m", [1, 3, 7, 11, 37, 100])
 def test_qmatmul_matches_the_dequantized_weight(ops, bits, group, m):
     """The integer kernel (two int8 terms per activation) against x @ (d q + m)ᵀ in fp32; rows not in blocks of 16,
     in_scale applied first; each class's kernel and the plain C++ definition agree to rounding (prefill-sized
-    products on CPUs without VNNI, or with AVX-512 but no BF16 units, are taken in fp32 on the dequantized weight:
-    closer still)."""
+    products on CPUs without VNNI, or with AVX-512 but no BF16 units at groups other than 32, are taken in fp32 on
+    the dequantized weight: closer still)."""
     n, k = 50, 384
     codes, d, mn, w = random_packed(n, k, bits, group)
     if w is None:
@@ -195,7 +195,7 @@ def test_qmatmul_matches_the_dequantized_weight(ops, bits, group, m):
     assert y.shape == (m, n)
     assert ((y - ref).abs().max() / ref.abs().max()) < 1e-4  # the residual term keeps ~15 bits of x
     slow = qmatmul(x, s, reference=True)
-    if not 0 < ops.fp32_rows(bits) <= m:
+    if not 0 < ops.fp32_rows(bits, group) <= m:
         assert torch.allclose(y, slow, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     else:
         assert ((y - ref).abs().max() / ref.abs().max()) < 1e-6
@@ -276,13 +276,13 @@ def test_qmatmul_with_one_activation_term_is_llama_cpps_rounding(ops, bits, grou
 @pytest.mark.parametrize("bits", [4, 8])
 def test_one_activation_term_keeps_bf16_prompts_on_the_integer_kernel(ops, bits):
     """On VNNI classes, from 128 rows, bf16 activations under two terms go to the widened-codes bf16 GEMM where the
-    CPU has bf16 units (to the fp32 FMA kernel where it has not); under one term the integer kernel is faster
+    CPU has bf16 units (they stay on the integers where it has not); under one term the integer kernel is faster
     (Qwen2.5-1.5B at 512 rows: 1.4-1.5x on a Zen 4, 1.0-1.3x on an Ice Lake), so a prompt's rows stay there and are
     rounded as a decode row is: each row's result is what it is in a small batch. So do AVX2's 4-bit codes (one
     term: `vpmaddubsw`, twice fp32's products a cycle); its 8-bit codes and the generic class take an fp32 product
     from 40-96 rows whatever the rounding, and AMX bf16 tiles from 8 rows (5-6x the integer kernel's speed at 96-128
     rows)."""
-    if ops.fp32_rows(bits, 8):
+    if ops.fp32_rows(bits, act_bits=8):
         pytest.skip("prompts take an fp32 product at either rounding here")
     if ops.amx:
         pytest.skip("bf16 prompts take the AMX tiles at either rounding")
@@ -344,15 +344,15 @@ def pack_kquant(ops, kind: str, raw: torch.Tensor, n: int, k: int):
 
 @pytest.mark.parametrize("kind", KQUANTS)
 # 6: one 6-bit pass of 6 tokens; 9, 37: passes of 6 after one unpacking for them, the rest a pass of its own;
-# 100: fp32 products without VNNI or BF16 units
+# 100: fp32 products without VNNI, and of 6-bit codes without BF16 units
 @pytest.mark.parametrize("m", [1, 3, 6, 9, 37, 100])
 def test_kquant_blocks_multiply_as_the_file_holds_them(ops, kind, m):
     """GGUF's K-quants held exactly — Q4_K (w = D sc q - Dmin mn, 6-bit sc and mn per 32) as 4-bit codes with its
     own scales by every class, Q6_K (w = D s (q - 32), an int8 s per 16 inputs) as 6-bit codes by the VNNI class:
-    rows read back are the file's values bit for bit, and products (decode sizes; on AVX2, portable builds and
-    AVX-512 CPUs without BF16 units, prompt sizes in fp32 over the dequantized rows) agree with the plain C++
-    definition, with x @ Wᵀ to the activations' rounding, and under one activation term with llama.cpp's rounding,
-    as the fp16-scaled layouts do.
+    rows read back are the file's values bit for bit, and products (decode sizes; on AVX2 and portable builds, and
+    for 6-bit codes on AVX-512 CPUs without BF16 units, prompt sizes in fp32 over the dequantized rows) agree with
+    the plain C++ definition, with x @ Wᵀ to the activations' rounding, and under one activation term with
+    llama.cpp's rounding, as the fp16-scaled layouts do.
     Other classes refuse 6-bit codes by name (they take Q6_K as 8-bit codes)."""
     n, k = 50, 768
     raw, values = random_kquant(kind, n, k)
@@ -372,12 +372,12 @@ def test_kquant_blocks_multiply_as_the_file_holds_them(ops, kind, m):
 
     ref = (x * s) @ values.t()
     y = qmatmul()
-    if 0 < ops.fp32_rows(bits) <= m:  # x @ Wᵀ in fp32 on the dequantized rows
+    if 0 < ops.fp32_rows(bits, group) <= m:  # x @ Wᵀ in fp32 on the dequantized rows
         assert ((y - ref).abs().max() / ref.abs().max()) < 1e-6
     else:
         assert ((y - ref).abs().max() / ref.abs().max()) < 3e-4  # the residual term keeps ~15 bits of x
         assert torch.allclose(y, qmatmul(reference=True), rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-    if not 0 < ops.fp32_rows(bits, 8) <= m:
+    if not 0 < ops.fp32_rows(bits, group, 8) <= m:
         xs = (x * s).view(m, -1, 32)
         amax = xs.abs().amax(-1, keepdim=True)
         xq = (torch.round(xs * (127 / amax)) * (amax / 127)).view(m, k).double()
