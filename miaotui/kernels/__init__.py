@@ -206,8 +206,9 @@ def has_amx() -> bool:
 def describe(activation_bits: int = 16) -> str:
     """The CPU class and the kernel path this process runs, for logs and benchmarks (at 8-bit activations prompts
     stay on the integer kernel where, at 16, a CPU with bf16 units and no tiles takes its `vdpbf16ps` product and
-    an AVX-512 CPU without them miaotui's fp32 FMA kernel for 6-bit codes; without VNNI prompts are multiplied in
-    fp32: that kernel on AVX2, except 4-bit codes at 8 bits, and torch's GEMM in the portable build)."""
+    an AVX-512 CPU without them miaotui's fp32 FMA kernel for groups other than 32; without VNNI prompts are
+    multiplied in fp32: that kernel on AVX2, except 4-bit codes at 8 bits, and torch's GEMM in the portable
+    build)."""
     ops = cpu_ops()
     if ops is None:
         return f"{isa() if _X86 else 'generic'} CPU, plain torch (miaotui's kernels off); {cpu_model()}"
@@ -215,11 +216,9 @@ def describe(activation_bits: int = 16) -> str:
         extra = ", AMX tiles"
     elif ops.bf16_gemm and activation_bits == 16:
         extra = ", bf16 GEMM for prefill"
-    elif ops.fp32_rows(6, act_bits=activation_bits):  # the build's own rule, asked for each width of codes
+    elif ops.fp32_rows(8, act_bits=activation_bits):  # the build's own rule, asked for 8-bit codes and 4-bit ones
         how = "torch's fp32 GEMM" if ops.qmatmul_path == "generic" else "fp32 FMA"
-        which = ("" if ops.fp32_rows(4, act_bits=activation_bits)
-                 else " of 6/8-bit codes" if ops.fp32_rows(8, act_bits=activation_bits) else " of 6-bit codes")
-        extra = f", {how} for prefill{which}"
+        extra = f", {how} for prefill" + ("" if ops.fp32_rows(4, act_bits=activation_bits) else " of 6/8-bit codes")
     else:
         extra = ""
     return f"{isa()} kernels (integer products: {ops.qmatmul_path}{extra}); {cpu_model()}"

@@ -30,7 +30,8 @@
 // 4 byte products summed per 32-bit lane), AVX2 (4-bit codes: `vpmaddubsw` + `vpmaddwd`, the same sums in two
 // steps; 8-bit and 6-bit codes, and 4-bit ones from 8 rows on: widened to int16 and multiplied by both activation
 // terms at once in `vpmaddwd`), and portable C++ (plain integer loops). Prompt-sized products without VNNI, and on
-// AVX-512 CPUs without BF16 units those of 6-bit codes, are taken in fp32 (see dense_min_rows).
+// AVX-512 CPUs without BF16 units those of 4/8-bit codes in groups other than 32, are taken in fp32 (see
+// dense_min_rows).
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -196,6 +197,14 @@ inline __m512i dpbusd_bcast(__m512i acc, __m512i u8, const int32_t* s8) {
 #endif
 }
 
+// An activation word broadcast into a register of its own, for products that share it: left to itself GCC folds
+// `_mm512_set1_epi32(*p)` into every product as a memory operand, one broadcast load a product again.
+inline __m512i bcast_reg(const int32_t* p) {
+  __m512i v = _mm512_set1_epi32(*p);
+  asm("" : "+v"(v));
+  return v;
+}
+
 // The 6-bit layout's three lines of 16 inputs (at w) as four lines of the 8-bit layout: v[p] holds inputs
 // 4p..4p+3 of the 16 rows, codes 0..63 (a nibble plane with its high bits moved to bits 4-5).
 inline void unpack6(const uint8_t* w, __m512i v[4]) {
@@ -297,6 +306,77 @@ inline void qgemm6_block(const uint8_t* w, const uint8_t* sc, const int8_t* xq, 
     alignas(64) float out[16];
     _mm512_store_ps(out, acc[t]);
     store_row(y + t * ldy, rows, out);
+  }
+}
+
+// Two 6-bit row blocks (w[0], w[1]) for MT tokens, each activation broadcast feeding both blocks' products (see
+// qgemm_block2), the sums and roundings of qgemm6_block's row by row. Unpacked, keep: as there, per block.
+template <int MT, bool Residual, bool Unpacked, typename T>
+inline void qgemm6_block2(const uint8_t* const* w_, const uint8_t* const* sc_, const int8_t* xq, const int8_t* xr,
+                          const float* xd, const float* gs, int64_t K, T* y, int64_t ldy, int64_t rows1,
+                          const char* const* pf_, uint8_t* const* keep_) {
+  const int64_t nh = K / 16, nb = K / QBLOCK;
+  const __m512 unit = _mm512_set1_ps(Residual ? 1.f / RESIDUAL : 1.f);
+  const float mterm = Residual ? -32.f * RESIDUAL : -32.f;
+  const uint8_t* w[2] = {w_[0], w_[1]};
+  const uint8_t* sc[2] = {sc_[0], sc_[1]};
+  const char* pf[2] = {pf_[0], pf_[1]};
+  uint8_t* keep[2] = {keep_ ? keep_[0] : nullptr, keep_ ? keep_[1] : nullptr};
+  __m512 acc[MT][2];
+  for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  for (int64_t sb = 0; sb < K / 256; ++sb) {
+    __m512 d[2];
+    for (int r = 0; r < 2; ++r) d[r] = _mm512_mul_ps(halves16(sc[r]), unit);
+    for (int64_t hh = 0; hh < 16; ++hh) {
+      const int64_t h = sb * 16 + hh, b = h / 2;
+      __m512i v[2][4];
+      __m512 ds[2];
+      for (int r = 0; r < 2; ++r) {
+        if constexpr (Unpacked) {
+          for (int p = 0; p < 4; ++p) v[r][p] = _mm512_loadu_si512(w[r] + 64 * p);
+          w[r] += 256;
+        } else {
+          unpack6(w[r], v[r]);
+          w[r] += 192;
+          if (keep[r]) {
+            for (int p = 0; p < 4; ++p) _mm512_storeu_si512(keep[r] + 64 * p, v[r][p]);
+            keep[r] += 256;
+          }
+        }
+        for (int l = 0; l < 3; ++l) _mm_prefetch(pf[r] + 64 * l, _MM_HINT_T1);
+        pf[r] += 192;
+        ds[r] = _mm512_mul_ps(d[r], scales6_s(sc[r], hh));
+      }
+      for (int t = 0; t < MT; ++t) {
+        __m512i qs[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()}, rs[2] = {qs[0], qs[1]};
+        const int32_t* xp = reinterpret_cast<const int32_t*>(xq + t * K + h * 16);
+        const int32_t* rp = reinterpret_cast<const int32_t*>(xr + t * K + h * 16);
+        for (int i = 0; i < 4; ++i) {
+          const __m512i bq = bcast_reg(xp + i);
+          qs[0] = _mm512_dpbusd_epi32(qs[0], v[0][i], bq);
+          qs[1] = _mm512_dpbusd_epi32(qs[1], v[1][i], bq);
+          if constexpr (Residual) {
+            const __m512i br = bcast_reg(rp + i);
+            rs[0] = _mm512_dpbusd_epi32(rs[0], v[0][i], br);
+            rs[1] = _mm512_dpbusd_epi32(rs[1], v[1][i], br);
+          }
+        }
+        const __m512 xdt = _mm512_set1_ps(xd[t * nb + b]), mt = _mm512_set1_ps(mterm * gs[t * nh + h]);
+        for (int r = 0; r < 2; ++r) {
+          const __m512i sum = Residual ? _mm512_add_epi32(_mm512_slli_epi32(qs[r], 8), rs[r]) : qs[r];
+          const __m512 part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), xdt, mt);
+          acc[t][r] = _mm512_fmadd_ps(part, ds[r], acc[t][r]);
+        }
+      }
+    }
+    sc[0] += 288;
+    sc[1] += 288;
+  }
+  for (int t = 0; t < MT; ++t) {
+    alignas(64) float out[32];
+    _mm512_store_ps(out, acc[t][0]);
+    _mm512_store_ps(out + 16, acc[t][1]);
+    store_row(y + t * ldy, 16 + rows1, out);
   }
 }
 
@@ -437,14 +517,6 @@ inline void qgemm_block(const uint8_t* w, const at::Half* dm, const int8_t* xq, 
     _mm512_store_ps(out, acc[t]);
     store_row(y + t * ldy, rows, out);
   }
-}
-
-// An activation word broadcast into a register of its own, for products that share it: left to itself GCC folds
-// `_mm512_set1_epi32(*p)` into every product as a memory operand, one broadcast load a product again.
-inline __m512i bcast_reg(const int32_t* p) {
-  __m512i v = _mm512_set1_epi32(*p);
-  asm("" : "+v"(v));
-  return v;
 }
 
 // Two blocks of 16 output rows (w0, w1; one group a block of 32 inputs) for MT tokens: each activation broadcast
@@ -861,6 +933,36 @@ void qgemm6_rows(const uint8_t* w, const uint8_t* sc, const QuantX& x, int64_t M
   const int64_t line_bytes = 16 * K * 6 / 8, nh = K / 16, nb = K / QBLOCK;
   constexpr int TILE = 6;
   std::vector<uint8_t> unpacked(M > TILE ? 16 * K : 0);
+  if (M > 1) {  // row blocks two at a time, as qgemm_rows_terms
+    constexpr int TILE2 = Residual ? 4 : 6;
+    std::vector<uint8_t> kept(M > TILE2 ? 2 * 16 * K : 0);
+    uint8_t* keep[2] = {kept.data(), kept.data() + 16 * K};
+    const uint8_t* keptp[2] = {keep[0], keep[1]};
+    for (; rb_begin + 1 < rb_end; rb_begin += 2) {
+      const uint8_t* wb[2] = {w + rb_begin * line_bytes, w + (rb_begin + 1) * line_bytes};
+      const uint8_t* sb[2] = {sc + rb_begin * K / 256 * 288, sc + (rb_begin + 1) * K / 256 * 288};
+      // the first pass streams the pair's lines; the others read them unpacked and ask for the next pair's
+      const char* ahead[2] = {reinterpret_cast<const char*>(wb[0]) + PREFETCH_VNNI,
+                              reinterpret_cast<const char*>(wb[1]) + PREFETCH_VNNI};
+      const char* next[2] = {reinterpret_cast<const char*>(wb[0] + 2 * line_bytes),
+                             reinterpret_cast<const char*>(wb[1] + 2 * line_bytes)};
+      if (rb_begin + 3 >= rb_end) next[0] = ahead[0], next[1] = ahead[1];
+      const int64_t rows1 = std::min<int64_t>(16, N - rb_begin * 16 - 16);
+      token_passes<TILE2>(M, [&](int64_t m, auto tokens) {
+        constexpr int MT = decltype(tokens)::value;
+        const int8_t* xq = x.q.data() + m * K;
+        const int8_t* xr = x.r.data() + m * K;
+        const float* xd = x.d.data() + m * nb;
+        const float* gs = x.gsum.data() + m * nh;
+        T* ym = y + m * N + rb_begin * 16;
+        if (m > 0)
+          qgemm6_block2<MT, Residual, true>(keptp, sb, xq, xr, xd, gs, K, ym, N, rows1, next, nullptr);
+        else
+          qgemm6_block2<MT, Residual, false>(wb, sb, xq, xr, xd, gs, K, ym, N, rows1, ahead,
+                                             M > TILE2 ? keep : nullptr);
+      });
+    }
+  }
   for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
     const uint8_t* wb = w + rb * line_bytes;
     const uint8_t* sb = sc + rb * K / 256 * 288;
@@ -1069,17 +1171,15 @@ inline void row6(const uint8_t* wb, const uint8_t* sb, int64_t K, int r, float* 
 // dequantizes a chunk of rows for torch's GEMM. Where it pays (measured against the integer block kernels, when
 // torch's GEMM took these): from 96 rows for 4-bit codes, from 40 for 8-bit ones.
 // The AVX-512 build takes them in fp32 too where the CPU has no BF16 units (Intel's AVX-512 cores before Sapphire
-// Rapids; a server core's two FMA ports do 32 fp32 multiply-adds a cycle) for the codes its two-row-block kernel
-// does not take: 6-bit codes and groups other than 32. Those run qgemm_block, one broadcast a product, which an Ice
-// Lake Xeon (family 6 model 106, 2 cores, the two in turn on the models' own weights, medians of 7) took 1.15-1.40x
-// slower than fp32 at 48-512 rows (6-bit codes 1.13-1.19x at 32; 0.84-0.87x at 16). 4- and 8-bit codes in groups of
-// 32 stay on integers at every row count since qgemm_block2 (one thread, alternated processes, 3 each): Qwen2.5-
-// 1.5B-sized 4-bit products 1.35-1.5x faster than fp32 at 512 rows and 1.2-1.45x at 64, SmolLM2's 1.1-1.3x at 64
-// and level to 1.1x at 512. With one activation term (`--activation-bits 8`) the integers stay ahead everywhere,
-// as do CPUs with the BF16 units, whose bf16 activations take bf16_qmatmul and whose fp32 ones (not the default
-// there, not measured against this kernel) the integers.
-// (6-bit codes from 48 too: from 32 they would be 1.13-1.19x faster, but then a batch of 32-47 rows would no longer
-// give each row what it gives alone, as every smaller batch does on every class.)
+// Rapids; a server core's two FMA ports do 32 fp32 multiply-adds a cycle) for the codes its two-row-block kernels
+// do not take: 4- and 8-bit ones in groups other than 32. Those run qgemm_block, one broadcast a product, which an
+// Ice Lake Xeon (family 6 model 106, 2 cores, the two in turn on the models' own weights, medians of 7) took
+// 1.15-1.40x slower than fp32 at 48-512 rows. Groups of 32 and 6-bit codes stay on integers at every row count
+// since qgemm_block2 and qgemm6_block2 (one thread, alternated processes, 2-3 each): Qwen2.5-1.5B-sized 4-bit
+// products 1.35-1.5x faster than fp32 at 512 rows and 1.2-1.45x at 64, SmolLM2's 1.1-1.3x at 64 and level to 1.1x
+// at 512; Q6_K rows of 8960 inputs 1.15-1.25x at 48-512. With one activation term (`--activation-bits 8`) the
+// integers stay ahead everywhere, as do CPUs with the BF16 units, whose bf16 activations take bf16_qmatmul and whose
+// fp32 ones (not the default there, not measured against this kernel) the integers.
 inline int64_t dense_min_rows(int64_t bits) {
   if (MIAOTUI_VNNI) return 48;
   return bits == 4 ? 96 : 40;
@@ -1089,7 +1189,7 @@ inline int64_t dense_min_rows(int64_t bits) {
 // 4, `--activation-bits 8`, alternated in one engine: 512-token prompts 1.23x on Qwen2.5-1.5B, 1.10x on SmolLM2).
 inline bool fp32_prompts(int64_t bits, int64_t group, int64_t act_bits) {
 #if MIAOTUI_VNNI
-  return act_bits == 16 && !dp::bf16_units() && (bits == 6 || group != QBLOCK);
+  return act_bits == 16 && !dp::bf16_units() && group != QBLOCK && bits != 6;
 #elif MIAOTUI_AVX2
   (void)group;
   return !(bits == 4 && act_bits == 8);

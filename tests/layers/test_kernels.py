@@ -344,15 +344,14 @@ def pack_kquant(ops, kind: str, raw: torch.Tensor, n: int, k: int):
 
 @pytest.mark.parametrize("kind", KQUANTS)
 # 6: one 6-bit pass of 6 tokens; 9, 37: passes of 6 after one unpacking for them, the rest a pass of its own;
-# 100: fp32 products without VNNI, and of 6-bit codes without BF16 units
+# 100: fp32 products without VNNI
 @pytest.mark.parametrize("m", [1, 3, 6, 9, 37, 100])
 def test_kquant_blocks_multiply_as_the_file_holds_them(ops, kind, m):
     """GGUF's K-quants held exactly — Q4_K (w = D sc q - Dmin mn, 6-bit sc and mn per 32) as 4-bit codes with its
     own scales by every class, Q6_K (w = D s (q - 32), an int8 s per 16 inputs) as 6-bit codes by the VNNI class:
-    rows read back are the file's values bit for bit, and products (decode sizes; on AVX2 and portable builds, and
-    for 6-bit codes on AVX-512 CPUs without BF16 units, prompt sizes in fp32 over the dequantized rows) agree with
-    the plain C++ definition, with x @ Wᵀ to the activations' rounding, and under one activation term with
-    llama.cpp's rounding, as the fp16-scaled layouts do.
+    rows read back are the file's values bit for bit, and products (decode sizes; on AVX2 and portable builds,
+    prompt sizes in fp32 over the dequantized rows) agree with the plain C++ definition, with x @ Wᵀ to the
+    activations' rounding, and under one activation term with llama.cpp's rounding, as the fp16-scaled layouts do.
     Other classes refuse 6-bit codes by name (they take Q6_K as 8-bit codes)."""
     n, k = 50, 768
     raw, values = random_kquant(kind, n, k)
