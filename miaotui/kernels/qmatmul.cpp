@@ -949,17 +949,13 @@ void qgemm6_rows(const uint8_t* w, const uint8_t* sc, const QuantX& x, int64_t M
       if (rb_begin + 3 >= rb_end) next[0] = ahead[0], next[1] = ahead[1];
       const int64_t rows1 = std::min<int64_t>(16, N - rb_begin * 16 - 16);
       token_passes<TILE2>(M, [&](int64_t m, auto tokens) {
-        constexpr int MT = decltype(tokens)::value;
-        const int8_t* xq = x.q.data() + m * K;
-        const int8_t* xr = x.r.data() + m * K;
-        const float* xd = x.d.data() + m * nb;
-        const float* gs = x.gsum.data() + m * nh;
-        T* ym = y + m * N + rb_begin * 16;
-        if (m > 0)
-          qgemm6_block2<MT, Residual, true>(keptp, sb, xq, xr, xd, gs, K, ym, N, rows1, next, nullptr);
-        else
-          qgemm6_block2<MT, Residual, false>(wb, sb, xq, xr, xd, gs, K, ym, N, rows1, ahead,
-                                             M > TILE2 ? keep : nullptr);
+        auto pass = [&](auto unpacked, const uint8_t* const* lines, const char* const* pf, uint8_t* const* kp) {
+          qgemm6_block2<decltype(tokens)::value, Residual, decltype(unpacked)::value>(
+              lines, sb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb, x.gsum.data() + m * nh, K,
+              y + m * N + rb_begin * 16, N, rows1, pf, kp);
+        };
+        if (m > 0) pass(std::true_type{}, keptp, next, nullptr);
+        else pass(std::false_type{}, wb, ahead, M > TILE2 ? keep : nullptr);
       });
     }
   }
