@@ -949,8 +949,8 @@ void qgemm6_rows(const uint8_t* w, const uint8_t* sc, const QuantX& x, int64_t M
       if (rb_begin + 3 >= rb_end) next[0] = ahead[0], next[1] = ahead[1];
       const int64_t rows1 = std::min<int64_t>(16, N - rb_begin * 16 - 16);
       token_passes<TILE2>(M, [&](int64_t m, auto tokens) {
-        auto pass = [&](auto unpacked, const uint8_t* const* lines, const char* const* pf, uint8_t* const* kp) {
-          qgemm6_block2<decltype(tokens)::value, Residual, decltype(unpacked)::value>(
+        auto pass = [&](auto from_kept, const uint8_t* const* lines, const char* const* pf, uint8_t* const* kp) {
+          qgemm6_block2<decltype(tokens)::value, Residual, decltype(from_kept)::value>(
               lines, sb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb, x.gsum.data() + m * nh, K,
               y + m * N + rb_begin * 16, N, rows1, pf, kp);
         };
