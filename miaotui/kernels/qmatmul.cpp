@@ -527,7 +527,7 @@ inline void qgemm_block(const uint8_t* w, const at::Half* dm, const int8_t* xq, 
 template <int Bits, int MT, bool Residual, bool KS, typename T>
 inline void qgemm_block2(const uint8_t* w0, const uint8_t* w1, const at::Half* dm0, const at::Half* dm1,
                          const int8_t* xq, const int8_t* xr, const float* xd, const float* gs, int64_t K, T* y,
-                         int64_t ldy, int64_t rows1, int64_t ahead0, int64_t ahead1) {
+                         int64_t ldy, int64_t rows1, int64_t ahead) {
   const int64_t nb = K / QBLOCK;
   constexpr int chunks = Bits == 4 ? 4 : 8;  // 64-byte lines per block of 32 inputs
   constexpr int ops = Bits == 4 ? 2 : 1;     // products a line, token, term and row block
@@ -550,8 +550,8 @@ inline void qgemm_block2(const uint8_t* w0, const uint8_t* w1, const at::Half* d
         v[0][0] = l0;
         v[1][0] = l1;
       }
-      _mm_prefetch(reinterpret_cast<const char*>(w0) + ahead0, _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(w1) + ahead1, _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(w0) + ahead, _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(w1) + ahead, _MM_HINT_T1);
       w0 += 64;
       w1 += 64;
       // 4-bit: line c's bytes hold inputs 8c..8c+3 (low nibbles) and 8c+4..8c+7 (high); 8-bit: 4c..4c+3
@@ -1011,7 +1011,7 @@ void qgemm_rows_terms(const uint8_t* w, const at::Half* dm, const QuantX& x, int
                               : line_bytes >= PREFETCH_VNNI ? PREFETCH_VNNI : PREFETCH;
         qgemm_block2<Bits, decltype(tokens)::value, Residual, KS>(wb, wb + line_bytes, dmb, dmb + sh,
             x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb, x.gsum.data() + m * ngroups, K,
-            y + m * N + rb_begin * 16, N, rows1, ahead, ahead);
+            y + m * N + rb_begin * 16, N, rows1, ahead);
       });
     }
   }
