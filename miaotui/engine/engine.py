@@ -40,6 +40,20 @@ def trim_heap() -> None:
         pass
 
 
+def keep_freed_memory() -> None:
+    """Let glibc keep what a step frees for the next step, as llama.cpp keeps its compute buffers. By default it maps
+    blocks over a moving threshold (at most 32 MB) afresh and unmaps them on free, and trims the heap's top, so a
+    step's large intermediates came back as fresh zeroed pages every time: a 512-token prompt on Qwen2.5-1.5B took
+    250k page faults (1 GB), and prefilled 1.08-1.10x faster without them (Ice Lake Xeon). The price: the heap stays
+    at its peak (less 256 MB free at its top) until trim_heap hands it back. Nothing to do off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: every block from the heap, none mapped afresh
+        libc.mallopt(-1, 2**28)  # M_TRIM_THRESHOLD: the top goes back past 256 MB free
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 @dataclass(frozen=True, slots=True)
 class EngineStats:
     """What the engine is doing now, for metrics and admission (read from any thread: plain counts)."""
@@ -82,6 +96,8 @@ class Engine:
                                f"and no weight of this model runs on them here ({self.quantization} weights on "
                                f"{self.device}); use quantization native or int4 on a CPU, or leave it at 16")
         trim_heap()
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.max_model_len = config.max_model_len or min(self.model_config.max_position, MAX_DEFAULT_CONTEXT)
         if self.max_model_len > self.model_config.max_position:
             raise MiaotuiError(f"max_model_len {self.max_model_len} exceeds the model's context length "

@@ -3,6 +3,10 @@ output; seeded sampling does not depend on the batch; stop strings and logprobs 
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
+
 import pytest
 
 from miaotui import SamplingParams
@@ -173,6 +177,33 @@ def test_n_samples_and_abort(loaded):
     assert engine.kv.num_free_blocks < engine.kv.num_blocks
     engine.abort(rid)
     assert engine.kv.num_free_blocks == engine.kv.num_blocks and not engine.has_unfinished()
+
+
+FAULTS_AFTER_AN_ENGINE = """
+import resource, sys, torch
+from miaotui.config import EngineConfig
+from miaotui.engine.engine import Engine
+Engine(EngineConfig(model=sys.argv[1], quantization="none", kv_cache_memory=2**24))
+
+def faults_making(n, size):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    blocks = [torch.ones(size) for _ in range(n)]
+    del blocks
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+print([faults_making(1, 3 * 2**24) for _ in range(4)])  # a block of 192 MB, four times
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator settings")
+def test_cpu_engine_reuses_what_a_step_frees():
+    """Once a CPU engine runs, a step's large intermediates, freed and made again, take no fresh pages: glibc's
+    default maps every block over 32 MB afresh (49k page faults for this one, every time). In a process of its
+    own, so that no earlier test's settings or heap serve it."""
+    out = subprocess.run([sys.executable, "-c", FAULTS_AFTER_AN_ENGINE, str(model_path("smollm2-135m"))],
+                         capture_output=True, text=True, check=True).stdout
+    faults = eval(out.strip().splitlines()[-1])
+    assert max(faults[1:]) < 500, faults
 
 
 def test_invalid_parameters_name_the_field():
