@@ -44,7 +44,7 @@ def keep_freed_memory() -> None:
     """Let glibc keep what a step frees for the next step, as llama.cpp keeps its compute buffers. By default it maps
     blocks over a moving threshold (at most 32 MB) afresh and unmaps them on free, and trims the heap's top, so a
     step's large intermediates came back as fresh zeroed pages every time: a 512-token prompt on Qwen2.5-1.5B took
-    250k page faults (1 GB), and prefilled 1.08-1.10x faster without them (Ice Lake Xeon). The price: the heap stays
+    250k page faults (1 GB), and prefilled 1.06-1.10x faster without them (Ice Lake Xeon). The price: the heap stays
     at its peak (less 256 MB free at its top) until trim_heap hands it back. Nothing to do off glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")

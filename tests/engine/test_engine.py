@@ -3,6 +3,7 @@ output; seeded sampling does not depend on the batch; stop strings and logprobs 
 
 from __future__ import annotations
 
+import json
 import platform
 import subprocess
 import sys
@@ -180,7 +181,7 @@ def test_n_samples_and_abort(loaded):
 
 
 FAULTS_AFTER_AN_ENGINE = """
-import resource, sys, torch
+import json, resource, sys, torch
 from miaotui.config import EngineConfig
 from miaotui.engine.engine import Engine
 Engine(EngineConfig(model=sys.argv[1], quantization="none", kv_cache_memory=2**24))
@@ -191,7 +192,7 @@ def faults_making(n, size):
     del blocks
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-print([faults_making(1, 3 * 2**24) for _ in range(4)])  # a block of 192 MB, four times
+print(json.dumps([faults_making(1, 3 * 2**24) for _ in range(4)]))  # a block of 192 MB, four times
 """
 
 
@@ -202,7 +203,7 @@ def test_cpu_engine_reuses_what_a_step_frees():
     own, so that no earlier test's settings or heap serve it."""
     out = subprocess.run([sys.executable, "-c", FAULTS_AFTER_AN_ENGINE, str(model_path("smollm2-135m"))],
                          capture_output=True, text=True, check=True).stdout
-    faults = eval(out.strip().splitlines()[-1])
+    faults = json.loads(out.strip().splitlines()[-1])
     assert max(faults[1:]) < 500, faults
 
 
