@@ -519,15 +519,41 @@ inline void qgemm_block(const uint8_t* w, const at::Half* dm, const int8_t* xq, 
   }
 }
 
+// Block b's d (with the two terms' 1/256) and m of 16 rows, as qgemm_block2 multiplies them.
+template <bool Residual, bool KS>
+inline void block_scales(const at::Half* dm, int64_t b, __m512& dv, __m512& mv) {
+  group_scales<KS>(dm, b, dv, mv);
+  if constexpr (Residual) dv = _mm512_mul_ps(dv, _mm512_set1_ps(1.f / RESIDUAL));
+}
+
+// A pair of row blocks' scales for qgemm_block2's passes over many tokens, made once: per block b, at out + 64 b,
+// each row block's 16 d and then its 16 m. Read back, they take the loads' ports, not the two vector ports that
+// the products share with the conversions: a block's scales cost ~20 vector operations a pass against its 128
+// products at 4 tokens and two terms (Ice Lake Xeon, one thread, alternated processes, min of 6: Q4_K rows 1536 x
+// 8960 and 8960 x 1536 at 64 and 512 tokens 1.06-1.08x; Qwen2.5-Coder-1.5B's 512-token prompt, medians of 15,
+// 78 -> 91 tok/s). One pass (2-4 tokens) converts them in the kernel: made ahead, they ran 3-4% slower there.
+template <bool Residual, bool KS>
+inline void pair_scales(const at::Half* dm0, const at::Half* dm1, int64_t nb, float* out) {
+  const at::Half* dm[2] = {dm0, dm1};
+  for (int64_t b = 0; b < nb; ++b)
+    for (int r = 0; r < 2; ++r) {
+      __m512 dv, mv;
+      block_scales<Residual, KS>(dm[r], b, dv, mv);
+      _mm512_storeu_ps(out + 64 * b + 32 * r, dv);
+      _mm512_storeu_ps(out + 64 * b + 32 * r + 16, mv);
+    }
+}
+
 // Two blocks of 16 output rows (w0, w1; one group a block of 32 inputs) for MT tokens: each activation broadcast
 // feeds two products, one a row block. An Ice Lake Xeon (family 6 model 106) retires two register `vpdpbusd` a
 // cycle but only ~1.15 when each product takes a broadcast of its own (from memory or its own load; measured in a
 // loop of 12 independent products: 5.2 against 3.0 G a second), so qgemm_block, one broadcast a product, reached
 // half the products' rate there. The sums are those of qgemm_block, in the same order: a row's result is the same.
-template <int Bits, int MT, bool Residual, bool KS, typename T>
+// Made: the blocks' scales are read from `scales` (pair_scales), not converted from dm0 and dm1 here.
+template <int Bits, int MT, bool Residual, bool KS, bool Made, typename T>
 inline void qgemm_block2(const uint8_t* w0, const uint8_t* w1, const at::Half* dm0, const at::Half* dm1,
-                         const int8_t* xq, const int8_t* xr, const float* xd, const float* gs, int64_t K, T* y,
-                         int64_t ldy, int64_t rows1, int64_t ahead) {
+                         const float* scales, const int8_t* xq, const int8_t* xr, const float* xd, const float* gs,
+                         int64_t K, T* y, int64_t ldy, int64_t rows1, int64_t ahead) {
   const int64_t nb = K / QBLOCK;
   constexpr int chunks = Bits == 4 ? 4 : 8;  // 64-byte lines per block of 32 inputs
   constexpr int ops = Bits == 4 ? 2 : 1;     // products a line, token, term and row block
@@ -572,10 +598,15 @@ inline void qgemm_block2(const uint8_t* w0, const uint8_t* w1, const at::Half* d
       }
     }
     __m512 dv[2], mv[2];
-    group_scales<KS>(dm0, b, dv[0], mv[0]);
-    group_scales<KS>(dm1, b, dv[1], mv[1]);
-    for (int r = 0; r < 2; ++r)
-      if constexpr (Residual) dv[r] = _mm512_mul_ps(dv[r], _mm512_set1_ps(1.f / RESIDUAL));
+    if constexpr (Made) {
+      for (int r = 0; r < 2; ++r) {
+        dv[r] = _mm512_loadu_ps(scales + 64 * b + 32 * r);
+        mv[r] = _mm512_loadu_ps(scales + 64 * b + 32 * r + 16);
+      }
+    } else {
+      block_scales<Residual, KS>(dm0, b, dv[0], mv[0]);
+      block_scales<Residual, KS>(dm1, b, dv[1], mv[1]);
+    }
     for (int t = 0; t < MT; ++t) {
       const __m512 d = _mm512_set1_ps(xd[t * nb + b]), s = _mm512_set1_ps(gs[t * nb + b]);
       for (int r = 0; r < 2; ++r) {
@@ -999,6 +1030,7 @@ void qgemm_rows_terms(const uint8_t* w, const at::Half* dm, const QuantX& x, int
   if (group == QBLOCK && M > 1) {
     constexpr int TILE2 = Residual ? 4 : 6;
     const int64_t sh = scale_halves(Bits, K, group, KS);
+    std::vector<float> scales(M > TILE2 ? 64 * nb : 0);
     // (Prompt-sized, each pair passes over every token's activations, from L3 where they outgrow L2: chunks of
     // tokens kept in L2 across the pairs ran 0.8-0.9x on Qwen2.5-1.5B-sized rows at 512 tokens, the weights read
     // again a chunk.)
@@ -1006,12 +1038,17 @@ void qgemm_rows_terms(const uint8_t* w, const at::Half* dm, const QuantX& x, int
       const uint8_t* wb = w + rb_begin * line_bytes;
       const at::Half* dmb = dm + rb_begin * sh;
       const int64_t rows1 = std::min<int64_t>(16, N - rb_begin * 16 - 16);
+      if (!scales.empty()) pair_scales<Residual, KS>(dmb, dmb + sh, nb, scales.data());
       token_passes<TILE2>(M, [&](int64_t m, auto tokens) {
         const int64_t ahead = m > 0 && rb_begin + 3 < rb_end ? 2 * line_bytes
                               : line_bytes >= PREFETCH_VNNI ? PREFETCH_VNNI : PREFETCH;
-        qgemm_block2<Bits, decltype(tokens)::value, Residual, KS>(wb, wb + line_bytes, dmb, dmb + sh,
-            x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb, x.gsum.data() + m * ngroups, K,
-            y + m * N + rb_begin * 16, N, rows1, ahead);
+        auto pass = [&](auto made) {
+          qgemm_block2<Bits, decltype(tokens)::value, Residual, KS, decltype(made)::value>(wb, wb + line_bytes,
+              dmb, dmb + sh, scales.data(), x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb,
+              x.gsum.data() + m * ngroups, K, y + m * N + rb_begin * 16, N, rows1, ahead);
+        };
+        if (scales.empty()) pass(std::false_type{});
+        else pass(std::true_type{});
       });
     }
   }
