@@ -530,8 +530,8 @@ inline void block_scales(const at::Half* dm, int64_t b, __m512& dv, __m512& mv) 
 // each row block's 16 d and then its 16 m. Read back, they take the loads' ports, not the two vector ports that
 // the products share with the conversions: a block's scales cost ~20 vector operations a pass against its 128
 // products at 4 tokens and two terms (Ice Lake Xeon, one thread, alternated processes, min of 6: Q4_K rows 1536 x
-// 8960 and 8960 x 1536 at 64 and 512 tokens 1.06-1.08x; Qwen2.5-Coder-1.5B's 512-token prompt, medians of 15,
-// 78 -> 91 tok/s). One pass (2-4 tokens) converts them in the kernel: made ahead, they ran 3-4% slower there.
+// 8960 at 64 and 512 tokens 1.06x and 1.08x; Qwen2.5-Coder-1.5B's 512-token prompt, medians of 15, 78 -> 91
+// tok/s). One pass (2-4 tokens) converts them in the kernel: made ahead, they ran 3-4% slower there.
 template <bool Residual, bool KS>
 inline void pair_scales(const at::Half* dm0, const at::Half* dm1, int64_t nb, float* out) {
   const at::Half* dm[2] = {dm0, dm1};
