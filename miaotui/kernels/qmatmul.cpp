@@ -247,6 +247,13 @@ inline void group_scales(const at::Half* dm, int64_t g, __m512& dv, __m512& mv) 
   }
 }
 
+// Group g's d and m as the block kernels multiply them: d carries the 1/256 of the two terms' shift-joined sum.
+template <bool Residual, bool KS>
+inline void joined_scales(const at::Half* dm, int64_t g, __m512& dv, __m512& mv) {
+  group_scales<KS>(dm, g, dv, mv);
+  if constexpr (Residual) dv = _mm512_mul_ps(dv, _mm512_set1_ps(1.f / RESIDUAL));
+}
+
 // One block of 16 output rows for MT tokens over 6-bit codes: per 16 inputs, three lines unpacked once for all MT
 // tokens, 4 products a term and token, then the group's scale: y += D s (xd Σ q x' - 32 Σ x) (x' the activation
 // codes, two terms as 256 q + r; the 1/256 in D s). Its conversions come per 16 inputs where the 8-bit kernel's
@@ -505,8 +512,7 @@ inline void qgemm_block(const uint8_t* w, const at::Half* dm, const int8_t* xq, 
       }
     }
     __m512 dv, mv;
-    group_scales<KS>(dm, g, dv, mv);
-    if constexpr (Residual) dv = _mm512_mul_ps(dv, _mm512_set1_ps(1.f / RESIDUAL));
+    joined_scales<Residual, KS>(dm, g, dv, mv);
     for (int t = 0; t < MT; ++t) {
       acc[t] = _mm512_fmadd_ps(fd[t], dv, acc[t]);
       acc[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(gs[t * ngroups + g]), acc[t]);
@@ -517,13 +523,6 @@ inline void qgemm_block(const uint8_t* w, const at::Half* dm, const int8_t* xq, 
     _mm512_store_ps(out, acc[t]);
     store_row(y + t * ldy, rows, out);
   }
-}
-
-// Block b's d (with the two terms' 1/256) and m of 16 rows, as qgemm_block2 multiplies them.
-template <bool Residual, bool KS>
-inline void block_scales(const at::Half* dm, int64_t b, __m512& dv, __m512& mv) {
-  group_scales<KS>(dm, b, dv, mv);
-  if constexpr (Residual) dv = _mm512_mul_ps(dv, _mm512_set1_ps(1.f / RESIDUAL));
 }
 
 // A pair of row blocks' scales for qgemm_block2's passes over many tokens, made once: per block b, at out + 64 b,
@@ -538,7 +537,7 @@ inline void pair_scales(const at::Half* dm0, const at::Half* dm1, int64_t nb, fl
   for (int64_t b = 0; b < nb; ++b)
     for (int r = 0; r < 2; ++r) {
       __m512 dv, mv;
-      block_scales<Residual, KS>(dm[r], b, dv, mv);
+      joined_scales<Residual, KS>(dm[r], b, dv, mv);
       _mm512_storeu_ps(out + 64 * b + 32 * r, dv);
       _mm512_storeu_ps(out + 64 * b + 32 * r + 16, mv);
     }
@@ -604,8 +603,8 @@ inline void qgemm_block2(const uint8_t* w0, const uint8_t* w1, const at::Half* d
         mv[r] = _mm512_loadu_ps(scales + 64 * b + 32 * r + 16);
       }
     } else {
-      block_scales<Residual, KS>(dm0, b, dv[0], mv[0]);
-      block_scales<Residual, KS>(dm1, b, dv[1], mv[1]);
+      joined_scales<Residual, KS>(dm0, b, dv[0], mv[0]);
+      joined_scales<Residual, KS>(dm1, b, dv[1], mv[1]);
     }
     for (int t = 0; t < MT; ++t) {
       const __m512 d = _mm512_set1_ps(xd[t * nb + b]), s = _mm512_set1_ps(gs[t * nb + b]);
