@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 PAGE = 2 << 20  # a huge page
+MADV_POPULATE_READ = 22  # Linux 5.14+: a mapping's page tables filled from the page cache, nothing copied
 ARENA = 64 << 20  # tensors up to a quarter of this share arenas; larger ones get one of their own
 ALIGN = 64  # a cache line, for the kernels' aligned loads
 
@@ -95,3 +96,38 @@ def copy(t: torch.Tensor) -> torch.Tensor:
     out = empty(*t.shape, dtype=t.dtype)
     out.copy_(t)
     return out
+
+
+def map_file(fd: int, size: int) -> torch.Tensor:
+    """The first `size` bytes of an open file as a uint8 tensor, mapped copy-on-write from the OS page cache and
+    faulted in now. Where the file system holds the file in 2 MB folios (ext4 and xfs large folios, Linux 6.x;
+    a mapping that asks for huge pages reads ahead in them) the kernel maps each 2 MB-aligned stretch of the file in
+    one huge page: no copy, no fresh memory to zero, and the same TLB reach as `empty`'s arenas. Elsewhere it is 4 KB
+    pages, still correct. The file must not be truncated while mapped (SIGBUS): replace it by renaming."""
+    region = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    if GRANTED:
+        region.madvise(mmap.MADV_HUGEPAGE)
+    try:
+        region.madvise(MADV_POPULATE_READ)  # at load, not in the first forward pass; no copy-on-write breaks
+    except OSError:
+        pass  # an older kernel: faulted in on first use
+    return torch.frombuffer(region, dtype=torch.uint8)  # holds `region` for as long as any view of it lives
+
+
+def in_huge_pages(t: torch.Tensor) -> bool:
+    """Whether the mapping that holds `t` is mapped in huge pages (anonymous or from the page cache), as
+    /proc/self/smaps tells; False where it cannot tell. A few ms: once a load, not once a tensor."""
+    address = t.data_ptr()
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return False
+    inside = False
+    for line in lines:
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and not head.endswith(":"):
+            start, _, end = head.partition("-")
+            inside = int(start, 16) <= address < int(end, 16)
+        elif inside and head in ("AnonHugePages:", "FilePmdMapped:", "ShmemPmdMapped:") and line.split()[1] != "0":
+            return True
+    return False

@@ -1,16 +1,22 @@
 """Packed weights kept on disk: a GGUF file's blocks repacked into the kernels' layout once, read back on later loads.
 
-Repacking is the largest part of a big model's load that is miaotui's own work, and reading its result back from the
-OS page cache is a copy into the kernels' 2 MB pages (Qwen2.5-Coder-1.5B Q4_K_M, fresh processes alternated on an
-Ice Lake Xeon: 1.70-1.81 s a load packing, 1.27-1.45 s reading back, llama.cpp 0.87-0.90 s; the rest is the GGUF's
-vocabulary and the tokenizer built from it). The copy is kept, not mapped: weights streamed from 4 KB page-cache
-pages decode ~7% slower (kernels/pages.py). Entries are safetensors files (any safetensors reader opens them) under
-$MIAOTUI_HOME/packed/<file>-<key>/, one per packed matrix, keyed by the source file (path, size, modification
-time) and the kernel build and Python that packed it (their sources and flags), so an edited file or a changed
-packer packs afresh. Only files of `MIN_FILE_BYTES` or more are kept (smaller ones pack in a blink); a new folder
-replaces those of older versions of its file and all but one other build's, and the least recently used go beyond
-`MAX_BYTES`. `MIAOTUI_PACK_CACHE=0` turns it off. A cache that cannot be written (read-only home, full disk) warns
-once and the load goes on.
+Repacking is the largest part of a big model's load that is miaotui's own work. Read back, a matrix is mapped from
+the OS page cache and used where it lies, where the file system keeps the file in 2 MB folios (ext4 from Linux 6.16,
+xfs): the entry is laid out for it (the file ends on a 2 MB boundary, padded by at most half its matrix), and each
+2 MB of it is then one huge page, as fast to stream as `pages.empty`'s, with no copy and no fresh memory to zero
+(a 2-core VM's first touch of new memory is slow and varies). Elsewhere, and for the small matrices that are not
+padded, it is copied into `pages.empty`: from 4 KB page-cache pages a decode runs ~7% slower (kernels/pages.py).
+Qwen2.5-Coder-1.5B Q4_K_M, fresh processes alternated on an Ice Lake Xeon (ext4, Linux 6.18): 1.95-2.24 s a load
+copying, 0.64-1.04 s mapping (llama.cpp 0.9-1.4 s); the rest is the GGUF's vocabulary and the tokenizer built from
+it. Processes loading the same model share the mapped pages.
+
+Entries are safetensors files (any safetensors reader opens them) under $MIAOTUI_HOME/packed/<file>-<key>/, one per
+packed matrix, keyed by the source file (path, size, modification time) and the kernel build and Python that packed
+it (their sources and flags, the entries' `LAYOUT`), so an edited file or a changed packer packs afresh. Only files of
+`MIN_FILE_BYTES` or more are kept (smaller ones pack in a blink); a new folder replaces those of older versions of its
+file and all but one other build's, and the least recently used go beyond `MAX_BYTES`. `MIAOTUI_PACK_CACHE=0` turns
+it off. A cache that cannot be written (read-only home, full disk) warns once and the load goes on. An entry is
+replaced by renaming, never rewritten in place: a mapped file cut short would fault its readers.
 """
 
 from __future__ import annotations
@@ -36,10 +42,13 @@ log = logging.getLogger(__name__)
 
 MIN_FILE_BYTES = 64 << 20  # SmolLM2's 98 MB Q4_1 file: 0.49 -> 0.30 s a load (Ice Lake)
 MAX_BYTES = 32 << 30
+LAYOUT = 2  # of an entry's file (in the folder's key): 2 lays matrices out to be mapped
 _DTYPES = {torch.uint8: "U8", torch.float16: "F16"}
 _BY_NAME = {v: k for k, v in _DTYPES.items()}
 _CHUNK = 4 << 20
+_HEAD = 4096  # an entry's JSON header fits in this
 _warned: list[bool] = []
+_huge: dict[Path, bool] = {}
 _pending: list[Future] = []
 _lock = threading.Lock()
 _PACKER = Path(__file__).with_name("packed.py")
@@ -65,20 +74,41 @@ class Entry:
         self.folder, self.source, self.path = folder, source, folder / f"{name}.safetensors"
 
     def read(self) -> dict | None:
-        """{"data", "dm": tensors in 2 MB pages, "bits", "group": ints}, or None where there is no sound entry."""
+        """{"data", "dm": tensors in 2 MB pages, "bits", "group": ints}, or None where there is no sound entry. Where
+        huge pages are granted the file is mapped, its header read through the mapping (a `read` would bring its first
+        2 MB into the page cache in small folios), and an entry laid out for it (`_write`) used in place; others are
+        copied into `pages.empty`."""
         try:
             with open(self.path, "rb", buffering=0) as f:
-                (size,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(size))
+                total = os.fstat(f.fileno()).st_size
+                whole = pages.map_file(f.fileno(), total) if pages.GRANTED and total else None
+                at = ((lambda o, n: whole[o:o + n].numpy().tobytes()) if whole is not None
+                      else (lambda o, n: os.pread(f.fileno(), n, o)))
+                (size,) = struct.unpack("<Q", at(0, 8))
+                start = 8 + size
+                if start > total:
+                    raise ValueError("the header is cut short")
+                header = _header(at(8, min(size, _HEAD)), lambda: at(8, size))
                 meta = header.pop("__metadata__")
                 out: dict = {k: int(v) for k, v in meta.items()}
-                for name in ("data", "dm"):
-                    spec = header[name]
-                    t = pages.empty(*spec["shape"], dtype=_BY_NAME[spec["dtype"]])
+                specs = {name: header[name] for name in ("data", "dm")}
+                for name, spec in specs.items():
                     begin, end = spec["data_offsets"]
-                    if end - begin != t.nbytes or not _read_into(f.fileno(), t, 8 + size + begin):
+                    want = torch.Size(spec["shape"]).numel() * _BY_NAME[spec["dtype"]].itemsize
+                    if end - begin != want or start + end > total:
                         raise ValueError(f"{name} is cut short")
-                    out[name] = t
+                in_place = (total % pages.PAGE == 0 and start % pages.ALIGN == 0  # as `_write` lays it out
+                            and whole is not None and _maps_huge(self.folder, whole))
+                for name, spec in specs.items():
+                    begin, end = spec["data_offsets"]
+                    dtype = _BY_NAME[spec["dtype"]]
+                    if whole is not None:
+                        t = whole[start + begin:start + end].view(dtype).view(spec["shape"])
+                        out[name] = t if in_place else pages.copy(t)
+                        continue
+                    out[name] = t = pages.empty(*spec["shape"], dtype=dtype)
+                    if not _read_into(f.fileno(), t, start + begin):
+                        raise ValueError(f"{name} is cut short")
             os.utime(self.folder)  # recently used: the last folder to be trimmed
             return out
         except FileNotFoundError:
@@ -104,22 +134,51 @@ class Entry:
                 _trim(self.folder, self.source)
             header: dict = {"__metadata__": {"bits": str(bits), "group": str(group)}}
             offset = 0
-            for name, t in (("data", data), ("dm", dm)):
+            for name, t in (("dm", dm), ("data", data)):
                 header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
                                 "data_offsets": [offset, offset + t.nbytes]}
                 offset += t.nbytes
             text = json.dumps(header).encode()
-            text += b" " * (-len(text) % 8)
+            # to be mapped in place the file ends on a 2 MB boundary (every 2 MB of it then a whole folio of the
+            # page cache, mapped in one huge page), where that pads it by at most half its matrix's bytes
+            content = dm.nbytes + data.nbytes
+            pad = -(8 + len(text) + content) % pages.PAGE
+            if pad > content // 2 or dm.nbytes % pages.ALIGN or data.nbytes % pages.ALIGN:
+                pad = -(8 + len(text)) % pages.ALIGN  # copied on reading
+            text += b" " * pad
+            head = struct.pack("<Q", len(text)) + text + _bytes(dm).tobytes()
+            cut = -len(head) % pages.PAGE  # the first write ends on a 2 MB boundary, so its folios are whole too
+            body = _bytes(data)
             tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
             with open(tmp, "wb") as f:
-                f.write(struct.pack("<Q", len(text)) + text)
-                for t in (data, dm):
-                    f.write(t.contiguous().view(torch.uint8).reshape(-1).numpy())
+                f.write(head + body[:cut].tobytes())
+                f.write(body[cut:])
             tmp.replace(self.path)
         except OSError as e:
             if not _warned:
                 _warned.append(True)
                 log.warning("cannot keep packed weights under %s (%s); every load will pack them", self.folder, e)
+
+
+def _maps_huge(folder: Path, whole: torch.Tensor) -> bool:
+    """Whether `folder`'s files map in huge pages (their file system keeps them in 2 MB folios: ext4 from Linux 6.16,
+    xfs from 5.18), as the first of them this process maps shows; where they do not, entries are copied: from 4 KB
+    pages a decode runs ~7% slower (kernels/pages.py)."""
+    if folder not in _huge:
+        _huge[folder] = pages.in_huge_pages(whole)
+    return _huge[folder]
+
+
+def _header(first: bytes, whole) -> dict:
+    """The JSON header from its first bytes (it ends there; up to 2 MB of padding follow), else from all of it."""
+    try:
+        return json.JSONDecoder().raw_decode(first.decode())[0]
+    except ValueError:
+        return json.loads(whole())
+
+
+def _bytes(t: torch.Tensor):
+    return t.contiguous().view(torch.uint8).reshape(-1).numpy()
 
 
 def flush() -> None:
@@ -180,7 +239,7 @@ def _folder(source: Path, size: int, mtime_ns: int, ops) -> tuple[str, dict]:
     (named by its class and a hash of its sources and flags) and the Python that picks each matrix's widths
     (packed.py)."""
     version = {"path": str(source.resolve()), "size": size, "mtime_ns": mtime_ns}
-    layout = f"{Path(ops.__file__).parent.name} {hashlib.sha256(_PACKER.read_bytes()).hexdigest()[:16]}"
+    layout = f"{Path(ops.__file__).parent.name} {hashlib.sha256(_PACKER.read_bytes()).hexdigest()[:16]} {LAYOUT}"
     key = hashlib.sha256(f"{json.dumps(version)} {layout}".encode()).hexdigest()[:16]
     return f"{source.stem}-{key}", version
 

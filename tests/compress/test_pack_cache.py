@@ -8,11 +8,12 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from miaotui.kernels import cpu_ops, has_packed
+from miaotui.kernels import cpu_ops, has_packed, pages
 from miaotui.loader.gguf import iter_weights, read_config
 from miaotui.loader.gguf_file import GGUFFile
 from miaotui.quant import pack_cache
@@ -67,6 +68,47 @@ def test_packed_matrices_are_kept_and_read_back_exactly(cache, smollm2_path, mon
 
     monkeypatch.setattr(cpu_ops(), "pack_blocks", refuse)
     assert same(pack_all(smollm2_path), first)
+
+
+def mapped_files() -> dict[str, list[tuple[int, int]]]:
+    """Each file this process maps: the address ranges of its mappings."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6:
+            a, b = (int(x, 16) for x in fields[0].split("-"))
+            out.setdefault(fields[5], []).append((a, b))
+    return out
+
+
+@pytest.mark.skipif(not pages.GRANTED, reason="no transparent huge pages here: entries are copied")
+def test_large_matrices_are_read_in_place_from_the_page_cache(cache, smollm2_path, caplog, monkeypatch):
+    first = pack_all(smollm2_path)
+    (folder,) = cache.iterdir()
+    laid_out = {str(f) for f in folder.glob("*.safetensors") if f.stat().st_size % pages.PAGE == 0}
+    assert len(laid_out) == 2  # gate|up (1.8 MB at 8 bits) and the embedding table; q's 0.2 MB is padded no further
+
+    def where(huge: bool) -> list[bool]:
+        """Which matrices a load uses where their files are mapped, the file system holding them in 2 MB folios
+        or not (as this host's does: ext4 from Linux 6.16, xfs)."""
+        monkeypatch.setattr(pack_cache, "_huge", {})
+        monkeypatch.setattr(pages, "in_huge_pages", lambda t: huge)
+        weights = pack_all(smollm2_path)
+        assert same(weights, first)
+        maps = mapped_files()
+        return [any(a <= w.data.data_ptr() < b and a <= w.dm.data_ptr() < b for name in laid_out
+                    for a, b in maps.get(name, ())) for w in weights]
+
+    assert where(huge=True) == [False, True, True]  # q copied into `pages.empty`, the others used where mapped
+    assert where(huge=False) == [False, False, False]  # from 4 KB pages a decode is slower: copied
+    victim = Path(max(laid_out, key=lambda f: Path(f).stat().st_size))  # the table, cut short under a new inode
+    cut = victim.with_suffix(".cut")  # (truncating a mapped one in place would fault its users on their next read)
+    cut.write_bytes(victim.read_bytes()[:3 << 20])
+    cut.replace(victim)
+    monkeypatch.setattr(pages, "in_huge_pages", lambda t: True)
+    with caplog.at_level(logging.WARNING):
+        assert same(pack_all(smollm2_path), first)  # its length checked before any byte of it is touched
+    assert "is cut short" in caplog.text
 
 
 def test_a_damaged_entry_is_packed_again(cache, smollm2_path, caplog):
