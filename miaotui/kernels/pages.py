@@ -15,7 +15,8 @@ ran 1.06-1.17x faster from 2 MB pages, whole steps of an engine's own blocks 0.9
 
 Tensors are carved out of arenas of 2 MB-aligned anonymous memory, never freed one by one: an arena goes when the
 last tensor in it goes (each holds its arena's buffer). Where the system has no such pages (not Linux, or THP set
-to `never`) `empty` is `torch.empty`.
+to `never`) `empty` is `torch.empty`. Packed weights kept on disk come back through `map_file` instead: the page
+cache's own 2 MB folios, mapped in place (quant/pack_cache.py).
 """
 
 from __future__ import annotations
