@@ -147,7 +147,7 @@ class DraftModelProposer(Proposer):
 
     def seconds(self) -> float:
         """A draft step of one row."""
-        return pass_seconds(self.runner, self.kv, 0)[0]
+        return pass_seconds(self.runner, self.kv, [0])[0]
 
     def stop_dear(self, seq: Sequence) -> bool:
         """No more draft passes for the request (its shadow's cache given back); its lookups go on."""

@@ -146,9 +146,9 @@ class Engine:
         k more rows, a proposal): the adaptive k weighs it, and the engine's steps refine it."""
         proposer = build_proposer(spec, self)
         rows = spec.num_speculative_tokens
-        one, more = pass_seconds(self.runner, self.kv, rows)
+        seconds = pass_seconds(self.runner, self.kv, list(range(rows + 1)))
         # where the cache has no room to time a pass, a middling guess
-        price = StepPrice(one, max(0.0, more - one) / rows, proposer.seconds(), rows) if one else StepPrice.fixed(0.5)
+        price = StepPrice.measured(seconds, proposer.seconds()) if seconds[0] else StepPrice.fixed(0.5)
         speculator = Speculator(spec, proposer, self.max_model_len, price)
         log.info("speculative decoding: %s, k <= %d; a proposed token costs %.2f of a step to start with",
                  spec.method, rows, price())

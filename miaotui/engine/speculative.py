@@ -14,6 +14,7 @@ reads each weight for many tokens.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from abc import ABC, abstractmethod
@@ -180,14 +181,15 @@ class _Adaptive:
     free: bool = False  # no k paid for the proposer's dear proposals: only its free ones from now on
 
 
-def best_k(rate: float, row_cost: float, top: int) -> int:
+def best_k(rate: float, row_cost: float, top: int, shape: list[float] | None = None, extra: float = 0.0) -> int:
     """The k with the most tokens per unit of step time: a step taking k proposals yields 1 + a + ... + a^k tokens
-    (each proposal holds with probability a, given the ones before it held) and costs 1 + row_cost * k plain steps.
-    0 where no k beats a plain step."""
+    (each proposal holds with probability a, given the ones before it held) and costs 1 + k * (row_cost * shape[k]
+    + extra) plain steps: `shape[k]`, where given, how much dearer than the average row (`row_cost`) each of k rows is
+    (`StepPrice.shape`), `extra` a proposal's own price. 0 where no k beats a plain step."""
     a = min(rate, 0.99)
     best, value = 0, 1.0
     for k in range(1, top + 1):
-        v = (1 - a ** (k + 1)) / (1 - a) / (1 + row_cost * k)
+        v = (1 - a ** (k + 1)) / (1 - a) / (1 + k * (row_cost * (shape[k] if shape else 1.0) + extra))
         if v > value * 1.05:  # a clear gain, not noise
             best, value = k, v
     return best
@@ -203,24 +205,45 @@ class StepPrice:
 
     Steps of one stream mostly have the same number of rows (k stays at its top while proposals hold), which tell
     the line's height but not its slope; so the start-up ratio of a row to a step stays in the fit as one more
-    observation, scale-free: a machine that slows down as a whole keeps its price."""
+    observation, scale-free: a machine that slows down as a whole keeps its price.
+
+    A step's price is no line, though, where the kernels take the rows in passes: VNNI's 4-bit products take 4 rows a
+    pass over each block, so a fifth row costs a second pass (Qwen2.5-Coder-1.5B's products, Ice Lake: 2 rows 1.14x a
+    row's time, 4 rows 1.41x, 5 rows 2.04x, 8 rows 2.57x). `shape[k]`, from the start-up's step at each number of
+    rows, is how much each of k proposals' rows costs against the line's average: the line learns the level, the
+    shape says where the steps are, and a well-accepted request stops at 3 proposals rather than 4 there."""
 
     DECAY = 0.97  # per step: the last ~30 weigh most
     START = 4.0  # the start-up line counts as this many steps at first (at one row and at one plus k), then fades
     START_DECAY = 0.8  # per step, so that the start-up's seconds (not its ratio) are forgotten within ~20 steps
 
-    def __init__(self, one: float, per_row: float, per_proposal: float = 0.0, rows: int = 4, learn: bool = True):
-        self.learn = learn
+    def __init__(self, one: float, per_row: float, per_proposal: float = 0.0, rows: int = 4, learn: bool = True,
+                 shape: list[float] | None = None):
+        self.learn, self.shape_k = learn, shape
         ratio = per_row / one
-        self.shape = np.array([[ratio * ratio, -ratio], [-ratio, 1.0]])  # "a row costs `ratio` of a step", once
+        self.prior = np.array([[ratio * ratio, -ratio], [-ratio, 1.0]])  # "a row costs `ratio` of a step", once
         self.start = self.START * (_line_sums(0, one) + _line_sums(rows, one + rows * per_row))
         self.steps = np.zeros(5)  # decayed sums over the steps: weight, x, y, x*x, x*y (x: rows beyond one)
         self.proposals = self.START * rows * np.array([per_proposal, 1.0])  # decayed proposer seconds, tokens
 
     @classmethod
+    def measured(cls, seconds: list[float], per_proposal: float = 0.0) -> StepPrice:
+        """From the start-up's steps with 0, 1, ... k extra rows (`pass_seconds`; more rows never cost less)."""
+        curve = list(itertools.accumulate(seconds, max))
+        one, rows = curve[0], len(curve) - 1
+        per_row = (curve[-1] - one) / rows
+        shape = [1.0] + [(c - one) / k / per_row if per_row > 0 else 1.0 for k, c in enumerate(curve[1:], 1)]
+        return cls(one, per_row, per_proposal, rows, shape=shape)
+
+    @classmethod
     def fixed(cls, row_cost: float) -> StepPrice:
         """A price that does not learn: a proposed token costs `row_cost` of a one-row step."""
         return cls(1.0, row_cost, learn=False)
+
+    def shape(self, seqs: int = 1) -> list[float] | None:
+        """How much dearer than the average each of k rows is, for a request decoding alone (None: as the line says;
+        a batch's rows fall into passes as they come)."""
+        return self.shape_k if seqs == 1 else None
 
     def step(self, rows: int, seconds: float) -> None:
         if self.learn:
@@ -235,7 +258,7 @@ class StepPrice:
         """Seconds of a one-row step, and of each row more (weighted least squares over (rows beyond one,
         seconds), with the start-up's ratio as one more observation)."""
         w, x, y, xx, xy = (self.start + self.steps).tolist()
-        (a, b), (c, d) = self.shape.tolist()
+        (a, b), (c, d) = self.prior.tolist()
         a, b, c, d = a + w, b + x, c + x, d + xx  # the 2 x 2 normal equations, by hand: np.linalg.solve took
         det = a * d - b * c  # ~35 us, twice a step (2% of a SmolLM2 speculative step)
         return max((d * y - b * xy) / det, 1e-9), max((a * xy - c * y) / det, 0.0)
@@ -268,7 +291,8 @@ class Speculator:
         """Whether the cheapest proposals (looked up: only their rows cost), always holding, would pay at today's
         price: where a scored row costs about a step, no speculation does. (Not the full price: a spell of dear
         proposals would turn speculation off for good, with nothing proposed to learn that it got cheaper.)"""
-        return best_k(0.99, self.price(seqs, proposing=False), self.config.num_speculative_tokens) > 0
+        return best_k(0.99, self.price(seqs, proposing=False), self.config.num_speculative_tokens,
+                      self.price.shape(seqs)) > 0
 
     def propose(self, running: list[Sequence], waiting: int = 0) -> None:
         """`waiting`: requests not yet admitted, which join the batch within a few steps; they count, so that a
@@ -276,12 +300,13 @@ class Speculator:
         batch = len(running) + waiting
         if batch > self.config.disable_by_batch_size or not self.pays(batch):
             return
-        price, free = self.price(batch), self.price(batch, proposing=False)
+        row = self.price(batch, proposing=False)
+        proposal, shape = self.price(batch) - row, self.price.shape(batch)
         ready, ks = [], []
         for seq in running:
             if seq.num_computed != seq.num_tokens - 1 or seq.finished:  # still in its prompt
                 continue
-            k = self._k(seq, free if seq.spec and seq.spec.free else price)
+            k = self._k(seq, row, 0.0 if seq.spec and seq.spec.free else proposal, shape)
             p = seq.params
             if p.max_tokens is not None:
                 k = min(k, p.max_tokens - len(seq.output_ids) - 1)
@@ -310,12 +335,12 @@ class Speculator:
     def release(self, seq: Sequence) -> None:
         self.proposer.release(seq)
 
-    def _k(self, seq: Sequence, price: float) -> int:
-        """k from the request's acceptance and the price of a proposal (`best_k`); a request for which no k pays waits
-        (1, 2, 4 ... steps) and then tries one proposal, to learn whether its text has become predictable — or,
-        where the proposer's tries are not free (`retries`), stops its dear proposals and goes on with the free ones
-        (a draft model's lookups: a summary whose draft guesses fail still copies spans of its article), or where
-        there are none stops speculating and gives back what it held."""
+    def _k(self, seq: Sequence, row: float, proposal: float, shape: list[float] | None) -> int:
+        """k from the request's acceptance and the price of a proposal, its row's and its own (`best_k`); a request
+        for which no k pays waits (1, 2, 4 ... steps) and then tries one proposal, to learn whether its text has
+        become predictable — or, where the proposer's tries are not free (`retries`), stops its dear proposals and
+        goes on with the free ones (a draft model's lookups: a summary whose draft guesses fail still copies spans of
+        its article), or where there are none stops speculating and gives back what it held."""
         state = seq.spec = seq.spec or _Adaptive()
         if state.off:
             return 0
@@ -328,7 +353,8 @@ class Speculator:
         if state.wait:
             state.wait -= 1
             return 0
-        k = best_k(state.accepted / (state.accepted + state.rejected), price, self.config.num_speculative_tokens)
+        k = best_k(state.accepted / (state.accepted + state.rejected), row, self.config.num_speculative_tokens, shape,
+                   proposal)
         if k == 0:
             if not self.proposer.retries and not state.free:
                 if m.proposed_tokens < TRIALS:  # learn the request's own rate first, one proposal a step
@@ -345,30 +371,28 @@ class Speculator:
         return k
 
 
-def pass_seconds(runner: ModelRunner, kv: KVCacheManager, rows: int) -> tuple[float, float]:
-    """Medians of a few steps (forward pass and sampling) over a scratch sequence in free blocks of the cache: one
-    decode row, and one plus `rows` more; (0, 0) where the cache has no room."""
+def pass_seconds(runner: ModelRunner, kv: KVCacheManager, extra: list[int]) -> list[float]:
+    """Medians of a few steps (forward pass and sampling) over a scratch sequence in free blocks of the cache, one
+    decode row and each of `extra` more (the counts taken in turn, so that the machine's drift falls on all alike);
+    zeros where the cache has no room."""
+    top = max(extra)
     seq = Sequence("timing", [1] * 64, 64, SamplingParams(max_tokens=1), None)  # type: ignore[arg-type]
-    if not kv.can_allocate(seq, 64 + rows):
-        return 0.0, 0.0
-    kv.allocate(seq, 64 + rows)
+    if not kv.can_allocate(seq, 64 + top):
+        return [0.0] * len(extra)
+    kv.allocate(seq, 64 + top)
     runner.zero_blocks(kv.fresh)
     kv.fresh = []
     try:
         runner.forward([seq], [63])
         seq.num_computed = 63
-
-        def timed(draft: list[int]) -> float:
-            seq.draft = draft
-            times = []
-            for _ in range(5):
+        times: list[list[float]] = [[] for _ in extra]
+        for _ in range(5 if len(extra) <= 2 else 3):
+            for i, n in enumerate(extra):
+                seq.draft = [1] * n
                 start = time.perf_counter()
-                runner.run(ScheduledBatch([seq], [1 + len(draft)]))
-                times.append(time.perf_counter() - start)
-            return statistics.median(times)
-
-        one = timed([])
-        return one, timed([1] * rows) if rows else one
+                runner.run(ScheduledBatch([seq], [1 + n]))
+                times[i].append(time.perf_counter() - start)
+        return [statistics.median(t) for t in times]
     finally:
         seq.draft = []
         kv.release(seq)

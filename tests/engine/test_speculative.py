@@ -355,6 +355,20 @@ def test_k_weighs_acceptance_against_the_cost_of_a_row():
     assert dear.pays() and dear.price() == pytest.approx(2.1)
 
 
+def test_where_rows_come_in_passes_k_stops_before_the_next_pass():
+    """VNNI's 4-bit products take 4 rows a pass: a fifth costs a second pass. Priced as a line, a well-accepted
+    request would guess 8 ahead; priced by the steps measured at each number of rows, it guesses 3 (4 rows)."""
+    seconds = [1.0, 1.05, 1.1, 1.15, 2.0, 2.05, 2.1, 2.15, 2.2]  # 0 .. 8 extra rows
+    price = StepPrice.measured(seconds)
+    assert price() == pytest.approx(0.15)  # the line's average row, as before
+    assert best_k(0.9, price(), 8) >= 6
+    assert best_k(0.9, price(), 8, price.shape()) == 3
+    assert best_k(0.99, price(), 8, price.shape()) == 8  # near-certain proposals still go past the step
+    assert price.shape(seqs=4) is None  # a batch's rows fall into passes as they come: the line
+    noisy = StepPrice.measured([1.0, 1.2, 1.1, 1.3])  # more rows never cost less: 1.1 read as 1.2
+    assert noisy.shape() == pytest.approx([1.0, 2.0, 1.0, 1.0])
+
+
 def test_the_price_of_a_proposal_is_learned_from_the_steps():
     """Priced wrong at start, the price follows the steps' own line; a machine that slows down as a whole keeps its
     price; proposals that cost nothing (lookups) lower it; in a batch a proposal weighs more."""
