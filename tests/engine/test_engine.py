@@ -200,11 +200,13 @@ print(json.dumps([faults_making(1, 3 * 2**24) for _ in range(4)]))  # a block of
 def test_cpu_engine_reuses_what_a_step_frees():
     """Once a CPU engine runs, a step's large intermediates, freed and made again, take no fresh pages: glibc's
     default maps every block over 32 MB afresh (49k page faults for this one, every time). In a process of its
-    own, so that no earlier test's settings or heap serve it."""
+    own, so that no earlier test's settings or heap serve it. The first block's free may still hand the heap's top
+    back, where the engine's start left more than 64 MB free there besides it (past the 256 MB trim threshold: 1 in
+    5-16 processes here, [48921, 49152, 0, 0]); from the next on, each is the last one's memory."""
     out = subprocess.run([sys.executable, "-c", FAULTS_AFTER_AN_ENGINE, str(model_path("smollm2-135m"))],
                          capture_output=True, text=True, check=True).stdout
     faults = json.loads(out.strip().splitlines()[-1])
-    assert max(faults[1:]) < 500, faults
+    assert max(faults[2:]) < 500, faults
 
 
 def test_invalid_parameters_name_the_field():
