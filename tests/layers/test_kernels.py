@@ -131,13 +131,15 @@ def test_bf16_paged_attention_at_model_head_sizes(ops, head_dim, hq, hkv):
 
 
 @pytest.mark.parametrize("cache", ["model", "int8"])
-@pytest.mark.parametrize("hkv,window", [(1, 0), (3, 0), (1, 300)])
-def test_paged_attention_long_contexts_merge_their_spans(ops, cache, hkv, window):
+@pytest.mark.parametrize("hkv,group,d,window", [(1, 2, 64, 0), (3, 2, 64, 0), (1, 2, 64, 300), (2, 6, 128, 0),
+                                                (1, 4, 256, 0)])
+def test_paged_attention_long_contexts_merge_their_spans(ops, cache, hkv, group, d, window):
     """Past 256 keys a sequence's keys are scored in spans by separate work items and the partial softmaxes merged:
-    the same attention as one pass (one kv head, as Gemma 3 270M has; a window that starts mid-span), and a
-    sequence's result does not depend on the batch it is in."""
+    the same attention as one pass (one kv head, as Gemma 3 270M has; a window that starts mid-span; Qwen2.5's and
+    Gemma's head sizes and groups, whose value sums take the heads in chunks), and a sequence's result does not
+    depend on the batch it is in."""
     torch.manual_seed(1)
-    blocks, bs, hq, d = 140, 16, 2 * hkv, 64
+    blocks, bs, hq = 140, 16, group * hkv
     lens = torch.tensor([700, 257, 256, 5])  # three spans (the last partial), two (one key in the second), one
     tables = torch.stack([torch.randperm(blocks - 1)[:48] + 1 for _ in lens])
     q = torch.randn(len(lens), hq, d)
