@@ -247,7 +247,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if unknown:
         raise MiaotuiError(f"unknown scenario {unknown[0]!r}; choose from {', '.join(SCENARIOS)} (or embeddings)")
     cfg = BenchConfig(engine=engine_config(args), decode_tokens=args.decode_tokens,
-                      prefill_tokens=args.prefill_tokens, num_prompts=args.num_prompts, input_len=args.input_len,
+                      prefill_tokens=args.prefill_tokens, context_tokens=args.context_tokens,
+                      num_prompts=args.num_prompts, input_len=args.input_len,
                       output_len=args.output_len, concurrency=args.concurrency, serve_requests=args.serve_requests,
                       repeats=args.repeats, scenarios=tuple(args.scenarios.split(",")))
     peers = tuple(args.peers.split(","))
@@ -527,12 +528,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compare", action="store_true", help="also run llama.cpp and transformers when installed")
     b.add_argument("--peers", default="llama.cpp,transformers", help="with --compare: which peers to run")
     b.add_argument("--scenarios", default="decode,sampled,prefill,throughput,latency,prefix",
-                   help="comma-separated subset of decode,sampled,prefill,throughput,latency,prefix,speculative "
-                   "(sampled: single-stream decode at temperature 0.8, top-p 0.95; speculative: plain vs "
+                   help="comma-separated subset of decode,sampled,prefill,long,throughput,latency,prefix,speculative "
+                   "(sampled: single-stream decode at temperature 0.8, top-p 0.95; long: single-stream decode after "
+                   "a prompt of --context-tokens; speculative: plain vs "
                    "--speculative-config, ngram by default, on summarization, QA, code editing and chat; "
                    "embeddings: alone, with an embedding model, against sentence-transformers)")
     b.add_argument("--decode-tokens", type=int, default=128)
     b.add_argument("--prefill-tokens", type=int, default=512)
+    b.add_argument("--context-tokens", type=int, default=2048, help="the long scenario's prompt length")
     b.add_argument("--num-prompts", type=int, default=32)
     b.add_argument("--input-len", type=int, default=64)
     b.add_argument("--output-len", type=int, default=128)
@@ -549,8 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "prefer --api-key-file or $MIAOTUI_API_KEY)")
     sv.add_argument("--api-key-file", default=None, help="read the API key from this file")
     sv.add_argument("--allowed-origins", default=None, metavar="ORIGINS",
-                    help="browser origins allowed to call the API (CORS), comma-separated; 'localhost' for pages on this "
-                    "machine (any port), '*' for any (default none)")
+                    help="browser origins allowed to call the API (CORS), comma-separated; 'localhost' for pages on "
+                    "this machine (any port), '*' for any (default none)")
     sv.add_argument("--allow-credentials", action="store_true", help="CORS answers allow credentials (as vLLM's "
                     "flag; the allowed origin is then named, never '*')")
     sv.add_argument("--allowed-methods", default="*", metavar="METHODS", help="methods a CORS preflight may ask "

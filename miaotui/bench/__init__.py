@@ -28,7 +28,7 @@ def _peak_rss_mb() -> float:
 
 def in_turns(benches: dict[str, Any], cfg: BenchConfig, vocab: int, avoid: set[int],
              meter: EnergyMeter) -> dict[str, dict[str, Any]]:
-    """The scenarios every engine supports (decode, sampled, prefill, throughput), the engines taking turns run by
+    """The scenarios every engine supports (decode, sampled, prefill, long, throughput), the engines taking turns run by
     run, the order rotating each round, medians per engine. A host's speed drifts: the 2-core development machine's
     memory bandwidth moved between 32 and 50 GB/s within minutes, and one engine's runs all before the other's once
     made a 1.05x decode ratio read 1.46x. Each of decode, prefill and throughput also gets its joules per token over
@@ -65,6 +65,12 @@ def in_turns(benches: dict[str, Any], cfg: BenchConfig, vocab: int, avoid: set[i
         for b in benches.values():
             b.prefill(prompts[-1])
         turns("prefill_tok_s", cfg.repeats, lambda b, i: b.prefill(prompts[i]), ("prefill_j_tok", cfg.prefill_tokens))
+    if "long" in cfg.scenarios:  # each engine reuses the prompt's cache from its warm-up on (only decode is timed)
+        context = random_prompts(vocab, 1, cfg.context_tokens, cfg.seed + 6, avoid)[0]
+        for b in benches.values():
+            b.decode(context, 8)
+        # (no joules: a run's energy would hold the prompt's pass for an engine that does not keep its cache)
+        turns("long_decode_tok_s", cfg.repeats, lambda b, i: b.decode(context, cfg.decode_tokens))
     if "throughput" in cfg.scenarios:
         prompts = random_prompts(vocab, cfg.num_prompts, cfg.input_len, cfg.seed + 2, avoid)
         turns("throughput_tok_s", 1, lambda b, i: b.throughput(prompts, cfg.output_len),
@@ -92,7 +98,9 @@ def run_engine(bench: MiaotuiBench, cfg: BenchConfig, vocab: int, avoid: set[int
 
 METRICS = [("load_s", "load time (s)", False), ("decode_tok_s", "decode, 1 stream (tok/s)", True),
            ("sampled_tok_s", f"decode sampled, t {SAMPLED['temperature']} top-p {SAMPLED['top_p']} (tok/s)", True),
-           ("prefill_tok_s", "prefill (tok/s)", True), ("throughput_tok_s", "batched output (tok/s)", True),
+           ("prefill_tok_s", "prefill (tok/s)", True),
+           ("long_decode_tok_s", "decode after a long prompt (tok/s)", True),
+           ("throughput_tok_s", "batched output (tok/s)", True),
            ("decode_j_tok", "energy, decode (J per generated token)", False),
            ("prefill_j_tok", "energy, prefill (J per prompt token)", False),
            ("throughput_j_tok", "energy, batched (J per generated token)", False)]
@@ -107,6 +115,8 @@ def format_table(results: dict[str, dict[str, Any]], cfg: BenchConfig) -> str:
             continue
         if key == "prefill_tok_s":
             label = f"prefill {cfg.prefill_tokens} tokens (tok/s)"
+        if key == "long_decode_tok_s":
+            label = f"decode, 1 stream after {cfg.context_tokens} tokens (tok/s)"
         if key == "throughput_tok_s":
             label = f"{cfg.num_prompts} × ({cfg.input_len} in, {cfg.output_len} out) (tok/s)"
         vals = [results[n].get(key) for n in names]

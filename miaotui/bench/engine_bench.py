@@ -14,7 +14,7 @@ from miaotui.engine.engine import Engine
 from miaotui.engine.sequence import RequestOutput
 from miaotui.sampling import SamplingParams
 
-SCENARIOS = ("decode", "sampled", "prefill", "throughput", "latency", "prefix", "speculative")
+SCENARIOS = ("decode", "sampled", "prefill", "long", "throughput", "latency", "prefix", "speculative")
 # The sampled decode's settings, every engine alike: a chat client's usual temperature and nucleus, no top-k.
 SAMPLED = {"temperature": 0.8, "top_p": 0.95}
 
@@ -24,6 +24,7 @@ class BenchConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)  # miaotui's settings; the peers take its model
     decode_tokens: int = 128
     prefill_tokens: int = 512
+    context_tokens: int = 2048  # `long`: single-stream decode after a prompt this long (attention over its cache)
     num_prompts: int = 32
     input_len: int = 64
     output_len: int = 128

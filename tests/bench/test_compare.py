@@ -37,3 +37,26 @@ def test_compare_runs_the_engines_in_turns(smollm2_path, monkeypatch):
     for name in ("miaotui", peer):
         assert results[name]["decode_tok_s"] > 0 and results[name]["prefill_tok_s"] > 0
         assert results[name]["load_s"] > 0
+
+
+def test_long_scenario_decodes_after_a_long_prompt(smollm2_path, monkeypatch):
+    """`long`: single-stream decode after a prompt of `context_tokens` (every run the same prompt, so each engine
+    may reuse its cache), reported in the table under its own label."""
+    from miaotui.bench import format_table, main
+    from miaotui.bench.engine_bench import BenchConfig, MiaotuiBench
+    from miaotui.config import EngineConfig
+
+    prompts: list[int] = []
+    real = MiaotuiBench.decode
+
+    def recorded(self, prompt, n, sampled=False):
+        prompts.append(len(prompt))
+        return real(self, prompt, n, sampled)
+
+    monkeypatch.setattr(MiaotuiBench, "decode", recorded)
+    cfg = BenchConfig(EngineConfig(model=str(smollm2_path), kv_cache_memory=64 * 2**20), decode_tokens=6,
+                      context_tokens=300, repeats=2, scenarios=("long",))
+    results = main(cfg, compare=False, json_path=None, plot_path=None, peers=())
+    assert prompts == [300, 300, 300]  # a warm-up, then the runs
+    assert results["miaotui"]["long_decode_tok_s"] > 0 and "decode_tok_s" not in results["miaotui"]
+    assert "decode, 1 stream after 300 tokens (tok/s)" in format_table(results, cfg)
