@@ -951,6 +951,9 @@ inline void token_passes(int64_t M, F&& f) {
 }
 
 #if MIAOTUI_VNNI
+// One token's 4- and 6-bit row blocks in pairs, as more tokens' (qgemm_rows_terms): AMX builds.
+constexpr bool PAIRED_ROW = MIAOTUI_AMX;
+
 // 6-bit row blocks, the tokens up to 6 at a time (as qgemm_rows_terms; against 4, the 6-bit products of a
 // Qwen2.5-1.5B step of 5 rows 1.08x faster, 6 and 9 rows 1.02x, 16 level: Zen 4, 6 pairs alternated in one process;
 // 1-4 rows take the same passes). Where they take more than one pass, the first
@@ -963,7 +966,7 @@ void qgemm6_rows(const uint8_t* w, const uint8_t* sc, const QuantX& x, int64_t M
   const int64_t line_bytes = 16 * K * 6 / 8, nh = K / 16, nb = K / QBLOCK;
   constexpr int TILE = 6;
   std::vector<uint8_t> unpacked(M > TILE ? 16 * K : 0);
-  if (M > 1) {  // row blocks two at a time, as qgemm_rows_terms
+  if (M > 1 || PAIRED_ROW) {  // row blocks two at a time, as qgemm_rows_terms (AMX: Qwen2.5's down 1.06x at 1 row)
     constexpr int TILE2 = Residual ? 4 : 6;
     std::vector<uint8_t> kept(M > TILE2 ? 2 * 16 * K : 0);
     uint8_t* keep[2] = {kept.data(), kept.data() + 16 * K};
@@ -1026,7 +1029,12 @@ void qgemm_rows_terms(const uint8_t* w, const at::Half* dm, const QuantX& x, int
   // inputs at 32 tokens: 1.67x qgemm_block's rate at two terms (2.9 against 1.76 G products a second; 4 tokens a
   // pass, 3 within noise of it, 5 spills: 0.6x), 1.7x at one term (6 tokens a pass, 5 level); Qwen2.5-1.5B-sized
   // 4-bit rows streamed from memory (24 copies), two threads: 4 rows 1.2x, 8 rows 1.5x, 1-3 rows level.
-  if (group == QBLOCK && M > 1) {
+  // On AMX Xeons one token's 4-bit rows go in pairs too: a core there streams ~13 GB/s, half the host's read, and
+  // two streams a thread keep more lines in flight (family 6 model 167, Qwen2.5-Coder-1.5B's products run back to
+  // back, three alternations: 4-bit ones 1.04-1.13x; its decode step 1.05-1.07x in a slow phase of the host's
+  // memory, level in a fast one). Not 8-bit rows: Gemma-3-270M's head (8-bit, 640 inputs, held in that host's L3)
+  // ran 1.18x slower in pairs. The sums are the same either way.
+  if (group == QBLOCK && (M > 1 || (PAIRED_ROW && Bits == 4))) {
     constexpr int TILE2 = Residual ? 4 : 6;
     const int64_t sh = scale_halves(Bits, K, group, KS);
     std::vector<float> scales(M > TILE2 ? 64 * nb : 0);
