@@ -62,6 +62,9 @@
 #else
 #define MIAOTUI_AVX2 0
 #endif
+#if MIAOTUI_VNNI
+#include <cpuid.h>
+#endif
 #if MIAOTUI_VNNI && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && \
     defined(__AVX512VBMI__) && defined(__linux__)
 #include <sys/syscall.h>
@@ -954,6 +957,20 @@ inline void token_passes(int64_t M, F&& f) {
 // One token's 4- and 6-bit row blocks in pairs, as more tokens' (qgemm_rows_terms): AMX builds.
 constexpr bool PAIRED_ROW = MIAOTUI_AMX;
 
+// The fewest tokens whose row blocks go two at a time (qgemm_block2, qgemm6_block2): 2, but 7 for 4- and 6-bit
+// codes on a Zen 5 (AMD family 1Ah), where a pair's two streams read Qwen2.5-1.5B's 4-bit rows of 1536 inputs
+// (row blocks 12 KB apart) at 22-28 GB/s against one block's 35-42 at 2 tokens and 23-28 against 37-38 at 4, the
+// pair ahead only from 8 tokens (products bound by the arithmetic there, each broadcast feeding two); rows of 8960
+// inputs and 8-bit codes level or ahead in pairs at 2 tokens. Zen 4 not measured.
+inline int64_t pair_tokens(int bits) {
+  static const bool zen5 = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__builtin_cpu_is("amd") || !__get_cpuid(1, &a, &b, &c, &d)) return false;
+    return ((a >> 8) & 0xF) + ((a >> 20) & 0xFF) >= 0x1A;  // base family + extended family
+  }();
+  return zen5 && bits != 8 ? 7 : 2;
+}
+
 // 6-bit row blocks, the tokens up to 6 at a time (as qgemm_rows_terms; against 4, the 6-bit products of a
 // Qwen2.5-1.5B step of 5 rows 1.08x faster, 6 and 9 rows 1.02x, 16 level: Zen 4, 6 pairs alternated in one process;
 // 1-4 rows take the same passes). Where they take more than one pass, the first
@@ -966,7 +983,8 @@ void qgemm6_rows(const uint8_t* w, const uint8_t* sc, const QuantX& x, int64_t M
   const int64_t line_bytes = 16 * K * 6 / 8, nh = K / 16, nb = K / QBLOCK;
   constexpr int TILE = 6;
   std::vector<uint8_t> unpacked(M > TILE ? 16 * K : 0);
-  if (M > 1 || PAIRED_ROW) {  // row blocks two at a time, as qgemm_rows_terms (AMX: Qwen2.5's down 1.06x at 1 row)
+  // row blocks two at a time, as qgemm_rows_terms (AMX: Qwen2.5's down 1.06x at 1 row)
+  if (M >= pair_tokens(6) || PAIRED_ROW) {
     constexpr int TILE2 = Residual ? 4 : 6;
     std::vector<uint8_t> kept(M > TILE2 ? 2 * 16 * K : 0);
     uint8_t* keep[2] = {kept.data(), kept.data() + 16 * K};
@@ -1036,7 +1054,7 @@ void qgemm_rows_terms(const uint8_t* w, const at::Half* dm, const QuantX& x, int
   // ran 1.18x slower in pairs. Not on the AVX-512 build: a Zen 5 core streams 40 GB/s alone, and there Qwen's
   // decode steps with the 4- and 6-bit pairs ran 1.27x slower (22.1-23.2 -> 27.9-29.5 ms, four alternations; x86
   // family 26 model 2). The sums are the same either way.
-  if (group == QBLOCK && (M > 1 || (PAIRED_ROW && Bits == 4))) {
+  if (group == QBLOCK && (M >= pair_tokens(Bits) || (PAIRED_ROW && Bits == 4))) {
     constexpr int TILE2 = Residual ? 4 : 6;
     const int64_t sh = scale_halves(Bits, K, group, KS);
     std::vector<float> scales(M > TILE2 ? 64 * nb : 0);
