@@ -954,15 +954,20 @@ inline void token_passes(int64_t M, F&& f) {
 }
 
 #if MIAOTUI_VNNI
-// One token's 4- and 6-bit row blocks in pairs, as more tokens' (qgemm_rows_terms): AMX builds.
-constexpr bool PAIRED_ROW = MIAOTUI_AMX;
-
-// The fewest tokens whose row blocks go two at a time (qgemm_block2, qgemm6_block2): 2, but 7 for 4- and 6-bit
-// codes on a Zen 5 (AMD family 1Ah), where a pair's two streams read Qwen2.5-1.5B's 4-bit rows of 1536 inputs
-// (row blocks 12 KB apart) at 22-28 GB/s against one block's 35-42 at 2 tokens and 23-28 against 37-38 at 4, the
-// pair ahead only from 8 tokens (products bound by the arithmetic there, each broadcast feeding two); rows of 8960
-// inputs and 8-bit codes level or ahead in pairs at 2 tokens. Zen 4 not measured.
+// The fewest tokens whose row blocks of `bits`-bit codes go two at a time (qgemm_block2, qgemm6_block2; the sums
+// are the same either way): 2, as qgemm_rows_terms explains, with two exceptions for 4- and 6-bit codes.
+// - AMX builds, 1: a core there streams ~13 GB/s, half the host's read, and two streams a thread keep more lines in
+//   flight (family 6 model 167, Qwen2.5-Coder-1.5B's products run back to back, three alternations: 4-bit ones
+//   1.04-1.13x, 6-bit ones 1.03-1.07x; its decode step 1.05-1.07x in a slow phase of the host's memory, level in a
+//   fast one). Not 8-bit rows: Gemma-3-270M's head (8-bit, 640 inputs, held in that host's L3) ran 1.18x slower in
+//   pairs.
+// - A Zen 5 (AMD family 1Ah), 7: there one token's pairs made Qwen's decode steps 1.27x slower (22.1-23.2 -> 27.9-29.5
+//   ms, four alternations; x86 family 26 model 2), and a pair's two streams read Qwen's 4-bit rows of 1536 inputs
+//   (row blocks 12 KB apart) at 22-28 GB/s against one block's 35-42 at 2 tokens and 23-28 against 37-38 at 4, the
+//   pair ahead only from 8 tokens (products bound by the arithmetic there, each broadcast feeding two); rows of 8960
+//   inputs and 8-bit codes level or ahead in pairs at 2 tokens. Zen 4 not measured.
 inline int64_t pair_tokens(int bits) {
+  if (MIAOTUI_AMX) return bits == 8 ? 2 : 1;
   static const bool zen5 = [] {
     unsigned a = 0, b = 0, c = 0, d = 0;
     if (!__builtin_cpu_is("amd") || !__get_cpuid(1, &a, &b, &c, &d)) return false;
@@ -983,8 +988,7 @@ void qgemm6_rows(const uint8_t* w, const uint8_t* sc, const QuantX& x, int64_t M
   const int64_t line_bytes = 16 * K * 6 / 8, nh = K / 16, nb = K / QBLOCK;
   constexpr int TILE = 6;
   std::vector<uint8_t> unpacked(M > TILE ? 16 * K : 0);
-  // row blocks two at a time, as qgemm_rows_terms (AMX: Qwen2.5's down 1.06x at 1 row)
-  if (M >= pair_tokens(6) || PAIRED_ROW) {
+  if (M >= pair_tokens(6)) {  // row blocks two at a time, as qgemm_rows_terms
     constexpr int TILE2 = Residual ? 4 : 6;
     std::vector<uint8_t> kept(M > TILE2 ? 2 * 16 * K : 0);
     uint8_t* keep[2] = {kept.data(), kept.data() + 16 * K};
@@ -1046,15 +1050,9 @@ void qgemm_rows_terms(const uint8_t* w, const at::Half* dm, const QuantX& x, int
   // its products wait on the bytes, not on the broadcasts). Ice Lake Xeon, one thread, 16 x 4-bit rows of 576
   // inputs at 32 tokens: 1.67x qgemm_block's rate at two terms (2.9 against 1.76 G products a second; 4 tokens a
   // pass, 3 within noise of it, 5 spills: 0.6x), 1.7x at one term (6 tokens a pass, 5 level); Qwen2.5-1.5B-sized
-  // 4-bit rows streamed from memory (24 copies), two threads: 4 rows 1.2x, 8 rows 1.5x, 1-3 rows level.
-  // On AMX Xeons one token's 4-bit rows go in pairs too: a core there streams ~13 GB/s, half the host's read, and
-  // two streams a thread keep more lines in flight (family 6 model 167, Qwen2.5-Coder-1.5B's products run back to
-  // back, three alternations: 4-bit ones 1.04-1.13x; its decode step 1.05-1.07x in a slow phase of the host's
-  // memory, level in a fast one). Not 8-bit rows: Gemma-3-270M's head (8-bit, 640 inputs, held in that host's L3)
-  // ran 1.18x slower in pairs. Not on the AVX-512 build: a Zen 5 core streams 40 GB/s alone, and there Qwen's
-  // decode steps with the 4- and 6-bit pairs ran 1.27x slower (22.1-23.2 -> 27.9-29.5 ms, four alternations; x86
-  // family 26 model 2). The sums are the same either way.
-  if (group == QBLOCK && (M >= pair_tokens(Bits) || (PAIRED_ROW && Bits == 4))) {
+  // 4-bit rows streamed from memory (24 copies), two threads: 4 rows 1.2x, 8 rows 1.5x, 1-3 rows level. From how
+  // many tokens on, per CPU: pair_tokens.
+  if (group == QBLOCK && M >= pair_tokens(Bits)) {
     constexpr int TILE2 = Residual ? 4 : 6;
     const int64_t sh = scale_halves(Bits, K, group, KS);
     std::vector<float> scales(M > TILE2 ? 64 * nb : 0);
