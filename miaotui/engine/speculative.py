@@ -132,7 +132,10 @@ class ContextIndex:
 class SuffixProposer(Proposer):
     """Suffix decoding's idea over bounded contexts: an index of this request's tokens and one of the last
     `HISTORY` finished outputs; each guessed token is the most frequent continuation of the longest matching
-    context (the request's own first), so repeated structure across requests (agents' JSON, code) is found."""
+    context in either (the request's own on a tie), so repeated structure across requests (agents' JSON, code) is
+    found. (The request's own index first, however short its match: SmolLM2 given the benchmark's prompts twice,
+    its summaries 1.38x faster than plain decoding against 1.60x with the longer match, chats 1.48x against 1.53x;
+    the same where nothing repeats. AVX-512 Zen 5, one process, alternated.)"""
 
     HISTORY = 256
 
@@ -150,7 +153,8 @@ class SuffixProposer(Proposer):
             seen[0] = len(seq.token_ids)
             context, guess = list(seq.token_ids), []
             for _ in range(k):
-                found = index.best(context) or self.shared.best(context)
+                own, shared = index.best(context), self.shared.best(context)
+                found = shared if own is None or (shared is not None and shared[0] > own[0]) else own
                 if found is None:
                     break
                 guess.append(found[1])

@@ -26,6 +26,7 @@ from miaotui.engine.speculative import (
     Proposer,
     Speculator,
     StepPrice,
+    SuffixProposer,
     best_k,
 )
 from miaotui.errors import MiaotuiError
@@ -438,6 +439,20 @@ def test_lookup_and_suffix_index():
     assert index.best([9, 1, 2]) == (2, 4)
     index.add([1, 2, 3, 1, 2, 4, 1, 2, 4], 0, sign=-1)
     assert index.next == {}
+
+
+def test_suffix_guesses_follow_the_longer_context_own_or_shared():
+    """A request's own text continues its last two tokens one way, an earlier output its last four another: the
+    earlier output's longer context wins; on a tie, the request's own."""
+    proposer = SuffixProposer(SpeculativeConfig(method="suffix", prompt_lookup_max=4))
+    done = Sequence("a", [9], 1, SamplingParams(), None)
+    done.token_ids += [5, 6, 7, 8, 1, 2, 3]
+    done.finish_reason = "stop"
+    proposer.release(done)  # learned: 5 6 7 8 -> 1 2 3
+    seq = Sequence("b", [7, 8, 4, 4, 5, 6, 7, 8], 8, SamplingParams(), None)  # own: 7 8 -> 4
+    assert proposer.propose([seq], [3]) == [[1, 2, 3]]
+    tie = Sequence("c", [5, 6, 7, 8, 4, 0, 5, 6, 7, 8], 10, SamplingParams(), None)  # own: 5 6 7 8 -> 4
+    assert proposer.propose([tie], [1]) == [[4]]
 
 
 def test_the_shortest_lookup_defaults_to_two_tokens_or_the_longest():
