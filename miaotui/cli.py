@@ -541,7 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--output-len", type=int, default=128)
     b.add_argument("--concurrency", type=int, default=8)
     b.add_argument("--serve-requests", type=int, default=32)
-    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--repeats", type=int, default=3,
+                   help="timed runs a scenario (their median); speculative: each prompt's plain and speculative runs")
     b.add_argument("--json", default=None, help="write the results as JSON here")
     b.add_argument("--plot", default=None, help="write a PNG bar chart here")
     b.set_defaults(fn=cmd_bench, verbose=True)

@@ -91,7 +91,7 @@ def run_engine(bench: MiaotuiBench, cfg: BenchConfig, vocab: int, avoid: set[int
         prefix = random_prompts(vocab, 1, 1000, cfg.seed + 4, avoid)[0]
         res["prefix"] = bench.prefix_reuse(prefix, random_prompts(vocab, 2, 16, cfg.seed + 5, avoid))
     if "speculative" in cfg.scenarios:
-        res["speculative"] = run_speculative(bench.engine, None, cfg.output_len, cfg.num_prompts)
+        res["speculative"] = run_speculative(bench.engine, None, cfg.output_len, cfg.num_prompts, cfg.repeats)
     res["peak_rss_mb"] = _peak_rss_mb()
     return res
 
