@@ -133,9 +133,9 @@ class SuffixProposer(Proposer):
     """Suffix decoding's idea over bounded contexts: an index of this request's tokens and one of the last
     `HISTORY` finished outputs; each guessed token is the most frequent continuation of the longest matching
     context in either (the request's own on a tie), so repeated structure across requests (agents' JSON, code) is
-    found. (The request's own index first, however short its match: SmolLM2 given the benchmark's prompts twice,
-    its summaries 1.38x faster than plain decoding against 1.60x with the longer match, chats 1.48x against 1.53x;
-    the same where nothing repeats. AVX-512 Zen 5, one process, alternated.)"""
+    found. (Until 2026-12-07 the request's own match came first, however short: SmolLM2 given the benchmark's prompts
+    twice, its summaries 1.38x faster than plain decoding that way against 1.60x with the longer match, chats 1.48x
+    against 1.53x; the same where nothing repeats. AVX-512 Zen 5, one process, alternated.)"""
 
     HISTORY = 256
 
