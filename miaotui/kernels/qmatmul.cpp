@@ -320,7 +320,12 @@ inline void qgemm6_block(const uint8_t* w, const uint8_t* sc, const int8_t* xq, 
 }
 
 // Two 6-bit row blocks (w[0], w[1]) for MT tokens, each activation broadcast feeding both blocks' products (see
-// qgemm_block2), the sums and roundings of qgemm6_block's row by row. Unpacked, keep: as there, per block.
+// qgemm_block2), the sums and roundings of qgemm6_block's row by row. Unpacked, keep: as there, per block; a null
+// pf[r] asks for nothing. Per 16 inputs the tokens' sums are taken line by line across all tokens (2 MT independent
+// chains in flight), and the second term's products go on from the first's sum shifted into place (the same
+// integers as adding them after): against each token's four products a term in turn, Qwen2.5-1.5B's 6-bit rows at
+// 8-16 tokens ran 1.05-1.11x faster (Zen 5, one thread's loop held in cache, and the head streamed; 31 alternations
+// in one process).
 template <int MT, bool Residual, bool Unpacked, typename T>
 inline void qgemm6_block2(const uint8_t* const* w_, const uint8_t* const* sc_, const int8_t* xq, const int8_t* xr,
                           const float* xd, const float* gs, int64_t K, T* y, int64_t ldy, int64_t rows1,
@@ -353,28 +358,34 @@ inline void qgemm6_block2(const uint8_t* const* w_, const uint8_t* const* sc_, c
             keep[r] += 256;
           }
         }
-        for (int l = 0; l < 3; ++l) _mm_prefetch(pf[r] + 64 * l, _MM_HINT_T1);
-        pf[r] += 192;
+        if (pf[r]) {
+          for (int l = 0; l < 3; ++l) _mm_prefetch(pf[r] + 64 * l, _MM_HINT_T1);
+          pf[r] += 192;
+        }
         ds[r] = _mm512_mul_ps(d[r], scales6_s(sc[r], hh));
       }
-      for (int t = 0; t < MT; ++t) {
-        __m512i qs[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()}, rs[2] = {qs[0], qs[1]};
-        const int32_t* xp = reinterpret_cast<const int32_t*>(xq + t * K + h * 16);
-        const int32_t* rp = reinterpret_cast<const int32_t*>(xr + t * K + h * 16);
-        for (int i = 0; i < 4; ++i) {
-          const __m512i bq = bcast_reg(xp + i);
-          qs[0] = _mm512_dpbusd_epi32(qs[0], v[0][i], bq);
-          qs[1] = _mm512_dpbusd_epi32(qs[1], v[1][i], bq);
-          if constexpr (Residual) {
-            const __m512i br = bcast_reg(rp + i);
-            rs[0] = _mm512_dpbusd_epi32(rs[0], v[0][i], br);
-            rs[1] = _mm512_dpbusd_epi32(rs[1], v[1][i], br);
-          }
+      __m512i ss[MT][2];
+      for (int t = 0; t < MT; ++t) ss[t][0] = ss[t][1] = _mm512_setzero_si512();
+      for (int i = 0; i < 4; ++i)
+        for (int t = 0; t < MT; ++t) {
+          const __m512i bq = bcast_reg(reinterpret_cast<const int32_t*>(xq + t * K + h * 16) + i);
+          ss[t][0] = _mm512_dpbusd_epi32(ss[t][0], v[0][i], bq);
+          ss[t][1] = _mm512_dpbusd_epi32(ss[t][1], v[1][i], bq);
         }
+      if constexpr (Residual) {
+        for (int t = 0; t < MT; ++t)
+          for (int r = 0; r < 2; ++r) ss[t][r] = _mm512_slli_epi32(ss[t][r], 8);
+        for (int i = 0; i < 4; ++i)
+          for (int t = 0; t < MT; ++t) {
+            const __m512i br = bcast_reg(reinterpret_cast<const int32_t*>(xr + t * K + h * 16) + i);
+            ss[t][0] = _mm512_dpbusd_epi32(ss[t][0], v[0][i], br);
+            ss[t][1] = _mm512_dpbusd_epi32(ss[t][1], v[1][i], br);
+          }
+      }
+      for (int t = 0; t < MT; ++t) {
         const __m512 xdt = _mm512_set1_ps(xd[t * nb + b]), mt = _mm512_set1_ps(mterm * gs[t * nh + h]);
         for (int r = 0; r < 2; ++r) {
-          const __m512i sum = Residual ? _mm512_add_epi32(_mm512_slli_epi32(qs[r], 8), rs[r]) : qs[r];
-          const __m512 part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), xdt, mt);
+          const __m512 part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ss[t][r]), xdt, mt);
           acc[t][r] = _mm512_fmadd_ps(part, ds[r], acc[t][r]);
         }
       }
@@ -993,6 +1004,7 @@ void qgemm6_rows(const uint8_t* w, const uint8_t* sc, const QuantX& x, int64_t M
     std::vector<uint8_t> kept(M > TILE2 ? 2 * 16 * K : 0);
     uint8_t* keep[2] = {kept.data(), kept.data() + 16 * K};
     const uint8_t* keptp[2] = {keep[0], keep[1]};
+    bool first = true;
     for (; rb_begin + 1 < rb_end; rb_begin += 2) {
       const uint8_t* wb[2] = {w + rb_begin * line_bytes, w + (rb_begin + 1) * line_bytes};
       const uint8_t* sb[2] = {sc + rb_begin * K / 256 * 288, sc + (rb_begin + 1) * K / 256 * 288};
@@ -1001,7 +1013,8 @@ void qgemm6_rows(const uint8_t* w, const uint8_t* sc, const QuantX& x, int64_t M
                               reinterpret_cast<const char*>(wb[1]) + PREFETCH_VNNI};
       const char* next[2] = {reinterpret_cast<const char*>(wb[0] + 2 * line_bytes),
                              reinterpret_cast<const char*>(wb[1] + 2 * line_bytes)};
-      if (rb_begin + 3 >= rb_end) next[0] = ahead[0], next[1] = ahead[1];
+      const bool last = rb_begin + 3 >= rb_end;
+      if (last) next[0] = ahead[0], next[1] = ahead[1];
       const int64_t rows1 = std::min<int64_t>(16, N - rb_begin * 16 - 16);
       token_passes<TILE2>(M, [&](int64_t m, auto tokens) {
         auto pass = [&](auto from_kept, const uint8_t* const* lines, const char* const* pf, uint8_t* const* kp) {
@@ -1009,9 +1022,16 @@ void qgemm6_rows(const uint8_t* w, const uint8_t* sc, const QuantX& x, int64_t M
               lines, sb, x.q.data() + m * K, x.r.data() + m * K, x.d.data() + m * nb, x.gsum.data() + m * nh, K,
               y + m * N + rb_begin * 16, N, rows1, pf, kp);
         };
-        if (m > 0) pass(std::true_type{}, keptp, next, nullptr);
-        else pass(std::false_type{}, wb, ahead, M > TILE2 ? keep : nullptr);
+        // Between the first pair and the last, with two passes or more, pass p < 2 asks for the next pair's block
+        // p alone: the next lines stream during both passes, not only while the second one computes (Qwen2.5-1.5B's
+        // head, streamed, at 8-16 tokens: 1.02-1.06x; Zen 5, alternated in one process).
+        const int64_t p = m / TILE2;
+        const char* spread[2] = {p < 2 ? next[p] : nullptr, nullptr};
+        const bool spreading = !first && !last && M > TILE2;
+        if (m > 0) pass(std::true_type{}, keptp, spreading ? spread : next, nullptr);
+        else pass(std::false_type{}, wb, spreading ? spread : ahead, M > TILE2 ? keep : nullptr);
       });
+      first = false;
     }
   }
   for (int64_t rb = rb_begin; rb < rb_end; ++rb) {

@@ -220,7 +220,7 @@ def test_qmatmul_rows_do_not_depend_on_the_batch(ops, layout, dtype):
     if isinstance(layout, str):
         if ops.qmatmul_path == "generic" and layout == "Q6_K":
             pytest.skip("the portable build takes Q6_K as 8-bit codes")
-        n, k = 50, 768
+        n, k = 230, 768  # 15 row blocks: pairs of them inside a thread's range too, and one alone
         raw, _ = random_kquant(layout, n, k)
         data, sc, bits, group = pack_kquant(ops, layout, raw, n, k)
     else:
