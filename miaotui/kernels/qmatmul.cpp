@@ -322,10 +322,10 @@ inline void qgemm6_block(const uint8_t* w, const uint8_t* sc, const int8_t* xq, 
 // Two 6-bit row blocks (w[0], w[1]) for MT tokens, each activation broadcast feeding both blocks' products (see
 // qgemm_block2), the sums and roundings of qgemm6_block's row by row. Unpacked, keep: as there, per block; a null
 // pf[r] asks for nothing. Per 16 inputs the tokens' sums are taken line by line across all tokens (2 MT independent
-// chains in flight), and the second term's products go on from the first's sum shifted into place (the same
-// integers as adding them after): against each token's four products a term in turn, Qwen2.5-1.5B's 6-bit rows at
-// 8-16 tokens ran 1.05-1.11x faster (Zen 5, one thread's loop held in cache, and the head streamed; 31 alternations
-// in one process).
+// chains in flight), and from 3 tokens on the second term's products go on from the first's sum shifted into
+// place (the same integers as adding them after): against each token's four products a term in turn,
+// Qwen2.5-1.5B's 6-bit rows at 7-16 tokens ran 1.03-1.12x faster (Zen 5, the rows held in cache and streamed;
+// 31 alternations in one process).
 template <int MT, bool Residual, bool Unpacked, typename T>
 inline void qgemm6_block2(const uint8_t* const* w_, const uint8_t* const* sc_, const int8_t* xq, const int8_t* xr,
                           const float* xd, const float* gs, int64_t K, T* y, int64_t ldy, int64_t rows1,
@@ -373,14 +373,21 @@ inline void qgemm6_block2(const uint8_t* const* w_, const uint8_t* const* sc_, c
           ss[t][1] = _mm512_dpbusd_epi32(ss[t][1], v[1][i], bq);
         }
       if constexpr (Residual) {
+        // From 3 tokens on (6 chains or more) the second term goes on from the first's sum; fewer take it apart
+        // and add the two after, as more chains of half the length (a token's decode step on AMX builds).
+        constexpr bool chained = MT >= 3;
+        __m512i rs[MT][2];
         for (int t = 0; t < MT; ++t)
-          for (int r = 0; r < 2; ++r) ss[t][r] = _mm512_slli_epi32(ss[t][r], 8);
+          for (int r = 0; r < 2; ++r) rs[t][r] = chained ? _mm512_slli_epi32(ss[t][r], 8) : _mm512_setzero_si512();
         for (int i = 0; i < 4; ++i)
           for (int t = 0; t < MT; ++t) {
             const __m512i br = bcast_reg(reinterpret_cast<const int32_t*>(xr + t * K + h * 16) + i);
-            ss[t][0] = _mm512_dpbusd_epi32(ss[t][0], v[0][i], br);
-            ss[t][1] = _mm512_dpbusd_epi32(ss[t][1], v[1][i], br);
+            rs[t][0] = _mm512_dpbusd_epi32(rs[t][0], v[0][i], br);
+            rs[t][1] = _mm512_dpbusd_epi32(rs[t][1], v[1][i], br);
           }
+        for (int t = 0; t < MT; ++t)
+          for (int r = 0; r < 2; ++r)
+            ss[t][r] = chained ? rs[t][r] : _mm512_add_epi32(_mm512_slli_epi32(ss[t][r], 8), rs[t][r]);
       }
       for (int t = 0; t < MT; ++t) {
         const __m512 xdt = _mm512_set1_ps(xd[t * nb + b]), mt = _mm512_set1_ps(mterm * gs[t * nh + h]);
