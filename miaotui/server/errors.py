@@ -44,7 +44,7 @@ def install(app: FastAPI) -> None:
         if first.get("type") == "extra_forbidden":
             return error_response(400, f"unsupported parameter: {param}", "invalid_request_error", param,
                                   code="unsupported_parameter")
-        msg = str(first.get("msg", "invalid value"))[:200]
+        msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")[:200]  # (a validator's own)
         return error_response(400, f"{param or 'body'}: {msg}", "invalid_request_error", param)
 
     @app.exception_handler(HTTPException)

@@ -135,6 +135,12 @@ class CompletionRequest(GenerationRequest):
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
 
+    @model_validator(mode="after")
+    def _echo_without_logprobs(self):
+        if self.echo and self.logprobs is not None:  # OpenAI's answer would score the prompt's tokens too
+            raise ValueError("echo with logprobs would need the prompt's logprobs, which miaotui does not compute")
+        return self
+
 
 class FunctionCall(_Strict):
     name: str
@@ -221,6 +227,12 @@ class ChatRequest(GenerationRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:  # (OpenAI's rule; 0 asks for nothing either way)
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return self
 
     def tool_choice_resolved(self) -> str | dict:
         """tool_choice with OpenAI's default ("auto" with tools, else "none"); ValueError if it cannot be met."""

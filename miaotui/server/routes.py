@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import itertools
 import logging
 import time
 import uuid
@@ -132,20 +133,24 @@ def server(request: Request) -> Server:
     return request.app.state.miaotui
 
 
-def lp_completion(tok, out: RequestOutput) -> dict | None:
-    if not out.logprobs:
-        return None
-    return {"tokens": [tok.token_text(t.token_id) for t in out.logprobs],
-            "token_logprobs": [t.logprob for t in out.logprobs],
-            "top_logprobs": [{tok.token_text(i): v for i, v in t.top.items()} for t in out.logprobs]}
+def lp_completion(tok, items, start: int) -> dict:
+    """Legacy completions' logprobs: each token's text, logprob, its top alternatives with the chosen token (up to
+    n + 1, as OpenAI's), and where its text starts in the choice's text, counted from `start` by the tokens' texts."""
+    texts = [tok.token_text(t.token_id) for t in items]
+    offsets = list(itertools.accumulate((len(x) for x in texts[:-1]), initial=start)) if texts else []
+    return {"tokens": texts, "token_logprobs": [t.logprob for t in items],
+            "top_logprobs": [{tok.token_text(i): v for i, v in t.top.items()} for t in items], "text_offset": offsets}
 
 
-def lp_chat(tok, items) -> dict:
-    return {"content": [{"token": tok.token_text(t.token_id), "logprob": t.logprob,
-                         "bytes": list(tok.token_text(t.token_id).encode()),
-                         "top_logprobs": [{"token": tok.token_text(i), "logprob": v,
-                                           "bytes": list(tok.token_text(i).encode())}
-                                          for i, v in t.top.items() if i != t.token_id or len(t.top) == 1]}
+def lp_chat(tok, items, n: int) -> dict:
+    """Chat's logprobs: each token's `top_logprobs` are the n most likely tokens, the chosen one among them only
+    where it is one of those (the engine's `top` also holds the chosen token, as legacy completions report it)."""
+    def entry(i: int, v: float) -> dict:
+        text = tok.token_text(i)
+        return {"token": text, "logprob": v, "bytes": list(text.encode())}
+
+    return {"content": [{**entry(t.token_id, t.logprob),
+                         "top_logprobs": [entry(i, v) for i, v in sorted(t.top.items(), key=lambda e: -e[1])[:n]]}
                         for t in items]}
 
 
@@ -224,9 +229,16 @@ async def completions(req: CompletionRequest, request: Request):
     base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": s.fingerprint}
     prefix = (req.prompt if isinstance(req.prompt, str) else tok.decode(ids)) if req.echo else ""
+    sent: dict[int, tuple[int, int]] = {}  # per choice: the logprobs reported, and where the next one's text starts
 
     def choice(out: RequestOutput, text: str, finished: bool) -> dict:
-        return {"index": out.index, "text": text, "logprobs": lp_completion(tok, out) if finished else None,
+        lp = None
+        if req.logprobs is not None:  # the tokens not reported yet: a streamed chunk's own, or all of them
+            done, start = sent.get(out.index, (0, 0))
+            lp = lp_completion(tok, out.logprobs[done:], start)
+            sent[out.index] = (len(out.logprobs), start + sum(map(len, lp["tokens"])))
+            lp = lp if lp["tokens"] else None
+        return {"index": out.index, "text": text, "logprobs": lp,
                 "finish_reason": out.finish_reason if finished else None}
 
     if req.stream:
@@ -329,7 +341,7 @@ async def chat(req: ChatRequest, request: Request):
                 delta["tool_calls"] = call_deltas
             lp = None
             if req.logprobs and len(out.logprobs) > sent_lp.get(out.index, 0):
-                lp = lp_chat(tok, out.logprobs[sent_lp.get(out.index, 0):])
+                lp = lp_chat(tok, out.logprobs[sent_lp.get(out.index, 0):], req.top_logprobs or 0)
                 sent_lp[out.index] = len(out.logprobs)
             if delta or lp:
                 made.append({"index": out.index, "delta": delta, "logprobs": lp, "finish_reason": None})
@@ -355,7 +367,7 @@ async def chat(req: ChatRequest, request: Request):
     choices = []
     for _, o in sorted(finals.items()):
         msg, finish = message(o)
-        choices.append({"index": o.index, "message": msg, "logprobs": lp_chat(tok, o.logprobs) if req.logprobs
-                        else None, "finish_reason": finish})
+        lp = lp_chat(tok, o.logprobs, req.top_logprobs or 0) if req.logprobs else None
+        choices.append({"index": o.index, "message": msg, "logprobs": lp, "finish_reason": finish})
     return {"id": rid, "object": "chat.completion", "created": created, "model": job.model,
             "system_fingerprint": s.fingerprint, "choices": choices, "usage": usage(len(ids), finals)}

@@ -97,10 +97,44 @@ def test_chat_streaming_async_n_and_stop(server):
 
 
 def test_logprobs(client):
-    r = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
-                                       temperature=0, logprobs=True, top_logprobs=2)
+    """Chat's top_logprobs are the n most likely tokens, best first, the chosen one among them where it is one of
+    them (greedy: always, first), streamed or not; none at 0; top_logprobs without logprobs is refused."""
+    ask = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0}
+    r = client.chat.completions.create(**ask, logprobs=True, top_logprobs=2)
     items = r.choices[0].logprobs.content
     assert len(items) == r.usage.completion_tokens and all(i.logprob <= 0 for i in items)
+    for i in items:
+        top = i.top_logprobs
+        assert len(top) == 2 and top[0].logprob >= top[1].logprob
+        assert (top[0].token, top[0].logprob) == (i.token, i.logprob) and top[1].token != i.token
+    streamed = [lp for ch in client.chat.completions.create(**ask, logprobs=True, top_logprobs=2, stream=True)
+                if ch.choices and ch.choices[0].logprobs for lp in ch.choices[0].logprobs.content]
+    assert [(i.token, [t.token for t in i.top_logprobs]) for i in streamed] == \
+        [(i.token, [t.token for t in i.top_logprobs]) for i in items]
+    r = client.chat.completions.create(**ask, logprobs=True)
+    assert all(i.top_logprobs == [] for i in r.choices[0].logprobs.content)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        client.chat.completions.create(**ask, top_logprobs=2)
+
+
+def test_completion_logprobs(client):
+    """Legacy completions: each token's text, logprob, top alternatives with the chosen one (n or n + 1 of them) and
+    text offset; streamed, each chunk carries its own tokens' logprobs, and they add up to the whole answer's; echo
+    with logprobs (which would score the prompt) is refused."""
+    ask = {"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0, "logprobs": 2}
+    r = client.completions.create(**ask)
+    lp, text = r.choices[0].logprobs, r.choices[0].text
+    assert len(lp.tokens) == r.usage.completion_tokens == len(lp.token_logprobs) == len(lp.top_logprobs)
+    assert "".join(lp.tokens) == text
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert top[token] == logprob and len(top) in (2, 3) and max(top.values()) == logprob  # greedy
+    chunks = [ch.choices[0] for ch in client.completions.create(**ask, stream=True) if ch.choices]
+    assert all(c.logprobs is None or "".join(c.logprobs.tokens) == c.text for c in chunks)
+    assert sum((c.logprobs.tokens for c in chunks if c.logprobs), []) == lp.tokens
+    assert sum((c.logprobs.text_offset for c in chunks if c.logprobs), []) == lp.text_offset
+    with pytest.raises(openai.BadRequestError, match="echo with logprobs"):
+        client.completions.create(**{**ask, "echo": True})
 
 
 def test_tokenize_roundtrip(server):
