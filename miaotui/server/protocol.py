@@ -131,7 +131,7 @@ class GenerationRequest(_Strict):
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: str | list[int]
+    prompt: str | list[int] | list[str] | list[list[int]]  # one prompt (text or token ids), or a batch of them
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
 

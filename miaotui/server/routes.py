@@ -3,6 +3,8 @@ web chat page. Each reads the server's state (`Server`, on app.state) and the en
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -11,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.resources import files
 from typing import Any
 
@@ -211,24 +213,46 @@ async def detokenize(req: DetokenizeRequest, request: Request):
 @router.post("/completions", include_in_schema=False)  # served without /v1 too, as llama.cpp and others do
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request):
+    """One prompt, or a batch of them (OpenAI's list of strings or of token lists): prompt j's n samples are
+    choices j * n .. j * n + n - 1, run as the engine's requests side by side and streamed as they come."""
     s = server(request)
     model = s.check_model(req.model)
     tok = s.engine.tokenizer
-    ids = tok.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
-    if not ids:
-        raise APIError(400, "prompt is empty", param="prompt")
-    bad = [t for t in ids if not 0 <= t < s.engine.vocab_size]
-    if bad:
-        raise APIError(400, f"prompt token id {bad[0]} is outside the vocabulary (size {s.engine.vocab_size})",
-                       param="prompt")
-    params = req.sampling_params(s.admission.max_tokens(len(ids), req.max_tokens, 16, req.n, "prompt"),
-                                 req.logprobs)
-    await s.constrain(req, params)
-    s.admission.admit()
+    prompts = req.prompt if req.prompt and isinstance(req.prompt, list) and not isinstance(req.prompt[0], int) \
+        else [req.prompt]
+    jobs: list[tuple[list[int], SamplingParams]] = []
+    for j, prompt in enumerate(prompts):
+        name = "prompt" if len(prompts) == 1 else f"prompt {j}"
+        ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise APIError(400, f"{name} is empty", param="prompt")
+        bad = [t for t in ids if not 0 <= t < s.engine.vocab_size]
+        if bad:
+            raise APIError(400, f"{name}: token id {bad[0]} is outside the vocabulary (size {s.engine.vocab_size})",
+                           param="prompt")
+        params = req.sampling_params(s.admission.max_tokens(len(ids), req.max_tokens, 16, req.n, "prompt"),
+                                     req.logprobs)
+        await s.constrain(req, params)
+        jobs.append((ids, params))
+    limit, asked = s.admission.max_request_tokens, req.n * sum(p.max_tokens for _, p in jobs)
+    if len(jobs) > 1 and limit is not None and asked > limit:
+        raise APIError(400, f"{len(jobs)} prompts × n × max_tokens = {asked} tokens exceeds this server's limit of "
+                       f"{limit} tokens per request", param="max_tokens")
+    admitted = 0
+    try:
+        for _ in jobs:
+            s.admission.admit()
+            admitted += 1
+    except APIError:
+        for _ in range(admitted):
+            s.admission.release()
+        raise
     rid = f"cmpl-{uuid.uuid4().hex[:24]}"
     base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": s.fingerprint}
-    prefix = (req.prompt if isinstance(req.prompt, str) else tok.decode(ids)) if req.echo else ""
+    prefixes = [(p if isinstance(p, str) else tok.decode(ids)) if req.echo else "" for p, (ids, _) in
+                zip(prompts, jobs)]
+    prompt_len = sum(len(ids) for ids, _ in jobs)
     sent: dict[int, tuple[int, int]] = {}  # per choice: the logprobs reported, and where the next one's text starts
 
     def choice(out: RequestOutput, text: str, finished: bool) -> dict:
@@ -241,19 +265,67 @@ async def completions(req: CompletionRequest, request: Request):
         return {"index": out.index, "text": text, "logprobs": lp,
                 "finish_reason": out.finish_reason if finished else None}
 
+    def runs() -> list[AsyncIterator[RequestOutput]]:
+        """Each prompt's run, its outputs' indices made the batch's choice indices."""
+        async def run(j: int, ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+            async with contextlib.aclosing(s.run(ids, params, rid if len(jobs) == 1 else f"{rid}-{j}")) as outs:
+                async for out in outs:
+                    yield out if j == 0 else replace(out, index=j * req.n + out.index)
+        return [run(j, ids, params) for j, (ids, params) in enumerate(jobs)]
+
     if req.stream:
         echoed: set[int] = set()
 
         def chunk(out: RequestOutput) -> dict:
+            prefix = prefixes[out.index // req.n]
             text = out.delta if out.index in echoed or not prefix else prefix + out.delta
             echoed.add(out.index)
             return choice(out, text, out.finished)
 
         include = bool(req.stream_options and req.stream_options.include_usage)
-        return stream_response(s.run(ids, params, rid), base, chunk, len(ids), include)
-    finals = await s.collect(ids, params, rid)
-    return {**base, "choices": [choice(o, prefix + o.text, True) for _, o in sorted(finals.items())],
-            "usage": usage(len(ids), finals)}
+        return stream_response(merged(runs()), base, chunk, prompt_len, include)
+    finals: dict[int, RequestOutput] = {}
+    async for out in merged(runs()):
+        if out.finished:
+            finals[out.index] = out
+    return {**base, "choices": [choice(o, prefixes[i // req.n] + o.text, True) for i, o in sorted(finals.items())],
+            "usage": usage(prompt_len, finals)}
+
+
+async def merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[RequestOutput]:
+    """Several runs' outputs as they come; the first error ends them all, and so does the reader's going away
+    (each run's own cleanup then aborts its request). One run passes straight through."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]) as only:
+            async for out in only:
+                yield out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def drain(stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async with contextlib.aclosing(stream) as outs:
+                async for out in outs:
+                    await queue.put(out)
+            await queue.put(None)
+        except Exception as e:  # (a cancellation is not caught: it ends the task)
+            await queue.put(e)
+
+    tasks = [asyncio.ensure_future(drain(st)) for st in streams]
+    try:
+        left = len(tasks)
+        while left:
+            item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @dataclass

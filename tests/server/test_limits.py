@@ -108,6 +108,9 @@ def test_image_parts_are_refused(base):
 def test_n_times_max_tokens_is_bounded(base):
     r = post(base, "/v1/completions", json={"prompt": "Hi", "max_tokens": 60, "n": 4})
     assert r.status_code == 400 and "n × max_tokens" in error_of(r)["message"]
+    r = post(base, "/v1/completions", json={"prompt": ["Hi", "Ho", "Ha", "He"], "max_tokens": 60, "n": 1})
+    assert r.status_code == 400 and "4 prompts × n × max_tokens = 240" in error_of(r)["message"]
+    still_serves(base)
 
 
 def test_out_of_range_values_get_400(base):

@@ -52,8 +52,12 @@ def client(server):
 
 
 def kv_usage(base: str) -> float:
+    return metric(base, "miaotui_kv_cache_usage")
+
+
+def metric(base: str, name: str) -> float:
     text = httpx.get(f"{base}/metrics").text
-    return float(re.search(r"^miaotui_kv_cache_usage (\S+)", text, re.M).group(1))
+    return float(re.search(rf"^{name} (\S+)", text, re.M).group(1))
 
 
 def test_models(client):
@@ -137,6 +141,31 @@ def test_completion_logprobs(client):
         client.completions.create(**{**ask, "echo": True})
 
 
+def test_completion_batch_of_prompts(server, client):
+    """A list of prompts (texts or token lists) is a batch: prompt j's n samples are choices j * n ..., each the
+    text that prompt gets alone (greedy), streamed or not, usage summed over the batch; a bad prompt in it is a 400
+    naming it."""
+    prompts = ["The capital of France is", "1, 2, 3,", "def add(a, b):"]
+    ask = {"model": "smollm2", "max_tokens": 5, "temperature": 0}
+    alone = [client.completions.create(**ask, prompt=p) for p in prompts]
+    r = client.completions.create(**ask, prompt=prompts, n=2)
+    assert [(c.index, c.text) for c in r.choices] == [(2 * j + i, a.choices[0].text) for j, a in enumerate(alone)
+                                                      for i in range(2)]
+    assert r.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert r.usage.completion_tokens == 2 * sum(a.usage.completion_tokens for a in alone)
+    texts: dict[int, str] = {}
+    for ch in client.completions.create(**ask, prompt=prompts, stream=True):
+        for c in ch.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert texts == {j: a.choices[0].text for j, a in enumerate(alone)}
+    ids = httpx.post(f"{server}/tokenize", json={"prompt": prompts[0]},
+                     headers={"Authorization": f"Bearer {KEY}"}).json()["tokens"]
+    r = client.completions.create(**ask, prompt=[ids, ids])
+    assert [c.text for c in r.choices] == [alone[0].choices[0].text] * 2
+    with pytest.raises(openai.BadRequestError, match="prompt 1 is empty"):
+        client.completions.create(**ask, prompt=["a", ""])
+
+
 def test_tokenize_roundtrip(server):
     h = {"Authorization": f"Bearer {KEY}"}
     ids = httpx.post(f"{server}/tokenize", json={"prompt": "Hello 你好"}, headers=h).json()["tokens"]
@@ -179,10 +208,14 @@ def test_auth(server):
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
 
 
-def test_disconnect_frees_kv(server):
+@pytest.mark.parametrize("prompt", ["Tell me a long story about a dragon.",
+                                    ["Tell me a long story about a dragon.", "Once upon a time", "Dear diary,"]])
+def test_disconnect_frees_kv(server, prompt):
+    """A client that goes away mid-stream frees its requests' KV cache: one prompt's, or a batch's (every run),
+    their generation stopped, not run to its end (each would count 400 tokens)."""
     h = {"Authorization": f"Bearer {KEY}"}
-    body = {"model": "smollm2", "prompt": "Tell me a long story about a dragon.", "max_tokens": 400,
-            "stream": True, "ignore_eos": True}
+    generated = metric(server, "miaotui_generation_tokens_total")
+    body = {"model": "smollm2", "prompt": prompt, "max_tokens": 400, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{server}/v1/completions", json=body, headers=h, timeout=60) as r:
         lines = r.iter_lines()
         got = 0
@@ -196,6 +229,7 @@ def test_disconnect_frees_kv(server):
     while kv_usage(server) > 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert kv_usage(server) == 0
+    assert metric(server, "miaotui_generation_tokens_total") - generated < 400
 
 
 def test_load_streams_all_complete_and_free_everything(server):
