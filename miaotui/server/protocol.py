@@ -135,6 +135,11 @@ class CompletionRequest(GenerationRequest):
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
 
+    def prompts(self) -> list[str | list[int]]:
+        """The batch's prompts (one, unless `prompt` lists texts or token lists)."""
+        batch = isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], int)
+        return list(self.prompt) if batch else [self.prompt]
+
     @model_validator(mode="after")
     def _echo_without_logprobs(self):
         if self.echo and self.logprobs is not None:  # OpenAI's answer would score the prompt's tokens too

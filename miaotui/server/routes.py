@@ -218,8 +218,7 @@ async def completions(req: CompletionRequest, request: Request):
     s = server(request)
     model = s.check_model(req.model)
     tok = s.engine.tokenizer
-    prompts = req.prompt if req.prompt and isinstance(req.prompt, list) and not isinstance(req.prompt[0], int) \
-        else [req.prompt]
+    prompts = req.prompts()
     jobs: list[tuple[list[int], SamplingParams]] = []
     for j, prompt in enumerate(prompts):
         name = "prompt" if len(prompts) == 1 else f"prompt {j}"
