@@ -54,6 +54,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives to return with each sampled token's logprob
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first (vLLM's; no prefix reuse)
     skip_special_tokens: bool = True
     structured_output: StructuredOutput | None = None
     logit_bias: dict[int, float] | None = None  # token id → added to its logit, in [-100, 100] as in OpenAI's API
@@ -73,6 +74,7 @@ class SamplingParams:
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
             ("n", self.n >= 1, "must be at least 1"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "must be in [0, 20]"),
         ]
         if self.logit_bias:
             checks.append(("logit_bias", all(isinstance(t, int) and t >= 0 and -100 <= b <= 100

@@ -275,7 +275,8 @@ class Engine:
                 self.sequences.pop(seq.request_id, None)
         return RequestOutput(seq.request_id, seq.index, seq.token_ids[: seq.num_prompt], seq.output_ids,
                              seq.text, delta, seq.finished, seq.finish_reason, seq.logprobs, replace(seq.metrics),
-                             seq.stop_reason, seq.error, cached_tokens=seq.num_cached_prompt)
+                             seq.stop_reason, seq.error, cached_tokens=seq.num_cached_prompt,
+                             prompt_logprobs=None if seq.params.prompt_logprobs is None else seq.prompt_logprobs)
 
     # -- utilities --------------------------------------------------------------------------------
     @torch.inference_mode()

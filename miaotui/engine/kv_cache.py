@@ -82,6 +82,8 @@ class KVCacheManager:
         """
         if not self.enable_prefix_caching or seq.block_table or seq.num_computed:
             return 0
+        if seq.params.prompt_logprobs is not None:  # its prompt's every position is scored: none can be skipped
+            return 0
         full = (seq.num_tokens - 1) // self.block_size
         for h, tokens in self._hashes(seq, full)[:full]:
             block = self.hash_to_block.get(h)

@@ -95,12 +95,29 @@ class ModelRunner:
         # before the pass: grammar masks compute alongside it
         sampling = self.sampler.prepare([v for i in rows for v in Position.of(batch.seqs[i])], self.device,
                                         [batch.seqs[i].draft for i in rows])
-        logits = self.forward(batch.seqs, batch.num_tokens)  # one row per query row: proposals are rows of their own
-        first = list(itertools.accumulate((len(s.draft) + 1 for s in batch.seqs), initial=0))
-        pick = [first[i] + j for i in rows for j in range(len(batch.seqs[i].draft) + 1)]
+        seqs = batch.seqs
+        every = frozenset(i for i, s in enumerate(seqs) if s.params.prompt_logprobs is not None
+                          and s.num_computed < s.num_prompt and len(s.prompt_logprobs) < s.num_prompt)
+        # one row per query row (proposals are rows of their own), or per token where the prompt is scored
+        logits = self.forward(seqs, batch.num_tokens, every=every)
+        first = list(itertools.accumulate((batch.num_tokens[i] if i in every else len(s.draft) + 1
+                                           for i, s in enumerate(seqs)), initial=0))
+        for i in every:
+            self._score_prompt(seqs[i], logits[first[i]:first[i + 1]])
+        pick = [r for i in rows for r in ([first[i + 1] - 1] if i in every else
+                                          range(first[i], first[i] + len(seqs[i].draft) + 1))]
         if len(pick) != len(logits):  # in a pure decode step every row samples: no copy of the [B, vocab] logits
             logits = logits[pick]
         return self.sampler.sample(logits, sampling)
+
+    def _score_prompt(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Append the logprobs of the prompt tokens that this chunk's rows (positions num_computed on) predict
+        and that are not scored yet (a prompt computed again after preemption is not scored twice)."""
+        start, done = seq.num_computed, len(seq.prompt_logprobs)
+        rows = [r for r in range(len(logits)) if done <= start + r + 1 < seq.num_prompt]
+        if rows:
+            seq.prompt_logprobs.extend(self.sampler.score(logits[rows], [seq.token_ids[start + r + 1] for r in rows],
+                                                          seq.params.prompt_logprobs))
 
     def _plan(self, seqs: list[Sequence], num_tokens: list[int]) -> StepPlan:
         """The pass's inputs as plain lists. A sequence's chunk is one query row; a sequence with proposals gives
@@ -152,13 +169,17 @@ class ModelRunner:
         self.model(*self._tensors(plan))
 
     @torch.inference_mode()
-    def forward(self, seqs: list[Sequence], num_tokens: list[int], all_logits: bool = False) -> torch.Tensor:
-        """One forward pass. Returns float32 logits of each query row's last token [rows, V], or of every token."""
+    def forward(self, seqs: list[Sequence], num_tokens: list[int], all_logits: bool = False,
+                every: frozenset[int] = frozenset()) -> torch.Tensor:
+        """One forward pass. Returns float32 logits of each query row's last token [rows, V], or of every token
+        (all_logits), or of every token of the sequences at `every` (their prompts scored) and the last of the
+        others'."""
         plan = self._plan(seqs, num_tokens)
         if self.peers is not None:  # tensor parallel: the other ranks run this pass with us
             plan.fresh, self._fresh = self._fresh, []
             self.peers.send(plan)
-        if self.graphs is not None and not all_logits and (logits := self.graphs.replay(plan)) is not None:
+        replay = self.graphs is not None and not all_logits and not every
+        if replay and (logits := self.graphs.replay(plan)) is not None:
             return logits
         ids, positions, meta = self._tensors(plan)
         stack = self._decode_stack(meta, meta.num_seqs)
@@ -170,7 +191,9 @@ class ModelRunner:
                 hidden = self.model.norm(stack.decode(self.model.embed(ids, positions), positions, meta))
             else:
                 hidden = self.model(ids, positions, meta)
-            if not all_logits and meta.query_start[-1] != len(meta.query_start) - 1:  # (one token a row: all last)
+            if every and not all_logits:
+                hidden = hidden[torch.tensor(_logit_rows(seqs, plan.query_start, every), device=self.device)]
+            elif not all_logits and meta.query_start[-1] != len(meta.query_start) - 1:  # (one token a row: all last)
                 hidden = hidden[torch.tensor(meta.query_start[1:], device=self.device) - 1]
             return self.model.compute_logits(hidden)
 
@@ -183,6 +206,20 @@ class ModelRunner:
             self._stack_tried = True
             self._stack = fused.build(self.model, self.dtype)
         return self._stack if self._stack is not None and rows <= self._stack.rows else None
+
+
+def _logit_rows(seqs: list[Sequence], query_start: list[int], every: frozenset[int]) -> list[int]:
+    """The token rows whose logits a pass keeps: every row of the sequences at `every`, the last of each other
+    query row (a sequence with proposals has one query row a token)."""
+    rows, q = [], 0
+    for i, seq in enumerate(seqs):
+        n = len(seq.draft) + 1 if seq.draft else 1
+        if i in every:
+            rows.extend(range(query_start[q], query_start[q + n]))
+        else:
+            rows.extend(query_start[q + j + 1] - 1 for j in range(n))
+        q += n
+    return rows
 
 
 def prefill_once(model: CausalLM, ids: list[int], dtype: torch.dtype, device: torch.device,

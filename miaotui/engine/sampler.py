@@ -185,6 +185,20 @@ class Sampler:
         return groups, rows
 
     @staticmethod
+    def score(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprob]:
+        """Each row's logprob of its target token under the model's own distribution (no temperature or
+        penalties, as sampled tokens' logprobs), with the row's k most likely tokens beside it."""
+        raw = logits.log_softmax(dim=-1)
+        own = raw.gather(1, torch.tensor(targets, device=raw.device)[:, None])[:, 0].tolist()
+        tops = raw.topk(k) if k > 0 else None
+        out = []
+        for r, (t, v) in enumerate(zip(targets, own)):
+            top = dict(zip(tops.indices[r].tolist(), tops.values[r].tolist())) if tops is not None else {}
+            top[t] = v
+            out.append(TokenLogprob(t, v, top))
+        return out
+
+    @staticmethod
     def _logprob(raw: torch.Tensor | None, batch: SamplingBatch, r: int, token: int) -> TokenLogprob | None:
         n = batch.logprobs[r]
         if raw is None or n is None:

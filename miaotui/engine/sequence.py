@@ -77,6 +77,8 @@ class Sequence:
     text: str = ""
     emitted: int = 0  # characters of `text` already handed to the caller
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # params.prompt_logprobs: per prompt position, the logprob of its token given those before (None at 0)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=lambda: [None])
     generator: torch.Generator | None = None
     index: int = 0  # which of the request's n samples
     matcher: Any = None  # llguidance's LLMatcher of a constrained request, advanced with every token it takes
@@ -142,6 +144,7 @@ class RequestOutput:
     error: str | None = None  # set when finish_reason is "error": the request failed, the engine went on
     tool_calls: list[dict] | None = None  # LLM.chat with tools: the calls parsed out of the text (OpenAI's shape)
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # SamplingParams.prompt_logprobs: one a prompt token
 
     @property
     def prompt_tokens(self) -> int:

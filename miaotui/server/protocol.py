@@ -140,12 +140,6 @@ class CompletionRequest(GenerationRequest):
         batch = isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], int)
         return list(self.prompt) if batch else [self.prompt]
 
-    @model_validator(mode="after")
-    def _echo_without_logprobs(self):
-        if self.echo and self.logprobs is not None:  # OpenAI's answer would score the prompt's tokens too
-            raise ValueError("echo with logprobs would need the prompt's logprobs, which miaotui does not compute")
-        return self
-
 
 class FunctionCall(_Strict):
     name: str

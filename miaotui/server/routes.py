@@ -21,7 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 
 from miaotui.engine.async_engine import ServingEngine
-from miaotui.engine.sequence import RequestOutput
+from miaotui.engine.sequence import RequestOutput, TokenLogprob
 from miaotui.engine.tools import ToolStream, ToolSyntax, syntax_for
 from miaotui.errors import GrammarError, RequestFailed, ShuttingDown
 from miaotui.sampling import SamplingParams, StructuredOutput
@@ -135,13 +135,15 @@ def server(request: Request) -> Server:
     return request.app.state.miaotui
 
 
-def lp_completion(tok, items, start: int) -> dict:
-    """Legacy completions' logprobs: each token's text, logprob, its top alternatives with the chosen token (up to
-    n + 1, as OpenAI's), and where its text starts in the choice's text, counted from `start` by the tokens' texts."""
-    texts = [tok.token_text(t.token_id) for t in items]
+def lp_completion(tok, items: list[tuple[int, TokenLogprob | None]], start: int) -> dict:
+    """Legacy completions' logprobs of (token id, logprob) pairs: each token's text, logprob, its top alternatives
+    with the token itself (up to n + 1, as OpenAI's), and where its text starts in the choice's text, counted from
+    `start` by the tokens' texts. An echoed prompt's first token has no logprob (None), as in OpenAI's."""
+    texts = [tok.token_text(i) for i, _ in items]
     offsets = list(itertools.accumulate((len(x) for x in texts[:-1]), initial=start)) if texts else []
-    return {"tokens": texts, "token_logprobs": [t.logprob for t in items],
-            "top_logprobs": [{tok.token_text(i): v for i, v in t.top.items()} for t in items], "text_offset": offsets}
+    return {"tokens": texts, "token_logprobs": [t and t.logprob for _, t in items],
+            "top_logprobs": [t and {tok.token_text(i): v for i, v in t.top.items()} for _, t in items],
+            "text_offset": offsets}
 
 
 def lp_chat(tok, items, n: int) -> dict:
@@ -231,6 +233,8 @@ async def completions(req: CompletionRequest, request: Request):
                            param="prompt")
         params = req.sampling_params(s.admission.max_tokens(len(ids), req.max_tokens, 16, req.n, "prompt"),
                                      req.logprobs)
+        if req.echo and req.logprobs is not None:  # the echoed prompt's tokens are scored too
+            params.prompt_logprobs = req.logprobs
         await s.constrain(req, params)
         jobs.append((ids, params))
     limit, asked = s.admission.max_request_tokens, req.n * sum(p.max_tokens for _, p in jobs)
@@ -257,9 +261,11 @@ async def completions(req: CompletionRequest, request: Request):
     def choice(out: RequestOutput, text: str, finished: bool) -> dict:
         lp = None
         if req.logprobs is not None:  # the tokens not reported yet: a streamed chunk's own, or all of them
-            done, start = sent.get(out.index, (0, 0))
-            lp = lp_completion(tok, out.logprobs[done:], start)
-            sent[out.index] = (len(out.logprobs), start + sum(map(len, lp["tokens"])))
+            items = [(t.token_id, t) for t in out.logprobs[sent.get(out.index, (0, 0))[0]:]]
+            if req.echo and out.index not in sent:  # the echoed prompt first
+                items = list(zip(out.prompt_token_ids, out.prompt_logprobs or [])) + items
+            lp = lp_completion(tok, items, sent.get(out.index, (0, 0))[1])
+            sent[out.index] = (len(out.logprobs), sent.get(out.index, (0, 0))[1] + sum(map(len, lp["tokens"])))
             lp = lp if lp["tokens"] else None
         return {"index": out.index, "text": text, "logprobs": lp,
                 "finish_reason": out.finish_reason if finished else None}

@@ -161,6 +161,35 @@ def test_logprobs(loaded):
         assert list(lp.top)[:5] == top.indices.tolist()
 
 
+def test_prompt_logprobs(loaded):
+    """prompt_logprobs scores every prompt token after the first under the tokens before it (the model's own
+    distribution, with its top alternatives), across prefill chunks and beside a plain request in the same steps;
+    its prompt takes nothing from the prefix cache (so a second run is scored whole) and the sampled tokens are
+    those of a request without it."""
+    import torch
+
+    engine = make(loaded, max_num_batched_tokens=16)
+    tok = engine.tokenizer
+    prompt = tok.encode("The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is")
+    assert len(prompt) > 16
+    plain = run_all(engine, [prompt], SamplingParams(max_tokens=3, temperature=0))[0]
+    expected = torch.log_softmax(engine.prompt_logits(prompt), -1)
+    for _ in range(2):
+        rid = engine.add_request(prompt, SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=3))
+        other = engine.add_request(tok.encode("Hello there"), SamplingParams(max_tokens=3, temperature=0))
+        done = {}
+        while engine.has_unfinished():
+            done.update((o.request_id, o) for o in engine.step() if o.finished)
+        out = done[rid]
+        assert out.token_ids == plain and done[other].prompt_logprobs is None and out.cached_tokens == 0
+        scored = out.prompt_logprobs
+        assert len(scored) == len(prompt) and scored[0] is None
+        for p, lp in enumerate(scored[1:], start=1):
+            assert lp.token_id == prompt[p] and abs(lp.logprob - float(expected[p - 1, prompt[p]])) < 1e-4
+            assert list(lp.top)[:3] == expected[p - 1].topk(3).indices.tolist() and prompt[p] in lp.top
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
 def test_n_samples_and_abort(loaded):
     engine = make(loaded)
     prompt = engine.tokenizer.encode("Write a word:")

@@ -123,8 +123,8 @@ def test_logprobs(client):
 
 def test_completion_logprobs(client):
     """Legacy completions: each token's text, logprob, top alternatives with the chosen one (n or n + 1 of them) and
-    text offset; streamed, each chunk carries its own tokens' logprobs, and they add up to the whole answer's; echo
-    with logprobs (which would score the prompt) is refused."""
+    text offset; streamed, each chunk carries its own tokens' logprobs, and they add up to the whole answer's; with
+    echo the prompt's tokens come first, scored."""
     ask = {"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0, "logprobs": 2}
     r = client.completions.create(**ask)
     lp, text = r.choices[0].logprobs, r.choices[0].text
@@ -137,8 +137,21 @@ def test_completion_logprobs(client):
     assert all(c.logprobs is None or "".join(c.logprobs.tokens) == c.text for c in chunks)
     assert sum((c.logprobs.tokens for c in chunks if c.logprobs), []) == lp.tokens
     assert sum((c.logprobs.text_offset for c in chunks if c.logprobs), []) == lp.text_offset
-    with pytest.raises(openai.BadRequestError, match="echo with logprobs"):
-        client.completions.create(**{**ask, "echo": True})
+    # echo: the prompt's tokens first, scored under the tokens before them (the first has none), then the answer's
+    # (lm-eval's loglikelihood requests ask exactly this, a batch of token-id prompts at a time)
+    batch = client.completions.create(**{**ask, "prompt": [[504, 3575, 282], [19556]], "echo": True}).choices
+    for echoed, n in ((client.completions.create(**ask, echo=True).choices[0], None), (batch[0], 3), (batch[1], 1)):
+        e = echoed.logprobs
+        if n is None:  # the answer's part as without echo
+            n = len(e.tokens) - len(lp.tokens)
+            assert e.tokens[n:] == lp.tokens and e.token_logprobs[n:] == lp.token_logprobs
+            assert e.text_offset[n:] == [len(ask["prompt"]) + o for o in lp.text_offset]
+        assert e.token_logprobs[0] is None and e.top_logprobs[0] is None and "".join(e.tokens[:n]) in echoed.text
+        assert all(v < 0 and top[t] == v for t, v, top in zip(e.tokens[1:n], e.token_logprobs[1:n],
+                                                              e.top_logprobs[1:n]))
+    streamed = [t for ch in client.completions.create(**ask, echo=True, stream=True) if ch.choices
+                and ch.choices[0].logprobs for t in ch.choices[0].logprobs.token_logprobs]
+    assert streamed == client.completions.create(**ask, echo=True).choices[0].logprobs.token_logprobs
 
 
 def test_completion_batch_of_prompts(server, client):
