@@ -261,11 +261,12 @@ async def completions(req: CompletionRequest, request: Request):
     def choice(out: RequestOutput, text: str, finished: bool) -> dict:
         lp = None
         if req.logprobs is not None:  # the tokens not reported yet: a streamed chunk's own, or all of them
-            items = [(t.token_id, t) for t in out.logprobs[sent.get(out.index, (0, 0))[0]:]]
+            done, start = sent.get(out.index, (0, 0))
+            items = [(t.token_id, t) for t in out.logprobs[done:]]
             if req.echo and out.index not in sent:  # the echoed prompt first
                 items = list(zip(out.prompt_token_ids, out.prompt_logprobs or [])) + items
-            lp = lp_completion(tok, items, sent.get(out.index, (0, 0))[1])
-            sent[out.index] = (len(out.logprobs), sent.get(out.index, (0, 0))[1] + sum(map(len, lp["tokens"])))
+            lp = lp_completion(tok, items, start)
+            sent[out.index] = (len(out.logprobs), start + sum(map(len, lp["tokens"])))
             lp = lp if lp["tokens"] else None
         return {"index": out.index, "text": text, "logprobs": lp,
                 "finish_reason": out.finish_reason if finished else None}
