@@ -190,13 +190,10 @@ class Sampler:
         penalties, as sampled tokens' logprobs), with the row's k most likely tokens beside it."""
         raw = logits.log_softmax(dim=-1)
         own = raw.gather(1, torch.tensor(targets, device=raw.device)[:, None])[:, 0].tolist()
-        tops = raw.topk(k) if k > 0 else None
-        out = []
-        for r, (t, v) in enumerate(zip(targets, own)):
-            top = dict(zip(tops.indices[r].tolist(), tops.values[r].tolist())) if tops is not None else {}
-            top[t] = v
-            out.append(TokenLogprob(t, v, top))
-        return out
+        if k == 0:
+            return [_entry(t, v, [], []) for t, v in zip(targets, own)]
+        vals, idx = raw.topk(k)
+        return [_entry(t, v, i, w) for t, v, i, w in zip(targets, own, idx.tolist(), vals.tolist())]
 
     @staticmethod
     def _logprob(raw: torch.Tensor | None, batch: SamplingBatch, r: int, token: int) -> TokenLogprob | None:
@@ -204,12 +201,17 @@ class Sampler:
         if raw is None or n is None:
             return None
         row = raw[r]
-        top = {}
-        if n > 0:
-            vals, idx = row.topk(n)
-            top = dict(zip(idx.tolist(), vals.tolist()))
-        top[token] = float(row[token])
-        return TokenLogprob(token, float(row[token]), top)
+        if n == 0:
+            return _entry(token, float(row[token]), [], [])
+        vals, idx = row.topk(n)
+        return _entry(token, float(row[token]), idx.tolist(), vals.tolist())
+
+
+def _entry(token: int, logprob: float, top_ids: list[int], top_values: list[float]) -> TokenLogprob:
+    """A token's logprob with the most likely tokens beside it, the token itself among them."""
+    top = dict(zip(top_ids, top_values))
+    top[token] = logprob
+    return TokenLogprob(token, logprob, top)
 
 
 @dataclass(slots=True)
