@@ -98,7 +98,7 @@ class LLM:
         plist = [replace(p or SamplingParams(), structured_output=grammar, skip_special_tokens=False) for p in plist]
         outs = self._run(ids, plist, use_tqdm)
         for out in outs:
-            content, calls = syntax.parse(out.text)
+            content, calls = syntax.parse(out.text, rendered)
             if calls:
                 out.text, out.tool_calls, out.finish_reason = content or "", calls, "tool_calls"
         return outs

@@ -16,7 +16,11 @@ calls separated by `;`, optionally after a `<|python_tag|>` token:
 the name is one of the tools', the arguments follow that tool's parameter schema); "auto" leaves prose free and
 switches the grammar on where a call starts. The text is parsed into OpenAI's `tool_calls` after generation, or while
 streaming by the syntax's stream, which holds back any text that may belong to a call, so no call syntax ever
-reaches `content`."""
+reaches `content`.
+
+Left free ("auto"), small models often drop the Hermes tags and answer with the bare call object, or with it in a
+```json fence (Qwen2.5-Coder 0.5B and 1.5B did so on every weather question tried): a reply that is nothing but call
+objects naming the given tools is read as those calls in either syntax, as llama.cpp's parsers do."""
 
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from miaotui.tokenizer import Tokenizer
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
+_BLANK = " \t\r\n"
 _CALL = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*" + re.escape(CLOSE), re.DOTALL)
 
 Deltas = list[dict[str, Any]]
@@ -48,11 +53,9 @@ class ToolStream(ABC):
     def feed(self, delta: str, final: bool = False) -> tuple[str, Deltas]: ...
 
     def _emit(self, call: dict) -> Deltas:
-        index = len(self.calls)
+        """A finished call as one delta (id, name and the whole arguments)."""
         self.calls.append(call)
-        return [{"index": index, "id": call["id"], "type": "function",
-                 "function": {"name": call["function"]["name"], "arguments": ""}},
-                {"index": index, "function": {"arguments": call["function"]["arguments"]}}]
+        return [{"index": len(self.calls) - 1, **call}]
 
 
 class ToolSyntax(ABC):
@@ -64,11 +67,11 @@ class ToolSyntax(ABC):
         """The constraint for a tool_choice: None for "none"."""
 
     @abstractmethod
-    def parse(self, text: str) -> tuple[str | None, list[dict]]:
-        """The reply's prose (None if there is none) and its tool calls."""
+    def parse(self, text: str, tools: list[dict]) -> tuple[str | None, list[dict]]:
+        """The reply's prose (None if there is none) and its tool calls (`tools`: those the request gave)."""
 
     @abstractmethod
-    def stream(self) -> ToolStream: ...
+    def stream(self, tools: list[dict]) -> ToolStream: ...
 
 
 def syntax_for(tokenizer: Tokenizer) -> ToolSyntax:
@@ -102,6 +105,60 @@ def _call(obj: Any) -> dict | None:
             "function": {"name": obj["name"], "arguments": args if isinstance(args, str) else json.dumps(args)}}
 
 
+def _bare_calls(text: str, tools: list[dict]) -> list[dict] | None:
+    """The calls when `text` is nothing but call objects naming given tools, each bare or in a ```json fence, apart
+    by `;` or blank space; None if it is anything else."""
+    names = {t["function"]["name"] for t in tools}
+    decoder, calls, at = json.JSONDecoder(), [], 0
+    while (at := _skip(text, at, ";" + _BLANK)) < len(text):
+        fenced = text.startswith("```", at)
+        if fenced:
+            at = _skip(text, at + 3 + 4 * text.startswith("json", at + 3), _BLANK)
+        try:
+            obj, at = decoder.raw_decode(text, at)
+        except json.JSONDecodeError:
+            return None
+        if (call := _call(obj)) is None or call["function"]["name"] not in names:
+            return None
+        calls.append(call)
+        if fenced:
+            at = _skip(text, at, _BLANK)
+            if not text.startswith("```", at):
+                return None
+            at += 3
+    return calls or None
+
+
+def _skip(text: str, at: int, chars: str) -> int:
+    while at < len(text) and text[at] in chars:
+        at += 1
+    return at
+
+
+def _opens_call(text: str) -> bool | None:
+    """Whether a reply that begins with `text` begins as a bare call (`{"name":`, maybe after a ```json fence
+    line): True, False, or None while `text` is too short to tell."""
+    at = _skip(text, 0, _BLANK)
+
+    def cut(word: str) -> bool:  # the text ends inside `word`
+        return len(text) - at < len(word) and word.startswith(text[at:])
+
+    if cut("```"):
+        return None
+    if text.startswith("```", at):
+        at += 3
+        if cut("json"):
+            return None
+        at = _skip(text, at + 4 * text.startswith("json", at), _BLANK)
+    for word in ("{", '"name"', ":"):
+        if cut(word):
+            return None
+        if not text.startswith(word, at):
+            return False
+        at = _skip(text, at + len(word), _BLANK)
+    return True
+
+
 def _loads(body: str) -> Any:
     try:
         return json.loads(body)
@@ -133,26 +190,37 @@ class HermesSyntax(ToolSyntax):
             start = f"start: TEXT | prose_open body {more}\nprose_open[lazy]: /(.|\\n)*{re.escape(OPEN)}/\n"
         return StructuredOutput(grammar=start + rules + "TEXT: /(.|\\n)+/\n")
 
-    def parse(self, text: str) -> tuple[str | None, list[dict]]:
+    def parse(self, text: str, tools: list[dict]) -> tuple[str | None, list[dict]]:
         calls = [c for m in _CALL.finditer(text) if (c := _call(_loads(m.group(1)))) is not None]
         if not calls:
-            return text, []
+            bare = _bare_calls(text, tools)
+            return (None, bare) if bare else (text, [])
         content = _CALL.sub("", text).strip()
         return content or None, calls
 
-    def stream(self) -> ToolStream:
-        return HermesStream()
+    def stream(self, tools: list[dict]) -> ToolStream:
+        return HermesStream(tools)
 
 
 @dataclass
 class HermesStream(ToolStream):
-    """Holds back text that may be the start of a tag, and each call until its closing tag."""
+    """Holds back text that may be the start of a tag, and each call until its closing tag; a reply that opens as a
+    bare call, to its end."""
 
+    tools: list[dict]
     pending: str = ""  # text not yet sent: a possible tag start, or an open call
     calls: list[dict] = field(default_factory=list)
+    bare: bool | None = None  # whether the reply opens as a bare call (None: too soon to tell)
 
     def feed(self, delta: str, final: bool = False) -> tuple[str, Deltas]:
         self.pending += delta
+        if self.bare is None:
+            self.bare = _opens_call(self.pending)
+        if self.bare is not False and not final:
+            return "", []
+        if self.bare and (bare := _bare_calls(self.pending, self.tools)):
+            self.pending = ""
+            return "", [d for call in bare for d in self._emit(call)]
         content, deltas = "", []
         while self.pending:
             start = self.pending.find(OPEN)
@@ -196,25 +264,12 @@ class JsonSyntax(ToolSyntax):
             return StructuredOutput(grammar="start: calls\n" + rules)
         return StructuredOutput(grammar="start: TEXT | calls\n" + rules + "TEXT: /[^{](.|\\n)*/\n")
 
-    def parse(self, text: str) -> tuple[str | None, list[dict]]:
-        body = text.strip().removeprefix(PYTHON_TAG).lstrip()
-        if not body.startswith("{"):
-            return text, []
-        decoder, calls, at = json.JSONDecoder(), [], 0
-        while at < len(body):
-            try:
-                obj, at = decoder.raw_decode(body, at)
-            except json.JSONDecodeError:
-                return text, []
-            if (call := _call(obj)) is None:
-                return text, []
-            calls.append(call)
-            while at < len(body) and body[at] in "; \n\t":
-                at += 1
-        return None, calls
+    def parse(self, text: str, tools: list[dict]) -> tuple[str | None, list[dict]]:
+        calls = _bare_calls(text.strip().removeprefix(PYTHON_TAG), tools)
+        return (None, calls) if calls else (text, [])
 
-    def stream(self) -> ToolStream:
-        return JsonStream(self)
+    def stream(self, tools: list[dict]) -> ToolStream:
+        return JsonStream(self, tools)
 
 
 @dataclass
@@ -222,6 +277,7 @@ class JsonStream(ToolStream):
     """Prose streams as it comes; a reply that starts like a call is held to the end and parsed whole."""
 
     syntax: JsonSyntax
+    tools: list[dict]
     pending: str = ""
     holding: bool | None = None  # None until the reply's first visible characters decide
     calls: list[dict] = field(default_factory=list)
@@ -230,16 +286,16 @@ class JsonStream(ToolStream):
         self.pending += delta
         if self.holding is None:
             head = self.pending.lstrip()
-            if head.startswith(("{", PYTHON_TAG)):
+            if head.startswith(PYTHON_TAG):
                 self.holding = True
-            elif head and not PYTHON_TAG.startswith(head):
-                self.holding = False
+            elif not PYTHON_TAG.startswith(head):
+                self.holding = _opens_call(head)
         if self.holding is False or (final and self.holding is None):
             content, self.pending = self.pending, ""
             return content, []
         if not final:
             return "", []
-        content, calls = self.syntax.parse(self.pending)
+        content, calls = self.syntax.parse(self.pending, self.tools)
         self.pending = ""
         return content or "", [d for call in calls for d in self._emit(call)]
 

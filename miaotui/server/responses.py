@@ -210,7 +210,7 @@ async def create_response(req: ResponsesRequest, request: Request):
         return response
 
     def items(text: str) -> list[dict]:
-        content, calls = job.syntax.parse(text) if job.tools else (text, [])
+        content, calls = job.syntax.parse(text, job.tools) if job.tools else (text, [])
         return ([_message_item(content)] if content else []) + [_call_item(c) for c in calls]
 
     if not req.stream:
@@ -235,7 +235,7 @@ async def _events(outputs: AsyncIterator[RequestOutput], base: dict, job, finish
     output: list[dict] = []
     text_item: dict | None = None
     text = ""
-    stream = job.syntax.stream() if job.tools else None
+    stream = job.syntax.stream(job.tools) if job.tools else None
 
     def close_text():
         nonlocal text_item
@@ -262,14 +262,12 @@ async def _events(outputs: AsyncIterator[RequestOutput], base: dict, job, finish
                 text += delta
                 yield event("response.output_text.delta", item_id=text_item["id"], output_index=len(output),
                             content_index=0, delta=delta)
-            for d in calls:
-                if "id" not in d:  # the arguments of a call announced just before
-                    continue
+            for call in calls:  # each a whole call
                 if text_item is not None:
                     for e in close_text():
                         yield e
-                args = next(x["function"]["arguments"] for x in calls if x["index"] == d["index"] and "id" not in x)
-                item = _call_item({"id": d["id"], "function": {"name": d["function"]["name"], "arguments": args}})
+                item = _call_item(call)
+                args = item["arguments"]
                 index = len(output)
                 yield event("response.output_item.added", output_index=index,
                             item={**item, "arguments": "", "status": "in_progress"})

@@ -411,7 +411,7 @@ async def chat(req: ChatRequest, request: Request):
                              "finish_reason": None})
             text, call_deltas = out.delta, []
             if tools:
-                text, call_deltas = calls.setdefault(out.index, syntax.stream()).feed(out.delta, out.finished)
+                text, call_deltas = calls.setdefault(out.index, syntax.stream(tools)).feed(out.delta, out.finished)
             delta: dict[str, Any] = {}
             if text:
                 delta["content"] = text
@@ -437,7 +437,7 @@ async def chat(req: ChatRequest, request: Request):
     finals = await s.collect(ids, params, rid)
 
     def message(o: RequestOutput) -> tuple[dict, str | None]:
-        content, tool_calls = syntax.parse(o.text) if tools else (o.text, [])
+        content, tool_calls = syntax.parse(o.text, tools) if tools else (o.text, [])
         if not tool_calls:
             return {"role": "assistant", "content": content}, o.finish_reason
         return {"role": "assistant", "content": content, "tool_calls": tool_calls}, "tool_calls"

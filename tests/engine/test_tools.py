@@ -63,7 +63,7 @@ def calls_of(calls: list[dict]) -> list[tuple[str, dict]]:
 
 
 def streamed(syntax, text: str, cuts: list[int]) -> tuple[str, list[tuple[str, dict]]]:
-    stream, content, calls = syntax.stream(), "", {}
+    stream, content, calls = syntax.stream(TOOLS), "", {}
     bounds = [0, *sorted(set(cuts)), len(text)]
     for i, (a, b) in enumerate(itertools.pairwise(bounds)):
         piece, deltas = stream.feed(text[a:b], final=i == len(bounds) - 2)
@@ -76,17 +76,17 @@ def streamed(syntax, text: str, cuts: list[int]) -> tuple[str, list[tuple[str, d
 
 
 def test_hermes_and_json_replies_parse_to_the_same_calls():
-    content, calls = HermesSyntax().parse(HERMES_TEXT)
+    content, calls = HermesSyntax().parse(HERMES_TEXT, TOOLS)
     assert content == "Let me check." and calls_of(calls) == EXPECTED
-    assert calls_of(JsonSyntax().parse(JSON_TEXT)[1]) == EXPECTED
-    assert JsonSyntax().parse(JSON_TEXT)[0] is None
-    assert calls_of(JsonSyntax().parse("<|python_tag|>" + JSON_TEXT)[1]) == EXPECTED
+    assert calls_of(JsonSyntax().parse(JSON_TEXT, TOOLS)[1]) == EXPECTED
+    assert JsonSyntax().parse(JSON_TEXT, TOOLS)[0] is None
+    assert calls_of(JsonSyntax().parse("<|python_tag|>" + JSON_TEXT, TOOLS)[1]) == EXPECTED
 
 
 @pytest.mark.parametrize("text", ["Paris is sunny.", '{"name": "add", "parameters": {"a": 1', '{"x": 1}',
                                   '{"name": "add"} and then some prose'])
 def test_json_replies_that_are_not_calls_are_prose(text):
-    assert JsonSyntax().parse(text) == (text, [])
+    assert JsonSyntax().parse(text, TOOLS) == (text, [])
     assert streamed(JsonSyntax(), text, [3]) == (text, [])
 
 
@@ -104,9 +104,47 @@ def test_json_stream_gives_the_calls_in_any_chunking_and_no_json_as_content(cuts
 
 
 def test_json_stream_lets_prose_through_at_once():
-    stream = JsonSyntax().stream()
+    stream = JsonSyntax().stream(TOOLS)
     assert stream.feed("The weather") == ("The weather", [])
     assert stream.feed(" is fine.", final=True) == (" is fine.", [])
+
+
+# How Qwen2.5-Coder 0.5B and 1.5B answered weather questions with tools and a free ("auto") choice: no tags, the
+# call object alone, fenced or bare.
+FENCED_TEXT = ('```json\n{\n  "name": "add",\n  "arguments": {"a": 2, "b": 3}\n}\n```\n'
+               '```json\n{"name": "weather", "arguments": {"city": "Oslo"}}\n```')
+BARE_TEXT = '{"name": "add", "arguments": {"a": 2, "b": 3}}\n{"name": "weather", "arguments": {"city": "Oslo"}}'
+
+
+@pytest.mark.parametrize("syntax", [HermesSyntax(), JsonSyntax()])
+@pytest.mark.parametrize("text", [FENCED_TEXT, BARE_TEXT])
+def test_a_reply_of_bare_or_fenced_calls_is_those_calls(syntax, text):
+    content, calls = syntax.parse(text, TOOLS)
+    assert content is None and calls_of(calls) == EXPECTED
+
+
+@pytest.mark.parametrize("syntax", [HermesSyntax(), JsonSyntax()])
+@pytest.mark.parametrize("text", [
+    FENCED_TEXT.replace('"weather"', '"sub"'),  # a tool the request did not give
+    '```python\nprint({"name": "add"})\n```', '```json\n{"name": "add", "arguments": {}}',  # code; no closing fence
+    'Call it like this: {"name": "add", "arguments": {"a": 2, "b": 3}}', '{"name": "Ada", "age": 36}'])
+def test_other_replies_stay_prose(syntax, text):
+    assert syntax.parse(text, TOOLS) == (text, [])
+    assert streamed(syntax, text, [2, 9]) == (text, [])
+
+
+@settings(max_examples=40, deadline=None)
+@given(cuts=st.lists(st.integers(0, len(FENCED_TEXT)), max_size=8), syntax=st.sampled_from([HermesSyntax(),
+                                                                                             JsonSyntax()]))
+def test_fenced_calls_stream_whole_in_any_chunking(cuts, syntax):
+    assert streamed(syntax, FENCED_TEXT, cuts) == ("", EXPECTED)
+
+
+@pytest.mark.parametrize("syntax", [HermesSyntax(), JsonSyntax()])
+def test_prose_and_code_stream_at_once(syntax):
+    for text in ("The weather", "```python\n"):
+        stream = syntax.stream(TOOLS)
+        assert stream.feed(" " + text) == (" " + text, [])
 
 
 @pytest.fixture(scope="module")
