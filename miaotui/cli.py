@@ -22,6 +22,13 @@ from miaotui.loader.sources import ALIASES
 log = logging.getLogger("miaotui")
 
 
+def _model_positional(p: argparse.ArgumentParser) -> None:
+    """The model as the word after the command too (`miaotui serve qwen2.5-coder-1.5b`, as `vllm serve` takes it);
+    main() puts it in --model. Not for `run`, whose word is the prompt: argparse cannot split two words that flags
+    stand between (`run MODEL --raw PROMPT`)."""
+    p.add_argument("model_arg", nargs="?", metavar="MODEL", help="the model, as --model")
+
+
 def _engine_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"alias, .gguf file or model folder "
@@ -403,8 +410,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _compression_table(args)
     if args.what == "tasks":
         return _tasks(args)
-    if args.model_arg:
-        args.model = args.model_arg
     text = Path(args.text).read_text(encoding="utf-8") if args.text else default_text()
     engine = _engine(args)
     ids = engine.tokenizer.encode(text)
@@ -434,8 +439,6 @@ def _tasks(args: argparse.Namespace) -> int:
     from miaotui.eval import tasks
     from miaotui.llm import LLM
 
-    if args.model_arg:
-        args.model = args.model_arg
     names = args.tasks.split(",") if args.tasks else list(tasks.TASKS)
     tasks.check(names)
     cfg = engine_config(args)
@@ -514,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_flags(r)
     r.set_defaults(fn=cmd_run)
     c = sub.add_parser("chat", help="interactive multi-turn chat")
+    _model_positional(c)
     c.add_argument("--system", default=None, help="system prompt")
     _engine_flags(c)
     _sampling_flags(c)
@@ -524,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="models in the cache")
     ls.set_defaults(fn=cmd_list)
     b = sub.add_parser("bench", help="measure decode, prefill, throughput and latency; --compare runs the peers")
+    _model_positional(b)
     _engine_flags(b)
     b.add_argument("--compare", action="store_true", help="also run llama.cpp and transformers when installed")
     b.add_argument("--peers", default="llama.cpp,transformers", help="with --compare: which peers to run")
@@ -547,6 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", default=None, help="write a PNG bar chart here")
     b.set_defaults(fn=cmd_bench, verbose=True)
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    _model_positional(sv)
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (visible in `ps`: "
@@ -606,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "[--tasks ...] [--limit N]; eval compression (the README's table of every compression "
                         "setting)")
     ev.add_argument("what", choices=["ppl", "tasks", "compression"])
-    ev.add_argument("model_arg", nargs="?", metavar="MODEL", help="same as --model")
+    _model_positional(ev)
     ev.add_argument("--text", default=None, help="text file (default: a text that ships with Python)")
     ev.add_argument("--ctx", type=int, default=512)
     ev.add_argument("--method", default="llamacpp", choices=["llamacpp", "sliding"])
@@ -650,7 +656,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "model_arg", None):
+        if args.model not in (DEFAULT_MODEL, args.model_arg):
+            parser.error(f"the model is named twice: {args.model_arg} and --model {args.model}")
+        args.model = args.model_arg
     log.setLevel(logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
     try:
         return args.fn(args)

@@ -64,6 +64,17 @@ def test_unknown_alias_lists_known():
     assert_clean_error(miaotui("run", "--model", "nosuchmodel", "hi"), "nosuchmodel", "smollm2-135m", "gemma3-270m")
 
 
+@pytest.mark.parametrize("command", [["chat", "nosuchmodel"], ["serve", "--port", "0", "nosuchmodel"],
+                                     ["bench", "nosuchmodel", "--scenarios", "decode"]])
+def test_the_model_may_be_the_first_word(command):
+    assert_clean_error(miaotui(*command), "nosuchmodel", "smollm2-135m")
+
+
+def test_a_model_named_twice_is_refused():
+    r = miaotui("serve", "gemma3-270m", "--model", "nosuchmodel")
+    assert r.returncode == 2 and "named twice" in r.stderr
+
+
 def test_missing_file(tmp_path):
     assert_clean_error(miaotui("info", str(tmp_path / "gone.gguf")), "gone.gguf", "no such file")
 

@@ -226,6 +226,14 @@ class ChatRequest(GenerationRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    store: bool | None = None  # OpenAI's; false (its default) is what this server does
+
+    @field_validator("store")
+    @classmethod
+    def _nothing_stored(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("this server keeps no chat completions: store must be false")
+        return value
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):

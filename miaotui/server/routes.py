@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib.resources import files
 from typing import Any
 
@@ -45,6 +45,7 @@ class Server:
     admission: Admission
     metrics: Metrics
     aliases: tuple[str, ...] = ()  # more names the model answers to (vLLM's --served-model-name A B ...)
+    created: int = field(default_factory=lambda: int(time.time()))  # the models' `created`
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -179,13 +180,27 @@ async def prometheus(request: Request):
 @router.get("/models", include_in_schema=False)
 @router.get("/v1/models")
 async def models(request: Request):
+    return {"object": "list", "data": _model_cards(request)}
+
+
+@router.get("/models/{model_id:path}", include_in_schema=False)
+@router.get("/v1/models/{model_id:path}")
+async def model(model_id: str, request: Request):
+    """OpenAI's retrieve: one model's card (an id may hold slashes, as Hugging Face names do)."""
+    card = next((c for c in _model_cards(request) if c["id"] == model_id), None)
+    if card is None:
+        raise APIError(404, f"model {model_id!r} does not exist", param="model", code="model_not_found")
+    return card
+
+
+def _model_cards(request: Request) -> list[dict]:
     s = server(request)
-    data = [{"id": name, "object": "model", "created": 0, "owned_by": "miaotui",
-             "max_model_len": s.engine.max_model_len} for name in (s.model_name, *s.aliases)]
+    base = {"object": "model", "created": s.created, "owned_by": "miaotui"}
+    data = [{"id": name, **base, "max_model_len": s.engine.max_model_len} for name in (s.model_name, *s.aliases)]
     if (e := request.app.state.embeddings) is not None:
-        data.append({"id": e.name, "object": "model", "created": 0, "owned_by": "miaotui",
-                     "max_model_len": e.embedder.max_tokens, "dimensions": e.embedder.dimensions})
-    return {"object": "list", "data": data}
+        data.append({"id": e.name, **base, "max_model_len": e.embedder.max_tokens,
+                     "dimensions": e.embedder.dimensions})
+    return data
 
 
 @router.post("/tokenize")

@@ -91,12 +91,18 @@ def test_stop_lists_are_bounded(base):
     ("frobnicate", 1),
     ("guided_decoding_backend", "xgrammar"),
     ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("store", True),  # false, OpenAI's default, is what the server does (below)
 ])
 def test_unsupported_parameters_are_refused_not_dropped(base, field, value):
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, field: value}
     r = post(base, "/v1/chat/completions", json=body)
     assert r.status_code == 400, r.text
     assert field in error_of(r)["message"]
+
+
+def test_store_false_is_what_the_server_does(base):
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "store": False}
+    assert post(base, "/v1/chat/completions", json=body).status_code == 200
 
 
 def test_image_parts_are_refused(base):

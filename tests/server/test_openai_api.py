@@ -61,7 +61,13 @@ def metric(base: str, name: str) -> float:
 
 
 def test_models(client):
-    assert [m.id for m in client.models.list().data] == ["smollm2"]
+    listed = client.models.list().data
+    assert [m.id for m in listed] == ["smollm2"]
+    assert abs(listed[0].created - time.time()) < 3600  # when the server started, as a Unix time
+    assert client.models.retrieve("smollm2") == listed[0]
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-5")
+    assert e.value.code == "model_not_found"
 
 
 def test_chat_and_usage(client):
