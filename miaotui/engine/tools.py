@@ -48,12 +48,15 @@ class ToolStream(ABC):
     arguments) out."""
 
     calls: list[dict]
+    parallel: bool  # False: the first call only (parallel_tool_calls)
 
     @abstractmethod
     def feed(self, delta: str, final: bool = False) -> tuple[str, Deltas]: ...
 
     def _emit(self, call: dict) -> Deltas:
-        """A finished call as one delta (id, name and the whole arguments)."""
+        """A finished call as one delta (id, name and the whole arguments); none past the first unless parallel."""
+        if self.calls and not self.parallel:
+            return []
         self.calls.append(call)
         return [{"index": len(self.calls) - 1, **call}]
 
@@ -66,12 +69,17 @@ class ToolSyntax(ABC):
     def grammar(self, tools: list[dict], choice: str | dict, parallel: bool) -> StructuredOutput | None:
         """The constraint for a tool_choice: None for "none"."""
 
-    @abstractmethod
-    def parse(self, text: str, tools: list[dict]) -> tuple[str | None, list[dict]]:
-        """The reply's prose (None if there is none) and its tool calls (`tools`: those the request gave)."""
+    def parse(self, text: str, tools: list[dict], parallel: bool = True) -> tuple[str | None, list[dict]]:
+        """The reply's prose (None if there is none) and its tool calls (`tools`: those the request gave; the first
+        call only unless `parallel`: a grammar holds tagged calls to one, bare ones are read after the fact)."""
+        content, calls = self._parse(text, tools)
+        return content, calls if parallel else calls[:1]
 
     @abstractmethod
-    def stream(self, tools: list[dict]) -> ToolStream: ...
+    def _parse(self, text: str, tools: list[dict]) -> tuple[str | None, list[dict]]: ...
+
+    @abstractmethod
+    def stream(self, tools: list[dict], parallel: bool = True) -> ToolStream: ...
 
 
 def syntax_for(tokenizer: Tokenizer) -> ToolSyntax:
@@ -190,7 +198,7 @@ class HermesSyntax(ToolSyntax):
             start = f"start: TEXT | prose_open body {more}\nprose_open[lazy]: /(.|\\n)*{re.escape(OPEN)}/\n"
         return StructuredOutput(grammar=start + rules + "TEXT: /(.|\\n)+/\n")
 
-    def parse(self, text: str, tools: list[dict]) -> tuple[str | None, list[dict]]:
+    def _parse(self, text: str, tools: list[dict]) -> tuple[str | None, list[dict]]:
         calls = [c for m in _CALL.finditer(text) if (c := _call(_loads(m.group(1)))) is not None]
         if not calls:
             bare = _bare_calls(text, tools)
@@ -198,8 +206,8 @@ class HermesSyntax(ToolSyntax):
         content = _CALL.sub("", text).strip()
         return content or None, calls
 
-    def stream(self, tools: list[dict]) -> ToolStream:
-        return HermesStream(tools)
+    def stream(self, tools: list[dict], parallel: bool = True) -> ToolStream:
+        return HermesStream(tools, parallel)
 
 
 @dataclass
@@ -208,6 +216,7 @@ class HermesStream(ToolStream):
     bare call, to its end."""
 
     tools: list[dict]
+    parallel: bool = True
     pending: str = ""  # text not yet sent: a possible tag start, or an open call
     calls: list[dict] = field(default_factory=list)
     bare: bool | None = None  # whether the reply opens as a bare call (None: too soon to tell)
@@ -264,12 +273,12 @@ class JsonSyntax(ToolSyntax):
             return StructuredOutput(grammar="start: calls\n" + rules)
         return StructuredOutput(grammar="start: TEXT | calls\n" + rules + "TEXT: /[^{](.|\\n)*/\n")
 
-    def parse(self, text: str, tools: list[dict]) -> tuple[str | None, list[dict]]:
+    def _parse(self, text: str, tools: list[dict]) -> tuple[str | None, list[dict]]:
         calls = _bare_calls(text.strip().removeprefix(PYTHON_TAG), tools)
         return (None, calls) if calls else (text, [])
 
-    def stream(self, tools: list[dict]) -> ToolStream:
-        return JsonStream(self, tools)
+    def stream(self, tools: list[dict], parallel: bool = True) -> ToolStream:
+        return JsonStream(self, tools, parallel)
 
 
 @dataclass
@@ -278,6 +287,7 @@ class JsonStream(ToolStream):
 
     syntax: JsonSyntax
     tools: list[dict]
+    parallel: bool = True
     pending: str = ""
     holding: bool | None = None  # None until the reply's first visible characters decide
     calls: list[dict] = field(default_factory=list)

@@ -210,7 +210,7 @@ async def create_response(req: ResponsesRequest, request: Request):
         return response
 
     def items(text: str) -> list[dict]:
-        content, calls = job.syntax.parse(text, job.tools) if job.tools else (text, [])
+        content, calls = job.syntax.parse(text, job.tools, job.parallel) if job.tools else (text, [])
         return ([_message_item(content)] if content else []) + [_call_item(c) for c in calls]
 
     if not req.stream:
@@ -235,7 +235,7 @@ async def _events(outputs: AsyncIterator[RequestOutput], base: dict, job, finish
     output: list[dict] = []
     text_item: dict | None = None
     text = ""
-    stream = job.syntax.stream(job.tools) if job.tools else None
+    stream = job.syntax.stream(job.tools, job.parallel) if job.tools else None
 
     def close_text():
         nonlocal text_item

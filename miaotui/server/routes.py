@@ -359,6 +359,7 @@ class ChatJob:
     tools: list[dict] | None
     syntax: ToolSyntax
     model: str  # the name to report
+    parallel: bool = True  # parallel_tool_calls
 
 
 async def prepare_chat(s: Server, req: ChatRequest) -> ChatJob:
@@ -398,7 +399,7 @@ async def prepare_chat(s: Server, req: ChatRequest) -> ChatJob:
         params.skip_special_tokens = False  # the tags may be special tokens: the parser must see them
     await s.constrain(req, params, (grammar, tool_choice if isinstance(tool_choice, str) else "function")
                       if grammar else None)
-    return ChatJob(ids, params, tools, syntax, model)
+    return ChatJob(ids, params, tools, syntax, model, req.parallel_tool_calls)
 
 
 @router.post("/chat/completions", include_in_schema=False)
@@ -426,7 +427,8 @@ async def chat(req: ChatRequest, request: Request):
                              "finish_reason": None})
             text, call_deltas = out.delta, []
             if tools:
-                text, call_deltas = calls.setdefault(out.index, syntax.stream(tools)).feed(out.delta, out.finished)
+                stream = calls.setdefault(out.index, syntax.stream(tools, job.parallel))
+                text, call_deltas = stream.feed(out.delta, out.finished)
             delta: dict[str, Any] = {}
             if text:
                 delta["content"] = text
@@ -452,7 +454,7 @@ async def chat(req: ChatRequest, request: Request):
     finals = await s.collect(ids, params, rid)
 
     def message(o: RequestOutput) -> tuple[dict, str | None]:
-        content, tool_calls = syntax.parse(o.text, tools) if tools else (o.text, [])
+        content, tool_calls = syntax.parse(o.text, tools, job.parallel) if tools else (o.text, [])
         if not tool_calls:
             return {"role": "assistant", "content": content}, o.finish_reason
         return {"role": "assistant", "content": content, "tool_calls": tool_calls}, "tool_calls"

@@ -62,8 +62,8 @@ def calls_of(calls: list[dict]) -> list[tuple[str, dict]]:
     return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
 
 
-def streamed(syntax, text: str, cuts: list[int]) -> tuple[str, list[tuple[str, dict]]]:
-    stream, content, calls = syntax.stream(TOOLS), "", {}
+def streamed(syntax, text: str, cuts: list[int], parallel: bool = True) -> tuple[str, list[tuple[str, dict]]]:
+    stream, content, calls = syntax.stream(TOOLS, parallel), "", {}
     bounds = [0, *sorted(set(cuts)), len(text)]
     for i, (a, b) in enumerate(itertools.pairwise(bounds)):
         piece, deltas = stream.feed(text[a:b], final=i == len(bounds) - 2)
@@ -138,6 +138,13 @@ def test_other_replies_stay_prose(syntax, text):
                                                                                              JsonSyntax()]))
 def test_fenced_calls_stream_whole_in_any_chunking(cuts, syntax):
     assert streamed(syntax, FENCED_TEXT, cuts) == ("", EXPECTED)
+
+
+@pytest.mark.parametrize("syntax, text", [(HermesSyntax(), HERMES_TEXT), (HermesSyntax(), FENCED_TEXT),
+                                          (JsonSyntax(), JSON_TEXT), (JsonSyntax(), BARE_TEXT)])
+def test_without_parallel_calls_the_first_call_only(syntax, text):
+    assert calls_of(syntax.parse(text, TOOLS, parallel=False)[1]) == EXPECTED[:1]
+    assert streamed(syntax, text, [5, 40], parallel=False)[1] == EXPECTED[:1]
 
 
 @pytest.mark.parametrize("syntax", [HermesSyntax(), JsonSyntax()])
