@@ -103,6 +103,15 @@ class LLM:
                 out.text, out.tool_calls, out.finish_reason = content or "", calls, "tool_calls"
         return outs
 
+    def infill(self, prefix: str, suffix: str, params: SamplingParams | None = None,
+               use_tqdm: bool = False) -> RequestOutput:
+        """The code that fills the gap between `prefix` and `suffix` (OpenAI's completions `suffix`), from a code
+        model trained to fill gaps (its vocabulary's FIM tokens; ValueError for a model without them)."""
+        self._generative()
+        ids, ends = self.tokenizer.encode_infill(prefix, suffix)
+        p = params or SamplingParams()
+        return self._run([ids], [replace(p, stop_token_ids=[*p.stop_token_ids, *ends])], use_tqdm)[0]
+
     def _generative(self) -> None:
         if self.embedder is not None:
             raise MiaotuiError(f"{self.embedder.model_name} is an embedding model: use LLM.embed()")

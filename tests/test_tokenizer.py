@@ -74,3 +74,14 @@ def test_incremental_detokenizer_never_breaks_characters(pair, text):
     pieces = [detok.add(i) for i in ids]
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == ours.decode(ids)
+
+
+def test_infill_prompts_wrap_prefix_and_suffix_in_the_fim_tokens():
+    path = model_path("qwen2.5-coder-0.5b")
+    tok = Tokenizer.from_gguf(GGUFFile(path).metadata, path)
+    ids, _ = tok.encode_infill("def f(x):\n", "\n\nprint(f(2))\n")
+    pre, suf, mid = (tok.backend.token_to_id(t) for t in ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"))
+    assert ids == [pre, *tok.encode("def f(x):\n"), suf, *tok.encode("\n\nprint(f(2))\n"), mid]
+    path = model_path("smollm2-135m")
+    with pytest.raises(ValueError, match="fill-in-the-middle"):
+        Tokenizer.from_gguf(GGUFFile(path).metadata, path).encode_infill("a", "b")

@@ -134,6 +134,7 @@ class CompletionRequest(GenerationRequest):
     prompt: str | list[int] | list[str] | list[list[int]]  # one prompt (text or token ids), or a batch of them
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
+    suffix: str | None = None  # the text after the completion: the model fills the gap (code models' FIM tokens)
 
     def prompts(self) -> list[str | list[int]]:
         """The batch's prompts (one, unless `prompt` lists texts or token lists)."""

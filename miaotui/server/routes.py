@@ -239,7 +239,16 @@ async def completions(req: CompletionRequest, request: Request):
     jobs: list[tuple[list[int], SamplingParams]] = []
     for j, prompt in enumerate(prompts):
         name = "prompt" if len(prompts) == 1 else f"prompt {j}"
-        ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ends: list[int] = []
+        if req.suffix is not None:
+            if not isinstance(prompt, str):
+                raise APIError(400, "suffix needs a text prompt (the code before the gap)", param="suffix")
+            try:
+                ids, ends = tok.encode_infill(prompt, req.suffix)
+            except ValueError as e:
+                raise APIError(400, str(e), param="suffix") from None
+        else:
+            ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise APIError(400, f"{name} is empty", param="prompt")
         bad = [t for t in ids if not 0 <= t < s.engine.vocab_size]
@@ -250,6 +259,7 @@ async def completions(req: CompletionRequest, request: Request):
                                      req.logprobs)
         if req.echo and req.logprobs is not None:  # the echoed prompt's tokens are scored too
             params.prompt_logprobs = req.logprobs
+        params.stop_token_ids = [*params.stop_token_ids, *ends]
         await s.constrain(req, params)
         jobs.append((ids, params))
     limit, asked = s.admission.max_request_tokens, req.n * sum(p.max_tokens for _, p in jobs)

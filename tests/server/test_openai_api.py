@@ -70,6 +70,13 @@ def test_models(client):
     assert e.value.code == "model_not_found"
 
 
+def test_a_suffix_on_a_model_without_fim_tokens_is_refused(server):
+    r = httpx.post(f"{server}/v1/completions", json={"prompt": "def f():", "suffix": "\n", "max_tokens": 4},
+                   headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "suffix"
+    assert "fill-in-the-middle" in r.json()["error"]["message"]
+
+
 def test_chat_and_usage(client):
     r = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "What is the "
                                        "capital of France?"}], temperature=0, max_tokens=12)
