@@ -162,7 +162,7 @@ def create_app(engine: ServingEngine, model_name: str, api_key: str | None = Non
     app.state.miaotui = Server(engine, model_name,
                                Admission(engine.max_num_seqs, limits.max_waiting, engine.max_model_len, prompt_cap,
                                          limits.max_request_tokens, limits.default_max_tokens),
-                               Metrics(engine), aliases)
+                               Metrics(engine), aliases, embedding_model=embeddings.name if embeddings else None)
     app.state.embeddings = embeddings
     errors.install(app)
     open_paths = tuple(p for p in OPEN_PATHS if not (limits.protect_metrics and p == "/metrics"))

@@ -46,6 +46,7 @@ class Server:
     metrics: Metrics
     aliases: tuple[str, ...] = ()  # more names the model answers to (vLLM's --served-model-name A B ...)
     created: int = field(default_factory=lambda: int(time.time()))  # the models' `created`
+    embedding_model: str | None = None  # the encoder's name, when one serves /v1/embeddings beside the model
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -60,7 +61,9 @@ class Server:
         if name is None:
             return self.model_name
         if name not in (self.model_name, self.engine.model_name, *self.aliases):
-            raise APIError(404, f"model {name!r} does not exist; this server serves {self.model_name!r}",
+            what = ("is the embedding model here (it serves /v1/embeddings)" if name == self.embedding_model
+                    else "does not exist")
+            raise APIError(404, f"model {name!r} {what}; this server generates with {self.model_name!r}",
                            param="model", code="model_not_found")
         return name
 

@@ -68,4 +68,8 @@ def test_embedding_misuse_is_a_4xx_and_the_server_goes_on(base):
     r = post(input="word " * 400, truncate_prompt_tokens=-1)
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 256
     assert post(input="still serving").status_code == 200
+    name = httpx.get(f"{base}/v1/models").json()["data"][1]["id"]
+    chat = httpx.post(f"{base}/v1/chat/completions",
+                      json={"model": name, "messages": [{"role": "user", "content": "hi"}]})
+    assert chat.status_code == 404 and "is the embedding model here" in chat.json()["error"]["message"], chat.text
     assert httpx.post(f"{base}/embeddings", json={"input": "no /v1"}).status_code == 200
