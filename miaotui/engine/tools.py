@@ -44,8 +44,8 @@ Deltas = list[dict[str, Any]]
 
 
 class ToolStream(ABC):
-    """Streamed text in, content deltas and OpenAI tool-call deltas (`index`, `id`, `function.name`, then the
-    arguments) out."""
+    """Streamed text in, content deltas and OpenAI tool-call deltas out (each call whole, once it is: `index`,
+    `id`, `type` and `function` with its name and arguments)."""
 
     calls: list[dict]
     parallel: bool  # False: the first call only (parallel_tool_calls)
