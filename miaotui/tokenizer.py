@@ -30,8 +30,8 @@ _SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "llama-v3": _LLA
 _END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|eom_id|>")
 # Fill-in-the-middle tokens (prefix, suffix, middle) as code models name them (Qwen2.5-Coder and CodeGemma; StarCoder;
 # SantaCoder; DeepSeek-Coder), and the tokens that end a middle besides the turn's end (llama.cpp stops there too).
-_FIM = (("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"), ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
-        ("<fim-prefix>", "<fim-suffix>", "<fim-middle>"), ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"))
+FIM_TOKENS = (("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"), ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+              ("<fim-prefix>", "<fim-suffix>", "<fim-middle>"), ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"))
 _FIM_END = ("<|fim_pad|>", "<|file_sep|>", "<|repo_name|>", "<fim_pad>", "<file_sep>", "<repo_name>", "<fim-pad>")
 _CONTROL, _USER_DEFINED = 3, 4
 
@@ -257,7 +257,7 @@ class Tokenizer:
         """A fill-in-the-middle prompt — the code before the gap, the code after it, then the model writes the gap —
         built from the vocabulary's FIM tokens as llama.cpp's /infill builds it, and the tokens that end the gap
         besides the usual ends. ValueError where the vocabulary has no FIM tokens."""
-        fim = next((ids for names in _FIM if None not in (ids := [self.backend.token_to_id(n) for n in names])), None)
+        fim = next((ids for names in FIM_TOKENS if None not in (ids := [self.backend.token_to_id(n) for n in names])), None)
         if fim is None:
             raise ValueError("this model has no fill-in-the-middle tokens (such as <|fim_prefix|>): a suffix needs a "
                              "code model trained to fill gaps, e.g. qwen2.5-coder-1.5b")

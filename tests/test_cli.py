@@ -55,6 +55,20 @@ def test_info(smollm2_path):
         assert needle in r.stdout
 
 
+def test_info_of_embedding_and_code_models():
+    from tests.conftest import model_path
+
+    r = miaotui("info", str(model_path("all-minilm-l6-v2").parent))
+    assert r.returncode == 0, r.stderr
+    for needle in ("bert (embedding model", "22.7 M", "input tokens       256", "pooling            mean, unit length"):
+        assert needle in r.stdout
+    r = miaotui("info", str(model_path("nomic-embed-text-v1.5")))
+    assert r.returncode == 0 and "dimensions         64, 128, 256, 512, 768" in r.stdout, r.stderr
+    r = miaotui("info", str(model_path("qwen2.5-coder-0.5b")))
+    assert r.returncode == 0 and "fill-in-middle     yes" in r.stdout, r.stderr
+    assert "fill-in-middle     no" in miaotui("info", str(model_path("smollm2-135m"))).stdout
+
+
 def test_list_shows_cached(smollm2_path):
     r = miaotui("list")
     assert r.returncode == 0 and "smollm2-135m" in r.stdout

@@ -87,9 +87,13 @@ _GGUF_NAMES = {"token_embd": "word", "token_types": "token_type", "position_embd
 _FUSED = {"attn_q": ("qkv", 0), "attn_k": ("qkv", 1), "attn_v": ("qkv", 2), "ffn_gate": ("up", 0), "ffn_up": ("up", 1)}
 
 
-def _read_gguf(path: Path) -> tuple[EncoderConfig, HFTokenizer, dict[str, torch.Tensor], int]:
-    f = GGUFFile(path)
-    arch = f.get("general.architecture")
+def encoder_config(files: ModelFiles) -> tuple[EncoderConfig, int]:
+    """An encoder's configuration and the most tokens it takes, from its metadata alone (no weights read)."""
+    return _gguf_config(GGUFFile(files.path)) if files.kind == "gguf" else _folder_config(files.path)
+
+
+def _gguf_config(f: GGUFFile) -> tuple[EncoderConfig, int]:
+    path, arch = f.path, f.get("general.architecture")
 
     def key(name: str, default=None):
         value = f.get(f"{arch}.{name}", default)
@@ -112,6 +116,13 @@ def _read_gguf(path: Path) -> tuple[EncoderConfig, HFTokenizer, dict[str, torch.
             matryoshka=_MATRYOSHKA.get(name, ()), name=name)
     except (TypeError, ValueError) as e:
         raise ModelFileError(f"{path}: bad {arch} hyper-parameters in the GGUF metadata ({e})") from None
+    return cfg, cfg.max_position
+
+
+def _read_gguf(path: Path) -> tuple[EncoderConfig, HFTokenizer, dict[str, torch.Tensor], int]:
+    f = GGUFFile(path)
+    cfg, max_tokens = _gguf_config(f)
+    tokens = f.get("tokenizer.ggml.tokens")
     tok = _with_cls_sep(wordpiece_from_gguf(tokens), int(f.get("tokenizer.ggml.bos_token_id", 101)),
                         int(f.get("tokenizer.ggml.seperator_token_id", f.get("tokenizer.ggml.eos_token_id", 102))))
     weights: dict[str, torch.Tensor] = {}
@@ -130,7 +141,7 @@ def _read_gguf(path: Path) -> tuple[EncoderConfig, HFTokenizer, dict[str, torch.
             weights[f"{prefix}{_GGUF_NAMES[part]}.{kind}"] = value
     for name_, pieces in parts.items():
         weights[name_] = torch.cat([pieces[i] for i in sorted(pieces)])
-    return cfg, tok, weights, cfg.max_position
+    return cfg, tok, weights, max_tokens
 
 
 _HF_NAMES = [(r"embeddings\.word_embeddings", "word"), (r"embeddings\.position_embeddings", "position"),
@@ -143,7 +154,7 @@ _HF_NAMES = [(r"embeddings\.word_embeddings", "word"), (r"embeddings\.position_e
 _HF_QKV = re.compile(r"encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)")
 
 
-def _read_folder(folder: Path) -> tuple[EncoderConfig, HFTokenizer, dict[str, torch.Tensor], int]:
+def _folder_config(folder: Path) -> tuple[EncoderConfig, int]:
     try:
         raw = json.loads((folder / "config.json").read_text())
         cfg = EncoderConfig(
@@ -156,7 +167,11 @@ def _read_folder(folder: Path) -> tuple[EncoderConfig, HFTokenizer, dict[str, to
             raise ModelFileError(f"{folder}: only BERT with GELU and absolute positions is supported")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelFileError(f"{folder / 'config.json'}: cannot read the encoder config ({e})") from None
-    max_tokens = _sentence_transformers(folder, cfg)
+    return cfg, _sentence_transformers(folder, cfg)
+
+
+def _read_folder(folder: Path) -> tuple[EncoderConfig, HFTokenizer, dict[str, torch.Tensor], int]:
+    cfg, max_tokens = _folder_config(folder)
     try:
         tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
     except Exception as e:  # tokenizers raises its own Exception subclass for bad files
