@@ -4,6 +4,7 @@ jinja2, and an incremental detokenizer that never emits half a UTF-8 character."
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -30,8 +31,8 @@ _SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "llama-v3": _LLA
 _END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|eom_id|>")
 # Fill-in-the-middle tokens (prefix, suffix, middle) as code models name them (Qwen2.5-Coder and CodeGemma; StarCoder;
 # SantaCoder; DeepSeek-Coder), and the tokens that end a middle besides the turn's end (llama.cpp stops there too).
-FIM_TOKENS = (("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"), ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
-              ("<fim-prefix>", "<fim-suffix>", "<fim-middle>"), ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"))
+_FIM = (("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"), ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+        ("<fim-prefix>", "<fim-suffix>", "<fim-middle>"), ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"))
 _FIM_END = ("<|fim_pad|>", "<|file_sep|>", "<|repo_name|>", "<fim_pad>", "<file_sep>", "<repo_name>", "<fim-pad>")
 _CONTROL, _USER_DEFINED = 3, 4
 
@@ -257,11 +258,11 @@ class Tokenizer:
         """A fill-in-the-middle prompt — the code before the gap, the code after it, then the model writes the gap —
         built from the vocabulary's FIM tokens as llama.cpp's /infill builds it, and the tokens that end the gap
         besides the usual ends. ValueError where the vocabulary has no FIM tokens."""
-        fim = next((ids for names in FIM_TOKENS if None not in (ids := [self.backend.token_to_id(n) for n in names])), None)
-        if fim is None:
+        names = fim_tokens(lambda n: self.backend.token_to_id(n) is not None)
+        if names is None:
             raise ValueError("this model has no fill-in-the-middle tokens (such as <|fim_prefix|>): a suffix needs a "
                              "code model trained to fill gaps, e.g. qwen2.5-coder-1.5b")
-        pre, suf, mid = fim
+        pre, suf, mid = (self.backend.token_to_id(n) for n in names)
         ids = ([self.bos_id] if self.add_bos else []) + [pre, *self.encode(prefix, False), suf,
                                                           *self.encode(suffix, False), mid]
         return ids, [i for n in _FIM_END if (i := self.backend.token_to_id(n)) is not None]
@@ -290,6 +291,12 @@ class Tokenizer:
 
     def _text(self, token_id: int | None) -> str:
         return "" if token_id is None else self.backend.id_to_token(token_id) or ""
+
+
+def fim_tokens(known: Callable[[str], bool]) -> tuple[str, str, str] | None:
+    """The fill-in-the-middle tokens (prefix, suffix, middle) of a vocabulary (`known`: whether it has a token),
+    if it has a set."""
+    return next((names for names in _FIM if all(map(known, names))), None)
 
 
 _TEMPLATES: dict[str, Any] = {}

@@ -10,7 +10,7 @@ from miaotui.loader import gguf, safetensors
 from miaotui.loader.encoder import encoder_config, is_encoder
 from miaotui.loader.gguf_file import GGUFFile
 from miaotui.loader.sources import resolve
-from miaotui.tokenizer import FIM_TOKENS
+from miaotui.tokenizer import fim_tokens
 
 
 def describe(name: str) -> dict[str, str]:
@@ -61,5 +61,5 @@ def describe(name: str) -> dict[str, str]:
         "context length": str(cfg.max_position),
         "sliding window": str(cfg.sliding_window) if cfg.sliding_window else "none",
         "chat template": "yes" if template else "no",
-        "fill-in-middle": next(("yes (completions' suffix)" for names in FIM_TOKENS if vocab.issuperset(names)), "no"),
+        "fill-in-middle": "yes (completions' suffix)" if fim_tokens(vocab.__contains__) else "no",
     }
