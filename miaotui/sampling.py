@@ -52,7 +52,9 @@ class SamplingParams:
     n: int = 1
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False  # keep the stop string (or stop token's text) at the end of the text
     ignore_eos: bool = False
+    min_tokens: int = 0  # no end-of-sequence, stop token or stop string before this many tokens (vLLM's)
     logprobs: int | None = None  # number of top alternatives to return with each sampled token's logprob
     prompt_logprobs: int | None = None  # the same for each prompt token after the first (vLLM's; no prefix reuse)
     skip_special_tokens: bool = True
@@ -73,6 +75,8 @@ class SamplingParams:
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
             ("n", self.n >= 1, "must be at least 1"),
+            ("min_tokens", self.min_tokens >= 0 and (self.max_tokens is None or self.min_tokens <= self.max_tokens),
+             f"must be in [0, max_tokens ({self.max_tokens})]"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
             ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "must be in [0, 20]"),
         ]

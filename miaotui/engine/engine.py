@@ -14,6 +14,7 @@ import torch
 from miaotui.config import EngineConfig, SpeculativeConfig, resolve_device, resolve_dtype
 from miaotui.engine.kv_cache import KVCacheManager
 from miaotui.engine.runner import ModelRunner, kv_bytes_per_token, prefill_once
+from miaotui.engine.sampler import MinTokens
 from miaotui.engine.scheduler import Scheduler
 from miaotui.engine.sequence import RequestOutput, Sequence, Status
 from miaotui.engine.speculative import Speculator, StepPrice, build_proposer, pass_seconds
@@ -121,7 +122,7 @@ class Engine:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
                                    self.tokenizer.stop_ids)
         self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size)
-        self.runner.sampler.processors.append(GrammarMask(self.grammars))
+        self.runner.sampler.processors += [MinTokens(self.tokenizer.stop_ids), GrammarMask(self.grammars)]
         self.speculator = None if config.speculative is None else self.build_speculator(config.speculative)
         if self.device.type == "cuda" and not config.enforce_eager:  # decode steps in CUDA graphs
             spec = config.speculative
@@ -196,10 +197,11 @@ class Engine:
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary "
                              f"(size {self.model_config.vocab_size})")
-        bias = [t for t in params.logit_bias or () if t >= self.model_config.vocab_size]
-        if bias:
-            raise ValueError(f"logit_bias token id {bias[0]} is outside the vocabulary "
-                             f"(size {self.model_config.vocab_size})")
+        for name, ids in (("logit_bias", params.logit_bias or ()), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise ValueError(f"{name} token id {bad[0]} is outside the vocabulary "
+                                 f"(size {self.model_config.vocab_size})")
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")

@@ -105,6 +105,32 @@ class LogitBias:
         return logits
 
 
+@dataclass(slots=True)
+class _BanArgs:
+    rows: torch.Tensor
+    ids: torch.Tensor
+
+
+class MinTokens:
+    """vLLM's min_tokens: a row whose output is shorter than its request's minimum cannot end it — the model's
+    end-of-sequence tokens (unless ignore_eos) and the request's stop tokens get -inf."""
+
+    def __init__(self, stop_ids: frozenset[int] | set[int]):
+        self.stop_ids = sorted(stop_ids)
+
+    def prepare(self, seqs: list[Sequence], device: torch.device) -> _BanArgs | None:
+        entries = [(i, t) for i, s in enumerate(seqs) if len(s.output_ids) < s.params.min_tokens
+                   for t in {*s.params.stop_token_ids, *(() if s.params.ignore_eos else self.stop_ids)}]
+        if not entries:
+            return None
+        rows, ids = zip(*entries)
+        return _BanArgs(torch.tensor(rows, device=device), torch.tensor(ids, device=device))
+
+    def __call__(self, logits: torch.Tensor, a: _BanArgs) -> torch.Tensor:
+        logits[a.rows, a.ids] = float("-inf")
+        return logits
+
+
 class Sampler:
     def __init__(self, processors: list[LogitsProcessor] | None = None):
         # Penalties and biases first; a grammar mask (appended by the engine) last, so nothing revives a banned token.

@@ -195,15 +195,19 @@ class Scheduler:
             seq.logprobs.append(logprob)
         if seq.matcher is not None and not seq.matcher.consume_token(token):
             raise RuntimeError(f"token {token} broke the output constraint: {seq.matcher.get_error()}")
-        if (not p.ignore_eos and token in self.stop_ids) or token in p.stop_token_ids:
+        early = len(seq.output_ids) < p.min_tokens  # nothing stops a request before its min_tokens
+        if not early and ((not p.ignore_eos and token in self.stop_ids) or token in p.stop_token_ids):
+            if p.include_stop_str_in_output:
+                seq.detokenizer.add(token)
+                seq.text = seq.detokenizer.text
             return self.finish(seq, "stop", token)
         before = len(seq.text)
         seq.detokenizer.add(token)
         seq.text = seq.detokenizer.text
-        for s in p.stop:  # only where the new text could complete a match
+        for s in () if early else p.stop:  # only where the new text could complete a match
             cut = seq.text.find(s, max(0, before - len(s) + 1))
             if cut != -1:
-                seq.text = seq.text[:cut]
+                seq.text = seq.text[:cut + len(s) if p.include_stop_str_in_output else cut]
                 return self.finish(seq, "stop", s)
         if seq.matcher is not None and seq.matcher.is_stopped():  # the constraint is complete and allows no more
             return self.finish(seq, "stop")

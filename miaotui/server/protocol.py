@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from miaotui.sampling import SamplingParams, StructuredOutput
+from miaotui.server.errors import APIError
 
 MAX_STOP = 16  # stop strings per request (OpenAI takes 4; agents' clients often send a few more)
 MAX_STOP_CHARS = 256
@@ -65,6 +66,10 @@ class GenerationRequest(_Strict):
     min_p: float = Field(default=0.0, ge=0, le=1)
     repetition_penalty: float = Field(default=1.0, gt=0, le=100)
     ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0, le=MAX_INT)
+    stop_token_ids: list[int] | None = Field(default=None, max_length=1024)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     logit_bias: dict[str, float] | None = None
     response_format: ResponseFormat | None = None
     # vLLM's structured outputs, in its current and its older spelling
@@ -122,11 +127,18 @@ class GenerationRequest(_Strict):
         return found[0] if found else None
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        """The engine's parameters; APIError (400) where min_tokens exceeds the max_tokens that applies."""
+        if self.min_tokens > max_tokens:
+            raise APIError(400, f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({max_tokens})",
+                           param="min_tokens")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                              seed=self.seed, n=self.n, stop=stop, ignore_eos=self.ignore_eos, logprobs=logprobs,
+                              seed=self.seed, n=self.n, stop=stop, stop_token_ids=list(self.stop_token_ids or ()),
+                              include_stop_str_in_output=self.include_stop_str_in_output,
+                              ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, logprobs=logprobs,
+                              skip_special_tokens=self.skip_special_tokens,
                               logit_bias={int(k): b for k, b in self.logit_bias.items()} if self.logit_bias else None)
 
 

@@ -71,9 +71,10 @@ class Server:
                         tools: tuple[StructuredOutput, str] | None = None) -> None:
         """The request's output constraint (`tools`: the one its tool_choice implies), compiled before it is
         admitted: a bad one is a 400 naming its parameter (streamed requests too, since no response has started)."""
-        bad = [t for t in params.logit_bias or () if t >= self.engine.vocab_size]
-        if bad:
-            raise APIError(400, f"logit_bias: token id {bad[0]} is outside the vocabulary", param="logit_bias")
+        for name, ids in (("logit_bias", params.logit_bias or ()), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in ids if not 0 <= t < self.engine.vocab_size]
+            if bad:
+                raise APIError(400, f"{name}: token id {bad[0]} is outside the vocabulary", param=name)
         try:
             found = req.constraint()
         except ValueError as e:

@@ -139,6 +139,38 @@ def test_stop_strings_and_stop_tokens(loaded):
     out = run_all(engine, [prompt], SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[first]))[0]
     assert out[-1] == first and len(out) == 3
     del rid
+    kept = run_text(engine, prompt, SamplingParams(max_tokens=16, temperature=0, stop=[stop],
+                                                   include_stop_str_in_output=True))
+    assert kept.endswith(stop) and full.startswith(kept) and stop not in kept[:-1]
+    kept = run_text(engine, prompt, SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[first],
+                                                   include_stop_str_in_output=True))
+    assert kept == engine.tokenizer.decode(out)
+
+
+def run_text(engine: Engine, prompt: list[int], params: SamplingParams) -> str:
+    engine.add_request(prompt, params)
+    text = ""
+    while engine.has_unfinished():
+        text = "".join([text, *(o.delta for o in engine.step())])
+    return text
+
+
+def test_min_tokens_holds_off_every_stop(loaded):
+    """A stop token first met at output position j ends the answer there; with min_tokens past j the token is
+    banned until then (nothing else changes before it), and a stop string met early does not end the answer."""
+    engine = make(loaded)
+    prompt = engine.tokenizer.encode("1, 2, 3, 4, 5,")
+    plain = run_all(engine, [prompt], SamplingParams(max_tokens=16, temperature=0))[0]
+    j = next(j for j in range(3, 16) if plain[j] not in plain[:j])
+    stop = plain[j]
+    ended = run_all(engine, [prompt], SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[stop]))[0]
+    assert ended == plain[: j + 1]
+    longer = run_all(engine, [prompt], SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[stop],
+                                                      min_tokens=j + 4))[0]
+    assert longer[:j] == plain[:j] and stop not in longer[: j + 4] and len(longer) >= j + 4
+    word = engine.tokenizer.decode(plain[:2])
+    held = run_all(engine, [prompt], SamplingParams(max_tokens=12, temperature=0, min_tokens=8, stop=[word]))[0]
+    assert held[:8] == plain[:8] and len(held) >= 8
 
 
 def test_logprobs(loaded):

@@ -73,6 +73,8 @@ def test_greedy_and_seeded_outputs_are_those_of_plain_decoding(plain, spec):
     model = llm("smollm2-135m", spec)
     greedy = [SamplingParams(temperature=0, max_tokens=48, logprobs=2) for _ in PROMPTS]
     greedy[1] = SamplingParams(temperature=0, max_tokens=48, stop=["\n"])
+    greedy[2] = SamplingParams(temperature=0, max_tokens=48, logprobs=2, min_tokens=24, stop=[" Fibonacci"],
+                               include_stop_str_in_output=True)
     seeded = [SamplingParams(temperature=0.8, top_p=0.95, seed=i, max_tokens=40) for i in range(len(PROMPTS))]
     for params in (greedy, seeded):
         ours, theirs = run(model, params), run(plain, params)

@@ -113,6 +113,29 @@ def test_chat_streaming_async_n_and_stop(server):
     assert stopped.choices[0].text == " 5, 6," and stopped.choices[0].finish_reason == "stop"
 
 
+def test_vllms_stop_controls(client):
+    """vLLM's extra parameters: min_tokens holds off the end of turn, stop_token_ids end the answer,
+    include_stop_str_in_output keeps the stop string, skip_special_tokens false shows the end-of-turn token."""
+    ask = {"model": "smollm2", "messages": [{"role": "user", "content": "Say hi."}], "temperature": 0}
+    short = client.chat.completions.create(**ask, max_tokens=64)
+    n = short.usage.completion_tokens
+    assert short.choices[0].finish_reason == "stop" and n < 48
+    longer = client.chat.completions.create(**ask, max_tokens=64, extra_body={"min_tokens": n + 8})
+    assert longer.usage.completion_tokens >= n + 8 and longer.choices[0].message.content.startswith(
+        short.choices[0].message.content.rstrip(".!?"))
+    shown = client.chat.completions.create(**ask, max_tokens=64, extra_body={"skip_special_tokens": False,
+                                                                              "include_stop_str_in_output": True})
+    assert shown.choices[0].message.content == short.choices[0].message.content + "<|im_end|>"
+    stream = client.completions.create(model="smollm2", prompt="1, 2, 3, 4,", max_tokens=16, temperature=0, stop=[" 7"],
+                                       stream=True, extra_body={"include_stop_str_in_output": True})
+    assert "".join(c.choices[0].text for c in stream if c.choices) == " 5, 6, 7"
+    comma = httpx.post(f"{str(client.base_url).removesuffix('/v1/')}/tokenize", json={"prompt": ","},
+                       headers={"Authorization": f"Bearer {KEY}"}).json()["tokens"]
+    cut = client.completions.create(model="smollm2", prompt="1, 2, 3, 4,", max_tokens=16, temperature=0,
+                                    extra_body={"stop_token_ids": comma})
+    assert cut.choices[0].text == " 5" and cut.choices[0].finish_reason == "stop"
+
+
 def test_logprobs(client):
     """Chat's top_logprobs are the n most likely tokens, best first, the chosen one among them where it is one of
     them (greedy: always, first), streamed or not; none at 0; top_logprobs without logprobs is refused."""
@@ -206,6 +229,8 @@ def test_tokenize_roundtrip(server):
     ({"model": "smollm2", "prompt": "hi", "n": 0}, 400, "n"),
     ({"model": "smollm2", "prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
     ({"model": "nope", "prompt": "hi"}, 404, "model"),
+    ({"model": "smollm2", "prompt": "hi", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
+    ({"model": "smollm2", "prompt": "hi", "stop_token_ids": [2, 10**6]}, 400, "stop_token_ids"),
     ({"model": "smollm2", "prompt": "x" * 300000}, 413, None),
 ])
 def test_bad_requests_then_a_good_one(server, client, body, status, param):
