@@ -270,9 +270,14 @@ class TokenizeRequest(_Strict):
     model: str | None = None
     prompt: str | None = None
     content: str | None = None  # llama.cpp's name for the prompt
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_special_tokens: bool | None = None  # default True (vLLM's)
     add_special: bool | None = None  # llama.cpp's name for it
+    # with messages, as in a chat request (vLLM's): the prompt counted is the one chat would run
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _one_input(self):
@@ -281,10 +286,21 @@ class TokenizeRequest(_Strict):
             raise ValueError(f"give one of prompt, content or messages, not {' and '.join(given)}")
         if self.add_special is not None and self.add_special_tokens is not None:
             raise ValueError("give add_special_tokens or llama.cpp's add_special, not both")
+        chat_only = sorted(self.model_fields_set & {"tools", "add_generation_prompt", "continue_final_message",
+                                                    "chat_template_kwargs"})
+        if chat_only and self.messages is None:
+            raise ValueError(f"{', '.join(chat_only)} apply to messages, and none were given")
         return self
 
     def special(self) -> bool:
         return next((v for v in (self.add_special_tokens, self.add_special) if v is not None), True)
+
+    def chat(self) -> ChatRequest:
+        """The chat request whose prompt these messages make."""
+        return ChatRequest(model=self.model, messages=self.messages, tools=self.tools,
+                           add_generation_prompt=self.add_generation_prompt,
+                           continue_final_message=self.continue_final_message,
+                           chat_template_kwargs=self.chat_template_kwargs)
 
 
 class DetokenizeRequest(_Strict):

@@ -213,7 +213,7 @@ async def tokenize(req: TokenizeRequest, request: Request):
     s.check_model(req.model)
     tok = s.engine.tokenizer
     if req.messages is not None:
-        ids = tok.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages])
+        ids = chat_prompt(s, req.chat())[0]
     else:
         text = req.prompt if req.prompt is not None else req.content  # `content`: llama.cpp's name for it
         ids = tok.encode(text or "", add_special_tokens=req.special())
@@ -380,6 +380,23 @@ async def prepare_chat(s: Server, req: ChatRequest) -> ChatJob:
     """Everything a chat request needs before admission, shared by chat completions and the Responses API; every
     problem is a 400 naming its parameter."""
     model = s.check_model(req.model)
+    ids, tools, tool_choice = chat_prompt(s, req)
+    tok = s.engine.tokenizer
+    top = (req.top_logprobs or 0) if req.logprobs else None
+    params = req.sampling_params(s.admission.max_tokens(len(ids), req.max_completion_tokens or req.max_tokens, None,
+                                                          req.n), top)
+    syntax = syntax_for(tok)
+    grammar = syntax.grammar(tools, tool_choice, req.parallel_tool_calls) if tools else None
+    if tools:
+        params.skip_special_tokens = False  # the tags may be special tokens: the parser must see them
+    await s.constrain(req, params, (grammar, tool_choice if isinstance(tool_choice, str) else "function")
+                      if grammar else None)
+    return ChatJob(ids, params, tools, syntax, model, req.parallel_tool_calls)
+
+
+def chat_prompt(s: Server, req: ChatRequest) -> tuple[list[int], list[dict] | None, str | dict]:
+    """The conversation's prompt ids as the model's template renders it (with the tools unless tool_choice is
+    "none"), the tools and the resolved tool_choice; shared by chat and /tokenize, so a count is the chat's."""
     tok = s.engine.tokenizer
     if not tok.chat_template:
         raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
@@ -404,16 +421,7 @@ async def prepare_chat(s: Server, req: ChatRequest) -> ChatJob:
                               req.continue_final_message, tools=tools, **extra)
     except ValueError as e:
         raise APIError(400, str(e), param="messages") from None
-    top = (req.top_logprobs or 0) if req.logprobs else None
-    params = req.sampling_params(s.admission.max_tokens(len(ids), req.max_completion_tokens or req.max_tokens, None,
-                                                          req.n), top)
-    syntax = syntax_for(tok)
-    grammar = syntax.grammar(tools, tool_choice, req.parallel_tool_calls) if tools else None
-    if tools:
-        params.skip_special_tokens = False  # the tags may be special tokens: the parser must see them
-    await s.constrain(req, params, (grammar, tool_choice if isinstance(tool_choice, str) else "function")
-                      if grammar else None)
-    return ChatJob(ids, params, tools, syntax, model, req.parallel_tool_calls)
+    return ids, tools, tool_choice
 
 
 @router.post("/chat/completions", include_in_schema=False)

@@ -153,6 +153,8 @@ def test_tokenize_takes_llama_cpp_content(base):
     r = httpx.post(f"{base}/tokenize", json={"prompt": "a", "add_special": True, "add_special_tokens": True},
                    headers=AUTH)
     assert r.status_code == 400
+    r = httpx.post(f"{base}/tokenize", json={"prompt": "a", "add_generation_prompt": False}, headers=AUTH)
+    assert r.status_code == 400 and "add_generation_prompt" in r.json()["error"]["message"]  # chat's, not a prompt's
 
 
 def test_the_model_answers_to_each_served_name(base):

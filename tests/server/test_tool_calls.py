@@ -94,7 +94,7 @@ def test_a_named_function_is_the_one_called(client):
     assert [name for name, _ in calls] == ["add"]
 
 
-def test_auto_and_a_tool_result_round_trip(client):
+def test_auto_and_a_tool_result_round_trip(base, client):
     messages = [{"role": "user", "content": QUESTIONS[0]}]
     r = client.chat.completions.create(model="m", messages=messages, tools=TOOLS, max_tokens=120, temperature=0)
     msg = r.choices[0].message  # the model answers with a fenced call, no tags: read as the call all the same
@@ -107,6 +107,13 @@ def test_auto_and_a_tool_result_round_trip(client):
     r = client.chat.completions.create(model="m", messages=messages, tools=TOOLS, tool_choice="none",
                                        max_tokens=40, temperature=0)
     assert r.choices[0].message.content and not r.choices[0].message.tool_calls
+    # /tokenize renders the conversation as chat does (the call and its result in it), so its count is chat's
+    counted = httpx.post(f"{base}/tokenize", json={"messages": messages}).json()
+    prompt = httpx.post(f"{base}/detokenize", json={"tokens": counted["tokens"]}).json()["prompt"]
+    assert counted["count"] == r.usage.prompt_tokens and '"city": "Paris"' in prompt and "21}" in prompt
+    with_tools = httpx.post(f"{base}/tokenize", json={"messages": messages, "tools": TOOLS}).json()["count"]
+    assert with_tools == client.chat.completions.create(model="m", messages=messages, tools=TOOLS, max_tokens=1,
+                                                        temperature=0).usage.prompt_tokens > counted["count"]
 
 
 @pytest.mark.parametrize("body, param", [
