@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -151,17 +152,37 @@ def _write(s: str) -> None:
     sys.stdout.flush()
 
 
+def _prompt(args: argparse.Namespace) -> str:
+    """The prompt: text piped or redirected into stdin, then the argument after a blank line (`cat notes.txt |
+    miaotui run "Summarize this."`, as the llm CLI does); no argument or "-" reads stdin alone. A terminal or
+    /dev/null on stdin is not read unless "-" asks for it."""
+    arg = None if args.prompt == "-" else args.prompt
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+        fed = stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+    except (AttributeError, OSError, ValueError):  # no stdin at all
+        fed = False
+    if args.prompt is None and not fed:
+        raise MiaotuiError("give a prompt: `miaotui run \"...\"`, or pipe text in (`... | miaotui run`)")
+    piped = sys.stdin.read().strip() if fed or args.prompt == "-" else ""
+    prompt = "\n\n".join(part for part in (piped, arg) if part)
+    if not prompt:
+        raise MiaotuiError("the prompt is empty")
+    return prompt
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     params = _params(args)  # a bad value fails before the model loads
+    prompt = _prompt(args)
     engine = _engine(args)
     tok = engine.tokenizer
     if tok.chat_template and not args.raw:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        ids = tok.encode_chat(messages + [{"role": "user", "content": args.prompt}])
+        ids = tok.encode_chat(messages + [{"role": "user", "content": prompt}])
     else:
-        ids = tok.encode(args.prompt)
+        ids = tok.encode(prompt)
         if not args.raw:
-            _write(args.prompt)
+            _write(prompt)
     _stream(engine, ids, params, _write)
     return 0
 
@@ -510,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="miaotui", description="miaotui (秒推): fast LLM inference")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="answer one prompt, streaming to the terminal")
-    r.add_argument("prompt")
+    r.add_argument("prompt", nargs="?", help="the prompt; text piped into stdin comes before it (\"-\" or none: "
+                   "stdin alone)")
     r.add_argument("--raw", action="store_true", help="plain completion, no chat template")
     r.add_argument("--system", default=None, help="system prompt for chat models")
     _engine_flags(r)

@@ -38,7 +38,8 @@ def bare(tmp_path_factory) -> Path:
 
 
 def run(bare: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(bare), *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([str(bare), *args], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)  # `run` would read a piped stdin
 
 
 def test_no_extras_are_installed(bare):

@@ -11,7 +11,8 @@ import pytest
 
 def miaotui(*args: str, env: dict | None = None, input: str | None = None, timeout: int = 300):
     return subprocess.run([sys.executable, "-m", "miaotui.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})}, input=input)
+                          timeout=timeout, env={**os.environ, **(env or {})}, input=input,
+                          stdin=subprocess.DEVNULL if input is None else None)  # `run` reads a piped stdin
 
 
 def assert_clean_error(r, *needles: str) -> None:
@@ -35,6 +36,16 @@ def test_run_raw_completion(smollm2_path):
     r = miaotui("run", "--raw", "1, 2, 3, 4,", "-t", "0", "-n", "8", "--dtype", "float32")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(" 5, 6")
+
+
+def test_run_reads_piped_text_before_the_prompt(smollm2_path):
+    text = "Ada Lovelace wrote the first program in 1843."
+    r = miaotui("run", "Who wrote the first program?", "-t", "0", "-n", "16", "--dtype", "float32", input=text)
+    assert r.returncode == 0, r.stderr
+    assert "Ada Lovelace" in r.stdout
+    alone = miaotui("run", "--raw", "-t", "0", "-n", "8", "--dtype", "float32", input="1, 2, 3, 4,\n")
+    assert alone.returncode == 0 and alone.stdout.startswith(" 5, 6"), alone.stdout
+    assert_clean_error(miaotui("run", "-n", "8"), "give a prompt")
 
 
 def test_chat_keeps_history_and_resets(smollm2_path):
