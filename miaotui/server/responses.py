@@ -22,7 +22,7 @@ from pydantic import Field, ValidationError
 from miaotui.engine.sequence import RequestOutput
 from miaotui.server.errors import APIError
 from miaotui.server.protocol import ChatRequest, _Strict
-from miaotui.server.routes import prepare_chat, server
+from miaotui.server.routes import Server, chat_prompt, prepare_chat, server
 
 router = APIRouter()
 STORE_SIZE = 1024  # responses kept for previous_response_id, the oldest dropped first
@@ -57,7 +57,7 @@ class ResponsesRequest(_Strict):
     stream: bool = False
     metadata: dict[str, str] | None = Field(default=None, max_length=16)
     user: str | None = None
-    truncation: Literal["disabled"] | None = None  # the context is never cut silently
+    truncation: Literal["disabled", "auto"] | None = None  # auto: the oldest turns dropped to fit the context
     service_tier: Literal["auto", "default"] | None = None
 
 
@@ -152,6 +152,33 @@ def _chat_request(req: ResponsesRequest, messages: list[dict]) -> ChatRequest:
         raise APIError(400, f"{param}: {first.get('msg')}", param=param) from None
 
 
+def _fitted(s: Server, req: ResponsesRequest, messages: list[dict]) -> list[dict]:
+    """truncation "auto" (OpenAI's: items dropped from the beginning of the conversation): the fewest oldest turns
+    dropped — whole turns, so what is left starts at a user message; a leading system message stays — that let the
+    prompt and max_output_tokens fit the context. Where even the last turn alone does not fit, it is returned and
+    the request's 400 says why."""
+    head = messages[:1] if messages[0]["role"] == "system" else []
+    rest = messages[len(head):]
+    cuts = [0, *(i for i, m in enumerate(rest) if i and m["role"] == "user")]
+
+    def fits(j: int) -> bool:
+        ids = chat_prompt(s, _chat_request(req, head + rest[cuts[j]:]))[0]
+        try:
+            s.admission.max_tokens(len(ids), req.max_output_tokens, None)
+        except APIError:
+            return False
+        return True
+
+    lo, hi = 0, len(cuts) - 1  # fits() is false below the answer, true from it on (fewer turns, shorter prompt)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return head + rest[cuts[lo]:]
+
+
 def _usage(prompt: int, out: RequestOutput) -> dict:
     return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": out.cached_tokens},
             "output_tokens": out.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
@@ -184,7 +211,8 @@ async def create_response(req: ResponsesRequest, request: Request):
         messages = [{"role": "system", "content": req.instructions}, *messages]
     if not messages:
         raise APIError(400, "input is empty", param="input")
-    job = await prepare_chat(s, _chat_request(req, messages))
+    sent = _fitted(s, req, messages) if req.truncation == "auto" else messages
+    job = await prepare_chat(s, _chat_request(req, sent))
     s.admission.admit()
     rid = f"resp_{uuid.uuid4().hex[:24]}"
     base = {"id": rid, "object": "response", "created_at": int(time.time()), "model": job.model,
@@ -194,7 +222,8 @@ async def create_response(req: ResponsesRequest, request: Request):
             "parallel_tool_calls": req.parallel_tool_calls, "previous_response_id": req.previous_response_id,
             "text": {"format": req.text.format.model_dump(by_alias=True, exclude_none=True)
                      if req.text and req.text.format else {"type": "text"}},
-            "metadata": req.metadata or {}, "store": req.store, "truncation": "disabled", "error": None,
+            "metadata": req.metadata or {}, "store": req.store, "truncation": req.truncation or "disabled",
+            "error": None,
             "reasoning": None, "user": req.user}
 
     def finish(out: RequestOutput, output: list[dict]) -> dict:

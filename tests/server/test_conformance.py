@@ -233,6 +233,34 @@ def test_responses_api_plain_streamed_and_continued(client):
     assert client.responses.retrieve(first.id).output_text == first.output_text
 
 
+@pytest.fixture(scope="module")
+def short_context():
+    yield from serving(model_path("smollm2-135m"), "--max-model-len", "384", "--dtype", "float32")
+
+
+def test_responses_truncation_auto_drops_the_fewest_oldest_turns(short_context):
+    turns = []
+    for i in range(8):
+        turns += [{"role": "user", "content": f"Note {i}: {LONG[:200]}"}, {"role": "assistant", "content": "Noted."}]
+    turns.append({"role": "user", "content": "How many notes were there?"})
+    ask = {"model": "m", "input": turns, "instructions": "Answer briefly.", "max_output_tokens": 16, "temperature": 0}
+    c = openai.OpenAI(base_url=f"{short_context}/v1", api_key="unused")
+    with pytest.raises(openai.BadRequestError, match="context length"):
+        c.responses.create(**ask)  # truncation "disabled", OpenAI's default: a 400
+    r = c.responses.create(**ask, truncation="auto")
+    assert r.truncation == "auto" and r.output_text
+
+    def prompt_tokens(first_turn: int) -> int:
+        msgs = [{"role": "system", "content": "Answer briefly."}, *turns[2 * first_turn:]]
+        return httpx.post(f"{short_context}/tokenize", json={"messages": msgs}).json()["count"]
+
+    kept = next(j for j in range(9) if prompt_tokens(j) + 16 <= 384)
+    assert kept > 0 and r.usage.input_tokens == prompt_tokens(kept)  # whole turns, no more than needed dropped
+    follow = c.responses.create(model="m", input="And now?", previous_response_id=r.id, max_output_tokens=8,
+                                truncation="auto")
+    assert follow.usage.input_tokens + 8 <= 384
+
+
 def test_responses_structured_output_and_bad_requests(base, client):
     schema = {"type": "object", "properties": {"fruit": {"enum": ["apple", "pear", "plum"]}},
               "required": ["fruit"], "additionalProperties": False}
