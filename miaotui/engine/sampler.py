@@ -119,7 +119,7 @@ class MinTokens:
         self.stop_ids = sorted(stop_ids)
 
     def prepare(self, seqs: list[Sequence], device: torch.device) -> _BanArgs | None:
-        entries = [(i, t) for i, s in enumerate(seqs) if len(s.output_ids) < s.params.min_tokens
+        entries = [(i, t) for i, s in enumerate(seqs) if len(s.token_ids) - s.num_prompt < s.params.min_tokens
                    for t in {*s.params.stop_token_ids, *(() if s.params.ignore_eos else self.stop_ids)}]
         if not entries:
             return None

@@ -195,7 +195,7 @@ class Scheduler:
             seq.logprobs.append(logprob)
         if seq.matcher is not None and not seq.matcher.consume_token(token):
             raise RuntimeError(f"token {token} broke the output constraint: {seq.matcher.get_error()}")
-        early = len(seq.output_ids) < p.min_tokens  # nothing stops a request before its min_tokens
+        early = len(seq.token_ids) - seq.num_prompt < p.min_tokens  # nothing stops a request before min_tokens
         if not early and ((not p.ignore_eos and token in self.stop_ids) or token in p.stop_token_ids):
             if p.include_stop_str_in_output:
                 seq.detokenizer.add(token)
