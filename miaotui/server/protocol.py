@@ -240,6 +240,7 @@ class ChatRequest(GenerationRequest):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     store: bool | None = None  # OpenAI's; false (its default) is what this server does
+    modalities: list[Literal["text"]] | None = None  # OpenAI's; text (its default) is all this server makes
 
     @field_validator("store")
     @classmethod

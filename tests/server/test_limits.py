@@ -92,6 +92,7 @@ def test_stop_lists_are_bounded(base):
     ("guided_decoding_backend", "xgrammar"),
     ("tools", [{"type": "function", "function": {"name": "f"}}]),
     ("store", True),  # false, OpenAI's default, is what the server does (below)
+    ("modalities", ["text", "audio"]),  # text alone is (below)
 ])
 def test_unsupported_parameters_are_refused_not_dropped(base, field, value):
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, field: value}
@@ -100,8 +101,9 @@ def test_unsupported_parameters_are_refused_not_dropped(base, field, value):
     assert field in error_of(r)["message"]
 
 
-def test_store_false_is_what_the_server_does(base):
-    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "store": False}
+@pytest.mark.parametrize("field,value", [("store", False), ("modalities", ["text"])])
+def test_openai_defaults_are_what_the_server_does(base, field, value):
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, field: value}
     assert post(base, "/v1/chat/completions", json=body).status_code == 200
 
 
