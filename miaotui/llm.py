@@ -17,7 +17,7 @@ from miaotui.engine.tools import syntax_for
 from miaotui.errors import EncoderModelError, MiaotuiError
 from miaotui.sampling import SamplingParams
 
-Prompt = str | list[int]
+Prompt = str | list[int] | dict[str, Any]  # text, token ids, or vLLM's {"prompt": ...} / {"prompt_token_ids": ...}
 Message = dict[str, Any]
 
 
@@ -70,10 +70,20 @@ class LLM:
         """Run every prompt to completion with continuous batching; outputs come back in prompt order (n per
         prompt when `n` > 1)."""
         self._generative()
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str | dict) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
-        ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-        return self._run(ids, params, use_tqdm)
+        return self._run([self._prompt_ids(p) for p in prompts], params, use_tqdm)
+
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, dict):
+            if len(prompt) != 1 or not {"prompt", "prompt_token_ids"} >= prompt.keys():
+                raise ValueError(f"a prompt dict holds 'prompt' (text) or 'prompt_token_ids', got {sorted(prompt)}")
+            prompt = prompt.get("prompt", prompt.get("prompt_token_ids"))
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, list | tuple) and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        raise TypeError(f"a prompt is a text, a list of token ids or a dict of either, got {type(prompt).__name__}")
 
     def chat(self, conversations: list[Message] | list[list[Message]],
              params: SamplingParams | Seq[SamplingParams] | None = None, use_tqdm: bool = True,
