@@ -95,6 +95,11 @@ class LLM:
         self._generative()
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]  # type: ignore[list-item]
+        for c in conversations:
+            if not isinstance(c, list) or not c or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                           for m in c):
+                raise TypeError("chat takes a conversation — a list of messages like {'role': 'user', 'content': "
+                                f"'...'}} — or a list of conversations; got {_shape(c)}")
         rendered = tools if tools and tool_choice != "none" else None
         if rendered and "tools" not in (self.tokenizer.chat_template or ""):
             raise ValueError("this model's chat template does not take tools")
@@ -129,6 +134,8 @@ class LLM:
     def _run(self, prompts: list[list[int]], params, use_tqdm: bool) -> list[RequestOutput]:
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
+        if isinstance(params, dict | str) or not all(isinstance(p, SamplingParams) for p in params):
+            raise TypeError(f"params are a SamplingParams or a list of them (one a prompt), got {_shape(params)}")
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
         order = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
@@ -153,3 +160,10 @@ class LLM:
         finally:
             bar.close()
         return [results[(rid, i)] for rid, sp in zip(order, params) for i in range(sp.n)]
+
+
+def _shape(value: Any) -> str:
+    """What an argument was, for an error: its type, and a list's first item's."""
+    if isinstance(value, list | tuple):
+        return f"a {type(value).__name__} of {type(value[0]).__name__}" if value else f"an empty {type(value).__name__}"
+    return type(value).__name__

@@ -29,3 +29,13 @@ def test_prompts_as_text_token_ids_or_vllms_dicts(llm):
                        ([3.5], TypeError), ([None], TypeError)]:
         with pytest.raises(error, match="prompt"):
             llm.generate(bad, greedy, use_tqdm=False)
+
+
+def test_misshapen_chats_and_parameters_get_a_clear_error(llm):
+    greedy = SamplingParams(max_tokens=2, temperature=0)
+    for bad in ["hello", [{"content": "hi"}], [[]], [[{"role": "user", "content": "hi"}], "hi"]]:
+        with pytest.raises(TypeError, match="chat takes a conversation"):
+            llm.chat(bad, greedy, use_tqdm=False)
+    for bad in [{"max_tokens": 2}, [greedy, {"max_tokens": 2}]]:
+        with pytest.raises(TypeError, match="SamplingParams"):
+            llm.generate(["a", "b"], bad, use_tqdm=False)
