@@ -292,6 +292,21 @@ def _comma_list(value: str | None) -> tuple[str, ...]:
     return tuple(x.strip() for x in (value or "").split(",") if x.strip())
 
 
+def _check_tool_parser(args: argparse.Namespace, tokenizer) -> None:
+    """vLLM's --tool-call-parser names the syntax of the model's calls; miaotui reads it from the chat template,
+    so the flag is a check: a name that is not the template's would misread the calls, and is refused."""
+    from miaotui.engine.tools import syntax_for
+
+    if args.tool_call_parser is None:
+        return
+    if "tools" not in (tokenizer.chat_template or ""):
+        raise MiaotuiError(f"--tool-call-parser {args.tool_call_parser}: this model's chat template takes no tools")
+    found = syntax_for(tokenizer).parser
+    if found != args.tool_call_parser:
+        raise MiaotuiError(f"--tool-call-parser {args.tool_call_parser}: this model's chat template writes {found} "
+                           f"tool calls (miaotui reads the template's own syntax; the flag can be left out)")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -320,6 +335,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         fault_seed = os.environ.get("MIAOTUI_FAULT_SEED")
         if fault_seed:  # the soak test's fault injection: requests with this seed fail at their third token
             engine.engine.scheduler.on_token = _fault_injector(int(fault_seed))
+    _check_tool_parser(args, engine.tokenizer)
     names = args.served_model_name or [engine.model_name]
     origins = _comma_list(args.allowed_origins)
     if args.default_max_tokens is not None and args.default_max_tokens < 1:
@@ -590,6 +606,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--allowed-headers", default="*", metavar="HEADERS", help="request headers a CORS preflight "
                     "may ask for, comma-separated (default '*')")
     sv.add_argument("--protect-metrics", action="store_true", help="/metrics asks for the API key too")
+    sv.add_argument("--enable-auto-tool-choice", action="store_true", help="vLLM's flag, taken for its commands: "
+                    "tool calls are always on here (tool_choice auto, required, none or a named function)")
+    sv.add_argument("--tool-call-parser", choices=("hermes", "llama3_json"), default=None, help="vLLM's flag, as "
+                    "a check: the syntax of the model's calls is read from its chat template, and a different name "
+                    "is refused")
     sv.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME", help="model id in the API "
                     "(default: the model's name); more names: the model answers to each of them too")
     sv.add_argument("--embedding-model", default=None, metavar="MODEL", help="also serve /v1/embeddings with this "

@@ -128,3 +128,11 @@ def test_unknown_bench_scenario_is_refused_before_loading():
 @pytest.mark.parametrize("args", [["--device", "tpu"], ["--dtype", "float8"]])
 def test_bad_engine_flags(args):
     assert_clean_error(miaotui("run", "hi", *args))
+
+
+@pytest.mark.parametrize("model, parser, needle", [("smollm2-135m", "hermes", "takes no tools"),
+                                                   ("qwen2.5-coder-0.5b", "llama3_json", "writes hermes")])
+def test_a_tool_call_parser_the_template_does_not_write_is_refused(model, parser, needle):
+    r = miaotui("serve", model, "--tool-call-parser", parser, "--port", "1")  # (serve logs its load above)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("miaotui: error: --tool-call-parser") and needle in r.stderr

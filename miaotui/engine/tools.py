@@ -29,7 +29,7 @@ import re
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from miaotui.engine.structured import JSON_WHITESPACE
 from miaotui.sampling import StructuredOutput
@@ -64,6 +64,8 @@ class ToolStream(ABC):
 class ToolSyntax(ABC):
     """How one family of chat templates writes tool calls: the grammar that enforces a tool_choice, the parser of a
     finished reply and the parser of a streamed one."""
+
+    parser: ClassVar[str]  # its name among vLLM's --tool-call-parser choices
 
     @abstractmethod
     def grammar(self, tools: list[dict], choice: str | dict, parallel: bool) -> StructuredOutput | None:
@@ -180,6 +182,7 @@ class HermesSyntax(ToolSyntax):
     must then name the tokens (text lexemes never produce special tokens)."""
 
     tag_tokens: bool = True
+    parser: ClassVar[str] = "hermes"  # vLLM's --tool-call-parser name for it
 
     def grammar(self, tools: list[dict], choice: str | dict, parallel: bool) -> StructuredOutput | None:
         if choice == "none":
@@ -262,6 +265,7 @@ class JsonSyntax(ToolSyntax):
 
     key: str = "parameters"
     python_tag: bool = False
+    parser: ClassVar[str] = "llama3_json"
 
     def grammar(self, tools: list[dict], choice: str | dict, parallel: bool) -> StructuredOutput | None:
         if choice == "none":

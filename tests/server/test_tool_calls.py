@@ -34,7 +34,8 @@ QUESTIONS = ["What's the weather like in Paris today?", "What is 17 plus 25?", "
 
 @pytest.fixture(scope="module")
 def base():
-    yield from serving(model_path("qwen2.5-coder-0.5b"), "--max-model-len", "2048")
+    yield from serving(model_path("qwen2.5-coder-0.5b"), "--max-model-len", "2048",
+                       "--enable-auto-tool-choice", "--tool-call-parser", "hermes")  # vLLM's flags, as its users type
 
 
 @pytest.fixture
