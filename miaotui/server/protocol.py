@@ -171,6 +171,21 @@ class ChatMessage(_Strict):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
     tool_call_id: str | None = None  # a tool's answer to that call
+    # OpenAI's other message fields, as clients send back the assistant messages they were given (by another server
+    # too): a refusal is what the assistant said; annotations are citations about its text, not in it; audio and
+    # the deprecated function_call are refused unless null.
+    refusal: str | None = None
+    annotations: list[dict] | None = None
+    audio: Any = None
+    function_call: Any = None
+
+    @field_validator("audio", "function_call")
+    @classmethod
+    def _null_only(cls, v: Any, info):
+        if v is not None:
+            use = "; use tool_calls" if info.field_name == "function_call" else ""
+            raise ValueError(f"{info.field_name} is not supported by this server{use}")
+        return v
 
     @field_validator("content")
     @classmethod
@@ -188,7 +203,7 @@ class ChatMessage(_Strict):
 
     def for_template(self) -> dict[str, Any]:
         """The message as chat templates read it: tool-call arguments as objects (templates serialize them)."""
-        msg: dict[str, Any] = {"role": self.role, "content": self.text()}
+        msg: dict[str, Any] = {"role": self.role, "content": self.text() or self.refusal or ""}
         if self.tool_calls:
             msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {
                 "name": c.function.name, "arguments": _json_or_text(c.function.arguments)}} for c in self.tool_calls]

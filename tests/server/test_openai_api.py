@@ -136,6 +136,25 @@ def test_vllms_stop_controls(client):
     assert cut.choices[0].text == " 5" and cut.choices[0].finish_reason == "stop"
 
 
+def test_assistant_messages_as_openai_returns_them_are_taken(server, client):
+    """A conversation carried over from OpenAI's API: its assistant messages' null or empty refusal, annotations,
+    audio and function_call change nothing; a refusal is what the assistant said; a real audio or function_call is
+    refused, naming the field."""
+    def prompt_tokens(assistant: dict) -> int:
+        turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", **assistant},
+                 {"role": "user", "content": "Ok"}]
+        return client.chat.completions.create(model="smollm2", messages=turns, max_tokens=1).usage.prompt_tokens
+
+    plain = prompt_tokens({"content": "Hello! How can I help?"})
+    assert prompt_tokens({"content": "Hello! How can I help?", "refusal": None, "annotations": [], "audio": None,
+                          "function_call": None}) == plain
+    assert prompt_tokens({"content": None, "refusal": "Hello! How can I help?"}) == plain
+    for field, value in [("audio", {"id": "audio_1"}), ("function_call", {"name": "f", "arguments": "{}"})]:
+        r = httpx.post(f"{server}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": "smollm2", "messages": [{"role": "assistant", "content": "x", field: value}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == f"messages.0.{field}"
+
+
 def test_logprobs(client):
     """Chat's top_logprobs are the n most likely tokens, best first, the chosen one among them where it is one of
     them (greedy: always, first), streamed or not; none at 0; top_logprobs without logprobs is refused."""
