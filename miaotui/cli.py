@@ -90,6 +90,12 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0 to 65535, got {text!r}")
+    return int(text)
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The engine's configuration from the engine flags, for every command that runs one."""
     kv = args.kv_cache_memory
@@ -292,6 +298,22 @@ def _comma_list(value: str | None) -> tuple[str, ...]:
     return tuple(x.strip() for x in (value or "").split(",") if x.strip())
 
 
+def _check_free(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise MiaotuiError(f"--host {host}: {e.strerror}") from None
+    family, kind, _, _, address = infos[0]
+    with socket.socket(family, kind) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT port is free
+        try:
+            sock.bind(address)
+        except OSError as e:
+            raise MiaotuiError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
 def _check_tool_parser(args: argparse.Namespace, tokenizer) -> None:
     """vLLM's --tool-call-parser names the syntax of the model's calls; miaotui reads it from the chat template,
     so the flag is a check: a name that is not the template's would misread the calls, and is refused."""
@@ -323,6 +345,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             yield
 
     api_key = _api_key(args)
+    _check_free(args.host, args.port)  # before minutes of loading, not after
     if args.replicas is not None or args.ray_address is not None:
         from miaotui.cluster.replicas import ClusterConfig, start_replicas
 
@@ -592,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     _model_positional(sv)
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=_port, default=8000)
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (visible in `ps`: "
                     "prefer --api-key-file or $MIAOTUI_API_KEY)")
     sv.add_argument("--api-key-file", default=None, help="read the API key from this file")
@@ -708,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
     try:
         return args.fn(args)
-    except (MiaotuiError, ValueError) as e:
+    except (MiaotuiError, ValueError, OSError) as e:  # OSError: a file named on the command line, a busy port
         print(f"miaotui: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
