@@ -451,8 +451,15 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         for problem in report.lost[:10]:
             print("  lost:", problem)
         return 0 if report.ok else 1
+    import httpx
+
     from miaotui.bench.serve_bench import format_load, run_load
 
+    try:
+        httpx.get(f"{args.url.rstrip('/')}/v1/models", timeout=10)
+    except httpx.HTTPError as e:
+        raise MiaotuiError(f"no server answers at {args.url} ({type(e).__name__}: {e}); start one with "
+                           "`miaotui serve`, or name it with --url") from None
     res = asyncio.run(run_load(args.url, args.model, args.requests, args.concurrency, args.max_tokens,
                                args.api_key, require_usage=not args.peer))
     print(format_load(args.url, res.summary()))

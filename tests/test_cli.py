@@ -138,7 +138,7 @@ def test_a_tool_call_parser_the_template_does_not_write_is_refused(model, parser
     assert r.stderr.strip().splitlines()[-1].startswith("miaotui: error: --tool-call-parser") and needle in r.stderr
 
 
-def test_a_busy_port_or_a_missing_text_is_a_one_line_error(tmp_path):
+def test_a_busy_port_a_missing_server_or_a_missing_text_is_a_one_line_error(tmp_path):
     import socket
 
     with socket.socket() as busy:
@@ -147,6 +147,7 @@ def test_a_busy_port_or_a_missing_text_is_a_one_line_error(tmp_path):
         port = busy.getsockname()[1]
         r = miaotui("serve", "smollm2-135m", "--port", str(port), timeout=60)
     assert_clean_error(r, f"cannot listen on 127.0.0.1:{port}")
+    assert_clean_error(miaotui("loadtest", "--url", f"http://127.0.0.1:{port}"), "no server answers")  # closed now
     assert_clean_error(miaotui("eval", "ppl", "smollm2-135m", "--text", str(tmp_path / "nope.txt")), "nope.txt")
     r = miaotui("serve", "smollm2-135m", "--port", "99999")
     assert r.returncode == 2 and "a TCP port is 0 to 65535" in r.stderr
