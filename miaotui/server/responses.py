@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from miaotui.engine.sequence import RequestOutput
 from miaotui.server.errors import APIError
@@ -59,6 +59,14 @@ class ResponsesRequest(_Strict):
     user: str | None = None
     truncation: Literal["disabled", "auto"] | None = None  # auto: the oldest turns dropped to fit the context
     service_tier: Literal["auto", "default"] | None = None
+    include: list[str] | None = None  # extra output data; agent SDKs send the list even when empty
+
+    @field_validator("include")
+    @classmethod
+    def _nothing_extra(cls, v: list[str] | None):
+        if v:
+            raise ValueError(f"{v[0]!r} is not something this server can include (none is)")
+        return v
 
 
 class ResponseStore:

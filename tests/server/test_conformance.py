@@ -227,7 +227,7 @@ def test_responses_api_plain_streamed_and_continued(client):
         final = stream.get_final_response()
     assert "".join(deltas) == final.output_text == first.output_text
     follow = client.responses.create(model="m", input="And three vegetables?", previous_response_id=first.id,
-                                     max_output_tokens=8, temperature=0)
+                                     max_output_tokens=8, temperature=0, include=[])  # as the Agents SDK sends it
     fresh = client.responses.create(model="m", input="And three vegetables?", max_output_tokens=8, temperature=0)
     assert follow.usage.input_tokens > fresh.usage.input_tokens + first.usage.output_tokens - 2
     assert client.responses.retrieve(first.id).output_text == first.output_text
@@ -271,6 +271,7 @@ def test_responses_structured_output_and_bad_requests(base, client):
                         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
                          "input.0.content"),
                         ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
-                        ({"input": "x", "reasoning": {"effort": "high"}}, "reasoning")]:
+                        ({"input": "x", "reasoning": {"effort": "high"}}, "reasoning"),
+                        ({"input": "x", "include": ["reasoning.encrypted_content"]}, "include")]:
         resp = httpx.post(f"{base}/v1/responses", json=body, headers=AUTH, timeout=60)
         assert resp.status_code in (400, 404) and resp.json()["error"]["param"] == param, resp.text
