@@ -124,10 +124,15 @@ def _bare_calls(text: str, tools: list[dict]) -> list[dict] | None:
         fenced = text.startswith("```", at)
         if fenced:
             at = _skip(text, at + 3 + 4 * text.startswith("json", at + 3), _BLANK)
+        doubled = text.startswith("{{", at)  # as a template that shows its call example in doubled braces teaches
         try:
-            obj, at = decoder.raw_decode(text, at)
+            obj, at = decoder.raw_decode(text, at + doubled)
         except json.JSONDecodeError:
             return None
+        if doubled:
+            if not text.startswith("}", at):
+                return None
+            at += 1
         if (call := _call(obj)) is None or call["function"]["name"] not in names:
             return None
         calls.append(call)
@@ -165,15 +170,19 @@ def _opens_call(text: str) -> bool | None:
             return None
         if not text.startswith(word, at):
             return False
-        at = _skip(text, at + len(word), _BLANK)
+        at = _skip(text, at + len(word) + (word == "{" and text.startswith("{{", at)), _BLANK)
     return True
 
 
 def _loads(body: str) -> Any:
-    try:
-        return json.loads(body)
-    except json.JSONDecodeError:
-        return None
+    """A call's JSON; also in doubled braces, `{{"name": ...}}`, as Qwen2.5-Coder-1.5B's own template shows the
+    call format (its tool instructions print `{{\"name\": <function-name>, ...}}` verbatim) and the model writes."""
+    for text in (body, body[1:-1] if body.startswith("{{") and body.endswith("}}") else None):
+        try:
+            return json.loads(text) if text is not None else None
+        except json.JSONDecodeError:
+            continue
+    return None
 
 
 @dataclass(frozen=True)

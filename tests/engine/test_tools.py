@@ -114,20 +114,33 @@ def test_json_stream_lets_prose_through_at_once():
 FENCED_TEXT = ('```json\n{\n  "name": "add",\n  "arguments": {"a": 2, "b": 3}\n}\n```\n'
                '```json\n{"name": "weather", "arguments": {"city": "Oslo"}}\n```')
 BARE_TEXT = '{"name": "add", "arguments": {"a": 2, "b": 3}}\n{"name": "weather", "arguments": {"city": "Oslo"}}'
+# Qwen2.5-Coder-1.5B's template prints its call format in doubled braces, `{{"name": <function-name>, ...}}`, and
+# the model writes its calls so: bare, or (tool_choice "auto", tag tokens free) inside the tags.
+DOUBLED_TEXT = BARE_TEXT.replace('{"name"', '{{"name"').replace("}}", "}}}")
+DOUBLED_TAGS = HERMES_TEXT.replace('{"name"', '{{"name"').replace("}}\n", "}}}\n")
 
 
 @pytest.mark.parametrize("syntax", [HermesSyntax(), JsonSyntax()])
-@pytest.mark.parametrize("text", [FENCED_TEXT, BARE_TEXT])
+@pytest.mark.parametrize("text", [FENCED_TEXT, BARE_TEXT, DOUBLED_TEXT])
 def test_a_reply_of_bare_or_fenced_calls_is_those_calls(syntax, text):
     content, calls = syntax.parse(text, TOOLS)
     assert content is None and calls_of(calls) == EXPECTED
+    assert streamed(syntax, text, [1, 2, 11]) == ("", EXPECTED)
+
+
+def test_calls_in_doubled_braces_inside_the_tags_are_read():
+    assert DOUBLED_TAGS.count("{{") == 2
+    content, calls = HermesSyntax().parse(DOUBLED_TAGS, TOOLS)
+    assert content.strip() == "Let me check." and calls_of(calls) == EXPECTED
+    assert streamed(HermesSyntax(), DOUBLED_TAGS, [20, 30]) == ("Let me check.\n", EXPECTED)
 
 
 @pytest.mark.parametrize("syntax", [HermesSyntax(), JsonSyntax()])
 @pytest.mark.parametrize("text", [
     FENCED_TEXT.replace('"weather"', '"sub"'),  # a tool the request did not give
     '```python\nprint({"name": "add"})\n```', '```json\n{"name": "add", "arguments": {}}',  # code; no closing fence
-    'Call it like this: {"name": "add", "arguments": {"a": 2, "b": 3}}', '{"name": "Ada", "age": 36}'])
+    'Call it like this: {"name": "add", "arguments": {"a": 2, "b": 3}}', '{"name": "Ada", "age": 36}',
+    '{{"name": "add", "arguments": {}}', '{{"name": "add", "arguments": {}}}}'])  # unbalanced doubling
 def test_other_replies_stay_prose(syntax, text):
     assert syntax.parse(text, TOOLS) == (text, [])
     assert streamed(syntax, text, [2, 9]) == (text, [])
