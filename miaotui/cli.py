@@ -202,10 +202,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     print("Chatting with", engine.loaded.files.name, "— /reset clears the history, /exit quits, "
-          "Ctrl-C stops an answer.")
+          "Ctrl-C stops an answer, \"\"\" begins and ends a message of several lines.")
     while True:
         try:
-            line = input("\n> ")
+            line = _read_turn()
         except (EOFError, KeyboardInterrupt):
             print()
             return 0
@@ -226,6 +226,28 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         answer, _, _ = _stream(engine, ids, params, _write)
         history.append({"role": "assistant", "content": answer})
+
+
+def _read_turn() -> str:
+    """One message: a line, or (as ollama takes pasted text) the lines from one that begins with three quotes to
+    one that ends with them, the quotes dropped. EOFError at the end of input before a message begins."""
+    line = input("\n> ")
+    if not line.lstrip().startswith('"""'):
+        return line
+    text = line.lstrip()[3:]
+    if text.rstrip().endswith('"""'):  # """all on one line"""
+        return text.rstrip()[:-3]
+    lines = [text]
+    while True:
+        try:
+            more = input("... ")
+        except EOFError:
+            break
+        if more.rstrip().endswith('"""'):
+            lines.append(more.rstrip()[:-3])
+            break
+        lines.append(more)
+    return "\n".join(lines).strip("\n")
 
 
 def cmd_pull(args: argparse.Namespace) -> int:

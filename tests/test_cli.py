@@ -59,6 +59,25 @@ def test_chat_keeps_history_and_resets(smollm2_path):
     assert second != after_reset  # the same question gets another answer once the history is gone
 
 
+@pytest.mark.parametrize("typed, message", [
+    (['"""', "line one", "", "line two", '"""'], "line one\n\nline two"),
+    (['"""line one', 'line two"""'], "line one\nline two"),
+    (['"""all on one line"""'], "all on one line"), (["plain"], "plain"),
+])
+def test_chat_reads_a_message_of_several_lines_between_triple_quotes(monkeypatch, typed, message):
+    from miaotui.cli import _read_turn
+
+    feed = iter(typed)
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(feed))
+    assert _read_turn() == message and next(feed, None) is None
+
+
+def test_chat_answers_a_pasted_block_once(smollm2_path):
+    r = miaotui("chat", "-t", "0", "-n", "8", input='"""\nMy name is Ada.\nWhat is my name?\n"""\n/exit\n')
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.split("\n> ")) == 3, r.stdout  # the banner, one answer, the prompt /exit was typed at
+
+
 def test_info(smollm2_path):
     r = miaotui("info", str(smollm2_path))
     assert r.returncode == 0, r.stderr
