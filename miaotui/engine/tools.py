@@ -177,11 +177,11 @@ def _opens_call(text: str) -> bool | None:
 def _loads(body: str) -> Any:
     """A call's JSON; also in doubled braces, `{{"name": ...}}`, as Qwen2.5-Coder-1.5B's own template shows the
     call format (its tool instructions print `{{\"name\": <function-name>, ...}}` verbatim) and the model writes."""
-    for text in (body, body[1:-1] if body.startswith("{{") and body.endswith("}}") else None):
+    for text in (body, body[1:-1]) if body.startswith("{{") and body.endswith("}}") else (body,):
         try:
-            return json.loads(text) if text is not None else None
+            return json.loads(text)
         except json.JSONDecodeError:
-            continue
+            pass
     return None
 
 
