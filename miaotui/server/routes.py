@@ -477,9 +477,10 @@ async def chat(req: ChatRequest, request: Request):
 
     def message(o: RequestOutput) -> tuple[dict, str | None]:
         content, tool_calls = syntax.parse(o.text, tools, job.parallel) if tools else (o.text, [])
+        msg = {"role": "assistant", "content": content, "refusal": None, "annotations": []}  # OpenAI's fields
         if not tool_calls:
-            return {"role": "assistant", "content": content}, o.finish_reason
-        return {"role": "assistant", "content": content, "tool_calls": tool_calls}, "tool_calls"
+            return msg, o.finish_reason
+        return {**msg, "tool_calls": tool_calls}, "tool_calls"
 
     choices = []
     for _, o in sorted(finals.items()):

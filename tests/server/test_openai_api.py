@@ -153,6 +153,14 @@ def test_assistant_messages_as_openai_returns_them_are_taken(server, client):
         r = httpx.post(f"{server}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                        json={"model": "smollm2", "messages": [{"role": "assistant", "content": "x", field: value}]})
         assert r.status_code == 400 and r.json()["error"]["param"] == f"messages.0.{field}"
+    # this server's own reply carries the same fields, and goes back as it came (a client pushing the raw JSON)
+    ask = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    raw = httpx.post(f"{server}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                     json=ask).json()["choices"][0]["message"]
+    assert raw["refusal"] is None and raw["annotations"] == []
+    ask["messages"] += [raw, {"role": "user", "content": "Ok"}]
+    assert httpx.post(f"{server}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json=ask).status_code == 200
 
 
 def test_logprobs(client):
