@@ -93,3 +93,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    def out_of_vocabulary(self, vocab_size: int) -> tuple[str, int] | None:
+        """The first token id a parameter names outside a vocabulary of this size, with the parameter's name."""
+        for name, ids in (("logit_bias", self.logit_bias or ()), ("stop_token_ids", self.stop_token_ids)):
+            for t in ids:
+                if not 0 <= t < vocab_size:
+                    return name, t
+        return None

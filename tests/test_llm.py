@@ -39,3 +39,10 @@ def test_misshapen_chats_and_parameters_get_a_clear_error(llm):
     for bad in [{"max_tokens": 2}, [greedy, {"max_tokens": 2}]]:
         with pytest.raises(TypeError, match="SamplingParams"):
             llm.generate(["a", "b"], bad, use_tqdm=False)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_naming_the_parameter(llm):
+    for params, name in [(SamplingParams(stop_token_ids=[2, 10**7]), "stop_token_ids"),
+                         (SamplingParams(logit_bias={10**7: 5.0}), "logit_bias")]:
+        with pytest.raises(ValueError, match=f"{name} token id 10000000 is outside the vocabulary"):
+            llm.generate("hi", params, use_tqdm=False)

@@ -197,11 +197,9 @@ class Engine:
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary "
                              f"(size {self.model_config.vocab_size})")
-        for name, ids in (("logit_bias", params.logit_bias or ()), ("stop_token_ids", params.stop_token_ids)):
-            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
-            if bad:
-                raise ValueError(f"{name} token id {bad[0]} is outside the vocabulary "
-                                 f"(size {self.model_config.vocab_size})")
+        if (named := params.out_of_vocabulary(self.model_config.vocab_size)) is not None:
+            raise ValueError(f"{named[0]} token id {named[1]} is outside the vocabulary "
+                             f"(size {self.model_config.vocab_size})")
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")

@@ -71,10 +71,8 @@ class Server:
                         tools: tuple[StructuredOutput, str] | None = None) -> None:
         """The request's output constraint (`tools`: the one its tool_choice implies), compiled before it is
         admitted: a bad one is a 400 naming its parameter (streamed requests too, since no response has started)."""
-        for name, ids in (("logit_bias", params.logit_bias or ()), ("stop_token_ids", params.stop_token_ids)):
-            bad = [t for t in ids if not 0 <= t < self.engine.vocab_size]
-            if bad:
-                raise APIError(400, f"{name}: token id {bad[0]} is outside the vocabulary", param=name)
+        if (named := params.out_of_vocabulary(self.engine.vocab_size)) is not None:
+            raise APIError(400, f"{named[0]}: token id {named[1]} is outside the vocabulary", param=named[0])
         try:
             found = req.constraint()
         except ValueError as e:
