@@ -242,18 +242,23 @@ class NamedToolChoice(_Strict):
     function: NamedFunction
 
 
-class ChatRequest(GenerationRequest):
+class ChatTemplating(_Strict):
+    """What the chat template renders besides the messages: the tools and vLLM's template controls; shared by chat
+    and /tokenize, whose count of a conversation is chat's."""
+
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class ChatRequest(GenerationRequest, ChatTemplating):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list[Tool] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
-    # vLLM's chat-template controls
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
     store: bool | None = None  # OpenAI's; false (its default) is what this server does
     modalities: list[Literal["text"]] | None = None  # OpenAI's; text (its default) is all this server makes
 
@@ -282,18 +287,13 @@ class ChatRequest(GenerationRequest):
         return choice
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(ChatTemplating):
     model: str | None = None
     prompt: str | None = None
     content: str | None = None  # llama.cpp's name for the prompt
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_special_tokens: bool | None = None  # default True (vLLM's)
     add_special: bool | None = None  # llama.cpp's name for it
-    # with messages, as in a chat request (vLLM's): the prompt counted is the one chat would run
-    tools: list[Tool] | None = Field(default=None, max_length=128)
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _one_input(self):
@@ -302,8 +302,7 @@ class TokenizeRequest(_Strict):
             raise ValueError(f"give one of prompt, content or messages, not {' and '.join(given)}")
         if self.add_special is not None and self.add_special_tokens is not None:
             raise ValueError("give add_special_tokens or llama.cpp's add_special, not both")
-        chat_only = sorted(self.model_fields_set & {"tools", "add_generation_prompt", "continue_final_message",
-                                                    "chat_template_kwargs"})
+        chat_only = sorted(self.model_fields_set & ChatTemplating.model_fields.keys())
         if chat_only and self.messages is None:
             raise ValueError(f"{', '.join(chat_only)} apply to messages, and none were given")
         return self
@@ -313,10 +312,8 @@ class TokenizeRequest(_Strict):
 
     def chat(self) -> ChatRequest:
         """The chat request whose prompt these messages make."""
-        return ChatRequest(model=self.model, messages=self.messages, tools=self.tools,
-                           add_generation_prompt=self.add_generation_prompt,
-                           continue_final_message=self.continue_final_message,
-                           chat_template_kwargs=self.chat_template_kwargs)
+        return ChatRequest(model=self.model, messages=self.messages,
+                           **{name: getattr(self, name) for name in ChatTemplating.model_fields})
 
 
 class DetokenizeRequest(_Strict):
