@@ -660,6 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--protect-metrics", action="store_true", help="/metrics asks for the API key too")
     sv.add_argument("--enable-auto-tool-choice", action="store_true", help="vLLM's flag, taken for its commands: "
                     "tool calls are always on here (tool_choice auto, required, none or a named function)")
+    sv.add_argument("--enable-tokenizer-info-endpoint", action="store_true", help="vLLM's flag, taken for its "
+                    "commands: GET /tokenizer_info is always served here")
     sv.add_argument("--tool-call-parser", choices=("hermes", "llama3_json"), default=None, help="vLLM's flag, as "
                     "a check: the syntax of the model's calls is read from its chat template, and a different name "
                     "is refused")

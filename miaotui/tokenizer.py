@@ -232,10 +232,14 @@ class Tokenizer:
             backend.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                         special_tokens=[(bos, self.bos_id)])
         backend.save(str(folder / "tokenizer.json"))
-        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": self.add_bos,
-               "bos_token": self._text(self.bos_id) or None, "eos_token": self._text(self.eos_id) or None,
-               "chat_template": self.chat_template}
-        (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+        (folder / "tokenizer_config.json").write_text(json.dumps(self.config(), indent=2, ensure_ascii=False) + "\n")
+
+    def config(self) -> dict[str, Any]:
+        """What transformers' tokenizer_config.json holds for this tokenizer: BOS/EOS, whether BOS is added, the chat
+        template (written by `save`, and served as vLLM's /tokenizer_info for clients such as lm-eval)."""
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": self.add_bos,
+                "bos_token": self._text(self.bos_id) or None, "eos_token": self._text(self.eos_id) or None,
+                "chat_template": self.chat_template}
 
     # -- use --------------------------------------------------------------------------------------
     @property

@@ -218,6 +218,14 @@ async def tokenize(req: TokenizeRequest, request: Request):
     return {"tokens": ids, "count": len(ids), "max_model_len": s.engine.max_model_len}
 
 
+@router.get("/tokenizer_info")
+async def tokenizer_info(request: Request):
+    """vLLM's tokenizer description (tokenizer_config.json's fields and the context length), by which lm-eval's
+    API models find /tokenize and /detokenize and need no tokenizer files of their own."""
+    s = server(request)
+    return {**s.engine.tokenizer.config(), "model_max_length": s.engine.max_model_len}
+
+
 @router.post("/detokenize")
 async def detokenize(req: DetokenizeRequest, request: Request):
     s = server(request)

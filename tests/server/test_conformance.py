@@ -2,7 +2,7 @@
 /metrics protected): system_fingerprint, the role-only first chunk and the finish-only last chunk, cached prompt
 tokens in usage, routes without /v1, OpenAI error bodies for 404/405, service_tier, CORS preflight before
 authentication (and from a page on another origin in a real Chromium), authentication on every route that computes,
-vLLM's chat-template controls, llama.cpp's /tokenize `content`."""
+vLLM's chat-template controls and /tokenizer_info, llama.cpp's /tokenize `content`."""
 
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def test_cors_preflight_is_answered_before_authentication(base):
     ("POST", "/tokenize", {"prompt": "hi"}), ("POST", "/detokenize", {"tokens": [1]}),
     ("POST", "/v1/completions", {"prompt": "hi"}), ("POST", "/chat/completions", {"messages": []}),
     ("POST", "/v1/responses", {"input": "hi"}), ("POST", "/v1/embeddings", {"input": "hi"}),
-    ("GET", "/v1/models", None), ("GET", "/metrics", None)])
+    ("GET", "/v1/models", None), ("GET", "/metrics", None), ("GET", "/tokenizer_info", None)])
 def test_every_route_that_computes_asks_for_the_key(base, method, path, body):
     r = httpx.request(method, f"{base}{path}", json=body)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
@@ -155,6 +155,25 @@ def test_tokenize_takes_llama_cpp_content(base):
     assert r.status_code == 400
     r = httpx.post(f"{base}/tokenize", json={"prompt": "a", "add_generation_prompt": False}, headers=AUTH)
     assert r.status_code == 400 and "add_generation_prompt" in r.json()["error"]["message"]  # chat's, not a prompt's
+
+
+def test_tokenizer_info_serves_lm_evals_remote_tokenizer(base):
+    """vLLM's /tokenizer_info, as lm-eval's API models read it to tokenize through the server: its special tokens
+    are the vocabulary's, and its chat template renders what chat requests are given."""
+    jinja2 = pytest.importorskip("jinja2")
+    info = httpx.get(f"{base}/tokenizer_info", headers=AUTH).json()
+    assert info["tokenizer_class"] and info["model_max_length"] == httpx.get(
+        f"{base}/v1/models", headers=AUTH).json()["data"][0]["max_model_len"]
+
+    def ids(**body):
+        return httpx.post(f"{base}/tokenize", json=body, headers=AUTH).json()["tokens"]
+    assert len(ids(prompt=info["eos_token"], add_special_tokens=False)) == 1  # one special token, as lm-eval takes it
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}]
+    template = jinja2.Environment().from_string(info["chat_template"])
+    text = template.render(messages=messages, add_generation_prompt=True)
+    assert ids(prompt=text, add_special_tokens=False) == ids(messages=messages)
+    answered = template.render(messages=[*messages, {"role": "assistant", "content": "Blue."}])
+    assert "Blue." + info["eos_token"] in answered  # the end of a turn: lm-eval's stop string
 
 
 def test_the_model_answers_to_each_served_name(base):
