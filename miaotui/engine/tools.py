@@ -44,8 +44,9 @@ Deltas = list[dict[str, Any]]
 
 
 class ToolStream(ABC):
-    """Streamed text in, content deltas and OpenAI tool-call deltas out (each call whole, once it is: `index`,
-    `id`, `type` and `function` with its name and arguments)."""
+    """Streamed text in, content deltas and OpenAI tool-call deltas out, as OpenAI streams them: a call's first delta
+    has its `index`, `id`, `type` and `function` name (and its arguments so far), later ones more of its arguments
+    under the same `index`. `calls` holds each call once it is whole (with its `index`)."""
 
     calls: list[dict]
     parallel: bool  # False: the first call only (parallel_tool_calls)
@@ -57,8 +58,8 @@ class ToolStream(ABC):
         """A finished call as one delta (id, name and the whole arguments); none past the first unless parallel."""
         if self.calls and not self.parallel:
             return []
-        self.calls.append(call)
-        return [{"index": len(self.calls) - 1, **call}]
+        self.calls.append({"index": len(self.calls), **call})
+        return [self.calls[-1]]
 
 
 class ToolSyntax(ABC):
@@ -222,16 +223,56 @@ class HermesSyntax(ToolSyntax):
         return HermesStream(tools, parallel)
 
 
+# The head of a tagged call up to its arguments' opening brace, from which they stream (doubled braces included).
+_HEAD = re.compile(r'\s*\{\{?\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*\{')
+
+
+@dataclass
+class _LiveCall:
+    """A tagged call whose arguments are streaming: where they start in the call's text, and how far a scan of
+    their JSON has got (strings and nesting), so that exactly the arguments object is sent, not what follows it."""
+
+    index: int | None  # None: a call past the first without parallel_tool_calls, not sent
+    name: str
+    start: int
+    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+    scanned: int = 0
+    depth: int = 0
+    in_string: bool = False
+    escaped: bool = False
+    done: bool = False
+
+    def scan(self, args: str) -> str:
+        """The arguments' text newly seen in `args` (the call's text from their opening brace), up to their end."""
+        at = self.scanned
+        while at < len(args) and not self.done:
+            ch = args[at]
+            if self.in_string:
+                self.escaped, self.in_string = (False, True) if self.escaped else (ch == "\\", ch != '"')
+            elif ch == '"':
+                self.in_string = True
+            elif ch in "{[":
+                self.depth += 1
+            elif ch in "}]":
+                self.depth -= 1
+                self.done = self.depth == 0
+            at += 1
+        new, self.scanned = args[self.scanned:at], at
+        return new
+
+
 @dataclass
 class HermesStream(ToolStream):
-    """Holds back text that may be the start of a tag, and each call until its closing tag; a reply that opens as a
-    bare call, to its end."""
+    """Holds back text that may be the start of a tag; a tagged call streams its name once its head is complete and
+    then its arguments as they come (a call whose head does not read so goes whole at its closing tag); a reply
+    that opens as a bare call is held to its end."""
 
     tools: list[dict]
     parallel: bool = True
     pending: str = ""  # text not yet sent: a possible tag start, or an open call
     calls: list[dict] = field(default_factory=list)
     bare: bool | None = None  # whether the reply opens as a bare call (None: too soon to tell)
+    live: _LiveCall | None = None  # the open call, once its head has been read
 
     def feed(self, delta: str, final: bool = False) -> tuple[str, Deltas]:
         self.pending += delta
@@ -251,20 +292,56 @@ class HermesStream(ToolStream):
                 self.pending = self.pending[len(self.pending) - keep:]
                 break
             content += self.pending[:start]
-            end = self.pending.find(CLOSE, start)
+            self.pending = self.pending[start:]
+            end = self.pending.find(CLOSE)
+            body = self.pending[len(OPEN): None if end == -1 else end]
+            deltas += self._stream(body)
             if end == -1:
-                self.pending = self.pending[start:]
-                if final:  # an unfinished call at the end: it was never a call; hand it back as text
-                    content += self.pending
-                    self.pending = ""
+                if final:  # cut short (max_tokens): a call not begun in the deltas was never one, and is text
+                    if self.live is None or self.live.index is None:
+                        content += self.pending
+                    self.pending, self.live = "", None
                 break
-            call = _call(_loads(self.pending[start + len(OPEN): end].strip()))
             self.pending = self.pending[end + len(CLOSE):].lstrip("\n")
-            if call is not None:
-                deltas += self._emit(call)
-        if self.calls and not content.strip():  # the line breaks between and after calls
+            deltas += self._close(body)
+        if (self.calls or deltas) and not content.strip():  # the line breaks between and after calls
             content = ""
         return content, deltas
+
+    def _stream(self, body: str) -> Deltas:
+        """The deltas of an open call's text so far: its head once complete, then its arguments as they come."""
+        out: Deltas = []
+        if self.live is None:
+            head = _HEAD.match(body)
+            try:
+                name = json.loads(f'"{head.group(1)}"') if head else None
+            except json.JSONDecodeError:  # a bad escape in the name: read whole at the close (and refused there)
+                name = None
+            if name is None:
+                return out
+            index = None if self.calls and not self.parallel else len(self.calls)
+            self.live = _LiveCall(index, name, head.end() - 1)
+            if index is not None:
+                out.append({"index": index, "id": self.live.id, "type": "function",
+                            "function": {"name": self.live.name, "arguments": ""}})
+        live = self.live
+        if live.index is not None and (args := live.scan(body[live.start:])):
+            if out:  # one entry per call in a chunk, as OpenAI sends them (clients read a chunk's first entry)
+                out[0]["function"]["arguments"] = args
+            else:
+                out.append({"index": live.index, "function": {"arguments": args}})
+        return out
+
+    def _close(self, body: str) -> Deltas:
+        """At a call's closing tag: a streamed call is whole; one whose head never read so is read whole now."""
+        live, self.live = self.live, None
+        if live is None:
+            call = _call(_loads(body.strip()))
+            return [] if call is None else self._emit(call)
+        if live.index is not None:
+            self.calls.append({"index": live.index, "id": live.id, "type": "function", "function": {
+                "name": live.name, "arguments": body[live.start: live.start + live.scanned]}})
+        return []
 
 
 @dataclass(frozen=True)

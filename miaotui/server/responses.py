@@ -273,6 +273,8 @@ async def _events(outputs: AsyncIterator[RequestOutput], base: dict, job, finish
     text_item: dict | None = None
     text = ""
     stream = job.syntax.stream(job.tools, job.parallel) if job.tools else None
+    placed: dict[int, int] = {}  # a call's index in the stream → its item's in `output`
+    whole: list[dict] = []  # the stream's calls whose items are done
 
     def close_text():
         nonlocal text_item
@@ -299,25 +301,35 @@ async def _events(outputs: AsyncIterator[RequestOutput], base: dict, job, finish
                 text += delta
                 yield event("response.output_text.delta", item_id=text_item["id"], output_index=len(output),
                             content_index=0, delta=delta)
-            for call in calls:  # each a whole call
-                if text_item is not None:
-                    for e in close_text():
-                        yield e
-                item = _call_item(call)
-                args = item["arguments"]
-                index = len(output)
-                yield event("response.output_item.added", output_index=index,
-                            item={**item, "arguments": "", "status": "in_progress"})
-                yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                            delta=args)
+            for d in calls:  # a call opens (its id and name), or more of its arguments come
+                if "id" in d:
+                    if text_item is not None:
+                        for e in close_text():
+                            yield e
+                    placed[d["index"]] = len(output)
+                    output.append({**_call_item(d), "arguments": "", "status": "in_progress"})
+                    yield event("response.output_item.added", output_index=len(output) - 1, item=output[-1])
+                index = placed[d["index"]]
+                if args := d["function"].get("arguments"):
+                    output[index]["arguments"] += args
+                    yield event("response.function_call_arguments.delta", item_id=output[index]["id"],
+                                output_index=index, delta=args)
+            for call in stream.calls[len(whole):] if stream else []:  # calls now whole
+                whole.append(call)
+                index = placed[call["index"]]
+                output[index] = item = {**output[index], "arguments": call["function"]["arguments"],
+                                        "status": "completed"}
                 yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                            arguments=args)
-                output.append(item)
+                            arguments=item["arguments"])
                 yield event("response.output_item.done", output_index=index, item=item)
             if out.finished:
                 if text_item is not None:
                     for e in close_text():
                         yield e
+                for index, item in enumerate(output):  # a call cut short (max_output_tokens)
+                    if item["status"] == "in_progress":
+                        output[index] = {**item, "status": "incomplete"}
+                        yield event("response.output_item.done", output_index=index, item=output[index])
                 yield event("response.completed", response=finish(out, output))
     except APIError as e:  # after the 200 went out: an error event, and the stream ends
         yield event("error", code=e.code or e.type, message=e.message, param=e.param)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from miaotui import LLM, SamplingParams
 from miaotui.engine.structured import Grammars
-from miaotui.engine.tools import HermesSyntax, JsonSyntax, syntax_for
+from miaotui.engine.tools import CLOSE, HermesSyntax, JsonSyntax, syntax_for
 from miaotui.errors import GrammarError, MiaotuiError
 from miaotui.sampling import StructuredOutput
 
@@ -68,6 +68,7 @@ def streamed(syntax, text: str, cuts: list[int], parallel: bool = True) -> tuple
     for i, (a, b) in enumerate(itertools.pairwise(bounds)):
         piece, deltas = stream.feed(text[a:b], final=i == len(bounds) - 2)
         content += piece
+        assert len({d["index"] for d in deltas}) == len(deltas)  # one entry per call in a chunk, as OpenAI's
         for d in deltas:
             call = calls.setdefault(d["index"], {"name": "", "arguments": ""})
             call["name"] += d.get("function", {}).get("name", "")
@@ -95,6 +96,20 @@ def test_json_replies_that_are_not_calls_are_prose(text):
 def test_hermes_stream_gives_the_calls_in_any_chunking_and_never_a_tag(cuts):
     content, calls = streamed(HermesSyntax(), HERMES_TEXT, cuts)
     assert calls == EXPECTED and content.strip() == "Let me check." and "<" not in content
+
+
+def test_hermes_calls_stream_their_arguments_as_they_come():
+    stream, deltas = HermesSyntax().stream(TOOLS), []
+    for ch in HERMES_TEXT[: HERMES_TEXT.index(CLOSE)]:  # the first call, its closing tag not yet written
+        deltas += stream.feed(ch)[1]
+    head, *more = deltas
+    assert head["index"] == 0 and head["id"] and head["function"] == {"name": "add", "arguments": "{"}
+    assert len(more) > 1 and json.loads("".join(d["function"]["arguments"] for d in deltas)) == {"a": 2, "b": 3}
+    assert not stream.calls and stream.feed(CLOSE)[1] == [] and calls_of(stream.calls) == EXPECTED[:1]
+    cut = HermesSyntax().stream(TOOLS)  # cut short by max_tokens: a call begun in the deltas, never text
+    content, deltas = cut.feed('<tool_call>\n{"name": "weather", "arguments": {"city": "Os', final=True)
+    assert content == "" and not cut.calls
+    assert [d["function"] for d in deltas] == [{"name": "weather", "arguments": '{"city": "Os'}]  # one entry
 
 
 @settings(max_examples=60, deadline=None)

@@ -53,18 +53,23 @@ def valid_calls(calls) -> list[tuple[str, dict]]:
     return out
 
 
-def streamed(client, kw: dict) -> tuple[str, str | None, list[tuple[str, dict]]]:
-    """A streamed chat completion put back together: its content, finish reason and (name, arguments) calls."""
+def streamed(client, kw: dict, pieces: list[int] | None = None) -> tuple[str, str | None, list[tuple[str, dict]]]:
+    """A streamed chat completion put back together: its content, finish reason and (name, arguments) calls;
+    `pieces` gets the number of chunks that brought each call's arguments."""
     calls: dict[int, dict] = {}
     content, finish = "", None
     for chunk in client.chat.completions.create(**kw, stream=True):
         delta = chunk.choices[0].delta
         content += delta.content or ""
+        assert len({d.index for d in delta.tool_calls or []}) == len(delta.tool_calls or [])  # one entry a call
         for d in delta.tool_calls or []:
-            call = calls.setdefault(d.index, {"name": "", "arguments": ""})
+            call = calls.setdefault(d.index, {"name": "", "arguments": "", "pieces": 0})
             call["name"] += d.function.name or "" if d.function else ""
             call["arguments"] += d.function.arguments or "" if d.function else ""
+            call["pieces"] += bool(d.function and d.function.arguments)
         finish = chunk.choices[0].finish_reason or finish
+    if pieces is not None:
+        pieces += [c["pieces"] for _, c in sorted(calls.items())]
     return content, finish, [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())]
 
 
@@ -82,9 +87,11 @@ def test_streamed_calls_equal_the_non_streamed_ones(client):
     kw = {"model": "m", "messages": [{"role": "user", "content": QUESTIONS[1]}], "tools": TOOLS,
           "tool_choice": "required", "temperature": 0, "max_tokens": 120}
     whole = valid_calls(client.chat.completions.create(**kw).choices[0].message.tool_calls)
-    content, finish, calls = streamed(client, kw)
+    pieces: list[int] = []
+    content, finish, calls = streamed(client, kw, pieces)
     assert finish == "tool_calls" and "<tool_call>" not in content
     assert calls == whole
+    assert all(n > 2 for n in pieces), pieces  # the arguments stream as the model writes them, as OpenAI's do
 
 
 def test_a_named_function_is_the_one_called(client):
@@ -191,6 +198,7 @@ def test_responses_api_function_calls_streamed_and_round_trip(client):
         events = [e.type for e in stream]
         final = stream.get_final_response()
     assert "response.function_call_arguments.done" in events and events[-1] == "response.completed"
+    assert events.count("response.function_call_arguments.delta") > len(calls)  # arguments as they are written
     assert [(i.name, json.loads(i.arguments)) for i in final.output if i.type == "function_call"] == \
         [(c.name, json.loads(c.arguments)) for c in calls]
     back = [{"type": "function_call_output", "call_id": c.call_id, "output": "42"} for c in calls]
