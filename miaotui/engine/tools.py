@@ -108,12 +108,20 @@ def _call_schema(tools: list[dict], choice: str | dict, key: str) -> str:
 
 
 def _call(obj: Any) -> dict | None:
-    """One OpenAI tool call from a parsed call object, or None if it is not one."""
+    """One OpenAI tool call from a parsed call object, or None if it is not one (its arguments must be an object,
+    or a string holding one, as some models write them: clients parse `arguments` as a JSON object)."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(args, dict):
+        return None
     return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": obj["name"], "arguments": args if isinstance(args, str) else json.dumps(args)}}
+            "function": {"name": obj["name"], "arguments": json.dumps(args)}}
 
 
 def _bare_calls(text: str, tools: list[dict]) -> list[dict] | None:

@@ -143,6 +143,12 @@ def test_a_reply_of_bare_or_fenced_calls_is_those_calls(syntax, text):
     assert streamed(syntax, text, [1, 2, 11]) == ("", EXPECTED)
 
 
+def test_arguments_written_as_a_string_of_json_are_read_as_the_object():
+    text = '{"name": "add", "arguments": "{\\"a\\": 2, \\"b\\": 3}"}'
+    for syntax in (HermesSyntax(), JsonSyntax()):
+        assert calls_of(syntax.parse(text, TOOLS)[1]) == EXPECTED[:1]
+
+
 def test_calls_in_doubled_braces_inside_the_tags_are_read():
     assert DOUBLED_TAGS.count("{{") == 2
     content, calls = HermesSyntax().parse(DOUBLED_TAGS, TOOLS)
@@ -155,7 +161,8 @@ def test_calls_in_doubled_braces_inside_the_tags_are_read():
     FENCED_TEXT.replace('"weather"', '"sub"'),  # a tool the request did not give
     '```python\nprint({"name": "add"})\n```', '```json\n{"name": "add", "arguments": {}}',  # code; no closing fence
     'Call it like this: {"name": "add", "arguments": {"a": 2, "b": 3}}', '{"name": "Ada", "age": 36}',
-    '{{"name": "add", "arguments": {}}', '{{"name": "add", "arguments": {}}}}'])  # unbalanced doubling
+    '{{"name": "add", "arguments": {}}', '{{"name": "add", "arguments": {}}}}',  # unbalanced doubling
+    '{"name": "add", "arguments": "2 and 3"}', '{"name": "add", "arguments": [2, 3]}'])  # arguments not an object
 def test_other_replies_stay_prose(syntax, text):
     assert syntax.parse(text, TOOLS) == (text, [])
     assert streamed(syntax, text, [2, 9]) == (text, [])
