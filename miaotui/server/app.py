@@ -19,6 +19,7 @@ from miaotui.server.admission import Admission
 from miaotui.server.embeddings import EmbeddingService
 from miaotui.server.embeddings import router as embeddings_router
 from miaotui.server.errors import error_response
+from miaotui.server.messages import router as messages_router
 from miaotui.server.metrics import Metrics
 from miaotui.server.responses import router as responses_router
 from miaotui.server.routes import Server, router
@@ -170,10 +171,11 @@ def create_app(engine: ServingEngine, model_name: str, api_key: str | None = Non
     @app.middleware("http")
     async def _guard(request: Request, call_next):
         if api_key and request.url.path not in open_paths:
-            given = request.headers.get("authorization", "")
+            # OpenAI's clients send the key as a bearer token, Anthropic's in x-api-key
+            given = request.headers.get("authorization") or f"Bearer {request.headers.get('x-api-key', '')}"
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 return error_response(401, "missing or invalid API key", "authentication_error",
-                                      code="invalid_api_key")
+                                      code="invalid_api_key", path=request.url.path)
         return await call_next(request)
 
     app.add_middleware(AnswerWhenCancelled)  # inside CORS and header spelling, so its 503 gets both
@@ -187,5 +189,6 @@ def create_app(engine: ServingEngine, model_name: str, api_key: str | None = Non
     app.add_middleware(CanonicalHeaderNames)
     app.include_router(router)
     app.include_router(responses_router)
+    app.include_router(messages_router)
     app.include_router(embeddings_router)
     return app

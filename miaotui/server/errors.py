@@ -1,4 +1,5 @@
-"""Errors as OpenAI's API returns them: `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
+"""Errors as OpenAI's API returns them: `{"error": {"message", "type", "param", "code"}}` with an HTTP status (and
+as Anthropic's does on its Messages API's paths)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,19 @@ class APIError(Exception):
         self.headers = headers
 
 
+# Anthropic's error types by status, for its Messages API's paths (server/messages.py).
+_ANTHROPIC = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+              404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+
+
 def error_response(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
-                   headers: dict | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+                   headers: dict | None = None, path: str = "") -> JSONResponse:
+    """OpenAI's error body; on the Messages API's paths (`path`), Anthropic's, which its SDK reads."""
+    if path.startswith("/v1/messages"):
+        kind = _ANTHROPIC.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        body: dict = {"type": "error", "error": {"type": kind, "message": message}}
+    else:
+        body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -30,22 +41,23 @@ def install(app: FastAPI) -> None:
     """Every error the app raises, and every malformed body, answered with an OpenAI error body."""
 
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, e: APIError):
-        return error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
+    async def _api_error(request: Request, e: APIError):
+        return error_response(e.status, e.message, e.type, e.param, e.code, e.headers, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, e: RequestValidationError):
+    async def _validation(request: Request, e: RequestValidationError):
+        path = request.url.path
         first = e.errors()[0] if e.errors() else {}
         if first.get("type") == "json_invalid":
-            return error_response(400, "malformed JSON body", "invalid_request_error")
+            return error_response(400, "malformed JSON body", "invalid_request_error", path=path)
         # pydantic names the union member it tried ("literal['a','b']", "NamedToolChoice"): not part of the field
         loc = [str(x) for x in first.get("loc", []) if x != "body" and not _union_member(str(x))]
         param = ".".join(loc) or None
         if first.get("type") == "extra_forbidden":
             return error_response(400, f"unsupported parameter: {param}", "invalid_request_error", param,
-                                  code="unsupported_parameter")
+                                  code="unsupported_parameter", path=path)
         msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")[:200]  # (a validator's own)
-        return error_response(400, f"{param or 'body'}: {msg}", "invalid_request_error", param)
+        return error_response(400, f"{param or 'body'}: {msg}", "invalid_request_error", param, path=path)
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, e: HTTPException):  # unknown route, wrong method
@@ -53,12 +65,12 @@ def install(app: FastAPI) -> None:
         if e.status_code == 404 and not request.url.path.startswith("/v1"):
             message += " (the OpenAI API is under /v1)"
         return error_response(e.status_code, message, "invalid_request_error" if e.status_code < 500 else
-                              "server_error", headers=getattr(e, "headers", None))
+                              "server_error", headers=getattr(e, "headers", None), path=request.url.path)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, e: Exception):  # a fault of ours, not of the request: logged, 500
+    async def _unexpected(request: Request, e: Exception):  # a fault of ours, not of the request: logged, 500
         log.exception("request failed")
-        return error_response(500, f"internal error: {type(e).__name__}", "server_error")
+        return error_response(500, f"internal error: {type(e).__name__}", "server_error", path=request.url.path)
 
 
 def _union_member(part: str) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from miaotui.sampling import SamplingParams, StructuredOutput
 from miaotui.server.errors import APIError
@@ -274,6 +274,17 @@ class ChatRequest(GenerationRequest, ChatTemplating):
         if self.top_logprobs and not self.logprobs:  # (OpenAI's rule; 0 asks for nothing either way)
             raise ValueError("top_logprobs needs logprobs set to true")
         return self
+
+    @classmethod
+    def translated(cls, body: dict[str, Any]) -> ChatRequest:
+        """The chat request another API's request was turned into (Responses, Anthropic's Messages); a value chat
+        does not take is a 400 naming its field, as the request's own fields are checked."""
+        try:
+            return cls.model_validate(body)
+        except ValidationError as e:
+            first = e.errors()[0]
+            param = ".".join(str(x) for x in first.get("loc", ()))
+            raise APIError(400, f"{param}: {first.get('msg')}", param=param) from None
 
     def tool_choice_resolved(self) -> str | dict:
         """tool_choice with OpenAI's default ("auto" with tools, else "none"); ValueError if it cannot be met."""

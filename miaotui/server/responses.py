@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 from miaotui.engine.sequence import RequestOutput
 from miaotui.server.errors import APIError
@@ -152,12 +152,7 @@ def _chat_request(req: ResponsesRequest, messages: list[dict]) -> ChatRequest:
     elif f is not None and f.type == "json_schema":
         body["response_format"] = {"type": "json_schema", "json_schema": {
             "name": f.name or "output", "schema": f.schema_, "strict": f.strict}}
-    try:
-        return ChatRequest.model_validate(body)
-    except ValidationError as e:
-        first = e.errors()[0]
-        param = ".".join(str(x) for x in first.get("loc", ()))
-        raise APIError(400, f"{param}: {first.get('msg')}", param=param) from None
+    return ChatRequest.translated(body)
 
 
 def _fitted(s: Server, req: ResponsesRequest, messages: list[dict]) -> list[dict]:

@@ -55,8 +55,13 @@ PLAUSIBLE = {
     "structured_outputs": st.dictionaries(st.sampled_from(["json", "regex", "choice", "grammar", "json_object"]),
                                           JSON, max_size=2),
     "guided_regex": TEXT, "guided_choice": st.lists(TEXT, max_size=3), "guided_grammar": TEXT, "guided_json": JSON,
+    # Anthropic's Messages API
+    "system": st.one_of(TEXT, st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": TEXT}), max_size=2)),
+    "stop_sequences": st.lists(TEXT, max_size=3), "thinking": JSON, "output_config": JSON,
+    "tool_choice": st.fixed_dictionaries({"type": st.sampled_from(["auto", "any", "tool", "none", "x"])}),
 }
-ENDPOINTS = ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]
+ENDPOINTS = ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/v1/messages",
+             "/v1/messages/count_tokens"]
 
 
 @st.composite
@@ -107,7 +112,7 @@ def test_generated_requests_never_get_a_5xx(base):
                 if method == "POST" else client.get(path)
         statuses[r.status_code] += 1
         assert r.status_code < 500, (method, path, body, r.text[:500])
-        if r.status_code >= 400:
+        if r.status_code >= 400:  # OpenAI's error body, or Anthropic's on its paths: both have error.message
             err = r.json()["error"]
             assert isinstance(err["message"], str) and err["message"], r.text
         if sum(statuses.values()) % 10 == 0:
