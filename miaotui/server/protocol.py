@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from miaotui.sampling import SamplingParams, StructuredOutput
@@ -278,13 +279,11 @@ class ChatRequest(GenerationRequest, ChatTemplating):
     @classmethod
     def translated(cls, body: dict[str, Any]) -> ChatRequest:
         """The chat request another API's request was turned into (Responses, Anthropic's Messages); a value chat
-        does not take is a 400 naming its field, as the request's own fields are checked."""
+        does not take is answered as a request's own fields are (errors.py: a 400 naming the field)."""
         try:
             return cls.model_validate(body)
         except ValidationError as e:
-            first = e.errors()[0]
-            param = ".".join(str(x) for x in first.get("loc", ()))
-            raise APIError(400, f"{param}: {first.get('msg')}", param=param) from None
+            raise RequestValidationError(e.errors()) from None
 
     def tool_choice_resolved(self) -> str | dict:
         """tool_choice with OpenAI's default ("auto" with tools, else "none"); ValueError if it cannot be met."""
