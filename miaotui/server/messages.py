@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from miaotui.engine.sequence import RequestOutput
 from miaotui.server.errors import APIError
@@ -30,6 +30,12 @@ class ToolChoice(_Strict):
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None
     disable_parallel_tool_use: bool = False
+
+    @model_validator(mode="after")
+    def _named(self):
+        if (self.type == "tool") != (self.name is not None):
+            raise ValueError("a name goes with type 'tool', and only with it")
+        return self
 
 
 class Thinking(_Strict):

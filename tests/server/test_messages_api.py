@@ -111,6 +111,8 @@ def test_structured_output_with_parse(client):
     ({"model": MODEL, "max_tokens": 5, "messages": ask("hi"), "tools": [{"type": "web_search_20250305",
                                                                         "name": "web_search"}]},
      400, "invalid_request_error", "web_search"),
+    ({"model": MODEL, "max_tokens": 5, "messages": ask("hi"), "tools": [WEATHER], "tool_choice": {"type": "tool"}},
+     400, "invalid_request_error", "name goes with type 'tool'"),
     ({"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": ask("hi")}, 404, "not_found_error", "claude"),
 ])
 def test_errors_have_anthropics_shape(base, client, body, status, kind, word):
