@@ -26,12 +26,16 @@ _ANTHROPIC = {400: "invalid_request_error", 401: "authentication_error", 403: "p
               404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
 
 
+def anthropic_type(status: int) -> str:
+    """Anthropic's error type for an HTTP status."""
+    return _ANTHROPIC.get(status, "api_error" if status >= 500 else "invalid_request_error")
+
+
 def error_response(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
                    headers: dict | None = None, path: str = "") -> JSONResponse:
     """OpenAI's error body; on the Messages API's paths (`path`), Anthropic's, which its SDK reads."""
     if path.startswith("/v1/messages"):
-        kind = _ANTHROPIC.get(status, "api_error" if status >= 500 else "invalid_request_error")
-        body: dict = {"type": "error", "error": {"type": kind, "message": message}}
+        body: dict = {"type": "error", "error": {"type": anthropic_type(status), "message": message}}
     else:
         body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)

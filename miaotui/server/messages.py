@@ -19,7 +19,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import Field, model_validator
 
 from miaotui.engine.sequence import RequestOutput
-from miaotui.server.errors import APIError
+from miaotui.server.errors import APIError, anthropic_type
 from miaotui.server.protocol import ChatRequest, _Strict
 from miaotui.server.routes import ChatJob, chat_prompt, prepare_chat, server
 
@@ -195,7 +195,7 @@ async def create_message(req: MessagesRequest, request: Request):
         return StreamingResponse(_events(s.run(job.ids, job.params, rid), base, job),
                                  media_type="text/event-stream")
     out = (await s.collect(job.ids, job.params, rid))[0]
-    content, calls = job.syntax.parse(out.text, job.tools, job.parallel) if job.tools else (out.text, [])
+    content, calls = job.reply(out.text)
     blocks = ([{"type": "text", "text": content}] if content else []) + [_tool_use(c) for c in calls]
     reason, sequence = _stop(out, bool(calls))
     return {**base, "content": blocks, "stop_reason": reason, "stop_sequence": sequence, "usage": _usage(job, out)}
@@ -210,7 +210,7 @@ async def _events(outputs: AsyncIterator[RequestOutput], base: dict, job: ChatJo
 
     yield event("message_start", message={**base, "content": [], "stop_reason": None, "stop_sequence": None,
                                           "usage": {"input_tokens": len(job.ids), "output_tokens": 0}})
-    stream = job.syntax.stream(job.tools, job.parallel) if job.tools else None
+    stream = job.stream()
     blocks = 0  # content blocks started; the last is open while `kind` names it
     kind: str | None = None
     placed: dict[int, int] = {}  # a tool call's index in the stream → its block's
@@ -245,5 +245,4 @@ async def _events(outputs: AsyncIterator[RequestOutput], base: dict, job: ChatJo
                             usage=_usage(job, out))
                 yield event("message_stop")
     except APIError as e:  # after the 200 went out: an error event, and the stream ends
-        yield event("error", error={"type": "api_error" if e.status >= 500 else "invalid_request_error",
-                                    "message": e.message})
+        yield event("error", error={"type": anthropic_type(e.status), "message": e.message})

@@ -242,7 +242,7 @@ async def create_response(req: ResponsesRequest, request: Request):
         return response
 
     def items(text: str) -> list[dict]:
-        content, calls = job.syntax.parse(text, job.tools, job.parallel) if job.tools else (text, [])
+        content, calls = job.reply(text)
         return ([_message_item(content)] if content else []) + [_call_item(c) for c in calls]
 
     if not req.stream:
@@ -267,7 +267,7 @@ async def _events(outputs: AsyncIterator[RequestOutput], base: dict, job, finish
     output: list[dict] = []
     text_item: dict | None = None
     text = ""
-    stream = job.syntax.stream(job.tools, job.parallel) if job.tools else None
+    stream = job.stream()
     placed: dict[int, int] = {}  # a call's index in the stream → its item's in `output`
     whole: list[dict] = []  # the stream's calls whose items are done
 

@@ -381,6 +381,14 @@ class ChatJob:
     model: str  # the name to report
     parallel: bool = True  # parallel_tool_calls
 
+    def reply(self, text: str) -> tuple[str | None, list[dict]]:
+        """A finished reply's prose and tool calls (all prose without tools), for every API's answer."""
+        return self.syntax.parse(text, self.tools, self.parallel) if self.tools else (text, [])
+
+    def stream(self) -> ToolStream | None:
+        """A streamed reply's reader of tool calls (None without tools), one per sample."""
+        return self.syntax.stream(self.tools, self.parallel) if self.tools else None
+
 
 async def prepare_chat(s: Server, req: ChatRequest) -> ChatJob:
     """Everything a chat request needs before admission, shared by chat completions and the Responses API; every
@@ -435,7 +443,7 @@ def chat_prompt(s: Server, req: ChatRequest) -> tuple[list[int], list[dict] | No
 async def chat(req: ChatRequest, request: Request):
     s = server(request)
     job = await prepare_chat(s, req)
-    ids, params, tools, syntax, tok = job.ids, job.params, job.tools, job.syntax, s.engine.tokenizer
+    ids, params, tools, tok = job.ids, job.params, job.tools, s.engine.tokenizer
     s.admission.admit()
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
@@ -455,7 +463,7 @@ async def chat(req: ChatRequest, request: Request):
                              "finish_reason": None})
             text, call_deltas = out.delta, []
             if tools:
-                stream = calls.setdefault(out.index, syntax.stream(tools, job.parallel))
+                stream = calls.setdefault(out.index, job.stream())
                 text, call_deltas = stream.feed(out.delta, out.finished)
             delta: dict[str, Any] = {}
             if text:
@@ -482,7 +490,7 @@ async def chat(req: ChatRequest, request: Request):
     finals = await s.collect(ids, params, rid)
 
     def message(o: RequestOutput) -> tuple[dict, str | None]:
-        content, tool_calls = syntax.parse(o.text, tools, job.parallel) if tools else (o.text, [])
+        content, tool_calls = job.reply(o.text)
         msg = {"role": "assistant", "content": content, "refusal": None, "annotations": []}  # OpenAI's fields
         if not tool_calls:
             return msg, o.finish_reason
